@@ -1,0 +1,97 @@
+"""Frozen configuration objects. Validated once, passed explicitly, never mutated."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+
+
+class ConfigError(ValueError):
+    """A setting is out of range; the message names the setting and the allowed values."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How one weight matrix is quantized.
+
+    bits:            2, 3, 4 or 8.
+    group_size:      input columns sharing one (scale, zero) per output row; -1 = whole row.
+    sym:             symmetric grid (zero fixed at 2**(bits-1)); asymmetric otherwise.
+    act_order:       solve columns in descending diag(H) order (the paper's "desc_act").
+    static_groups:   with act_order, fix all group grids before solving, so g_idx stays k // g.
+    true_sequential: quantize q/k/v, then o, then up/gate, then down, each on inputs that the
+                     already-quantized linears produce.
+    damp:            fraction of mean(diag H) added to the diagonal before the Cholesky.
+    block_size:      columns per lazy-batch block (speed only; the result does not depend on it).
+    mse:             search a shrunk clipping range per grid that minimises H-weighted error.
+    checkpoint_format: "gptq" (v1, zeros stored minus one) or "gptq_v2" (zeros as-is).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    act_order: bool = True
+    static_groups: bool = False
+    true_sequential: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+    mse: bool = True
+    checkpoint_format: str = "gptq"
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ConfigError(
+                f"group_size={self.group_size} is invalid; use a positive number of input "
+                "columns per group (32, 64, 128 are common) or -1 for one group per row"
+            )
+        if not (0.0 <= self.damp < 1.0):
+            raise ConfigError(f"damp={self.damp} must be in [0, 1); 0.01 is the usual value")
+        if self.block_size < 1:
+            raise ConfigError(f"block_size={self.block_size} must be a positive number of columns")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ConfigError(
+                f"checkpoint_format={self.checkpoint_format!r}; choose one of {CHECKPOINT_FORMATS}"
+            )
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def to_quantization_config(self) -> dict:
+        """The ``quantization_config`` block of config.json that loaders read."""
+        return {
+            "quant_method": "gptq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "desc_act": self.act_order,
+            "sym": self.sym,
+            "static_groups": self.static_groups,
+            "true_sequential": self.true_sequential,
+            "damp_percent": self.damp,
+            "checkpoint_format": self.checkpoint_format,
+            "lm_head": False,
+            "mse": self.mse,
+        }
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Which calibration text, how many windows of how many tokens."""
+
+    dataset: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.nsamples < 1:
+            raise ConfigError(f"nsamples={self.nsamples} must be at least 1")
+        if self.seqlen < 2:
+            raise ConfigError(f"seqlen={self.seqlen} must be at least 2 tokens")

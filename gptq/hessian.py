@@ -1,0 +1,68 @@
+"""The layer Hessian H = 2 X Xᵀ / n of ‖WX − ŴX‖², and its damped inverse Cholesky factor.
+
+``HessianAccumulator`` keeps an fp32 running sum of XᵀX plus a row count and divides once;
+``inverse_cholesky`` owns everything that can go wrong afterwards: dead inputs, damping and
+a Cholesky that fails (retried with ten times the damping, then a clear error).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CholeskyError(RuntimeError):
+    """H stayed indefinite even after increasing the damping."""
+
+
+class NonFiniteError(RuntimeError):
+    """NaN or Inf in weights or activations."""
+
+
+class HessianAccumulator:
+    """Sum of xxᵀ over calibration rows. ``add`` takes [..., in]; ``hessian()`` returns 2·Σxxᵀ/n."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu"):
+        self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # [in, in]
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.sum.device, torch.float32)  # [n, in]
+        self.sum.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.count == 0:
+            raise RuntimeError("no calibration rows reached this layer")
+        return self.sum * (2.0 / self.count)  # [in, in]
+
+
+def dead_columns(H: torch.Tensor) -> torch.Tensor:
+    """Inputs that were always zero: they carry no information and get H=1, W=0."""
+    return torch.diag(H) == 0
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float, name: str = "layer", retries: int = 3) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H).
+
+    H must already have its dead columns set to 1 on the diagonal. On failure the damping is
+    multiplied by 10 (up to ``retries`` times) before giving up with a message naming the layer.
+    """
+    if not torch.isfinite(H).all():
+        raise NonFiniteError(f"{name}: the calibration activations contain NaN or Inf")
+    mean_diag = torch.mean(torch.diag(H))
+    idx = torch.arange(H.shape[0], device=H.device)
+    lam = damp if damp > 0 else 1e-6
+    for attempt in range(retries + 1):
+        Hd = H.clone()
+        Hd[idx, idx] += lam * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U
+        lam *= 10
+    raise CholeskyError(
+        f"{name}: the Hessian is not positive definite even with damping {lam / 10:g}·mean(diag H). "
+        "Use more or longer calibration samples (--nsamples, --seqlen), or raise --damp (e.g. 0.1)."
+    )

@@ -1,0 +1,159 @@
+"""GPTQ: quantize W column by column, pushing each column's rounding error onto the columns
+not yet quantized so that ‖WX − ŴX‖² stays small (Frantar et al., 2022, Algorithm 1).
+
+With U the upper Cholesky factor of H⁻¹ (H = 2XXᵀ/n, damped), quantizing column j is
+
+    err      = (W[:, j] − Ŵ[:, j]) / U[j, j]
+    W[:, j:] −= err ⊗ U[j, j:]                         # the OBQ update, in Cholesky form
+
+Columns are visited in blocks of ``block_size``; inside a block the update is applied at
+once, to the columns after the block lazily with one matmul (the "lazy batch" trick):
+
+    in:  0 ............................................................ n
+         |---- block i1:i2 ----|------ columns i2: (one matmul) ------|
+         |  g0   |  g1   |  g2   |  g3  ...        <- groups: a (scale, zero) per row each
+
+A group's grid is computed when its first column comes up, from the group's *current*
+(already error-updated) columns; a group reaching past the block gets its pending updates
+applied first, so the result is the same for every block size (tested).
+
+Small worked example: W = [[1.0, 0.4]], H = [[1, .9], [.9, 1]], 1-bit-ish grid {0, 1}.
+Round-to-nearest gives Ŵ = [1, 0], error 0.4 on a column strongly correlated with the first.
+GPTQ rounds column 0 (no error), then column 1 alone: same here; but had column 0 been 0.6 →
+1 (error −0.4), column 1 would be moved by −0.4·0.9 = −0.36 to 0.04 → 0, cancelling most of
+the output error through the correlation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import QuantConfig
+from .grid import Grid, dequantize, find_grid, quantize
+from .hessian import NonFiniteError, dead_columns, inverse_cholesky
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    weight: torch.Tensor  # [out, in] dequantized Ŵ (float32, or float64 if W was)
+    codes: torch.Tensor  # [out, in] int32 integer codes in [0, maxq]
+    scales: torch.Tensor  # [n_groups, out] float16
+    zeros: torch.Tensor  # [n_groups, out] int32 in [0, maxq]
+    g_idx: torch.Tensor  # [in] int32 group of each input column
+    loss: float  # Σ (w − ŵ)² / U[j,j]² / 2, the paper's reported layer loss
+
+
+def n_groups(columns: int, group_size: int) -> int:
+    return 1 if group_size == -1 else math.ceil(columns / group_size)
+
+
+def _min_zero(config: QuantConfig) -> int:
+    # v1 stores zero − 1: a zero of 0 would be written as −1 and corrupt its neighbours
+    return 1 if (config.checkpoint_format == "gptq" and not config.sym) else 0
+
+
+def _grid(w: torch.Tensor, config: QuantConfig, col_weight: torch.Tensor | None) -> Grid:
+    return find_grid(w, config.bits, config.sym, config.mse, col_weight, _min_zero(config))
+
+
+def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "layer") -> SolveResult:
+    """Quantize ``W`` [out, in] against the Hessian ``H`` [in, in]. Pure: inputs are not modified."""
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W = W.to(dtype).clone()  # [out, in]
+    H = H.to(dtype).clone()  # [in, in]
+    if not torch.isfinite(W).all():
+        raise NonFiniteError(f"{name}: the weight contains NaN or Inf")
+    rows, n = W.shape
+    if H.shape != (n, n):
+        raise ValueError(f"{name}: H has shape {tuple(H.shape)}, expected ({n}, {n})")
+    gs = n if config.group_size == -1 else config.group_size
+    ng = n_groups(n, config.group_size)
+    maxq = config.maxq
+
+    dead = dead_columns(H)
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if config.act_order else torch.arange(n)
+    perm = perm.to(W.device)
+    static = config.static_groups or config.group_size == -1  # grids fixed before solving
+    scales = torch.zeros(ng, rows, dtype=dtype, device=W.device)
+    zeros = torch.zeros(ng, rows, dtype=dtype, device=W.device)
+    if static:
+        for g in range(ng):
+            grid = _grid(W[:, g * gs : (g + 1) * gs], config, None)
+            scales[g], zeros[g] = grid.scale, grid.zero
+        group_of = (perm // gs).to(torch.int64)  # [n] group of the j-th solved column
+    else:
+        group_of = torch.arange(n, device=W.device) // gs
+
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    U = inverse_cholesky(H, config.damp, name)  # [n, n] upper
+    col_weight = 1.0 / torch.diag(U) ** 2  # [n] GPTQ's cost of an error in column j
+
+    Q = torch.zeros_like(W)  # [out, n] dequantized, solve order
+    codes = torch.zeros(rows, n, dtype=torch.int32, device=W.device)
+    losses = torch.zeros(rows, dtype=dtype, device=W.device)
+    B = config.block_size
+    for i1 in range(0, n, B):
+        i2 = min(i1 + B, n)
+        W1 = W[:, i1:i2].clone()  # [out, b] updated in place
+        Err1 = torch.zeros_like(W1)  # [out, b] scaled errors
+        U1 = U[i1:i2, i1:i2]  # [b, b]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if not static and j % gs == 0:
+                end = min(j + gs, n)
+                cur = W1[:, i : min(end, i2) - i1]
+                if end > i2:  # group reaches past the block: apply the pending updates
+                    rest = W[:, i2:end] - Err1[:, :i] @ U[i1:j, i2:end]
+                    cur = torch.cat([cur, rest], dim=1)
+                grid = _grid(cur, config, col_weight[j:end])
+                scales[j // gs], zeros[j // gs] = grid.scale, grid.zero
+            g = group_of[j]
+            s, z = scales[g], zeros[g]  # [out]
+            w = W1[:, i]  # [out]
+            q = quantize(w, s, z, maxq)
+            wq = dequantize(q, s, z)
+            codes[:, j] = q.to(torch.int32)
+            Q[:, j] = wq
+            err = (w - wq) / U1[i, i]
+            losses += err * err / 2
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+            Err1[:, i] = err
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+
+    inv = torch.argsort(perm)
+    g_idx = group_of[inv].to(torch.int32)  # [in] group of each original column
+    return SolveResult(
+        weight=Q[:, inv],
+        codes=codes[:, inv].contiguous(),
+        scales=scales.to(torch.float16),
+        zeros=zeros.to(torch.int32),
+        g_idx=g_idx,
+        loss=float(losses.sum()),
+    )
+
+
+def round_to_nearest(W: torch.Tensor, config: QuantConfig) -> SolveResult:
+    """The baseline GPTQ is measured against: each group's grid from W, then plain rounding."""
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W = W.to(dtype)
+    rows, n = W.shape
+    gs = n if config.group_size == -1 else config.group_size
+    ng = n_groups(n, config.group_size)
+    g_idx = (torch.arange(n, device=W.device) // gs).to(torch.int32)
+    scales = torch.zeros(ng, rows, dtype=dtype, device=W.device)
+    zeros = torch.zeros_like(scales)
+    for g in range(ng):
+        grid = _grid(W[:, g * gs : (g + 1) * gs], config, None)
+        scales[g], zeros[g] = grid.scale, grid.zero
+    s, z = scales[g_idx.long()].T, zeros[g_idx.long()].T  # [out, in]
+    codes = quantize(W, s, z, config.maxq)
+    Q = dequantize(codes, s, z)
+    return SolveResult(Q, codes.to(torch.int32), scales.to(torch.float16), zeros.to(torch.int32), g_idx,
+                       float(((W - Q) ** 2).sum()))

@@ -96,12 +96,14 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
     col_weight = 1.0 / torch.diag(U) ** 2  # [n] GPTQ's cost of an error in column j
 
     Q = torch.zeros_like(W)  # [out, n] dequantized, solve order
-    codes = torch.zeros(rows, n, dtype=torch.int32, device=W.device)
     losses = torch.zeros(rows, dtype=dtype, device=W.device)
+    group_list = group_of.tolist()
+    d_list = torch.diag(U).tolist()
     B = config.block_size
     for i1 in range(0, n, B):
         i2 = min(i1 + B, n)
         W1 = W[:, i1:i2].clone()  # [out, b] updated in place
+        Q1 = Q[:, i1:i2]  # [out, b] view
         Err1 = torch.zeros_like(W1)  # [out, b] scaled errors
         U1 = U[i1:i2, i1:i2]  # [b, b]
         for i in range(i2 - i1):
@@ -114,19 +116,19 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
                     cur = torch.cat([cur, rest], dim=1)
                 grid = _grid(cur, config, col_weight[j:end])
                 scales[j // gs], zeros[j // gs] = grid.scale, grid.zero
-            g = group_of[j]
+            g = group_list[j]
             s, z = scales[g], zeros[g]  # [out]
             w = W1[:, i]  # [out]
-            q = quantize(w, s, z, maxq)
-            wq = dequantize(q, s, z)
-            codes[:, j] = q.to(torch.int32)
-            Q[:, j] = wq
-            err = (w - wq) / U1[i, i]
-            losses += err * err / 2
+            wq = dequantize(quantize(w, s, z, maxq), s, z)
+            Q1[:, i] = wq
+            err = Err1[:, i]
+            torch.sub(w, wq, out=err).div_(d_list[j])
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
-            Err1[:, i] = err
+        losses += (Err1 * Err1).sum(dim=1) / 2
         W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
 
+    g_s = scales[group_of]  # [n, out] grid of each solved column
+    codes = quantize(Q, g_s.T, zeros[group_of].T, maxq).to(torch.int32)  # exact: Q is on the grid
     inv = torch.argsort(perm)
     g_idx = group_of[inv].to(torch.int32)  # [in] group of each original column
     return SolveResult(

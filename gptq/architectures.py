@@ -1,0 +1,90 @@
+"""What the generic loop needs to know about each model family, as data.
+
+``blocks``      dotted path of the decoder block list.
+``sequential``  the linears of one block, grouped in the order they are solved when
+                --true-sequential is on: each group sees inputs produced by the already
+                quantized groups before it. Linears in one group share their input.
+Conv1D layers (GPT-2) store their weight as [in, out]; the loop transposes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str
+    sequential: tuple[tuple[str, ...], ...]
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for group in self.sequential for name in group)
+
+
+LLAMA = Architecture(
+    "llama",
+    ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "olmo", "olmo2", "granite"),
+    "model.layers",
+    (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.up_proj", "mlp.gate_proj"),
+        ("mlp.down_proj",),
+    ),
+)
+OPT = Architecture(
+    "opt", ("opt",), "model.decoder.layers",
+    (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+)
+GPT_NEOX = Architecture(
+    "gpt_neox", ("gpt_neox",), "gpt_neox.layers",
+    (("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
+)
+GPT2 = Architecture(
+    "gpt2", ("gpt2",), "transformer.h",
+    (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+)
+PHI = Architecture(  # attention and MLP read the same normalised input (parallel block)
+    "phi", ("phi",), "model.layers",
+    (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"), ("self_attn.dense",), ("mlp.fc2",)),
+)
+PHI3 = Architecture(
+    "phi3", ("phi3",), "model.layers",
+    (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+)
+
+ARCHITECTURES = (LLAMA, OPT, GPT_NEOX, GPT2, PHI, PHI3)
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ARCHITECTURES for t in a.model_types)
+
+
+def for_config(config) -> Architecture:
+    """The description for a transformers config, or a clear error listing what is supported."""
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"model_type '{model_type}' is an encoder-decoder model; gptq quantizes decoder-only causal "
+            f"language models. Supported model types: {', '.join(supported_model_types())}"
+        )
+    for arch in ARCHITECTURES:
+        if model_type in arch.model_types:
+            return arch
+    raise UnsupportedModelError(
+        f"model_type '{model_type}' is not supported. Supported model types: {', '.join(supported_model_types())}. "
+        "Adding one is a few lines in gptq/architectures.py (where the blocks are, which linears in which order)."
+    )
+
+
+def get_module(root, dotted: str):
+    for part in dotted.split("."):
+        root = getattr(root, part)
+    return root

@@ -1,0 +1,126 @@
+"""Context managers that watch a model run: the inputs of the first decoder block, and the
+Hessians of chosen linears. Every hook is removed in ``finally``, whatever happens inside."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .hessian import HessianAccumulator
+
+
+class StopForward(Exception):
+    """Raised by a hook once everything needed from this forward pass has been seen."""
+
+
+@dataclass
+class BlockInputs:
+    """One calibration batch at a block boundary: hidden states plus the block's other arguments."""
+
+    hidden: torch.Tensor  # [batch, seq, hidden]
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The [out, in] weight of an nn.Linear or a GPT-2 Conv1D (which stores [in, out])."""
+    w = module.weight
+    return w.T if _is_conv1d(module) else w
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def set_weight_matrix(module: nn.Module, W: torch.Tensor) -> None:
+    W = W.T if _is_conv1d(module) else W
+    module.weight.data.copy_(W.to(module.weight.dtype))
+
+
+def in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if _is_conv1d(module) else module.weight.shape[1]
+
+
+def move(obj, device):
+    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(move(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [move(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: move(v, device) for k, v in obj.items()}
+    return obj
+
+
+@contextmanager
+def first_block_inputs(block: nn.Module):
+    """Collect the arguments the model passes to ``block`` and stop the forward pass there.
+
+        with first_block_inputs(model.model.layers[0]) as seen:
+            for batch in batches:
+                run_until_stopped(model, batch)
+        seen -> [BlockInputs, ...]
+    """
+    seen: list[BlockInputs] = []
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        rest = args[1:] if args else ()
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
+        seen.append(BlockInputs(hidden.detach(), rest, kwargs))
+        raise StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def hessians(groups: list[dict[str, nn.Module]]):
+    """Accumulate one H per group of linears that share an input (e.g. q/k/v) from what the
+    group's first linear receives, and cut the forward pass short (StopForward) as soon as
+    every group has been seen. Yields {linear name: accumulator} (shared within a group)."""
+    accs: dict[str, HessianAccumulator] = {}
+    firsts: dict[str, HessianAccumulator] = {}
+    for group in groups:
+        first_name, first = next(iter(group.items()))
+        acc = HessianAccumulator(in_features(first), first.weight.device)
+        firsts[first_name] = acc
+        accs.update({name: acc for name in group})
+    pending: set[str] = set(firsts)
+    handles = []
+
+    def make_hook(name):
+        def hook(_module, args):
+            firsts[name].add(args[0].detach())
+            pending.discard(name)
+            if not pending:
+                pending.update(firsts)
+                raise StopForward
+
+        return hook
+
+    try:
+        for group in groups:
+            name, module = next(iter(group.items()))
+            handles.append(module.register_forward_pre_hook(make_hook(name)))
+        yield accs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_block(block: nn.Module, inp: BlockInputs) -> torch.Tensor | None:
+    """Run one block on one batch; None if a capture hook stopped it early."""
+    try:
+        out = block(inp.hidden, *inp.args, **inp.kwargs)
+    except StopForward:
+        return None
+    return out[0] if isinstance(out, (tuple, list)) else out

@@ -1,0 +1,193 @@
+"""python -m gptq.quantize MODEL [--dataset c4] [--bits 4] [--group-size 128] [--out DIR] ...
+
+Quantize a Hugging Face causal LM with GPTQ and write a packed checkpoint that transformers,
+vLLM and TGI load. See ``--help`` for every setting and its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+from .config import ConfigError, QuantConfig, CalibConfig
+
+EPILOG = """defaults: 4-bit, group 128, symmetric, act-order on, MSE clipping on, true-sequential on,
+damp 0.01, 128 windows x 2048 tokens of C4. Act-order and MSE clipping were chosen by measurement
+(README, "Choosing the defaults"); they add no inference cost.
+
+examples:
+  python -m gptq.quantize ./Llama-3-8B --dataset c4 --bits 4
+  python -m gptq.quantize ./model --dataset my_text.jsonl --nsamples 64 --seqlen 1024 --out ./model-gptq
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gptq.quantize", description=__doc__.split("\n\n")[1],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = QuantConfig()
+    c = CalibConfig()
+    p.add_argument("model", help="local Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--out", help="output directory (default: MODEL-gptq-<bits>bit-g<group>)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    g = p.add_argument_group("calibration data")
+    g.add_argument("--dataset", default=c.dataset,
+                   help="c4, wikitext2, ptb (through `datasets`), or a local .txt/.jsonl/.json/.parquet file or "
+                        "save_to_disk directory (default: %(default)s)")
+    g.add_argument("--nsamples", type=int, default=c.nsamples, help="calibration windows (default: %(default)s)")
+    g.add_argument("--seqlen", type=int, default=c.seqlen,
+                   help="tokens per window, capped at the model's context (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=c.seed, help="window sampling seed (default: %(default)s)")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--bits", type=int, default=d.bits, help="2, 3, 4 or 8 (default: %(default)s)")
+    q.add_argument("--group-size", type=int, default=d.group_size,
+                   help="input columns per (scale, zero); -1 = one per output row (default: %(default)s)")
+    q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=d.sym,
+                   help="symmetric grid; --no-sym for asymmetric (default: %(default)s)")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=d.act_order,
+                   help="solve columns by descending Hessian diagonal (desc_act) (default: %(default)s)")
+    q.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=d.static_groups,
+                   help="with act-order, fix group grids up front so g_idx stays k//group (default: %(default)s)")
+    q.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=d.true_sequential,
+                   help="quantize q/k/v, o, up/gate, down in turn on already-quantized inputs (default: %(default)s)")
+    q.add_argument("--mse", action=argparse.BooleanOptionalAction, default=d.mse,
+                   help="search each grid's clipping range for the least weighted error (default: %(default)s)")
+    q.add_argument("--damp", type=float, default=d.damp,
+                   help="Hessian damping as a fraction of mean(diag H) (default: %(default)s)")
+    q.add_argument("--block-size", type=int, default=d.block_size,
+                   help="columns per lazy-batch block; speed only (default: %(default)s)")
+    q.add_argument("--format", dest="checkpoint_format", default=d.checkpoint_format, choices=["gptq", "gptq_v2"],
+                   help="checkpoint_format written to the config (default: %(default)s)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype the blocks run in while calibrating; auto = float32 on CPU, the model's own "
+                        "dtype on GPU (default: %(default)s)")
+    r.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass (default: %(default)s)")
+    r.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: %(default)s)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def fail(msg: str) -> "None":
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def load_model(path: str, dtype: str, device: str):
+    """A local model directory → (model on CPU, tokenizer). Clear errors for the usual mistakes."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .architectures import for_config
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"model path '{path}' does not exist. Pass a local Hugging Face model directory (with config.json "
+            "and *.safetensors); download it first where a hub is reachable, e.g. `huggingface-cli download`."
+        )
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"'{path}' has no config.json; it is not a Hugging Face model directory")
+    config = AutoConfig.from_pretrained(p)
+    for_config(config)  # unsupported families fail here, before any weight is read
+    if getattr(config, "quantization_config", None):
+        raise ValueError(f"'{path}' is already quantized ({config.quantization_config.get('quant_method', '?')}); "
+                         "start from the unquantized model")
+    if dtype == "auto":
+        dtype = "float32" if device in ("cpu",) or (device == "auto" and not torch.cuda.is_available()) else None
+    torch_dtype = getattr(torch, dtype) if dtype else "auto"
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(p)
+    return model, tokenizer
+
+
+def calibration_windows(tokenizer, model_config, calib: CalibConfig):
+    from calib import load_documents, sample_windows
+
+    ctx = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    seqlen = min(calib.seqlen, ctx) if ctx else calib.seqlen
+    if seqlen < calib.seqlen:
+        print(f"note: --seqlen {calib.seqlen} capped at the model's context of {seqlen} tokens", file=sys.stderr)
+    docs, mode = load_documents(calib.dataset, "calib")
+    return sample_windows(docs, tokenizer, calib.nsamples, seqlen, calib.seed, mode)
+
+
+def warn_group_divisibility(model, config: QuantConfig) -> None:
+    from .architectures import for_config, get_module
+    from .capture import in_features
+
+    if config.group_size == -1:
+        return
+    arch = for_config(model.config)
+    block = get_module(model, arch.blocks)[0]
+    bad = sorted({in_features(get_module(block, n)) for n in arch.linears} - {0})
+    bad = [n for n in bad if n % config.group_size]
+    if bad:
+        warnings.warn(
+            f"--group-size {config.group_size} does not divide the input size(s) {bad}: the last group of "
+            "those layers is shorter. This project's loader and kernels handle it, and so does the format, "
+            "but vLLM's Marlin and the ExLlama kernels need in_features % group_size == 0 (they fall back to "
+            "slower kernels or refuse). Pick a group size that divides them (e.g. 32 or 64) to keep them.",
+            stacklevel=2,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        qcfg = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
+                           static_groups=args.static_groups, true_sequential=args.true_sequential, damp=args.damp,
+                           block_size=args.block_size, mse=args.mse, checkpoint_format=args.checkpoint_format)
+        ccfg = CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
+        from .save import parse_size, prepare_output
+
+        shard_bytes = parse_size(args.max_shard_size)
+        out = args.out or f"{args.model.rstrip('/')}-gptq-{qcfg.bits}bit-g{qcfg.group_size}"
+        prepare_output(out, args.overwrite)  # refuse early, before hours of work
+        from calib import CalibrationDataError  # noqa: F401
+
+        from .pipeline import quantize_model, resolve_device
+        from .save import save_checkpoint
+
+        resolve_device(args.device)
+        model, tokenizer = load_model(args.model, args.dtype, args.device)
+        windows = calibration_windows(tokenizer, model.config, ccfg)
+        warn_group_divisibility(model, qcfg)
+        t0 = time.perf_counter()
+        packed, report = quantize_model(model, windows, qcfg, device=args.device, batch_size=args.batch_size,
+                                        progress=not args.quiet)
+        seconds = time.perf_counter() - t0
+        summary = {
+            "model": str(Path(args.model).resolve()),
+            "quant_config": qcfg.as_dict(),
+            "calibration": asdict(ccfg) | {"windows": list(windows.shape)},
+            "seconds": round(seconds, 2),
+            "layers": [asdict(r) for r in report],
+        }
+        final = save_checkpoint(out, model, packed, qcfg, source_dir=args.model, overwrite=args.overwrite,
+                                max_shard_bytes=shard_bytes,
+                                extra_files={"quantize_report.json": json.dumps(summary, indent=2) + "\n"})
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        fail(str(e))
+    print_summary(report, seconds, final)
+    return 0
+
+
+def print_summary(report, seconds: float, out: Path) -> None:
+    worst = sorted(report, key=lambda r: r.loss, reverse=True)[:5]
+    print(f"\nquantized {len(report)} linears in {seconds:.1f} s; highest losses:")
+    for r in worst:
+        print(f"  {r.name:<40} loss {r.loss:10.4g}  {r.seconds * 1000:6.0f} ms")
+    print(f"per-layer report: {out / 'quantize_report.json'}")
+    print(f"checkpoint: {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

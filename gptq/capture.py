@@ -117,6 +117,29 @@ def hessians(groups: list[dict[str, nn.Module]]):
             h.remove()
 
 
+@contextmanager
+def record_outputs(module: nn.Module):
+    """Keep every output ``module`` produces, in call order."""
+    outs: list = []
+    handle = module.register_forward_hook(lambda _m, _a, out: outs.append(out))
+    try:
+        yield outs
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def replay_outputs(module: nn.Module, outputs: list):
+    """Make ``module`` return the recorded outputs, in order, instead of computing them.
+    Exact when its inputs and weights are those of the recording, which the pipeline ensures."""
+    it = iter(outputs)
+    module.forward = lambda *args, **kwargs: next(it)  # instance attribute shadows the class method
+    try:
+        yield
+    finally:
+        del module.forward
+
+
 def run_block(block: nn.Module, inp: BlockInputs) -> torch.Tensor | None:
     """Run one block on one batch; None if a capture hook stopped it early."""
     try:

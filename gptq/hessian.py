@@ -19,21 +19,37 @@ class NonFiniteError(RuntimeError):
 
 
 class HessianAccumulator:
-    """Sum of xxᵀ over calibration rows. ``add`` takes [..., in]; ``hessian()`` returns 2·Σxxᵀ/n."""
+    """Sum of xxᵀ over calibration rows. ``add`` takes [..., in]; ``hessian()`` returns 2·Σxxᵀ/n.
+
+    XᵀX is symmetric, so only the blocks on and above the diagonal are multiplied (in column
+    chunks of ~256: 5/8 of the work at in = 1024, ~1/2 for large layers); ``hessian`` mirrors them.
+    """
+
+    CHUNK = 256
 
     def __init__(self, columns: int, device: torch.device | str = "cpu"):
-        self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # [in, in]
+        self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # [in, in] upper blocks
         self.count = 0
+        nchunks = max(1, round(columns / self.CHUNK))
+        bounds = [round(k * columns / nchunks) for k in range(nchunks + 1)]
+        self.chunks = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.sum.device, torch.float32)  # [n, in]
-        self.sum.addmm_(x.T, x)
+        for i, ci in enumerate(self.chunks):
+            xi = x[:, ci].T  # [ci, n]
+            for cj in self.chunks[i:]:
+                self.sum[ci, cj].addmm_(xi, x[:, cj])
         self.count += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
         if self.count == 0:
             raise RuntimeError("no calibration rows reached this layer")
-        return self.sum * (2.0 / self.count)  # [in, in]
+        H = self.sum * (2.0 / self.count)  # [in, in]
+        for i, ci in enumerate(self.chunks):
+            for cj in self.chunks[i + 1 :]:
+                H[cj, ci] = H[ci, cj].T
+        return H
 
 
 def dead_columns(H: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ Only the block being solved sits on the compute device. Per-architecture knowled
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import for_config, get_module
-from .capture import BlockInputs, StopForward, first_block_inputs, hessians, move, run_block, set_weight_matrix, weight_matrix
+from .capture import (BlockInputs, StopForward, first_block_inputs, hessians, move, record_outputs, replay_outputs,
+                      run_block, set_weight_matrix, weight_matrix)
 from .config import QuantConfig
 from .pack import pack_qweight, pack_qzeros
 from .solver import SolveResult, solve
@@ -88,6 +90,44 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
     return seen
 
 
+def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantConfig, prefix: str):
+    """Solve linears that share one input (and so one H) as a single stacked matrix, then split
+    the rows back: identical to solving each alone, with one Cholesky and one column loop."""
+    Ws = [weight_matrix(m).float() for m in modules.values()]  # each [out_i, in]
+    t0 = time.perf_counter()
+    r = solve(torch.cat(Ws), H, config, name=f"{prefix}.{'/'.join(modules)}")
+    seconds = (time.perf_counter() - t0) / len(Ws)
+    start = 0
+    for (name, module), W in zip(modules.items(), Ws):
+        part = r.rows(start, start + W.shape[0])
+        start += W.shape[0]
+        yield name, module, part, seconds
+
+
+def _replayable_children(arch, solved: set[str]) -> list[str]:
+    """Direct children of a block (e.g. ``self_attn``) whose linears are all quantized: their
+    output no longer changes, so later passes over the block can replay it instead of recomputing."""
+    children = []
+    for child in dict.fromkeys(n.split(".")[0] for n in arch.linears if "." in n):
+        if all(n in solved for n in arch.linears if n.startswith(child + ".")):
+            children.append(child)
+    return children
+
+
+def _run_pass(block, inputs, arch, solved, recorded, groups=()):
+    """One pass of the calibration batches through ``block``: replays the finished children,
+    records newly finished ones, accumulates H for ``groups``. Returns (accumulators, outputs)."""
+    with ExitStack() as stack:
+        for child, outs in recorded.items():
+            stack.enter_context(replay_outputs(get_module(block, child), outs))
+        new = {c: stack.enter_context(record_outputs(get_module(block, c)))
+               for c in _replayable_children(arch, solved) if c not in recorded}
+        accs = stack.enter_context(hessians(groups)) if groups else {}
+        outputs = [run_block(block, inp) for inp in inputs]
+    recorded.update({c: outs for c, outs in new.items() if len(outs) == len(inputs)})
+    return accs, outputs
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -118,23 +158,25 @@ def quantize_model(
         block = blocks[i]
         home = next(block.parameters()).device
         block.to(dev)
+        solved: set[str] = set()
+        recorded: dict[str, list] = {}
         for groups in passes:
             modules = [{name: get_module(block, name) for name in group} for group in groups]
-            with hessians(modules) as accs:
-                for inp in inputs:
-                    run_block(block, inp)
-            for name, module in ((n, m) for group in modules for n, m in group.items()):
-                full = f"{arch.blocks}.{i}.{name}"
-                t0 = time.perf_counter()
-                W = weight_matrix(module).float()  # [out, in]
-                r = solve(W, accs[name].hessian(), config, name=full)
-                set_weight_matrix(module, r.weight)
-                packed[full] = pack_result(r, module, config)
-                report.append(LayerReport(full, r.loss, time.perf_counter() - t0, tuple(W.shape)))
-                bar.set_postfix_str(f"{name} loss {r.loss:.3g}")
+            accs, _ = _run_pass(block, inputs, arch, solved, recorded, modules)
+            for group in modules:
+                H = accs[next(iter(group))].hessian()
+                for name, module, r, seconds in solve_group(group, H, config, f"{arch.blocks}.{i}"):
+                    full = f"{arch.blocks}.{i}.{name}"
+                    set_weight_matrix(module, r.weight)
+                    packed[full] = pack_result(r, module, config)
+                    report.append(LayerReport(full, r.loss, seconds, tuple(r.weight.shape)))
+                    bar.set_postfix_str(f"{name} loss {r.loss:.3g}")
+                solved.update(group)
             del accs
         if i + 1 < len(blocks):
-            inputs = [BlockInputs(run_block(block, inp), inp.args, inp.kwargs) for inp in inputs]
+            _, outputs = _run_pass(block, inputs, arch, solved, recorded)
+            inputs = [BlockInputs(out, inp.args, inp.kwargs) for out, inp in zip(outputs, inputs)]
+        del recorded
         block.to(home)
         if on_block_done is not None:
             on_block_done(i)

@@ -43,7 +43,18 @@ class SolveResult:
     scales: torch.Tensor  # [n_groups, out] float16
     zeros: torch.Tensor  # [n_groups, out] int32 in [0, maxq]
     g_idx: torch.Tensor  # [in] int32 group of each input column
-    loss: float  # Σ (w − ŵ)² / U[j,j]² / 2, the paper's reported layer loss
+    row_loss: torch.Tensor  # [out] Σ_j (w − ŵ)² / U[j,j]² / 2 per row
+
+    @property
+    def loss(self) -> float:
+        """The paper's reported layer loss: the sum over rows."""
+        return float(self.row_loss.sum())
+
+    def rows(self, start: int, stop: int) -> "SolveResult":
+        """The result for output rows [start, stop): rows are solved independently, so a matrix
+        stacked from several linears sharing one H splits back exactly."""
+        return SolveResult(self.weight[start:stop], self.codes[start:stop], self.scales[:, start:stop],
+                           self.zeros[:, start:stop], self.g_idx, self.row_loss[start:stop])
 
 
 def n_groups(columns: int, group_size: int) -> int:
@@ -137,7 +148,7 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
         scales=scales.to(torch.float16),
         zeros=zeros.to(torch.int32),
         g_idx=g_idx,
-        loss=float(losses.sum()),
+        row_loss=losses,
     )
 
 
@@ -158,4 +169,4 @@ def round_to_nearest(W: torch.Tensor, config: QuantConfig) -> SolveResult:
     codes = quantize(W, s, z, config.maxq)
     Q = dequantize(codes, s, z)
     return SolveResult(Q, codes.to(torch.int32), scales.to(torch.float16), zeros.to(torch.int32), g_idx,
-                       float(((W - Q) ** 2).sum()))
+                       ((W - Q) ** 2).sum(dim=1))

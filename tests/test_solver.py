@@ -176,3 +176,17 @@ def test_non_finite_inputs_rejected():
 def test_config_errors(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         QuantConfig(**kw)
+
+
+@pytest.mark.parametrize("columns", [7, 300, 1100])
+def test_hessian_accumulator_is_2xxt_over_n(columns):
+    g = torch.Generator().manual_seed(columns)
+    xs = [torch.randn(3, 5, columns, generator=g, dtype=torch.float64) for _ in range(3)]
+    acc = HessianAccumulator(columns)
+    for x in xs:
+        acc.add(x)
+    X = torch.cat([x.reshape(-1, columns) for x in xs])  # [45, columns]
+    H = acc.hessian()
+    assert acc.count == 45
+    assert torch.allclose(H.double(), 2 * X.T @ X / 45, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(H, H.T, rtol=1e-6, atol=1e-6)

@@ -60,7 +60,7 @@ def pack_result(r: SolveResult, module: nn.Module, config: QuantConfig) -> Packe
         qweight=pack_qweight(r.codes.cpu(), config.bits),
         qzeros=pack_qzeros(r.zeros.cpu(), config.bits, config.checkpoint_format),
         scales=r.scales.cpu().contiguous(),
-        g_idx=r.g_idx.cpu().contiguous(),
+        g_idx=r.g_idx.cpu().clone(),  # own storage: linears solved together share one g_idx
         bias=None if bias is None else bias.detach().to("cpu", torch.float16).contiguous(),
     )
 

@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="dtype the blocks run in while calibrating; auto = float32 on CPU, the model's own "
-                        "dtype on GPU (default: %(default)s)")
+                   help="dtype the blocks run in while calibrating (Hessians and the solve are always float32); "
+                        "auto = the model's own dtype, float16 → float32 on CPU (default: %(default)s)")
     r.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass (default: %(default)s)")
     r.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: %(default)s)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -98,9 +98,12 @@ def load_model(path: str, dtype: str, device: str):
     if getattr(config, "quantization_config", None):
         raise ValueError(f"'{path}' is already quantized ({config.quantization_config.get('quant_method', '?')}); "
                          "start from the unquantized model")
-    if dtype == "auto":
-        dtype = "float32" if device in ("cpu",) or (device == "auto" and not torch.cuda.is_available()) else None
-    torch_dtype = getattr(torch, dtype) if dtype else "auto"
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if dtype == "auto":  # the model's own dtype, except float16 on CPU (slow there): float32
+        own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        own = getattr(torch, own) if isinstance(own, str) else own
+        dtype = "float32" if (on_cpu and own == torch.float16) else str(own).removeprefix("torch.")
+    torch_dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(p)
     return model, tokenizer

@@ -1,0 +1,240 @@
+"""Load a packed GPTQ checkpoint (ours or any tool's, v1 or v2 format, sharded or not) as a
+transformers model whose quantized linears are ``QuantLinear`` modules.
+
+    model, tokenizer = gptq.load("out/smollm2-gptq", device="cpu")     # backend chosen for you
+
+Which linears are quantized is read from the tensors (every ``<m>.qweight``), so checkpoints
+that quantize a different set (e.g. lm_head) load too. Everything is validated — shapes,
+dtypes, g_idx bounds, config against tensors — before any kernel runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .qlinear import QuantLinear
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is corrupt, truncated or disagrees with its config; names the tensor."""
+
+
+QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Build modules without allocating their parameters (buffers, e.g. rotary tables, stay real)."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _tensor_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: shard(s) {missing} named in model.safetensors.index.json are missing")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in _tensor_files(path):
+        try:
+            out.update(load_file(f))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{f}: cannot be read, the file is truncated or corrupt ({e})") from e
+    return out
+
+
+def quantization_config(config) -> dict:
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        raise CheckpointError("config.json has no quantization_config: this is not a GPTQ checkpoint")
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method", "gptq") != "gptq":
+        raise CheckpointError(f"quantization_config.quant_method is {qc.get('quant_method')!r}, not 'gptq'")
+    bits = qc.get("bits")
+    if bits not in (2, 3, 4, 8):
+        raise CheckpointError(f"quantization_config.bits is {bits!r}; GPTQ checkpoints use 2, 3, 4 or 8")
+    gs = qc.get("group_size", -1)
+    if not isinstance(gs, int) or (gs < 1 and gs != -1):
+        raise CheckpointError(f"quantization_config.group_size is {gs!r}; expected a positive integer or -1")
+    fmt = qc.get("checkpoint_format", "gptq")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise CheckpointError(f"quantization_config.checkpoint_format is {fmt!r}; this loader reads gptq and gptq_v2")
+    return {"bits": bits, "group_size": gs, "checkpoint_format": fmt}
+
+
+def _validate(prefix: str, t: dict[str, torch.Tensor], in_f: int, out_f: int, bits: int, gs: int) -> None:
+    """Check one layer's tensors against the module they replace and the config."""
+    qw, qz, sc = t["qweight"], t["qzeros"], t["scales"]
+    ng = 1 if gs == -1 else math.ceil(in_f / gs)
+    if qw.dtype != torch.int32 or qz.dtype != torch.int32:
+        raise CheckpointError(f"{prefix}.qweight/qzeros must be int32, found {qw.dtype}/{qz.dtype}")
+    if qw.shape != (in_f * bits // 32, out_f):
+        rows = qw.shape[0] * 32 / in_f if qw.ndim == 2 and in_f else "?"
+        raise CheckpointError(
+            f"{prefix}.qweight has shape {tuple(qw.shape)}; a {in_f}→{out_f} layer at bits={bits} needs "
+            f"({in_f * bits // 32}, {out_f}) (its row count fits bits={rows:g} if it is a bits mismatch)"
+            if isinstance(rows, float) else f"{prefix}.qweight has shape {tuple(qw.shape)}")
+    if sc.shape != (ng, out_f) or not sc.is_floating_point():
+        raise CheckpointError(f"{prefix}.scales has shape {tuple(sc.shape)} {sc.dtype}; expected ({ng}, {out_f}) "
+                              f"floating point for group_size={gs}")
+    if qz.shape != (ng, out_f * bits // 32):
+        raise CheckpointError(f"{prefix}.qzeros has shape {tuple(qz.shape)}; expected ({ng}, {out_f * bits // 32})")
+    g = t["g_idx"]
+    if g.shape != (in_f,) or g.is_floating_point():
+        raise CheckpointError(f"{prefix}.g_idx has shape {tuple(g.shape)} {g.dtype}; expected ({in_f},) integers")
+    if g.numel() and (int(g.min()) < 0 or int(g.max()) >= ng):
+        raise CheckpointError(f"{prefix}.g_idx has values in [{int(g.min())}, {int(g.max())}], outside the "
+                              f"{ng} groups [0, {ng - 1}]")
+    if not torch.isfinite(sc).all():
+        raise CheckpointError(f"{prefix}.scales contains NaN or Inf")
+    if "bias" in t and t["bias"].shape != (out_f,):
+        raise CheckpointError(f"{prefix}.bias has shape {tuple(t['bias'].shape)}; expected ({out_f},)")
+
+
+def default_backend(device: torch.device, bits: int) -> str:
+    if device.type == "cuda":
+        return "triton" if bits in (2, 4, 8) else "torch"
+    return "cpu" if bits == 4 else "dense"
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, backend: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if backend == "cpu" else torch.float32
+
+
+def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: str | torch.dtype = "auto"):
+    """Load a GPTQ checkpoint directory → (model, tokenizer or None)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .capture import in_features
+    from .pipeline import resolve_device
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"'{path}' is not a model directory (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    qc = quantization_config(config)
+    bits, gs, fmt = qc["bits"], qc["group_size"], qc["checkpoint_format"]
+    dev = resolve_device(device)
+    backend = default_backend(dev, bits) if backend == "auto" else backend
+    act_dtype = resolve_dtype(dtype, dev, backend)
+    tensors = read_tensors(path)
+
+    plain = copy.deepcopy(config)
+    del plain.quantization_config
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(plain, dtype=act_dtype)
+    model.config.quantization_config = qc | {k: v for k, v in (config.quantization_config if isinstance(
+        config.quantization_config, dict) else config.quantization_config.to_dict()).items()}
+
+    prefixes = sorted({k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")})
+    if not prefixes:
+        raise CheckpointError(f"{path}: no '*.qweight' tensors, though config.json says GPTQ")
+    for prefix in prefixes:
+        try:
+            old = model.get_submodule(prefix)
+        except AttributeError:
+            raise CheckpointError(f"{prefix}.qweight names a module the {config.model_type} model does not have")
+        in_f = in_features(old)
+        out_f = old.weight.shape[1] if type(old).__name__ == "Conv1D" else old.weight.shape[0]
+        t = {s: tensors.pop(f"{prefix}.{s}") for s in QUANT_SUFFIXES if f"{prefix}.{s}" in tensors}
+        missing = [s for s in ("qweight", "qzeros", "scales") if s not in t]
+        if missing:
+            raise CheckpointError(f"{prefix}: tensor(s) {', '.join(prefix + '.' + m for m in missing)} missing")
+        if "g_idx" not in t:  # older checkpoints omit it when there is no act-order
+            t["g_idx"] = (torch.arange(in_f) // (in_f if gs == -1 else gs)).to(torch.int32)
+        if f"{prefix}.bias" in tensors:
+            t["bias"] = tensors.pop(f"{prefix}.bias")
+        _validate(prefix, t, in_f, out_f, bits, gs)
+        q = QuantLinear(in_f, out_f, bits, gs, "bias" in t, fmt)
+        q.qweight, q.qzeros = t["qweight"], t["qzeros"]
+        q.scales, q.g_idx = t["scales"].to(torch.float16), t["g_idx"].to(torch.int32)
+        if "bias" in t:
+            q.bias = t["bias"].to(torch.float16)
+        parent_name, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, t in tensors.items():
+        if name in params:
+            if params[name].shape != t.shape:
+                raise CheckpointError(f"{name} has shape {tuple(t.shape)}; the model expects {tuple(params[name].shape)}")
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            parent._parameters[attr] = nn.Parameter(t.to(act_dtype), requires_grad=False)
+    if getattr(model.config, "tie_word_embeddings", False) or getattr(plain, "tie_word_embeddings", False):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{path}: tensor(s) missing from the checkpoint: {', '.join(still_meta[:5])}"
+                              + (" ..." if len(still_meta) > 5 else ""))
+    model.to(dev)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.prepare(backend, act_dtype)
+    model.eval()
+    tokenizer = None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        pass
+    return model, tokenizer
+
+
+def load_any(path: str | Path, device: str = "auto", backend: str = "auto", dtype: str = "auto"):
+    """A GPTQ checkpoint through ``load``, or a plain model directory through transformers."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .pipeline import resolve_device
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"'{path}' is not a model directory (no config.json)")
+    config = AutoConfig.from_pretrained(p)
+    if getattr(config, "quantization_config", None):
+        return load(p, device, backend, dtype)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev, "torch")
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype).to(dev).eval()
+    return model, AutoTokenizer.from_pretrained(p)

@@ -1,0 +1,146 @@
+"""``QuantLinear``: a linear layer that keeps GPTQ's packed tensors and multiplies with them.
+
+Backends (``prepare(backend)`` picks one; ``load`` chooses automatically):
+  torch   the reference: dequantize to fp32 on every call, then matmul. Any bits, any g_idx.
+  triton  fused dequant-matmul on CUDA (gptq/kernels/triton_dequant.py); 2/4/8 bits.
+  cpu     4-bit: torch's packed-int4 CPU matmul (``_weight_int4pack_mm_for_cpu``), which reads
+          the packed weights directly; scales and zero offsets in bf16. Fast batch-1 decoding.
+  dense   keeps a dequantized copy in the activation dtype (asked for explicitly, or on CPU for
+          2/3/8 bits where no packed CPU kernel exists).
+
+Act-order checkpoints (non-monotonic g_idx) are served by the fast backends by sorting the
+input rows by group once at load time and permuting the activations on each call.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from .pack import dequantize_packed, pack_rows, unpack_qweight, unpack_qzeros
+from .kernels.reference import dequant_matmul_reference
+
+BACKENDS = ("torch", "triton", "cpu", "dense")
+INT4_CPU_GROUPS = (256, 128, 64, 32)
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
+                 checkpoint_format: str = "gptq"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.checkpoint_format = bits, group_size, checkpoint_format
+        ng = 1 if group_size == -1 else math.ceil(in_features / group_size)
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(ng, out_features * bits // 32, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(ng, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
+        self.backend = "torch"
+        self._state: dict = {}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, backend={self.backend}")
+
+    @property
+    def _zero_offset(self) -> int:
+        return 1 if self.checkpoint_format == "gptq" else 0
+
+    # -- load-time preparation -------------------------------------------------------------
+    def _sorted_layout(self):
+        """(perm or None, uniform group size G) if groups are contiguous runs of G rows once the
+        inputs are sorted by g_idx; None if this checkpoint's g_idx has irregular groups."""
+        g = self.g_idx.long()
+        ng = self.scales.shape[0]
+        G = self.in_features if self.group_size == -1 else self.group_size
+        counts = torch.bincount(g, minlength=ng).tolist()
+        expected = [min(G, self.in_features - k * G) for k in range(ng)]
+        if counts != expected:
+            return None
+        monotonic = bool((g[1:] >= g[:-1]).all())
+        perm = None if monotonic else torch.argsort(g, stable=True)
+        return perm, G
+
+    def prepare(self, backend: str, dtype: torch.dtype = torch.float32) -> str:
+        """Build what ``backend`` needs; returns the backend actually used (with a warning if
+        the requested one cannot serve this layer)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        self._state = {}
+        layout = self._sorted_layout()
+        if backend in ("triton", "cpu") and layout is None:
+            warnings.warn(f"{backend} backend needs equal-size groups in g_idx; using torch for this layer")
+            backend = "torch"
+        if backend == "cpu" and self.bits != 4:
+            backend = "dense"
+        if backend == "cpu":
+            backend = self._prepare_int4_cpu(*layout)
+        elif backend == "triton":
+            perm, G = layout
+            if self.bits not in (2, 4, 8) or (self.group_size != -1 and G % 16):
+                warnings.warn(f"triton backend handles 2/4/8 bits with group size a multiple of 16; "
+                              f"using torch for this {self.bits}-bit layer")
+                backend = "torch"
+            else:
+                qweight = self.qweight
+                if perm is not None:
+                    qweight = pack_rows(unpack_qweight(self.qweight, self.bits)[perm], self.bits)
+                self._state = {"perm": perm, "qweight": qweight.to(self.qweight.device)}
+        if backend == "dense":
+            self._state = {"weight": dequantize_packed(self.qweight, self.qzeros, self.scales, self.g_idx,
+                                                       self.bits, self.checkpoint_format).to(dtype)}
+        self.backend = backend
+        return backend
+
+    def _prepare_int4_cpu(self, perm, G) -> str:
+        sub = next((s for s in INT4_CPU_GROUPS if G % s == 0 and self.in_features % s == 0), None)
+        if sub is None:
+            return "dense"
+        codes = unpack_qweight(self.qweight, 4)  # [in, out]
+        zeros = unpack_qzeros(self.qzeros, 4, self.checkpoint_format).float()  # [ng, out]
+        scales = self.scales.float()  # [ng, out]
+        g_sorted = self.g_idx.long() if perm is None else self.g_idx.long()[perm]
+        if perm is not None:
+            codes = codes[perm]
+        g_of_sub = g_sorted[::sub]  # [in / sub] group of each sub-group of `sub` rows
+        s = scales[g_of_sub]  # [n_sub, out]
+        # int4pack computes w = (q − 8)·s + offset; GPTQ's w = s·(q − z) ⇒ offset = s·(8 − z)
+        offset = s * (8 - zeros[g_of_sub])
+        self._state = {
+            "perm": perm,
+            "w": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.T.contiguous(), 1),
+            "sz": torch.stack([s, offset], dim=-1).to(torch.bfloat16).contiguous(),  # [n_sub, out, 2]
+            "sub": sub,
+        }
+        return "cpu"
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # [M, in]
+        if self.backend == "cpu":
+            st = self._state
+            xb = x2.to(torch.bfloat16)
+            if st["perm"] is not None:
+                xb = xb[:, st["perm"]]
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), st["w"], st["sub"], st["sz"])
+            y = y.to(x.dtype)
+        elif self.backend == "triton":
+            from .kernels.triton_dequant import dequant_matmul
+
+            st = self._state
+            xs = x2 if st["perm"] is None else x2[:, st["perm"]]
+            y = dequant_matmul(xs, st["qweight"], self.qzeros, self.scales, self.group_size, self.bits,
+                               self._zero_offset)
+        elif self.backend == "dense":
+            y = x2 @ self._state["weight"].to(x.dtype).T
+        else:
+            return dequant_matmul_reference(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+                                            self.checkpoint_format, self.bias)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape, self.out_features)

@@ -70,6 +70,7 @@ def _grid(w: torch.Tensor, config: QuantConfig, col_weight: torch.Tensor | None)
     return find_grid(w, config.bits, config.sym, config.mse, col_weight, _min_zero(config))
 
 
+@torch.no_grad()
 def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "layer") -> SolveResult:
     """Quantize ``W`` [out, in] against the Hessian ``H`` [in, in]. Pure: inputs are not modified."""
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
@@ -152,6 +153,7 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
     )
 
 
+@torch.no_grad()
 def round_to_nearest(W: torch.Tensor, config: QuantConfig) -> SolveResult:
     """The baseline GPTQ is measured against: each group's grid from W, then plain rounding."""
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32

@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny random models of every supported family (no download) and SmolLM2."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "wikitext2"
+
+TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+
+
+def tiny_config(family: str):
+    from transformers import (GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config,
+                              PhiConfig, Qwen2Config)
+
+    if family == "llama":
+        return LlamaConfig(**TINY, intermediate_size=128, num_key_value_heads=2)
+    if family == "mistral":
+        return MistralConfig(**TINY, intermediate_size=128, num_key_value_heads=2, sliding_window=None)
+    if family == "qwen2":
+        return Qwen2Config(**TINY, intermediate_size=128, num_key_value_heads=2)
+    if family == "opt":
+        return OPTConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                         word_embed_proj_dim=64, max_position_embeddings=128, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(**TINY, intermediate_size=128)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0,
+                          eos_token_id=0)
+    if family == "phi":
+        return PhiConfig(**TINY, intermediate_size=128)
+    if family == "phi3":
+        return Phi3Config(**TINY, intermediate_size=128, num_key_value_heads=4, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2)
+    raise KeyError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "opt", "gpt_neox", "gpt2", "phi", "phi3"]
+
+
+def tiny_model(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer trained here on a few sentences (256-token vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([SAMPLE_TEXT], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>")
+    d = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer_dir):
+    """Save a tiny model of a family plus the tokenizer; returns a factory(family) -> dir."""
+    import shutil
+
+    def make(family: str = "llama") -> Path:
+        d = tmp_path / f"tiny-{family}"
+        tiny_model(family).save_pretrained(d)
+        for f in tiny_tokenizer_dir.iterdir():
+            shutil.copy(f, d / f.name)
+        return d
+
+    return make
+
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
+    "To be or not to be, that is the question. All that glitters is not gold. "
+) * 40
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct, converted once and cached (see gptq/assets.py)."""
+    from gptq.assets import smollm2
+
+    cache = Path(os.environ.get("GPTQ_CACHE", ROOT / ".cache")) / "smollm2"
+    return smollm2(cache)
+
+
+@pytest.fixture(scope="session")
+def wikitext():
+    """(calibration text, evaluation text) from ../shared when present, else skipped."""
+    valid, test = SHARED / "valid.tokens.txt", SHARED / "wiki.test.raw"
+    if not (valid.is_file() and test.is_file()):
+        pytest.skip("../shared/data/wikitext2 not present")
+    return valid, test

@@ -76,7 +76,8 @@ def _gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, M, N, K, ZN, G, K_PER_SPLI
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
-    for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)  # never a tile wholly past K: its group would not exist
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         a = tl.load(x_ptr + m * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # [BK]

@@ -1,0 +1,45 @@
+# gptq — set-up, demo, tests and benchmarks. `make help` lists the targets.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PYTHON  := $(BIN)/python
+MODEL   := .cache/smollm2
+WIKI    ?= ../shared/data/wikitext2
+STAMP   := $(VENV)/.installed
+
+.PHONY: help install demo test test-fast bench notebook clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU build of torch (an unpinned torch may pull a multi-GB CUDA build)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,notebook]'
+	touch $@
+
+install: $(STAMP)  ## create .venv and install gptq with its test and notebook extras
+
+demo: $(STAMP)  ## fetch SmolLM2-135M, quantize it to 4 bits, report perplexity and a generation
+	$(PYTHON) -m gptq.assets smollm2 $(MODEL)
+	$(PYTHON) -m gptq.quantize $(MODEL) --dataset $(if $(wildcard $(WIKI)/valid.tokens.txt),$(WIKI)/valid.tokens.txt,wikitext2) \
+		--nsamples 32 --seqlen 512 --group-size 64 --out out/smollm2-gptq-4bit --overwrite
+	$(PYTHON) -m gptq.eval out/smollm2-gptq-4bit --dataset $(if $(wildcard $(WIKI)/wiki.test.raw),$(WIKI)/wiki.test.raw,wikitext2) --max-windows 8
+	$(PYTHON) -m gptq.generate out/smollm2-gptq-4bit --prompt "The capital of France is" --max-new-tokens 32
+
+test: $(STAMP)  ## run every test, the slow real-model tier included (what CI runs)
+	$(PYTHON) -m pytest -q
+
+test-fast: $(STAMP)  ## the fast tier only (no real model)
+	$(PYTHON) -m pytest -q -m "not slow"
+
+bench: $(STAMP)  ## quality/speed benchmarks on SmolLM2; figures to stdout and bench-results/
+	$(PYTHON) -m gptq.bench all --out bench-results
+
+notebook: $(STAMP)  ## execute notebooks/walkthrough.ipynb in place (full run)
+	$(PYTHON) -m gptq.bench notebook
+
+clean:  ## remove outputs (keeps .venv and the model cache)
+	rm -rf out bench-results .pytest_cache

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .qlinear import QuantLinear
+from .qlinear import QuantLinear, half_head_for_cpu, share_permutations
 
 
 class CheckpointError(ValueError):
@@ -208,9 +208,12 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: s
         raise CheckpointError(f"{path}: tensor(s) missing from the checkpoint: {', '.join(still_meta[:5])}"
                               + (" ..." if len(still_meta) > 5 else ""))
     model.to(dev)
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.prepare(backend, act_dtype)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.prepare(backend, act_dtype)
+    share_permutations(layers)
+    if backend == "cpu" and act_dtype == torch.bfloat16 and dev.type == "cpu":
+        half_head_for_cpu(model)
     model.eval()
     tokenizer = None
     try:

@@ -27,6 +27,75 @@ BACKENDS = ("torch", "triton", "cpu", "dense")
 INT4_CPU_GROUPS = (256, 128, 64, 32)
 
 
+class PermutedInput:
+    """The activations permuted into g_idx order, shared by the linears that read the same
+    input with the same permutation (q/k/v, up/gate): the gather runs once per input."""
+
+    def __init__(self, perm: torch.Tensor):
+        self.perm = perm
+        self._key = None
+        self._value = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.data_ptr(), x._version, x.shape, x.dtype)
+        if key != self._key:
+            self._value = x.index_select(-1, self.perm)
+            self._key = key
+        return self._value
+
+
+def share_permutations(layers: list["QuantLinear"]) -> None:
+    """Give layers whose act-order permutations are equal one ``PermutedInput``."""
+    shared: dict[tuple, PermutedInput] = {}
+    for layer in layers:
+        perm = layer._state.get("perm")
+        if perm is None:
+            continue
+        key = (perm.numel(), perm.device, hash(perm.cpu().numpy().tobytes()))
+        if key not in shared:
+            shared[key] = PermutedInput(perm)
+        layer._state["permute"] = shared[key]
+
+
+class HalfHead(nn.Module):
+    """Output head (and its tied embedding) stored once in float16 for bf16 CPU inference:
+    bf16 → fp16 is exact for weights in the normal range, and torch's fp16 CPU matmul runs
+    a batch-1 head about twice as fast as bf16. Activations stay bf16 outside."""
+
+    def __init__(self, weight: nn.Parameter, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = None if self.bias is None else self.bias.to(torch.float16)
+        return nn.functional.linear(x.to(torch.float16), self.weight, b).to(x.dtype)
+
+
+class HalfEmbedding(nn.Embedding):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).to(torch.bfloat16)
+
+
+def half_head_for_cpu(model: nn.Module) -> bool:
+    """Swap a bf16 output head (and the embedding tied to it) for float16 storage; returns
+    whether it did (weights outside float16's range, or a non-Linear head, are left alone)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or head.weight.dtype != torch.bfloat16:
+        return False
+    w = head.weight.detach()
+    if not torch.isfinite(w.to(torch.float16)).all():
+        return False
+    half = nn.Parameter(w.to(torch.float16), requires_grad=False)
+    emb = model.get_input_embeddings()
+    if emb is not None and emb.weight is head.weight:
+        new_emb = HalfEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, device="meta")
+        new_emb.weight = half
+        model.set_input_embeddings(new_emb)
+    model.set_output_embeddings(HalfHead(half, head.bias))
+    return True
+
+
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
                  checkpoint_format: str = "gptq"):
@@ -126,14 +195,14 @@ class QuantLinear(nn.Module):
             st = self._state
             xb = x2.to(torch.bfloat16)
             if st["perm"] is not None:
-                xb = xb[:, st["perm"]]
+                xb = st["permute"](xb) if "permute" in st else xb.index_select(-1, st["perm"])
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), st["w"], st["sub"], st["sz"])
             y = y.to(x.dtype)
         elif self.backend == "triton":
             from .kernels.triton_dequant import dequant_matmul
 
             st = self._state
-            xs = x2 if st["perm"] is None else x2[:, st["perm"]]
+            xs = x2 if st["perm"] is None else (st["permute"](x2) if "permute" in st else x2.index_select(-1, st["perm"]))
             y = dequant_matmul(xs, st["qweight"], self.qzeros, self.scales, self.group_size, self.bits,
                                self._zero_offset)
         elif self.backend == "dense":

@@ -1,0 +1,240 @@
+"""Benchmarks: ``python -m gptq.bench quality|decode|kernel|notebook|all [--out DIR]``.
+
+quality  SmolLM2-135M-Instruct, 4-bit g64 symmetric, 32 × 512-token calibration windows from
+         WikiText-2 valid; perplexity on the first 8 × 2048-token windows of WikiText-2 test.
+         fp32 / round-to-nearest / our defaults; quantize wall time and peak RSS (subprocess).
+decode   CPU batch-1 greedy decoding (64 new tokens, 2 threads): fp32, bf16 and our packed
+         4-bit checkpoint; tokens/s (median of 3) and resident weight memory.
+kernel   CUDA only: Triton dequant-matmul vs fp16 torch.matmul on Llama-7B/70B layer shapes at
+         batch 1/16/64/256, ratio and achieved GB/s. Without a GPU it says so and exits 0.
+Figures are printed and written as JSON under --out (default bench-results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+WIKI = Path(os.environ.get("GPTQ_WIKITEXT", "../shared/data/wikitext2"))
+MODEL = Path(os.environ.get("GPTQ_CACHE", ".cache")) / "smollm2"
+
+
+def _wiki(name: str) -> Path:
+    p = WIKI / name
+    if not p.is_file():
+        raise SystemExit(f"benchmark text {p} not found; set GPTQ_WIKITEXT to a folder with valid.tokens.txt "
+                         "and wiki.test.raw (WikiText-2)")
+    return p
+
+
+def _write(out: Path, name: str, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {out / name}.json")
+
+
+def _run_timed(cmd: list[str]) -> tuple[float, float]:
+    """Run a command; return (wall seconds, peak RSS of the child in GiB)."""
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - t0
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, peak_kib / 1024**2
+
+
+def quality(out: Path) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .assets import smollm2
+    from .architectures import for_config, get_module
+    from .capture import set_weight_matrix, weight_matrix
+    from .config import QuantConfig
+    from .eval import eval_windows, perplexity
+    from .load import load
+    from .solver import round_to_nearest
+
+    torch.set_num_threads(2)
+    model_dir = smollm2(MODEL)
+    ckpt = out / "smollm2-gptq-4bit-g64"
+    cmd = [sys.executable, "-m", "gptq.quantize", str(model_dir), "--dataset", str(_wiki("valid.tokens.txt")),
+           "--nsamples", "32", "--seqlen", "512", "--bits", "4", "--group-size", "64", "--sym",
+           "--out", str(ckpt), "--overwrite", "--quiet"]
+    print("$", " ".join(cmd))
+    wall, peak = _run_timed(cmd)
+    report = json.loads((ckpt / "quantize_report.json").read_text())
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    windows = eval_windows(tok, str(_wiki("wiki.test.raw")), 2048, 8)
+    fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ppl_fp = perplexity(fp, windows)
+    cfg = QuantConfig(bits=4, group_size=64, sym=True, mse=False)
+    arch = for_config(fp.config)
+    for block in get_module(fp, arch.blocks):
+        for name in arch.linears:
+            lin = get_module(block, name)
+            set_weight_matrix(lin, round_to_nearest(weight_matrix(lin).float(), cfg).weight)
+    ppl_rtn = perplexity(fp, windows)
+    del fp
+    q, _ = load(ckpt, device="cpu", backend="torch", dtype="float32")
+    ppl_q = perplexity(q, windows)
+    result = {
+        "command": " ".join(cmd[1:]),
+        "model": "SmolLM2-135M-Instruct (bf16 weights dequantized from the Q4_1 GGUF)",
+        "eval": "wiki.test.raw, first 8 windows x 2048 tokens, fp32 activations",
+        "fp32_ppl": round(ppl_fp, 2), "rtn_ppl": round(ppl_rtn, 2), "gptq_ppl": round(ppl_q, 2),
+        "quantize_seconds_total": round(wall, 1), "quantize_seconds_loop": report["seconds"],
+        "quantize_peak_rss_gib": round(peak, 2), "settings": report["quant_config"],
+    }
+    print(json.dumps(result, indent=2))
+    _write(out, "quality", result)
+    return result
+
+
+def _decode_tps(model, tok, n_new: int = 64, repeats: int = 3) -> float:
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id)
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model.generate(ids, **kw)
+            rates.append(n_new / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def decode(out: Path) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .assets import smollm2
+    from .generate import resident_bytes
+    from .load import load
+    from .qlinear import QuantLinear
+
+    torch.set_num_threads(2)
+    model_dir = smollm2(MODEL)
+    ckpt = out / "smollm2-gptq-4bit-g64"
+    if not (ckpt / "config.json").is_file():
+        quality(out)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = {}
+    dense_linear_bytes = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        lin = sum(mod.weight.numel() * mod.weight.element_size() for n, mod in m.named_modules()
+                  if isinstance(mod, torch.nn.Linear) and ".layers." in n)
+        dense_linear_bytes[name] = lin
+        rows[name] = {"tokens_per_s": round(_decode_tps(m, tok), 2), "weights_gb": round(resident_bytes(m) / 1e9, 3),
+                      "decoder_linears_mb": round(lin / 1e6, 1)}
+        del m
+    q, _ = load(ckpt, device="cpu", backend="cpu")
+    qlin = sum(resident_bytes(mod) for mod in q.modules() if isinstance(mod, QuantLinear))
+    rows["gptq-4bit-g64 (cpu backend)"] = {
+        "tokens_per_s": round(_decode_tps(q, tok), 2), "weights_gb": round(resident_bytes(q) / 1e9, 3),
+        "decoder_linears_mb": round(qlin / 1e6, 1),
+        "linears_vs_bf16": round(qlin / dense_linear_bytes["bf16"], 3),
+    }
+    result = {"setup": "greedy, 64 new tokens, batch 1, 2 threads, median of 3", "rows": rows,
+              "speedup_vs_bf16": round(rows["gptq-4bit-g64 (cpu backend)"]["tokens_per_s"] / rows["bf16"]["tokens_per_s"], 2)}
+    print(json.dumps(result, indent=2))
+    _write(out, "decode", result)
+    return result
+
+
+LLAMA_SHAPES = {  # (K, N) of the linears in one block
+    "7B qkv/o": (4096, 4096), "7B up/gate": (4096, 11008), "7B down": (11008, 4096),
+    "70B q/o": (8192, 8192), "70B up/gate": (8192, 28672), "70B down": (28672, 8192),
+}
+
+
+def kernel(out: Path) -> dict | None:
+    if not torch.cuda.is_available():
+        print("kernel benchmark: no CUDA device here, nothing to time (the Triton kernel is tested on CPU "
+              "under TRITON_INTERPRET=1; run this on a GPU machine for figures)")
+        return None
+    from .kernels.triton_dequant import dequant_matmul
+    from .pack import pack_qweight, pack_qzeros
+
+    dev = torch.device("cuda")
+    rows = []
+    for label, (K, N) in LLAMA_SHAPES.items():
+        codes = torch.randint(0, 16, (N, K), dtype=torch.int32)
+        qw = pack_qweight(codes, 4).to(dev)
+        qz = pack_qzeros(torch.full((K // 128, N), 8, dtype=torch.int32), 4).to(dev)
+        sc = (torch.rand(K // 128, N) * 0.01).half().to(dev)
+        W = torch.randn(K, N, dtype=torch.float16, device=dev)
+        for M in (1, 16, 64, 256):
+            x = torch.randn(M, K, dtype=torch.float16, device=dev)
+            t_q = _cuda_time(lambda: dequant_matmul(x, qw, qz, sc, 128, 4))
+            t_f = _cuda_time(lambda: x @ W)
+            gbytes = (qw.numel() * 4 + sc.numel() * 2 + qz.numel() * 4 + x.numel() * 2 + M * N * 2) / 1e9
+            rows.append({"shape": label, "K": K, "N": N, "batch": M, "triton_us": round(t_q * 1e6, 1),
+                         "fp16_us": round(t_f * 1e6, 1), "speedup": round(t_f / t_q, 2),
+                         "triton_GBps": round(gbytes / t_q, 1)})
+            print(rows[-1])
+    result = {"device": torch.cuda.get_device_name(), "rows": rows}
+    _write(out, "kernel", result)
+    return result
+
+
+def _cuda_time(fn, iters: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def notebook(quick: bool = False):
+    """Execute notebooks/walkthrough.ipynb in place (GPTQ_NOTEBOOK_QUICK=1 for the test's quick mode)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "walkthrough.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    env_quick = os.environ.get("GPTQ_NOTEBOOK_QUICK")
+    os.environ["GPTQ_NOTEBOOK_QUICK"] = "1" if quick else "0"
+    try:
+        NotebookClient(nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        if env_quick is None:
+            os.environ.pop("GPTQ_NOTEBOOK_QUICK", None)
+        else:
+            os.environ["GPTQ_NOTEBOOK_QUICK"] = env_quick
+    if not quick:
+        nbformat.write(nb, path)
+    return nb
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gptq.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=["quality", "decode", "kernel", "notebook", "all"])
+    p.add_argument("--out", default="bench-results", help="folder for JSON results and the checkpoint")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    if a.what in ("quality", "all"):
+        quality(out)
+    if a.what in ("decode", "all"):
+        decode(out)
+    if a.what in ("kernel", "all"):
+        kernel(out)
+    if a.what == "notebook":
+        notebook()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,6 +5,7 @@ quality  SmolLM2-135M-Instruct, 4-bit g64 symmetric, 32 × 512-token calibration
          fp32 / round-to-nearest / our defaults; quantize wall time and peak RSS (subprocess).
 decode   CPU batch-1 greedy decoding (64 new tokens, 2 threads): fp32, bf16 and our packed
          4-bit checkpoint; tokens/s (median of 3) and resident weight memory.
+ablation the quality benchmark with act-order, MSE clipping or true-sequential switched off.
 kernel   CUDA only: Triton dequant-matmul vs fp16 torch.matmul on Llama-7B/70B layer shapes at
          batch 1/16/64/256, ratio and achieved GB/s. Without a GPU it says so and exits 0.
 Figures are printed and written as JSON under --out (default bench-results/).
@@ -95,6 +96,43 @@ def quality(out: Path) -> dict:
     }
     print(json.dumps(result, indent=2))
     _write(out, "quality", result)
+    return result
+
+
+ABLATIONS = {  # each row: our defaults with one setting switched off
+    "defaults": [],
+    "no act-order": ["--no-act-order"],
+    "no MSE clipping": ["--no-mse"],
+    "no true-sequential": ["--no-true-sequential"],
+}
+
+
+def ablation(out: Path) -> dict:
+    """Why the defaults are what they are: the quality benchmark with one setting off at a time."""
+    from transformers import AutoTokenizer
+
+    from .assets import smollm2
+    from .eval import eval_windows, perplexity
+    from .load import load
+
+    torch.set_num_threads(2)
+    model_dir = smollm2(MODEL)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    windows = eval_windows(tok, str(_wiki("wiki.test.raw")), 2048, 8)
+    rows = {}
+    for label, flags in ABLATIONS.items():
+        ckpt = out / "ablation-ckpt"
+        cmd = [sys.executable, "-m", "gptq.quantize", str(model_dir), "--dataset", str(_wiki("valid.tokens.txt")),
+               "--nsamples", "32", "--seqlen", "512", "--bits", "4", "--group-size", "64",
+               "--out", str(ckpt), "--overwrite", "--quiet", *flags]
+        print("$", " ".join(cmd[1:]))
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        seconds = json.loads((ckpt / "quantize_report.json").read_text())["seconds"]
+        q, _ = load(ckpt, device="cpu", backend="torch", dtype="float32")
+        rows[label] = {"flags": " ".join(flags), "ppl": round(perplexity(q, windows), 2), "seconds": seconds}
+        print(label, rows[label])
+    result = {"setup": "as the quality benchmark (4-bit g64 sym, 32 x 512 calibration, 8 x 2048 eval)", "rows": rows}
+    _write(out, "ablation", result)
     return result
 
 
@@ -221,7 +259,7 @@ def notebook(quick: bool = False):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gptq.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["quality", "decode", "kernel", "notebook", "all"])
+    p.add_argument("what", choices=["quality", "decode", "kernel", "ablation", "notebook", "all"])
     p.add_argument("--out", default="bench-results", help="folder for JSON results and the checkpoint")
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -231,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         decode(out)
     if a.what in ("kernel", "all"):
         kernel(out)
+    if a.what == "ablation":
+        ablation(out)
     if a.what == "notebook":
         notebook()
     return 0

@@ -136,30 +136,50 @@ def quantize_model(
     device: str = "auto",
     batch_size: int = 8,
     progress: bool = True,
-    on_block_done=None,
 ) -> tuple[dict[str, PackedLinear], list[LayerReport]]:
     """GPTQ every linear of every decoder block in place; return the packed tensors and a report.
 
     ``model``'s quantized linears hold the dequantized Ŵ afterwards, so it can be evaluated as is.
     """
-    arch = for_config(model.config)
     dev = resolve_device(device)
-    blocks = get_module(model, arch.blocks)
     model.eval()
     inputs = [move(x, dev) for x in capture_block_inputs(model, windows, batch_size)]
-
     packed: dict[str, PackedLinear] = {}
     report: list[LayerReport] = []
+
+    def keep(i, block, packed_i, report_i, next_inputs):
+        packed.update(packed_i)
+        report.extend(report_i)
+
+    quantize_blocks(model, inputs, config, dev, progress=progress, after_block=keep)
+    return packed, report
+
+
+@torch.no_grad()
+def quantize_blocks(model: nn.Module, inputs: list[BlockInputs], config: QuantConfig, dev: torch.device,
+                    first: int = 0, progress: bool = True, before_block=None, after_block=None) -> None:
+    """The block loop from block ``first`` on, given that block's inputs.
+
+    before_block(i, block) runs before a block is used (streaming loads its weights there);
+    after_block(i, block, packed_i, report_i, next_inputs) gets the block's results.
+    """
+    arch = for_config(model.config)
+    blocks = get_module(model, arch.blocks)
     # true-sequential: one capture pass per group, each after the groups before it are quantized;
     # otherwise one pass captures every group from the unquantized block
     passes = [[g] for g in arch.sequential] if config.true_sequential else [list(arch.sequential)]
-    bar = tqdm(range(len(blocks)), desc="quantizing blocks", unit="block", disable=not progress)
+    bar = tqdm(range(first, len(blocks)), desc="quantizing blocks", unit="block", disable=not progress,
+               initial=first, total=len(blocks))
     for i in bar:
         block = blocks[i]
+        if before_block is not None:
+            before_block(i, block)
         home = next(block.parameters()).device
         block.to(dev)
         solved: set[str] = set()
         recorded: dict[str, list] = {}
+        packed_i: dict[str, PackedLinear] = {}
+        report_i: list[LayerReport] = []
         for groups in passes:
             modules = [{name: get_module(block, name) for name in group} for group in groups]
             accs, _ = _run_pass(block, inputs, arch, solved, recorded, modules)
@@ -168,8 +188,8 @@ def quantize_model(
                 for name, module, r, seconds in solve_group(group, H, config, f"{arch.blocks}.{i}"):
                     full = f"{arch.blocks}.{i}.{name}"
                     set_weight_matrix(module, r.weight)
-                    packed[full] = pack_result(r, module, config)
-                    report.append(LayerReport(full, r.loss, seconds, tuple(r.weight.shape)))
+                    packed_i[full] = pack_result(r, module, config)
+                    report_i.append(LayerReport(full, r.loss, seconds, tuple(r.weight.shape)))
                     bar.set_postfix_str(f"{name} loss {r.loss:.3g}")
                 solved.update(group)
             del accs
@@ -178,6 +198,5 @@ def quantize_model(
             inputs = [BlockInputs(out, inp.args, inp.kwargs) for out, inp in zip(outputs, inputs)]
         del recorded
         block.to(home)
-        if on_block_done is not None:
-            on_block_done(i)
-    return packed, report
+        if after_block is not None:
+            after_block(i, block, packed_i, report_i, inputs if i + 1 < len(blocks) else None)

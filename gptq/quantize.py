@@ -11,7 +11,7 @@ import json
 import sys
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import ConfigError, QuantConfig, CalibConfig
@@ -33,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = CalibConfig()
     p.add_argument("model", help="local Hugging Face model directory (config.json + safetensors)")
     p.add_argument("--out", help="output directory (default: MODEL-gptq-<bits>bit-g<group>)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and any interrupted run's state)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command from its last completed block")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="load one block's weights at a time from the safetensors and write each finished block "
+                        "at once (resumable); --no-stream holds the whole model in memory (default: %(default)s)")
     g = p.add_argument_group("calibration data")
     g.add_argument("--dataset", default=c.dataset,
                    help="c4, wikitext2, ptb (through `datasets`), or a local .txt/.jsonl/.json/.parquet file or "
@@ -78,10 +83,9 @@ def fail(msg: str) -> "None":
     raise SystemExit(2)
 
 
-def load_model(path: str, dtype: str, device: str):
-    """A local model directory → (model on CPU, tokenizer). Clear errors for the usual mistakes."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def check_model_dir(path: str):
+    """A local model directory → its config. Clear errors for the usual mistakes."""
+    from transformers import AutoConfig
 
     from .architectures import for_config
 
@@ -96,17 +100,31 @@ def load_model(path: str, dtype: str, device: str):
     config = AutoConfig.from_pretrained(p)
     for_config(config)  # unsupported families fail here, before any weight is read
     if getattr(config, "quantization_config", None):
-        raise ValueError(f"'{path}' is already quantized ({config.quantization_config.get('quant_method', '?')}); "
-                         "start from the unquantized model")
+        qc = config.quantization_config
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+        raise ValueError(f"'{path}' is already quantized ({method}); start from the unquantized model")
+    return config
+
+
+def calib_dtype(config, dtype: str, device: str):
+    """auto: the model's own dtype, except float16 on CPU (slow there) → float32."""
+    import torch
+
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    if dtype == "auto":  # the model's own dtype, except float16 on CPU (slow there): float32
+    if dtype == "auto":
         own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         own = getattr(torch, own) if isinstance(own, str) else own
-        dtype = "float32" if (on_cpu and own == torch.float16) else str(own).removeprefix("torch.")
-    torch_dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(p)
-    return model, tokenizer
+        return torch.float32 if (on_cpu and own == torch.float16) else own
+    return getattr(torch, dtype)
+
+
+def load_model(path: str, dtype: str, device: str):
+    """The whole model in CPU memory (the --no-stream path) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = check_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(Path(path), dtype=calib_dtype(config, dtype, device))
+    return model, AutoTokenizer.from_pretrained(Path(path))
 
 
 def calibration_windows(tokenizer, model_config, calib: CalibConfig):
@@ -156,31 +174,63 @@ def main(argv: list[str] | None = None) -> int:
         prepare_output(out, args.overwrite)  # refuse early, before hours of work
         from calib import CalibrationDataError  # noqa: F401
 
+        import torch
+
         from .pipeline import quantize_model, resolve_device
         from .save import save_checkpoint
 
         resolve_device(args.device)
-        model, tokenizer = load_model(args.model, args.dtype, args.device)
-        windows = calibration_windows(tokenizer, model.config, ccfg)
-        warn_group_divisibility(model, qcfg)
         t0 = time.perf_counter()
-        packed, report = quantize_model(model, windows, qcfg, device=args.device, batch_size=args.batch_size,
-                                        progress=not args.quiet)
-        seconds = time.perf_counter() - t0
-        summary = {
-            "model": str(Path(args.model).resolve()),
-            "quant_config": qcfg.as_dict(),
-            "calibration": asdict(ccfg) | {"windows": list(windows.shape)},
-            "seconds": round(seconds, 2),
-            "layers": [asdict(r) for r in report],
-        }
-        final = save_checkpoint(out, model, packed, qcfg, source_dir=args.model, overwrite=args.overwrite,
-                                max_shard_bytes=shard_bytes,
-                                extra_files={"quantize_report.json": json.dumps(summary, indent=2) + "\n"})
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        summary = {"model": str(Path(args.model).resolve()), "quant_config": qcfg.as_dict(),
+                   "calibration": asdict(ccfg)}
+        if args.stream:
+            from transformers import AutoTokenizer
+
+            from .stream import quantize_streaming
+
+            from .stream import skeleton
+
+            config = check_model_dir(args.model)
+            warn_group_divisibility(skeleton(args.model, torch.float32), qcfg)
+            windows = calibration_windows(AutoTokenizer.from_pretrained(args.model), config, ccfg)
+            summary["calibration"]["windows"] = list(windows.shape)
+            final, layers, _ = quantize_streaming(
+                args.model, out, qcfg, windows, calib_dtype(config, args.dtype, args.device), device=args.device,
+                batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                extra_report=summary)
+            report = [LayerRow(**r) for r in layers]
+            seconds = time.perf_counter() - t0
+        else:
+            model, tokenizer = load_model(args.model, args.dtype, args.device)
+            windows = calibration_windows(tokenizer, model.config, ccfg)
+            warn_group_divisibility(model, qcfg)
+            packed, report = quantize_model(model, windows, qcfg, device=args.device, batch_size=args.batch_size,
+                                            progress=not args.quiet)
+            seconds = time.perf_counter() - t0
+            summary |= {"seconds": round(seconds, 2), "layers": [asdict(r) for r in report]}
+            summary["calibration"]["windows"] = list(windows.shape)
+            final = save_checkpoint(out, model, packed, qcfg, source_dir=args.model, overwrite=args.overwrite,
+                                    max_shard_bytes=shard_bytes,
+                                    extra_files={"quantize_report.json": json.dumps(summary, indent=2) + "\n"})
+    except KeyboardInterrupt:
+        state = Path(out).resolve()
+        print(f"\ninterrupted. " + (f"Progress is kept in {state.name}.partial: rerun the same command with --resume "
+                                    "to continue from the last completed block." if args.stream else
+                                    "Nothing was written (use the default --stream for resumable runs)."),
+              file=sys.stderr)
+        return 130
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError, OSError) as e:
         fail(str(e))
     print_summary(report, seconds, final)
     return 0
+
+
+@dataclass
+class LayerRow:
+    name: str
+    loss: float
+    seconds: float
+    shape: list
 
 
 def print_summary(report, seconds: float, out: Path) -> None:

@@ -61,7 +61,7 @@ def test_bad_inputs(args, msg, tiny_model_dir, tmp_path, capsys):
         quantize_main(args + ["--out", str(tmp_path / "o"), "--quiet"])
     assert e.value.code == 2
     assert msg in capsys.readouterr().err
-    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.partial-*"))
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.partial*"))
 
 
 def test_unsupported_architecture(tmp_path, capsys):

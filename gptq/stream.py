@@ -1,0 +1,284 @@
+"""Quantize models larger than memory, block by block from the safetensors shards, resumably.
+
+    skeleton (parameters on the meta device, buffers real)
+      └─ embeddings loaded → block-0 inputs captured → embeddings released
+      └─ for each block i:  load its tensors → solve → write shard i → save next inputs
+                            + progress.json (atomically) → release its tensors
+      └─ non-block tensors copied from the source into the last shard, index, configs, rename
+
+Everything is written into ``OUT.partial``; ``--resume`` continues from the last completed
+block after a kill or Ctrl-C, and the final checkpoint is byte-identical to an uninterrupted
+run. The state carries a fingerprint of the model, settings and calibration windows; a
+mismatch is refused. Peak memory is one block + its Hessians + the calibration activations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .architectures import for_config, get_module
+from .capture import BlockInputs, move
+from .config import QuantConfig
+from .load import _parameters_on_meta
+from .pipeline import PackedLinear, capture_block_inputs, quantize_blocks, resolve_device
+from .save import COPIED_FILES
+
+STATE = "progress.json"
+ACTIVATIONS = "activations.safetensors"
+KILL_HOOK = "GPTQ_TEST_KILL_AFTER_BLOCK"  # tests: "k" SIGKILLs, "int:k" interrupts, after block k is saved
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+class TensorSource:
+    """Lazy access to a model directory's safetensors tensors, one tensor at a time."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        d = Path(model_dir)
+        index = d / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of = {name: d / f for name, f in weight_map.items()}
+        else:
+            files = sorted(d.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"{d}: no *.safetensors files to stream from")
+            self.file_of = {}
+            for f in files:
+                with safe_open(f, "pt") as h:
+                    self.file_of.update({k: f for k in h.keys()})
+        self.loaded = 0
+
+    def names(self) -> list[str]:
+        return sorted(self.file_of)
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(self.file_of[name], "pt") as h:
+            t = h.get_tensor(name)
+        self.loaded += 1
+        return t
+
+    def fingerprint(self) -> dict:
+        return {str(f.name): f.stat().st_size for f in sorted(set(self.file_of.values()))}
+
+
+def skeleton(model_dir: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+class Materializer:
+    """Loads the parameters under a prefix from the source and releases them again."""
+
+    def __init__(self, model: nn.Module, source: TensorSource, dtype: torch.dtype):
+        self.model, self.source, self.dtype = model, source, dtype
+        self.resident: set[str] = set()  # prefixes currently loaded
+        self.max_blocks_resident = 0
+
+    def _params(self, prefix: str):
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if prefix == "" or name.startswith(prefix + "."):
+                yield name, p
+
+    def load(self, prefix: str, exclude: str | None = None) -> None:
+        for name, p in list(self._params(prefix)):
+            if exclude and name.startswith(exclude + "."):
+                continue
+            if name not in self.source.file_of:
+                if p.is_meta:
+                    continue  # e.g. a head tied to the embedding: not stored separately
+                continue
+            parent, _, attr = name.rpartition(".")
+            t = self.source.get(name)
+            if t.shape != p.shape:
+                raise ValueError(f"{name}: the model directory has shape {tuple(t.shape)}, the config implies "
+                                 f"{tuple(p.shape)}")
+            self.model.get_submodule(parent)._parameters[attr] = nn.Parameter(t.to(self.dtype), requires_grad=False)
+        self.resident.add(prefix)
+        blocks = sum(1 for r in self.resident if r.rsplit(".", 1)[-1].isdigit())
+        self.max_blocks_resident = max(self.max_blocks_resident, blocks)
+
+    def release(self, prefix: str, exclude: str | None = None) -> None:
+        for name, p in list(self._params(prefix)):
+            if exclude and name.startswith(exclude + "."):
+                continue
+            parent, _, attr = name.rpartition(".")
+            self.model.get_submodule(parent)._parameters[attr] = nn.Parameter(
+                torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+        self.resident.discard(prefix)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save(tensors: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def _fingerprint(model_dir, source: TensorSource, qcfg: QuantConfig, windows: torch.Tensor, dtype, batch_size) -> str:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    h = hashlib.sha256()
+    h.update(json.dumps({"config": cfg, "files": source.fingerprint(), "quant": qcfg.as_dict(),
+                         "dtype": str(dtype), "batch_size": batch_size}, sort_keys=True).encode())
+    h.update(windows.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _estimate_output_bytes(source: TensorSource, arch, qcfg: QuantConfig) -> int:
+    total = 0
+    for name, f in source.file_of.items():
+        with safe_open(f, "pt") as h:
+            sl = h.get_slice(name)
+            n = 1
+            for d in sl.get_shape():
+                n *= d
+        quantized = name.endswith(".weight") and any(f".{lin}.weight" in name for lin in arch.linears)
+        total += n * qcfg.bits // 8 + n // 16 if quantized else n * 2
+    return total
+
+
+def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor, dtype: torch.dtype,
+                       device: str = "auto", batch_size: int = 8, resume: bool = False, overwrite: bool = False,
+                       progress: bool = True, extra_report: dict | None = None) -> tuple[Path, list, Materializer]:
+    """Quantize ``model_dir`` into ``out`` without ever holding more than one block's weights."""
+    dev = resolve_device(device)
+    final = Path(out).resolve()
+    partial = final.with_name(final.name + ".partial")
+    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
+        raise FileExistsError(f"{final} already exists and is not empty; pass --overwrite to replace it or choose "
+                              "another --out")
+    source = TensorSource(model_dir)
+    model = skeleton(model_dir, dtype)
+    arch = for_config(model.config)
+    fp = _fingerprint(model_dir, source, qcfg, windows, dtype, batch_size)
+    state = None
+    if partial.exists():
+        if resume:
+            try:
+                state = json.loads((partial / STATE).read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ResumeError(f"{partial}: the saved progress is missing or corrupt ({e}); pass --overwrite "
+                                  "to start over") from e
+            if state.get("fingerprint") != fp:
+                raise ResumeError(f"{partial} was made from a different model, settings or calibration data; "
+                                  "rerun with exactly the same command, or pass --overwrite to start over")
+        elif overwrite:
+            shutil.rmtree(partial)
+        else:
+            raise ResumeError(f"an interrupted run left {partial}; rerun the same command with --resume to continue "
+                              "it, or pass --overwrite to start over")
+    if state is None:
+        partial.mkdir(parents=True, exist_ok=True)
+        need = _estimate_output_bytes(source, arch, qcfg) + windows.numel() * model.config.hidden_size * 2
+        free = shutil.disk_usage(partial).free
+        if free < need:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise OSError(f"not enough disk space in {partial.parent}: about {need / 1e9:.2f} GB needed, "
+                          f"{free / 1e9:.2f} GB free")
+
+    mat = Materializer(model, source, dtype)
+    blocks_prefix = arch.blocks
+    nblocks = len(get_module(model, arch.blocks))
+    nshards = nblocks + 1
+    shard_name = lambda k: f"model-{k:05d}-of-{nshards:05d}.safetensors"  # noqa: E731
+
+    mat.load("", exclude=blocks_prefix)  # embeddings (and whatever else precedes block 0)
+    inputs = [move(x, dev) for x in capture_block_inputs(model, windows, batch_size)]
+    mat.release("", exclude=blocks_prefix)
+    first, report = 0, []
+    if state is not None:
+        first = state["completed"] + 1
+        report = state["report"]
+        missing = [shard_name(k + 1) for k in range(first) if not (partial / shard_name(k + 1)).is_file()]
+        if missing:
+            raise ResumeError(f"{partial}: shard(s) {missing} of completed blocks are missing; pass --overwrite")
+        if first < nblocks:
+            saved = load_file(partial / ACTIVATIONS)
+            inputs = [BlockInputs(saved[f"batch.{k}"].to(dev), x.args, x.kwargs) for k, x in enumerate(inputs)]
+
+    def before(i, block):
+        mat.load(f"{blocks_prefix}.{i}")
+
+    def after(i, block, packed_i: dict[str, PackedLinear], report_i, next_inputs):
+        prefix = f"{blocks_prefix}.{i}"
+        tensors = {}
+        for name, t in block.state_dict().items():
+            full = f"{prefix}.{name}"
+            if full.rsplit(".", 1)[0] not in packed_i and full in source.file_of:
+                tensors[full] = t.detach().to("cpu").contiguous()
+        for p_name, p in packed_i.items():
+            tensors.update(p.tensors(p_name))
+        _atomic_save(dict(sorted(tensors.items())), partial / shard_name(i + 1))
+        if next_inputs is not None:
+            _atomic_save({f"batch.{k}": x.hidden.to("cpu").contiguous() for k, x in enumerate(next_inputs)},
+                         partial / ACTIVATIONS)
+        report.extend({"name": r.name, "loss": r.loss, "seconds": r.seconds, "shape": list(r.shape)} for r in report_i)
+        _atomic_write_text(partial / STATE, json.dumps({"fingerprint": fp, "completed": i, "report": report}))
+        mat.release(prefix)
+        hook = os.environ.get(KILL_HOOK)
+        if hook == str(i):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if hook == f"int:{i}":
+            raise KeyboardInterrupt  # as Ctrl-C would, right after block i was saved
+
+    quantize_blocks(model, inputs, qcfg, dev, first=first, progress=progress, before_block=before, after_block=after)
+
+    # the last shard: every tensor outside the blocks, straight from the source
+    rest = {n: source.get(n).to(dtype).contiguous() for n in source.names() if not n.startswith(blocks_prefix + ".")}
+    _atomic_save(rest, partial / shard_name(nshards))
+    weight_map, total = {}, 0
+    for k in range(1, nshards + 1):
+        with safe_open(partial / shard_name(k), "pt") as h:
+            for name in h.keys():
+                weight_map[name] = shard_name(k)
+                sl = h.get_slice(name)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                total += n * {"I32": 4, "F16": 2, "BF16": 2, "F32": 4}.get(sl.get_dtype(), 4)
+    _atomic_write_text(partial / "model.safetensors.index.json",
+                       json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                                  indent=2))
+    qc = qcfg.to_quantization_config()
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = qc
+    cfg.pop("_name_or_path", None)
+    (partial / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+    (partial / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
+    for f in COPIED_FILES:
+        src = Path(model_dir) / f
+        if src.is_file():
+            shutil.copy2(src, partial / f)
+    summary = (extra_report or {}) | {"layers": report}
+    (partial / "quantize_report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for f in (STATE, ACTIVATIONS):
+        (partial / f).unlink(missing_ok=True)
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    return final, report, mat

@@ -1,0 +1,133 @@
+"""Streaming from shards (model never fully materialized) and resume after SIGKILL."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, SAMPLE_TEXT, tiny_config
+from gptq import QuantConfig, quantize_model, save_checkpoint
+from gptq.stream import KILL_HOOK, ResumeError, quantize_streaming
+
+
+def sharded_tiny(tmp_path, tiny_tokenizer_dir, layers=3):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("llama")
+    cfg.num_hidden_layers = layers
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    d = tmp_path / "tiny-sharded"
+    model.save_pretrained(d, max_shard_size="60KB")
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    assert (d / "model.safetensors.index.json").is_file()
+    return d
+
+
+def all_tensors(d):
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_streaming_equals_in_memory_and_holds_one_block(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoModelForCausalLM
+
+    d = sharded_tiny(tmp_path, tiny_tokenizer_dir)
+    windows = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(bits=4, group_size=32)
+    out_s, _, mat = quantize_streaming(d, tmp_path / "s", cfg, windows, torch.float32, device="cpu", progress=False)
+    assert mat.max_blocks_resident == 1  # never more than one decoder block's weights loaded
+    assert all(p.is_meta for p in mat.model.parameters())  # and nothing left behind
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    packed, _ = quantize_model(model, windows, cfg, device="cpu", progress=False)
+    out_m = save_checkpoint(tmp_path / "m", model, packed, cfg)
+    a, b = all_tensors(out_s), all_tensors(out_m)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert len(list(out_s.glob("model-*.safetensors"))) == 4  # one shard per block + the rest
+
+
+def quantize_cmd(model, out, *extra):
+    return [sys.executable, "-m", "gptq.quantize", str(model), "--dataset", "TEXT", "--nsamples", "4",
+            "--seqlen", "32", "--group-size", "32", "--out", str(out), "--quiet", *extra]
+
+
+def run(cmd, text, env=None):
+    cmd = [str(text) if c == "TEXT" else c for c in cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def test_resume_after_sigkill_is_byte_identical(tmp_path, tiny_tokenizer_dir):
+    d = sharded_tiny(tmp_path, tiny_tokenizer_dir)
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT)
+    r = run(quantize_cmd(d, tmp_path / "full"), text)
+    assert r.returncode == 0, r.stderr
+    killed = run(quantize_cmd(d, tmp_path / "resumed"), text, env={KILL_HOOK: "1"})
+    assert killed.returncode == -9  # SIGKILL after block 1 was saved
+    partial = tmp_path / "resumed.partial"
+    assert (partial / "progress.json").is_file() and not (tmp_path / "resumed").exists()
+    # without --resume the leftover state is not silently clobbered
+    r = run(quantize_cmd(d, tmp_path / "resumed"), text)
+    assert r.returncode == 2 and "--resume" in r.stderr
+    # different settings: refused
+    r = run(quantize_cmd(d, tmp_path / "resumed", "--bits", "3", "--resume"), text)
+    assert r.returncode == 2 and "different model, settings" in r.stderr
+    r = run(quantize_cmd(d, tmp_path / "resumed", "--resume"), text)
+    assert r.returncode == 0, r.stderr
+    assert not partial.exists()
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    names = sorted(p.name for p in full.iterdir())
+    assert names == sorted(p.name for p in resumed.iterdir())
+    for n in names:
+        if n != "quantize_report.json":  # holds timings
+            assert (full / n).read_bytes() == (resumed / n).read_bytes(), n
+
+
+def test_ctrl_c_keeps_resumable_state(tmp_path, tiny_tokenizer_dir):
+    d = sharded_tiny(tmp_path, tiny_tokenizer_dir, layers=2)
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT)
+    r = run(quantize_cmd(d, tmp_path / "o"), text, env={KILL_HOOK: "int:0"})
+    assert r.returncode == 130 and "--resume" in r.stderr
+    assert (tmp_path / "o.partial" / "progress.json").is_file()
+    r = run(quantize_cmd(d, tmp_path / "o", "--resume"), text)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "o" / "model.safetensors.index.json").is_file()
+
+
+def test_corrupt_progress_is_refused(tmp_path, tiny_tokenizer_dir):
+    d = sharded_tiny(tmp_path, tiny_tokenizer_dir, layers=2)
+    windows = torch.randint(0, 256, (2, 16))
+    partial = tmp_path / "o.partial"
+    partial.mkdir()
+    (partial / "progress.json").write_text("{not json")
+    with pytest.raises(ResumeError, match="missing or corrupt"):
+        quantize_streaming(d, tmp_path / "o", QuantConfig(), windows, torch.float32, device="cpu", resume=True,
+                           progress=False)
+
+
+def test_nan_weight_names_layer_when_streaming(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoModelForCausalLM
+
+    from gptq.hessian import NonFiniteError
+
+    cfg = tiny_config("llama")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(tmp_path / "bad")
+    with pytest.raises(NonFiniteError, match=r"model.layers.1.mlp.down_proj: the weight contains NaN or Inf"):
+        quantize_streaming(tmp_path / "bad", tmp_path / "o", QuantConfig(), torch.randint(0, 256, (2, 16)),
+                           torch.float32, device="cpu", progress=False)

@@ -5,6 +5,8 @@ quality  SmolLM2-135M-Instruct, 4-bit g64 symmetric, 32 × 512-token calibration
          fp32 / round-to-nearest / our defaults; quantize wall time and peak RSS (subprocess).
 decode   CPU batch-1 greedy decoding (64 new tokens, 2 threads): fp32, bf16 and our packed
          4-bit checkpoint; tokens/s (median of 3) and resident weight memory.
+scale    streaming quantization of synthetic Llama-shaped models of growing depth and width
+         (sharded safetensors on disk): peak RSS and seconds per block (``--13b`` adds 13B-shaped).
 ablation the quality benchmark with act-order, MSE clipping or true-sequential switched off.
 kernel   CUDA only: Triton dequant-matmul vs fp16 torch.matmul on Llama-7B/70B layer shapes at
          batch 1/16/64/256, ratio and achieved GB/s. Without a GPU it says so and exits 0.
@@ -136,6 +138,87 @@ def ablation(out: Path) -> dict:
     return result
 
 
+SCALE_SHAPES = {  # name: (hidden, intermediate, heads, kv heads, layers)
+    "h1024-L4": (1024, 2816, 16, 4, 4),
+    "h1024-L8": (1024, 2816, 16, 4, 8),
+    "h1024-L16": (1024, 2816, 16, 4, 16),
+    "h2048-L4": (2048, 5632, 16, 4, 4),
+    "h2048-L8": (2048, 5632, 16, 4, 8),
+}
+SCALE_13B = {"13B-shaped": (5120, 13824, 40, 40, 40)}
+
+
+def synthetic_llama(d: Path, hidden: int, inter: int, heads: int, kv: int, layers: int, vocab: int = 32000) -> Path:
+    """A random Llama-shaped model written shard by shard (one per block), never whole in memory."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    d.mkdir(parents=True, exist_ok=True)
+    LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv,
+                num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=4096,
+                tie_word_embeddings=False, dtype="bfloat16").save_pretrained(d)
+    g = torch.Generator().manual_seed(0)
+    hd = hidden // heads
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv * hd, hidden),
+              "self_attn.v_proj": (kv * hd, hidden), "self_attn.o_proj": (hidden, hidden),
+              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    weight_map = {}
+    n = layers + 1
+    for i in range(layers):
+        t = {f"model.layers.{i}.{k}.weight": (torch.randn(*sh, generator=g) / sh[1] ** 0.5).bfloat16()
+             for k, sh in shapes.items()}
+        t |= {f"model.layers.{i}.{k}.weight": torch.ones(hidden, dtype=torch.bfloat16)
+              for k in ("input_layernorm", "post_attention_layernorm")}
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file(t, d / name, metadata={"format": "pt"})
+        weight_map |= {k: name for k in t}
+    t = {"model.embed_tokens.weight": (torch.randn(vocab, hidden, generator=g) * 0.02).bfloat16(),
+         "lm_head.weight": (torch.randn(vocab, hidden, generator=g) * 0.02).bfloat16(),
+         "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+    name = f"model-{n:05d}-of-{n:05d}.safetensors"
+    save_file(t, d / name, metadata={"format": "pt"})
+    weight_map |= {k: name for k in t}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return d
+
+
+def _scale_one(model_dir: str, out_dir: str) -> None:
+    """Child process: stream-quantize one synthetic model, print one JSON line with its own peak RSS."""
+    from .config import QuantConfig
+    from .stream import quantize_streaming
+
+    torch.set_num_threads(2)
+    windows = torch.randint(0, 32000, (8, 128), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    _, report, _ = quantize_streaming(model_dir, out_dir, QuantConfig(bits=4, group_size=128), windows,
+                                      torch.bfloat16, device="cpu", overwrite=True, progress=False)
+    secs = time.perf_counter() - t0
+    layers = len({r["name"].split(".")[2] for r in report})
+    print(json.dumps({"seconds": round(secs, 1), "seconds_per_block": round(secs / layers, 2),
+                      "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)}))
+
+
+def scale(out: Path, include_13b: bool = False) -> dict:
+    """Peak RSS and time per block of streaming quantization on synthetic models of growing size."""
+    import shutil
+
+    shapes = SCALE_SHAPES | (SCALE_13B if include_13b else {})
+    rows = {}
+    for name, (h, f, nh, kv, L) in shapes.items():
+        d = synthetic_llama(out / "synthetic" / name, h, f, nh, kv, L)
+        disk = sum(p.stat().st_size for p in d.glob("*.safetensors"))
+        r = subprocess.run([sys.executable, "-c", f"from gptq.bench import _scale_one; _scale_one({str(d)!r}, "
+                            f"{str(out / 'synthetic' / (name + '-gptq'))!r})"], check=True, capture_output=True,
+                           text=True)
+        rows[name] = json.loads(r.stdout.strip().splitlines()[-1]) | {"bf16_on_disk_gib": round(disk / 1024**3, 2)}
+        print(name, rows[name])
+        shutil.rmtree(out / "synthetic", ignore_errors=True)
+    result = {"setup": "random Llama-shaped bf16 models, sharded per block; 8 x 128-token random windows; "
+                       "4-bit g128; streaming (default) path; 2 threads", "rows": rows}
+    _write(out, "scale", result)
+    return result
+
+
 def _decode_tps(model, tok, n_new: int = 64, repeats: int = 3) -> float:
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=tok.eos_token_id)
@@ -259,7 +342,9 @@ def notebook(quick: bool = False):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gptq.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["quality", "decode", "kernel", "ablation", "notebook", "all"])
+    p.add_argument("what", choices=["quality", "decode", "kernel", "ablation", "scale", "notebook", "all"])
+    p.add_argument("--13b", dest="with_13b", action="store_true",
+                   help="scale: also the 13B-shaped model (about 26 GB on disk, hours on 2 cores)")
     p.add_argument("--out", default="bench-results", help="folder for JSON results and the checkpoint")
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -269,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         decode(out)
     if a.what in ("kernel", "all"):
         kernel(out)
+    if a.what == "scale":
+        scale(out, a.with_13b)
     if a.what == "ablation":
         ablation(out)
     if a.what == "notebook":

@@ -107,37 +107,39 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
     U = inverse_cholesky(H, config.damp, name)  # [n, n] upper
     col_weight = 1.0 / torch.diag(U) ** 2  # [n] GPTQ's cost of an error in column j
 
-    Q = torch.zeros_like(W)  # [out, n] dequantized, solve order
+    # work on Wᵀ so that every column of W is a contiguous row in the inner loop
+    WT = W.T.contiguous()  # [n, out]
+    QT = torch.zeros_like(WT)  # [n, out] dequantized, solve order
     losses = torch.zeros(rows, dtype=dtype, device=W.device)
     group_list = group_of.tolist()
     d_list = torch.diag(U).tolist()
     B = config.block_size
     for i1 in range(0, n, B):
         i2 = min(i1 + B, n)
-        W1 = W[:, i1:i2].clone()  # [out, b] updated in place
-        Q1 = Q[:, i1:i2]  # [out, b] view
-        Err1 = torch.zeros_like(W1)  # [out, b] scaled errors
+        W1 = WT[i1:i2].clone()  # [b, out] updated in place
+        Err1 = torch.zeros_like(W1)  # [b, out] scaled errors
         U1 = U[i1:i2, i1:i2]  # [b, b]
         for i in range(i2 - i1):
             j = i1 + i
             if not static and j % gs == 0:
                 end = min(j + gs, n)
-                cur = W1[:, i : min(end, i2) - i1]
+                cur = W1[i : min(end, i2) - i1]
                 if end > i2:  # group reaches past the block: apply the pending updates
-                    rest = W[:, i2:end] - Err1[:, :i] @ U[i1:j, i2:end]
-                    cur = torch.cat([cur, rest], dim=1)
-                grid = _grid(cur, config, col_weight[j:end])
+                    rest = WT[i2:end] - U[i1:j, i2:end].T @ Err1[:i]
+                    cur = torch.cat([cur, rest], dim=0)
+                grid = _grid(cur.T.contiguous(), config, col_weight[j:end])
                 scales[j // gs], zeros[j // gs] = grid.scale, grid.zero
             g = group_list[j]
             s, z = scales[g], zeros[g]  # [out]
-            w = W1[:, i]  # [out]
+            w = W1[i]  # [out]
             wq = dequantize(quantize(w, s, z, maxq), s, z)
-            Q1[:, i] = wq
-            err = Err1[:, i]
+            QT[j] = wq
+            err = Err1[i]
             torch.sub(w, wq, out=err).div_(d_list[j])
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
-        losses += (Err1 * Err1).sum(dim=1) / 2
-        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+            W1[i:].addr_(U1[i, i:], err, alpha=-1)
+        losses += (Err1 * Err1).sum(dim=0) / 2
+        WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
+    Q = QT.T  # [out, n]
 
     g_s = scales[group_of]  # [n, out] grid of each solved column
     codes = quantize(Q, g_s.T, zeros[group_of].T, maxq).to(torch.int32)  # exact: Q is on the grid

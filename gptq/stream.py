@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -162,6 +163,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
                        device: str = "auto", batch_size: int = 8, resume: bool = False, overwrite: bool = False,
                        progress: bool = True, extra_report: dict | None = None) -> tuple[Path, list, Materializer]:
     """Quantize ``model_dir`` into ``out`` without ever holding more than one block's weights."""
+    t_start = time.perf_counter()
     dev = resolve_device(device)
     final = Path(out).resolve()
     partial = final.with_name(final.name + ".partial")
@@ -270,7 +272,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         src = Path(model_dir) / f
         if src.is_file():
             shutil.copy2(src, partial / f)
-    summary = (extra_report or {}) | {"layers": report}
+    summary = (extra_report or {}) | {"seconds": round(time.perf_counter() - t_start, 2), "layers": report}
     (partial / "quantize_report.json").write_text(json.dumps(summary, indent=2) + "\n")
     for f in (STATE, ACTIVATIONS):
         (partial / f).unlink(missing_ok=True)

@@ -102,6 +102,36 @@ def prepare_output(out: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]
     return final, tmp
 
 
+def write_metadata(directory: Path, model_config, config: QuantConfig, source_dir=None,
+                   extra_files: dict[str, str] | None = None) -> None:
+    """config.json with quantization_config, quantize_config.json, the source's tokenizer and
+    generation config, and any extra text files."""
+    qcfg = config.to_quantization_config()
+    cfg = model_config.to_dict()
+    cfg["quantization_config"] = qcfg
+    cfg.pop("_name_or_path", None)
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+    (directory / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+    if source_dir is not None:
+        for f in COPIED_FILES:
+            src = Path(source_dir) / f
+            if src.is_file():
+                shutil.copy2(src, directory / f)
+    for fname, text in (extra_files or {}).items():
+        (directory / fname).write_text(text)
+
+
+def move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished temporary directory to its final name (replacing an old one)."""
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 def save_checkpoint(
     out: str | os.PathLike,
     model: torch.nn.Module,
@@ -118,26 +148,8 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     try:
         write_tensors(tmp, checkpoint_tensors(model, packed), max_shard_bytes)
-        qcfg = config.to_quantization_config()
-        cfg = model.config.to_dict()
-        cfg["quantization_config"] = qcfg
-        cfg.pop("_name_or_path", None)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
-        (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
-        if source_dir is not None:
-            for f in COPIED_FILES:
-                src = Path(source_dir) / f
-                if src.is_file():
-                    shutil.copy2(src, tmp / f)
-        for fname, text in (extra_files or {}).items():
-            (tmp / fname).write_text(text)
-        if final.exists():
-            old = final.with_name(f"{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        write_metadata(tmp, model.config, config, source_dir, extra_files)
+        move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

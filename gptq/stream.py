@@ -32,7 +32,7 @@ from .capture import BlockInputs, move
 from .config import QuantConfig
 from .load import _parameters_on_meta
 from .pipeline import PackedLinear, capture_block_inputs, quantize_blocks, resolve_device
-from .save import COPIED_FILES
+from .save import move_into_place, write_metadata
 
 STATE = "progress.json"
 ACTIVATIONS = "activations.safetensors"
@@ -262,25 +262,10 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     _atomic_write_text(partial / "model.safetensors.index.json",
                        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                                   indent=2))
-    qc = qcfg.to_quantization_config()
-    cfg = model.config.to_dict()
-    cfg["quantization_config"] = qc
-    cfg.pop("_name_or_path", None)
-    (partial / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
-    (partial / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
-    for f in COPIED_FILES:
-        src = Path(model_dir) / f
-        if src.is_file():
-            shutil.copy2(src, partial / f)
     summary = (extra_report or {}) | {"seconds": round(time.perf_counter() - t_start, 2), "layers": report}
-    (partial / "quantize_report.json").write_text(json.dumps(summary, indent=2) + "\n")
     for f in (STATE, ACTIVATIONS):
         (partial / f).unlink(missing_ok=True)
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        os.replace(final, old)
-        os.replace(partial, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, final)
+    write_metadata(partial, model.config, qcfg, model_dir,
+                   {"quantize_report.json": json.dumps(summary, indent=2) + "\n"})
+    move_into_place(partial, final)
     return final, report, mat

@@ -163,8 +163,8 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: s
     del plain.quantization_config
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(plain, dtype=act_dtype)
-    model.config.quantization_config = qc | {k: v for k, v in (config.quantization_config if isinstance(
-        config.quantization_config, dict) else config.quantization_config.to_dict()).items()}
+    raw = config.quantization_config
+    model.config.quantization_config = dict(raw) if isinstance(raw, dict) else raw.to_dict()
 
     prefixes = sorted({k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")})
     if not prefixes:

@@ -102,15 +102,17 @@ class Materializer:
             if exclude and name.startswith(exclude + "."):
                 continue
             if name not in self.source.file_of:
-                if p.is_meta:
-                    continue  # e.g. a head tied to the embedding: not stored separately
-                continue
+                continue  # e.g. a head tied to the embedding: not stored separately (stays meta)
             parent, _, attr = name.rpartition(".")
             t = self.source.get(name)
             if t.shape != p.shape:
                 raise ValueError(f"{name}: the model directory has shape {tuple(t.shape)}, the config implies "
                                  f"{tuple(p.shape)}")
             self.model.get_submodule(parent)._parameters[attr] = nn.Parameter(t.to(self.dtype), requires_grad=False)
+        if prefix:
+            missing = [n for n, p in self._params(prefix) if p.is_meta]
+            if missing:
+                raise ValueError(f"tensor(s) {', '.join(missing[:4])} missing from the model directory's safetensors")
         self.resident.add(prefix)
         blocks = sum(1 for r in self.resident if r.rsplit(".", 1)[-1].isdigit())
         self.max_blocks_resident = max(self.max_blocks_resident, blocks)

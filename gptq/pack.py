@@ -11,12 +11,14 @@ For 2/4/8 bits that is "32/bits values per word, lowest bits first"; for 3 bits 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def _check(n: int, bits: int, what: str) -> None:
     if (n * bits) % 32:
-        per = 32 // torch.gcd(torch.tensor(bits), torch.tensor(32)).item()
+        per = 32 // math.gcd(bits, 32)
         raise ValueError(f"{what}: {n} values of {bits} bits do not fill whole int32 words; "
                          f"the size must be a multiple of {per}")
 

@@ -17,11 +17,11 @@ A group's grid is computed when its first column comes up, from the group's *cur
 (already error-updated) columns; a group reaching past the block gets its pending updates
 applied first, so the result is the same for every block size (tested).
 
-Small worked example: W = [[1.0, 0.4]], H = [[1, .9], [.9, 1]], 1-bit-ish grid {0, 1}.
-Round-to-nearest gives Ŵ = [1, 0], error 0.4 on a column strongly correlated with the first.
-GPTQ rounds column 0 (no error), then column 1 alone: same here; but had column 0 been 0.6 →
-1 (error −0.4), column 1 would be moved by −0.4·0.9 = −0.36 to 0.04 → 0, cancelling most of
-the output error through the correlation.
+Worked example: one row W = [0.6, 0.6], H = [[1, .9], [.9, 1]], a 1-bit grid {0, 1}.
+Round-to-nearest gives Ŵ = [1, 1]; the output error (W−Ŵ) H (W−Ŵ)ᵀ is 0.608. GPTQ rounds
+column 0 to 1 (error −0.4), then moves column 1 by −0.4·0.9 = −0.36 to 0.24, which rounds to 0:
+Ŵ = [1, 0] with error 0.088, because the two inputs are correlated and column 1 absorbs
+most of column 0's mistake.
 """
 
 from __future__ import annotations

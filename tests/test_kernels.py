@@ -104,7 +104,7 @@ def test_cpu_int4_matches_reference(group_size, act_order, batch):
 
 
 def test_cpu_backend_falls_back_for_other_bits():
-    layer = make_layer(128, 64, 3, 32, True, seed=5) if False else make_layer(128, 64, 8, 32, True, seed=5)
+    layer = make_layer(128, 64, 8, 32, True, seed=5)
     assert layer.prepare("cpu") == "dense"
     x = torch.randn(2, 128)
     torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-5, atol=1e-5)

@@ -190,3 +190,20 @@ def test_hessian_accumulator_is_2xxt_over_n(columns):
     assert acc.count == 45
     assert torch.allclose(H.double(), 2 * X.T @ X / 45, rtol=1e-5, atol=1e-4)
     assert torch.allclose(H, H.T, rtol=1e-6, atol=1e-6)
+
+
+def test_docstring_worked_example():
+    """The 2-column example in gptq/solver.py's docstring, with a 1-bit grid {0, 1}."""
+    W = torch.tensor([[0.6, 0.6]], dtype=torch.float64)
+    H = torch.tensor([[1.0, 0.9], [0.9, 1.0]], dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    w = W[0].clone()
+    q0 = torch.round(w[0]).clamp(0, 1)
+    err = (w[0] - q0) / U[0, 0]
+    w[1:] -= err * U[0, 1:]
+    assert torch.isclose(w[1], torch.tensor(0.24, dtype=torch.float64))
+    def out_err(Q):
+        e = W - Q
+        return float(e @ H @ e.T)
+    assert abs(out_err(torch.tensor([[1.0, 1.0]], dtype=torch.float64)) - 0.608) < 1e-9
+    assert abs(out_err(torch.tensor([[1.0, 0.0]], dtype=torch.float64)) - 0.088) < 1e-9

@@ -58,12 +58,10 @@ def quality(out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .assets import smollm2
-    from .architectures import for_config, get_module
-    from .capture import set_weight_matrix, weight_matrix
     from .config import QuantConfig
     from .eval import eval_windows, perplexity
     from .load import load
-    from .solver import round_to_nearest
+    from .pipeline import round_to_nearest_model
 
     torch.set_num_threads(2)
     model_dir = smollm2(MODEL)
@@ -78,12 +76,7 @@ def quality(out: Path) -> dict:
     windows = eval_windows(tok, str(_wiki("wiki.test.raw")), 2048, 8)
     fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ppl_fp = perplexity(fp, windows)
-    cfg = QuantConfig(bits=4, group_size=64, sym=True, mse=False)
-    arch = for_config(fp.config)
-    for block in get_module(fp, arch.blocks):
-        for name in arch.linears:
-            lin = get_module(block, name)
-            set_weight_matrix(lin, round_to_nearest(weight_matrix(lin).float(), cfg).weight)
+    round_to_nearest_model(fp, QuantConfig(bits=4, group_size=64, sym=True, mse=False))
     ppl_rtn = perplexity(fp, windows)
     del fp
     q, _ = load(ckpt, device="cpu", backend="torch", dtype="float32")

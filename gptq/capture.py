@@ -83,7 +83,7 @@ def first_block_inputs(block: nn.Module):
 
 
 @contextmanager
-def hessians(groups: list[dict[str, nn.Module]]):
+def hessians(groups: list[dict[str, nn.Module]], stop: bool = True):
     """Accumulate one H per group of linears that share an input (e.g. q/k/v) from what the
     group's first linear receives, and cut the forward pass short (StopForward) as soon as
     every group has been seen. Yields {linear name: accumulator} (shared within a group)."""
@@ -101,7 +101,7 @@ def hessians(groups: list[dict[str, nn.Module]]):
         def hook(_module, args):
             firsts[name].add(args[0].detach())
             pending.discard(name)
-            if not pending:
+            if stop and not pending:
                 pending.update(firsts)
                 raise StopForward
 
@@ -124,6 +124,31 @@ def record_outputs(module: nn.Module):
     handle = module.register_forward_hook(lambda _m, _a, out: outs.append(out))
     try:
         yield outs
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def stop_after(module: nn.Module):
+    """Cut the forward pass short right after ``module`` has produced its output."""
+
+    def hook(_m, _a, _out):
+        raise StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def record_io(module: nn.Module):
+    """Keep every (first input, output) pair ``module`` sees, in call order."""
+    seen: list = []
+    handle = module.register_forward_hook(lambda _m, args, out: seen.append((args[0], out)))
+    try:
+        yield seen
     finally:
         handle.remove()
 

@@ -21,11 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import for_config, get_module
-from .capture import (BlockInputs, StopForward, first_block_inputs, hessians, move, record_outputs, replay_outputs,
-                      run_block, set_weight_matrix, weight_matrix)
+from .capture import (BlockInputs, StopForward, first_block_inputs, hessians, move, record_io, record_outputs,
+                      replay_outputs, run_block, set_weight_matrix, stop_after, weight_matrix)
 from .config import QuantConfig
 from .pack import pack_qweight, pack_qzeros
-from .solver import SolveResult, solve
+from .solver import SolveResult, round_to_nearest, solve
 
 
 @dataclass(frozen=True)
@@ -114,18 +114,66 @@ def _replayable_children(arch, solved: set[str]) -> list[str]:
     return children
 
 
-def _run_pass(block, inputs, arch, solved, recorded, groups=()):
+def _closing_linear(arch, solved: set[str], groups) -> tuple[str, str] | None:
+    """(child, linear) when this pass captures one linear that is the last unsolved one of a
+    child module (e.g. ``self_attn.o_proj``): the child's output can then be rebuilt from the
+    linear's recorded inputs once it is quantized, instead of recomputing the whole child."""
+    if len(groups) != 1 or len(groups[0]) != 1:
+        return None
+    name = next(iter(groups[0]))
+    child = name.split(".")[0]
+    if "." not in name or not all(n in solved for n in arch.linears if n.startswith(child + ".") and n != name):
+        return None
+    return child, name
+
+
+def _run_pass(block, inputs, arch, solved, recorded, groups=(), closing=None):
     """One pass of the calibration batches through ``block``: replays the finished children,
-    records newly finished ones, accumulates H for ``groups``. Returns (accumulators, outputs)."""
+    records newly finished ones, accumulates H for ``groups``. With ``closing`` = (child, linear)
+    the pass runs to the end of the child, recording the child's outputs and the linear's
+    inputs and outputs. Returns (accumulators, outputs, closing records)."""
     with ExitStack() as stack:
         for child, outs in recorded.items():
             stack.enter_context(replay_outputs(get_module(block, child), outs))
         new = {c: stack.enter_context(record_outputs(get_module(block, c)))
                for c in _replayable_children(arch, solved) if c not in recorded}
-        accs = stack.enter_context(hessians(groups)) if groups else {}
+        closing_records = None
+        if closing is not None:
+            child = get_module(block, closing[0])
+            closing_records = (stack.enter_context(record_outputs(child)),
+                               stack.enter_context(record_io(get_module(block, closing[1]))))
+            stack.enter_context(stop_after(child))
+        accs = stack.enter_context(hessians(groups, stop=closing is None)) if groups else {}
         outputs = [run_block(block, inp) for inp in inputs]
     recorded.update({c: outs for c, outs in new.items() if len(outs) == len(inputs)})
-    return accs, outputs
+    return accs, outputs, closing_records
+
+
+def _rebuild_child_outputs(linear: nn.Module, records, n: int) -> list | None:
+    """The closing child's outputs with its last linear now quantized: (linear(x), *rest).
+    Only when every recorded output really was that linear's output (checked exactly)."""
+    child_outs, io = records
+    if len(child_outs) != n or len(io) != n:
+        return None
+    rebuilt = []
+    for out, (x, y) in zip(child_outs, io):
+        first, rest = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
+        if not (isinstance(first, torch.Tensor) and first.shape == y.shape and torch.equal(first, y)):
+            return None
+        y_q = linear(x)
+        rebuilt.append(y_q if rest is None else (y_q, *rest))
+    return rebuilt
+
+
+@torch.no_grad()
+def round_to_nearest_model(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """The baseline: every linear GPTQ would quantize, rounded to its grid in place, no calibration."""
+    arch = for_config(model.config)
+    for block in get_module(model, arch.blocks):
+        for name in arch.linears:
+            lin = get_module(block, name)
+            set_weight_matrix(lin, round_to_nearest(weight_matrix(lin).float(), config).weight)
+    return model
 
 
 @torch.no_grad()
@@ -182,7 +230,8 @@ def quantize_blocks(model: nn.Module, inputs: list[BlockInputs], config: QuantCo
         report_i: list[LayerReport] = []
         for groups in passes:
             modules = [{name: get_module(block, name) for name in group} for group in groups]
-            accs, _ = _run_pass(block, inputs, arch, solved, recorded, modules)
+            closing = _closing_linear(arch, solved, groups)
+            accs, _, records = _run_pass(block, inputs, arch, solved, recorded, modules, closing)
             for group in modules:
                 H = accs[next(iter(group))].hessian()
                 for name, module, r, seconds in solve_group(group, H, config, f"{arch.blocks}.{i}"):
@@ -193,8 +242,13 @@ def quantize_blocks(model: nn.Module, inputs: list[BlockInputs], config: QuantCo
                     bar.set_postfix_str(f"{name} loss {r.loss:.3g}")
                 solved.update(group)
             del accs
+            if closing is not None:
+                rebuilt = _rebuild_child_outputs(get_module(block, closing[1]), records, len(inputs))
+                if rebuilt is not None:
+                    recorded[closing[0]] = rebuilt
+                del records
         if i + 1 < len(blocks):
-            _, outputs = _run_pass(block, inputs, arch, solved, recorded)
+            _, outputs, _ = _run_pass(block, inputs, arch, solved, recorded)
             inputs = [BlockInputs(out, inp.args, inp.kwargs) for out, inp in zip(outputs, inputs)]
         del recorded
         block.to(home)

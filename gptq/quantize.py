@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype the blocks run in while calibrating (Hessians and the solve are always float32); "
                         "auto = the model's own dtype, float16 → float32 on CPU (default: %(default)s)")
     r.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass (default: %(default)s)")
-    r.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: %(default)s)")
+    r.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard with --no-stream; streaming writes one shard per decoder block "
+                        "(default: %(default)s)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -172,8 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         shard_bytes = parse_size(args.max_shard_size)
         out = args.out or f"{args.model.rstrip('/')}-gptq-{qcfg.bits}bit-g{qcfg.group_size}"
         prepare_output(out, args.overwrite)  # refuse early, before hours of work
-        from calib import CalibrationDataError  # noqa: F401
-
         import torch
 
         from .pipeline import quantize_model, resolve_device

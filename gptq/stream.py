@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -152,10 +153,7 @@ def _estimate_output_bytes(source: TensorSource, arch, qcfg: QuantConfig) -> int
     total = 0
     for name, f in source.file_of.items():
         with safe_open(f, "pt") as h:
-            sl = h.get_slice(name)
-            n = 1
-            for d in sl.get_shape():
-                n *= d
+            n = math.prod(h.get_slice(name).get_shape())
         quantized = name.endswith(".weight") and any(f".{lin}.weight" in name for lin in arch.linears)
         total += n * qcfg.bits // 8 + n // 16 if quantized else n * 2
     return total
@@ -257,10 +255,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
             for name in h.keys():
                 weight_map[name] = shard_name(k)
                 sl = h.get_slice(name)
-                n = 1
-                for d in sl.get_shape():
-                    n *= d
-                total += n * {"I32": 4, "F16": 2, "BF16": 2, "F32": 4}.get(sl.get_dtype(), 4)
+                total += math.prod(sl.get_shape()) * {"I32": 4, "F16": 2, "BF16": 2, "F32": 4}.get(sl.get_dtype(), 4)
     _atomic_write_text(partial / "model.safetensors.index.json",
                        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                                   indent=2))

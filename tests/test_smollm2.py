@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from calib import eval_tokens, load_documents, sample_windows
-from gptq import QuantConfig, load, quantize_model, round_to_nearest, save_checkpoint
-from gptq.architectures import for_config, get_module
-from gptq.capture import set_weight_matrix, weight_matrix
+from gptq import QuantConfig, load, quantize_model, save_checkpoint
+from gptq.pipeline import round_to_nearest_model
 from gptq.eval import perplexity
 
 pytestmark = pytest.mark.slow
@@ -31,13 +30,7 @@ def setup(smollm2_dir, wikitext):
 
 
 def rtn_model(base, cfg):
-    m = copy.deepcopy(base)
-    arch = for_config(m.config)
-    for block in get_module(m, arch.blocks):
-        for name in arch.linears:
-            lin = get_module(block, name)
-            set_weight_matrix(lin, round_to_nearest(weight_matrix(lin).float(), cfg).weight)
-    return m
+    return round_to_nearest_model(copy.deepcopy(base), cfg)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,13 @@ class Architecture:
     def linears(self) -> tuple[str, ...]:
         return tuple(name for group in self.sequential for name in group)
 
+    def children(self) -> tuple[str, ...]:
+        """Direct sub-modules of a block that hold linears (e.g. ``self_attn``, ``mlp``), in order."""
+        return tuple(dict.fromkeys(n.split(".")[0] for n in self.linears if "." in n))
+
+    def linears_under(self, child: str) -> tuple[str, ...]:
+        return tuple(n for n in self.linears if n.startswith(child + "."))
+
 
 LLAMA = Architecture(
     "llama",

@@ -107,11 +107,7 @@ def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantCon
 def _replayable_children(arch, solved: set[str]) -> list[str]:
     """Direct children of a block (e.g. ``self_attn``) whose linears are all quantized: their
     output no longer changes, so later passes over the block can replay it instead of recomputing."""
-    children = []
-    for child in dict.fromkeys(n.split(".")[0] for n in arch.linears if "." in n):
-        if all(n in solved for n in arch.linears if n.startswith(child + ".")):
-            children.append(child)
-    return children
+    return [c for c in arch.children() if all(n in solved for n in arch.linears_under(c))]
 
 
 def _closing_linear(arch, solved: set[str], groups) -> tuple[str, str] | None:
@@ -122,7 +118,7 @@ def _closing_linear(arch, solved: set[str], groups) -> tuple[str, str] | None:
         return None
     name = next(iter(groups[0]))
     child = name.split(".")[0]
-    if "." not in name or not all(n in solved for n in arch.linears if n.startswith(child + ".") and n != name):
+    if "." not in name or not all(n in solved for n in arch.linears_under(child) if n != name):
         return None
     return child, name
 

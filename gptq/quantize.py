@@ -11,7 +11,7 @@ import json
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from .config import ConfigError, QuantConfig, CalibConfig
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_output(out, args.overwrite)  # refuse early, before hours of work
         import torch
 
-        from .pipeline import quantize_model, resolve_device
+        from .pipeline import LayerReport, quantize_model, resolve_device
         from .save import save_checkpoint
 
         resolve_device(args.device)
@@ -185,9 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stream:
             from transformers import AutoTokenizer
 
-            from .stream import quantize_streaming
-
-            from .stream import skeleton
+            from .stream import quantize_streaming, skeleton
 
             config = check_model_dir(args.model)
             warn_group_divisibility(skeleton(args.model, torch.float32), qcfg)
@@ -197,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.model, out, qcfg, windows, calib_dtype(config, args.dtype, args.device), device=args.device,
                 batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                 extra_report=summary)
-            report = [LayerRow(**r) for r in layers]
+            report = [LayerReport(r["name"], r["loss"], r["seconds"], tuple(r["shape"])) for r in layers]
             seconds = time.perf_counter() - t0
         else:
             model, tokenizer = load_model(args.model, args.dtype, args.device)
@@ -222,14 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(e))
     print_summary(report, seconds, final)
     return 0
-
-
-@dataclass
-class LayerRow:
-    name: str
-    loss: float
-    seconds: float
-    shape: list
 
 
 def print_summary(report, seconds: float, out: Path) -> None:

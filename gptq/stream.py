@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -235,7 +236,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         if next_inputs is not None:
             _atomic_save({f"batch.{k}": x.hidden.to("cpu").contiguous() for k, x in enumerate(next_inputs)},
                          partial / ACTIVATIONS)
-        report.extend({"name": r.name, "loss": r.loss, "seconds": r.seconds, "shape": list(r.shape)} for r in report_i)
+        report.extend(asdict(r) for r in report_i)
         _atomic_write_text(partial / STATE, json.dumps({"fingerprint": fp, "completed": i, "report": report}))
         mat.release(prefix)
         hook = os.environ.get(KILL_HOOK)

@@ -12,6 +12,7 @@ For 2/4/8 bits that is "32/bits values per word, lowest bits first"; for 3 bits 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -27,9 +28,17 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack along dim 0: [n, m] ints in [0, 2**bits) → [n·bits/32, m] int32."""
     n, m = values.shape
     _check(n, bits, "pack")
-    v = values.to(torch.int64)
-    if v.numel() and (v.min() < 0 or v.max() >= 2**bits):
+    if values.numel() and (values.min() < 0 or values.max() >= 2**bits):
         raise ValueError(f"pack: values outside [0, {2**bits - 1}] for {bits}-bit packing")
+    if 8 % bits == 0 and sys.byteorder == "little":
+        return _pack_bytes(values, bits)
+    return _pack_stream(values, bits)
+
+
+def _pack_stream(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Any width, bit by bit along the stream (the definition; used for 3 bits)."""
+    n, m = values.shape
+    v = values.to(torch.int64)
     words = torch.zeros(n * bits // 32, m, dtype=torch.int64, device=values.device)
     for b in range(bits):
         pos = torch.arange(n, device=values.device) * bits + b  # stream bit of bit b of each value
@@ -38,10 +47,32 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     return (words - ((words >> 31) << 32)).to(torch.int32)  # wrap into signed int32
 
 
+def _pack_bytes(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """2/4/8 bits: whole values per byte, then 4 little-endian bytes viewed as one int32 word.
+    Works in uint8 throughout (an [in, out] layer never has an int64 copy)."""
+    n, m = values.shape
+    per = 8 // bits  # values per byte
+    v = values.T.to(torch.uint8).reshape(m, n // per, per)  # [out, bytes, per]
+    byte = v[:, :, 0].clone(memory_format=torch.contiguous_format)
+    for j in range(1, per):
+        byte |= v[:, :, j] << (bits * j)
+    return byte.view(torch.int32).T.contiguous()  # [out, words] → [words, out]
+
+
 def unpack_rows(words: torch.Tensor, bits: int, n: int | None = None) -> torch.Tensor:
     """Inverse of ``pack_rows``: [w, m] int32 → [w·32/bits, m] int32 codes."""
     nw, m = words.shape
     n = nw * 32 // bits if n is None else n
+    if 8 % bits == 0 and sys.byteorder == "little":
+        per, mask = 8 // bits, (1 << bits) - 1
+        b = words.T.contiguous().view(torch.uint8)  # [m, nw·4] bytes, lowest first
+        codes = torch.stack([(b >> (bits * j)) & mask for j in range(per)], dim=2)  # [m, bytes, per]
+        return codes.reshape(m, -1)[:, :n].T.to(torch.int32)
+    return _unpack_stream(words, bits, n)
+
+
+def _unpack_stream(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    m = words.shape[1]
     w = words.to(torch.int64) & 0xFFFFFFFF  # [nw, m] unsigned
     out = torch.zeros(n, m, dtype=torch.int64, device=words.device)
     for b in range(bits):

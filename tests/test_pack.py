@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gptq.pack import (dequantize_packed, pack_qweight, pack_qzeros, pack_rows, unpack_qweight, unpack_qzeros,
-                       unpack_rows)
+                       unpack_rows, _pack_stream, _unpack_stream)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -31,6 +31,18 @@ def test_known_words():
     # 2-bit: 16 per word, lowest first
     assert pack_rows(torch.tensor([[1]] + [[0]] * 15), 2).item() == 1
     assert pack_rows(torch.tensor([[0]] * 15 + [[3]]), 2).item() == 0xC0000000 - (1 << 32)  # bits 30-31, as int32
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_byte_fast_path_equals_the_bit_stream_definition(bits):
+    g = torch.Generator().manual_seed(bits)
+    v = torch.randint(0, 2**bits, (96, 40), generator=g, dtype=torch.int32)
+    v[0], v[-1] = 2**bits - 1, 0  # top bits set: the word's sign bit
+    words = pack_rows(v, bits)
+    assert words.dtype == torch.int32 and words.shape == (96 * bits // 32, 40)
+    assert torch.equal(words, _pack_stream(v, bits))
+    assert torch.equal(unpack_rows(words, bits), v)
+    assert torch.equal(_unpack_stream(words, bits, 96), v)
 
 
 def test_three_bit_layout_from_the_document():

@@ -79,12 +79,15 @@ def _best_shrink(w, xmin, xmax, shrink, maxq, sym, min_zero, col_weight):
     """For each row, the candidate shrink factor (shrink [P, out]) with the least weighted squared error."""
     s, z = _range_to_grid(shrink * xmin, shrink * xmax, maxq, sym, min_zero)  # [P, out]
     cw = torch.ones(w.shape[1], dtype=w.dtype, device=w.device) if col_weight is None else col_weight.to(w.dtype)
-    losses = []
-    step = max(1, (1 << 24) // max(1, w.numel()))  # bound the [p, out, k] temporary to ~64 MB
-    for p0 in range(0, shrink.shape[0], step):
-        sp, zp = s[p0 : p0 + step, :, None], z[p0 : p0 + step, :, None]  # [p, out, 1]
+    P, out = s.shape
+    # rows are independent: work on row chunks whose [P, rows, k] temporary (~4 MB) stays in cache
+    step = max(1, (1 << 20) // (P * w.shape[1])) if w.device.type == "cpu" else out
+    picks = []
+    for r0 in range(0, out, step):
+        wr = w[None, r0 : r0 + step]  # [1, rows, k]
+        sp, zp = s[:, r0 : r0 + step, None], z[:, r0 : r0 + step, None]  # [P, rows, 1]
         # ŵ − w, computed in place on one temporary
-        e = (w[None] / sp).round_().add_(zp).clamp_(0, maxq).sub_(zp).mul_(sp).sub_(w[None])  # [p, out, k]
-        losses.append(e.square_() @ cw)  # [p, out]
-    pick = torch.cat(losses).argmin(dim=0)  # [out]
-    return shrink[pick, torch.arange(w.shape[0], device=w.device)]
+        e = (wr / sp).round_().add_(zp).clamp_(0, maxq).sub_(zp).mul_(sp).sub_(wr)  # [P, rows, k]
+        picks.append((e.square_() @ cw).argmin(dim=0))  # [rows]
+    pick = torch.cat(picks)  # [out]
+    return shrink[pick, torch.arange(out, device=w.device)]

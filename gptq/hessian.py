@@ -43,13 +43,22 @@ class HessianAccumulator:
         self.count += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
+        """2·Σxxᵀ/n, computed in place: the accumulator is used up (no second [in, in] copy)."""
         if self.count == 0:
             raise RuntimeError("no calibration rows reached this layer")
-        H = self.sum * (2.0 / self.count)  # [in, in]
+        if self.sum is None:
+            raise RuntimeError("hessian() was already taken from this accumulator")
+        H, self.sum = self.sum.mul_(2.0 / self.count), None  # [in, in]
         for i, ci in enumerate(self.chunks):
             for cj in self.chunks[i + 1 :]:
                 H[cj, ci] = H[ci, cj].T
         return H
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds no NaN/Inf: one reduction without a temporary, the exact check only
+    when the sum is not finite (NaN and Inf propagate into it; overflow is the false alarm)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def dead_columns(H: torch.Tensor) -> torch.Tensor:
@@ -57,26 +66,30 @@ def dead_columns(H: torch.Tensor) -> torch.Tensor:
     return torch.diag(H) == 0
 
 
-def inverse_cholesky(H: torch.Tensor, damp: float, name: str = "layer", retries: int = 3) -> torch.Tensor:
+def inverse_cholesky(H: torch.Tensor, damp: float, name: str = "layer", retries: int = 3,
+                     overwrite: bool = False) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H).
 
     H must already have its dead columns set to 1 on the diagonal. On failure the damping is
     multiplied by 10 (up to ``retries`` times) before giving up with a message naming the layer.
+    With ``overwrite`` H's diagonal is used as scratch (saves an [n, n] copy; off-diagonal kept).
+    The factorisation and inversion run in place on one buffer: two [n, n] matrices at most.
     """
-    if not torch.isfinite(H).all():
+    if not all_finite(H):
         raise NonFiniteError(f"{name}: the calibration activations contain NaN or Inf")
-    mean_diag = torch.mean(torch.diag(H))
-    idx = torch.arange(H.shape[0], device=H.device)
+    Hd = H if overwrite else H.clone()
+    diag0 = torch.diag(H).clone()
+    mean_diag = torch.mean(diag0)
     lam = damp if damp > 0 else 1e-6
     for attempt in range(retries + 1):
-        Hd = H.clone()
-        Hd[idx, idx] += lam * mean_diag
+        Hd.diagonal().copy_(diag0 + lam * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0 and torch.isfinite(U).all():
-                return U
+            torch.cholesky_inverse(L, out=L)  # L now holds (H + λI)⁻¹
+            torch.linalg.cholesky_ex(L, upper=True, out=(L, info))
+            if info == 0 and all_finite(L):
+                return L
+        del L
         lam *= 10
     raise CholeskyError(
         f"{name}: the Hessian is not positive definite even with damping {lam / 10:g}·mean(diag H). "

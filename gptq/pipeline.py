@@ -93,15 +93,18 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
 def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantConfig, prefix: str):
     """Solve linears that share one input (and so one H) as a single stacked matrix, then split
     the rows back: identical to solving each alone, with one Cholesky and one column loop."""
-    Ws = [weight_matrix(m).float() for m in modules.values()]  # each [out_i, in]
+    Ws = [weight_matrix(m) for m in modules.values()]  # each [out_i, in], the modules' own dtype
+    sizes = [W.shape[0] for W in Ws]
+    W = torch.cat(Ws) if len(Ws) > 1 else Ws[0]
+    del Ws
     t0 = time.perf_counter()
-    r = solve(torch.cat(Ws), H, config, name=f"{prefix}.{'/'.join(modules)}")
-    seconds = (time.perf_counter() - t0) / len(Ws)
+    r = solve(W, H, config, name=f"{prefix}.{'/'.join(modules)}")
+    del W
+    seconds = (time.perf_counter() - t0) / len(sizes)
     start = 0
-    for (name, module), W in zip(modules.items(), Ws):
-        part = r.rows(start, start + W.shape[0])
-        start += W.shape[0]
-        yield name, module, part, seconds
+    for (name, module), size in zip(modules.items(), sizes):
+        yield name, module, r.rows(start, start + size), seconds
+        start += size
 
 
 def _replayable_children(arch, solved: set[str]) -> list[str]:

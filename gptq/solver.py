@@ -33,13 +33,13 @@ import torch
 
 from .config import QuantConfig
 from .grid import Grid, dequantize, find_grid, quantize
-from .hessian import NonFiniteError, dead_columns, inverse_cholesky
+from .hessian import NonFiniteError, all_finite, dead_columns, inverse_cholesky
 
 
 @dataclass(frozen=True)
 class SolveResult:
     weight: torch.Tensor  # [out, in] dequantized Ŵ (float32, or float64 if W was)
-    codes: torch.Tensor  # [out, in] int32 integer codes in [0, maxq]
+    codes: torch.Tensor  # [out, in] uint8 integer codes in [0, maxq]
     scales: torch.Tensor  # [n_groups, out] float16
     zeros: torch.Tensor  # [n_groups, out] int32 in [0, maxq]
     g_idx: torch.Tensor  # [in] int32 group of each input column
@@ -72,11 +72,12 @@ def _grid(w: torch.Tensor, config: QuantConfig, col_weight: torch.Tensor | None)
 
 @torch.no_grad()
 def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "layer") -> SolveResult:
-    """Quantize ``W`` [out, in] against the Hessian ``H`` [in, in]. Pure: inputs are not modified."""
+    """Quantize ``W`` [out, in] against the Hessian ``H`` [in, in]. Pure: inputs are not modified.
+
+    Memory beyond the inputs: two [in, in] matrices (the permuted H, then its factor) and about
+    three [out, in] ones (Wᵀ being updated, Ŵᵀ, the result in input order) plus the uint8 codes."""
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-    W = W.to(dtype).clone()  # [out, in]
-    H = H.to(dtype).clone()  # [in, in]
-    if not torch.isfinite(W).all():
+    if not all_finite(W):
         raise NonFiniteError(f"{name}: the weight contains NaN or Inf")
     rows, n = W.shape
     if H.shape != (n, n):
@@ -85,31 +86,35 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
     ng = n_groups(n, config.group_size)
     maxq = config.maxq
 
-    dead = dead_columns(H)
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if config.act_order else torch.arange(n)
+    dead = dead_columns(H)  # always-zero inputs: H = 1 and W = 0 there
+    diag = torch.diag(H).to(dtype).masked_fill(dead, 1)
+    perm = torch.argsort(diag, descending=True, stable=True) if config.act_order else torch.arange(n)
     perm = perm.to(W.device)
     static = config.static_groups or config.group_size == -1  # grids fixed before solving
     scales = torch.zeros(ng, rows, dtype=dtype, device=W.device)
     zeros = torch.zeros(ng, rows, dtype=dtype, device=W.device)
     if static:
+        W0 = W.to(dtype).masked_fill(dead, 0)
         for g in range(ng):
-            grid = _grid(W[:, g * gs : (g + 1) * gs], config, None)
+            grid = _grid(W0[:, g * gs : (g + 1) * gs], config, None)
             scales[g], zeros[g] = grid.scale, grid.zero
+        del W0
         group_of = (perm // gs).to(torch.int64)  # [n] group of the j-th solved column
     else:
         group_of = torch.arange(n, device=W.device) // gs
 
-    W = W[:, perm]
-    H = H[perm][:, perm]
-    U = inverse_cholesky(H, config.damp, name)  # [n, n] upper
+    Hp = H[perm[:, None], perm[None, :]].to(dtype)  # [n, n] solve order, our own copy
+    dead_p = dead[perm]
+    Hp[dead_p, dead_p] = 1
+    U = inverse_cholesky(Hp, config.damp, name, overwrite=True)  # [n, n] upper
+    del Hp
     col_weight = 1.0 / torch.diag(U) ** 2  # [n] GPTQ's cost of an error in column j
 
     # work on Wᵀ so that every column of W is a contiguous row in the inner loop
-    WT = W.T.contiguous()  # [n, out]
-    QT = torch.zeros_like(WT)  # [n, out] dequantized, solve order
+    WT = W.T.index_select(0, perm).to(dtype).contiguous()  # [n, out] solve order, our own copy
+    WT[dead_p] = 0
+    QT = torch.empty_like(WT)  # [n, out] dequantized Ŵᵀ, solve order
+    CT = torch.empty(n, rows, dtype=torch.uint8, device=W.device)  # [n, out] integer codes
     losses = torch.zeros(rows, dtype=dtype, device=W.device)
     group_list = group_of.tolist()
     d_list = torch.diag(U).tolist()
@@ -132,22 +137,22 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
             g = group_list[j]
             s, z = scales[g], zeros[g]  # [out]
             w = W1[i]  # [out]
-            wq = dequantize(quantize(w, s, z, maxq), s, z)
-            QT[j] = wq
+            q = quantize(w, s, z, maxq)
+            CT[j] = q
+            wq = QT[j]
+            torch.sub(q, z, out=wq).mul_(s)  # = dequantize(q, s, z)
             err = Err1[i]
             torch.sub(w, wq, out=err).div_(d_list[j])
             W1[i:].addr_(U1[i, i:], err, alpha=-1)
         losses += (Err1 * Err1).sum(dim=0) / 2
         WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
-    Q = QT.T  # [out, n]
+    del WT, U
 
-    g_s = scales[group_of]  # [n, out] grid of each solved column
-    codes = quantize(Q, g_s.T, zeros[group_of].T, maxq).to(torch.int32)  # exact: Q is on the grid
     inv = torch.argsort(perm)
     g_idx = group_of[inv].to(torch.int32)  # [in] group of each original column
     return SolveResult(
-        weight=Q[:, inv],
-        codes=codes[:, inv].contiguous(),
+        weight=QT.index_select(0, inv).T,  # [out, in]
+        codes=CT.index_select(0, inv).T,  # [out, in]
         scales=scales.to(torch.float16),
         zeros=zeros.to(torch.int32),
         g_idx=g_idx,
@@ -172,5 +177,5 @@ def round_to_nearest(W: torch.Tensor, config: QuantConfig) -> SolveResult:
     s, z = scales[g_idx.long()].T, zeros[g_idx.long()].T  # [out, in]
     codes = quantize(W, s, z, config.maxq)
     Q = dequantize(codes, s, z)
-    return SolveResult(Q, codes.to(torch.int32), scales.to(torch.float16), zeros.to(torch.int32), g_idx,
+    return SolveResult(Q, codes.to(torch.uint8), scales.to(torch.float16), zeros.to(torch.int32), g_idx,
                        ((W - Q) ** 2).sum(dim=1))

@@ -38,8 +38,9 @@ test-fast: $(STAMP)  ## the fast tier only (no real model)
 bench: $(STAMP)  ## quality/speed benchmarks on SmolLM2; figures to stdout and bench-results/
 	$(PYTHON) -m gptq.bench all --out bench-results
 
-bench-scale: $(STAMP)  ## streaming quantization of synthetic models of growing size: peak RSS, s/block
+bench-scale: $(STAMP)  ## streaming quantization of synthetic models of growing size (peak RSS, s/block), activation spilling
 	$(PYTHON) -m gptq.bench scale --out bench-results
+	$(PYTHON) -m gptq.bench spill --out bench-results
 
 notebook: $(STAMP)  ## execute notebooks/walkthrough.ipynb in place (full run)
 	$(PYTHON) -m gptq.bench notebook

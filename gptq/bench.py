@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m gptq.bench quality|decode|kernel|notebook|all [--out DIR]``.
+"""Benchmarks: ``python -m gptq.bench quality|decode|kernel|scale|spill|ablation|notebook|all [--out DIR]``.
 
 quality  SmolLM2-135M-Instruct, 4-bit g64 symmetric, 32 × 512-token calibration windows from
          WikiText-2 valid; perplexity on the first 8 × 2048-token windows of WikiText-2 test.
@@ -7,6 +7,8 @@ decode   CPU batch-1 greedy decoding (64 new tokens, 2 threads): fp32, bf16 and 
          4-bit checkpoint; tokens/s (median of 3) and resident weight memory.
 scale    streaming quantization of synthetic Llama-shaped models of growing depth and width
          (sharded safetensors on disk): peak RSS and seconds per block (``--13b`` adds 13B-shaped).
+spill    one synthetic model and a larger calibration set, activations in memory vs spilled to
+         disk (--max-memory 0): peak RSS, seconds, identical checkpoints.
 ablation the quality benchmark with act-order, MSE clipping or true-sequential switched off.
 kernel   CUDA only: Triton dequant-matmul vs fp16 torch.matmul on Llama-7B/70B layer shapes at
          batch 1/16/64/256, ratio and achieved GB/s. Without a GPU it says so and exits 0.
@@ -175,20 +177,28 @@ def synthetic_llama(d: Path, hidden: int, inter: int, heads: int, kv: int, layer
     return d
 
 
-def _scale_one(model_dir: str, out_dir: str) -> None:
+def _scale_one(model_dir: str, out_dir: str, nsamples: int = 8, seqlen: int = 128,
+               max_memory: int | None = None) -> None:
     """Child process: stream-quantize one synthetic model, print one JSON line with its own peak RSS."""
     from .config import QuantConfig
     from .stream import quantize_streaming
 
     torch.set_num_threads(2)
-    windows = torch.randint(0, 32000, (8, 128), generator=torch.Generator().manual_seed(0))
+    windows = torch.randint(0, 32000, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
     _, report, _ = quantize_streaming(model_dir, out_dir, QuantConfig(bits=4, group_size=128), windows,
-                                      torch.bfloat16, device="cpu", overwrite=True, progress=False)
+                                      torch.bfloat16, device="cpu", overwrite=True, progress=False,
+                                      max_memory=max_memory)
     secs = time.perf_counter() - t0
     layers = len({r["name"].split(".")[2] for r in report})
     print(json.dumps({"seconds": round(secs, 1), "seconds_per_block": round(secs / layers, 2),
                       "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)}))
+
+
+def _scale_child(model_dir: Path, out_dir: Path, **kw) -> dict:
+    r = subprocess.run([sys.executable, "-c", f"from gptq.bench import _scale_one; _scale_one({str(model_dir)!r}, "
+                        f"{str(out_dir)!r}, **{kw!r})"], check=True, capture_output=True, text=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def scale(out: Path, include_13b: bool = False) -> dict:
@@ -200,15 +210,47 @@ def scale(out: Path, include_13b: bool = False) -> dict:
     for name, (h, f, nh, kv, L) in shapes.items():
         d = synthetic_llama(out / "synthetic" / name, h, f, nh, kv, L)
         disk = sum(p.stat().st_size for p in d.glob("*.safetensors"))
-        r = subprocess.run([sys.executable, "-c", f"from gptq.bench import _scale_one; _scale_one({str(d)!r}, "
-                            f"{str(out / 'synthetic' / (name + '-gptq'))!r})"], check=True, capture_output=True,
-                           text=True)
-        rows[name] = json.loads(r.stdout.strip().splitlines()[-1]) | {"bf16_on_disk_gib": round(disk / 1024**3, 2)}
+        rows[name] = _scale_child(d, out / "synthetic" / (name + "-gptq")) | {"bf16_on_disk_gib": round(disk / 1024**3, 2)}
         print(name, rows[name])
         shutil.rmtree(out / "synthetic", ignore_errors=True)
     result = {"setup": "random Llama-shaped bf16 models, sharded per block; 8 x 128-token random windows; "
                        "4-bit g128; streaming (default) path; 2 threads", "rows": rows}
     _write(out, "scale", result)
+    return result
+
+
+SPILL_SHAPE = (1024, 2816, 16, 4, 4)  # hidden 1024, 4 layers
+SPILL_WINDOWS = (64, 512)
+
+
+def spill(out: Path) -> dict:
+    """The same model and calibration set quantized with the activations in memory and spilled to
+    disk (``--max-memory 0``): peak RSS, seconds, and whether the checkpoints are identical."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    from .activations import activation_bytes
+
+    h, f, nh, kv, L = SPILL_SHAPE
+    d = synthetic_llama(out / "synthetic" / "spill", h, f, nh, kv, L)
+    n, seq = SPILL_WINDOWS
+    est = activation_bytes(AutoConfig.from_pretrained(d), n, seq, torch.bfloat16)
+    rows, outs = {}, {}
+    for label, mm in (("in memory", None), ("spilled (--max-memory 0)", 0)):
+        outs[label] = out / "synthetic" / f"spill-{mm}"
+        rows[label] = _scale_child(d, outs[label], nsamples=n, seqlen=seq, max_memory=mm)
+        print(label, rows[label])
+    a, b = (sorted(p.glob("*.safetensors")) for p in outs.values())
+    identical = [x.name for x in a] == [y.name for y in b] and all(x.read_bytes() == y.read_bytes()
+                                                                   for x, y in zip(a, b))
+    shutil.rmtree(out / "synthetic", ignore_errors=True)
+    result = {"setup": f"random Llama-shaped bf16 model, hidden {h}, {L} layers; {n} x {seq}-token random windows "
+                       "(batch 8); 4-bit g128; streaming; 2 threads",
+              "activation_estimate_gib": round(est / 1024**3, 2), "rows": rows,
+              "checkpoints_identical": identical}
+    print(json.dumps(result, indent=2))
+    _write(out, "spill", result)
     return result
 
 
@@ -335,7 +377,7 @@ def notebook(quick: bool = False):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gptq.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["quality", "decode", "kernel", "ablation", "scale", "notebook", "all"])
+    p.add_argument("what", choices=["quality", "decode", "kernel", "ablation", "scale", "spill", "notebook", "all"])
     p.add_argument("--13b", dest="with_13b", action="store_true",
                    help="scale: also the 13B-shaped model (about 26 GB on disk, hours on 2 cores)")
     p.add_argument("--out", default="bench-results", help="folder for JSON results and the checkpoint")
@@ -349,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         kernel(out)
     if a.what == "scale":
         scale(out, a.with_13b)
+    if a.what == "spill":
+        spill(out)
     if a.what == "ablation":
         ablation(out)
     if a.what == "notebook":

@@ -118,9 +118,9 @@ def hessians(groups: list[dict[str, nn.Module]], stop: bool = True):
 
 
 @contextmanager
-def record_outputs(module: nn.Module):
-    """Keep every output ``module`` produces, in call order."""
-    outs: list = []
+def record_outputs(module: nn.Module, into=None):
+    """Keep every output ``module`` produces, in call order (appended to ``into``, a list by default)."""
+    outs = [] if into is None else into
     handle = module.register_forward_hook(lambda _m, _a, out: outs.append(out))
     try:
         yield outs
@@ -143,9 +143,9 @@ def stop_after(module: nn.Module):
 
 
 @contextmanager
-def record_io(module: nn.Module):
-    """Keep every (first input, output) pair ``module`` sees, in call order."""
-    seen: list = []
+def record_io(module: nn.Module, into=None):
+    """Keep every (first input, output) pair ``module`` sees, in call order (appended to ``into``)."""
+    seen = [] if into is None else into
     handle = module.register_forward_hook(lambda _m, args, out: seen.append((args[0], out)))
     try:
         yield seen

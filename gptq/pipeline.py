@@ -13,7 +13,9 @@ Only the block being solved sits on the compute device. Per-architecture knowled
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+from collections.abc import Sequence
+import tempfile
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 from .architectures import for_config, get_module
 from .capture import (BlockInputs, StopForward, first_block_inputs, hessians, move, record_io, record_outputs,
                       replay_outputs, run_block, set_weight_matrix, stop_after, weight_matrix)
+from .activations import Activations, activation_bytes, block_args, should_spill
 from .config import QuantConfig
 from .pack import pack_qweight, pack_qzeros
 from .solver import SolveResult, round_to_nearest, solve
@@ -74,20 +77,27 @@ def resolve_device(device: str) -> torch.device:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[BlockInputs]:
-    """Run the embeddings on CPU-resident weights and stop at the first block."""
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int, dev: torch.device | str = "cpu",
+                         store: Activations | None = None) -> Sequence[BlockInputs]:
+    """Run the embeddings on CPU-resident weights and stop at the first block; the inputs it
+    receives go to ``dev`` (or, when ``store`` spills, to disk batch by batch)."""
+    store = store or Activations()
     arch = for_config(model.config)
     blocks = get_module(model, arch.blocks)
     emb_device = model.get_input_embeddings().weight.device
+    hidden, rest = store.new(), []
     with first_block_inputs(blocks[0]) as seen:
         for batch in windows.split(batch_size):
             try:
                 model(input_ids=batch.to(emb_device), use_cache=False)
             except StopForward:
                 pass
-    if len(seen) != len(windows.split(batch_size)):
-        raise RuntimeError("the model did not reach its first decoder block for every calibration batch")
-    return seen
+            if len(seen) != 1:
+                raise RuntimeError("the model did not reach its first decoder block for every calibration batch")
+            x = seen.pop()
+            hidden.append(x.hidden if store.spilling else x.hidden.to(dev))
+            rest.append(move((x.args, x.kwargs), dev))
+    return store.inputs(hidden, rest)
 
 
 def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantConfig, prefix: str):
@@ -126,7 +136,7 @@ def _closing_linear(arch, solved: set[str], groups) -> tuple[str, str] | None:
     return child, name
 
 
-def _run_pass(block, inputs, arch, solved, recorded, groups=(), closing=None):
+def _run_pass(block, inputs, arch, solved, recorded, store, groups=(), closing=None):
     """One pass of the calibration batches through ``block``: replays the finished children,
     records newly finished ones, accumulates H for ``groups``. With ``closing`` = (child, linear)
     the pass runs to the end of the child, recording the child's outputs and the linear's
@@ -134,27 +144,29 @@ def _run_pass(block, inputs, arch, solved, recorded, groups=(), closing=None):
     with ExitStack() as stack:
         for child, outs in recorded.items():
             stack.enter_context(replay_outputs(get_module(block, child), outs))
-        new = {c: stack.enter_context(record_outputs(get_module(block, c)))
+        new = {c: stack.enter_context(record_outputs(get_module(block, c), store.new()))
                for c in _replayable_children(arch, solved) if c not in recorded}
         closing_records = None
         if closing is not None:
             child = get_module(block, closing[0])
-            closing_records = (stack.enter_context(record_outputs(child)),
-                               stack.enter_context(record_io(get_module(block, closing[1]))))
+            closing_records = (stack.enter_context(record_outputs(child, store.new())),
+                               stack.enter_context(record_io(get_module(block, closing[1]), store.new())))
             stack.enter_context(stop_after(child))
         accs = stack.enter_context(hessians(groups, stop=closing is None)) if groups else {}
-        outputs = [run_block(block, inp) for inp in inputs]
+        outputs = store.new()
+        for inp in inputs:
+            outputs.append(run_block(block, inp))
     recorded.update({c: outs for c, outs in new.items() if len(outs) == len(inputs)})
     return accs, outputs, closing_records
 
 
-def _rebuild_child_outputs(linear: nn.Module, records, n: int) -> list | None:
+def _rebuild_child_outputs(linear: nn.Module, records, n: int, store: Activations) -> Sequence | None:
     """The closing child's outputs with its last linear now quantized: (linear(x), *rest).
     Only when every recorded output really was that linear's output (checked exactly)."""
     child_outs, io = records
     if len(child_outs) != n or len(io) != n:
         return None
-    rebuilt = []
+    rebuilt = store.new()
     for out, (x, y) in zip(child_outs, io):
         first, rest = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
         if not (isinstance(first, torch.Tensor) and first.shape == y.shape and torch.equal(first, y)):
@@ -183,14 +195,18 @@ def quantize_model(
     device: str = "auto",
     batch_size: int = 8,
     progress: bool = True,
+    max_memory: int | None = None,
 ) -> tuple[dict[str, PackedLinear], list[LayerReport]]:
     """GPTQ every linear of every decoder block in place; return the packed tensors and a report.
 
     ``model``'s quantized linears hold the dequantized Ŵ afterwards, so it can be evaluated as is.
+    Calibration activations above ``max_memory`` bytes (default: half the available memory) are
+    spilled to a temporary folder (``TMPDIR``), batch by batch; the result is the same.
     """
     dev = resolve_device(device)
     model.eval()
-    inputs = [move(x, dev) for x in capture_block_inputs(model, windows, batch_size)]
+    dtype = next(model.parameters()).dtype
+    spill = should_spill(activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype), max_memory)
     packed: dict[str, PackedLinear] = {}
     report: list[LayerReport] = []
 
@@ -198,18 +214,25 @@ def quantize_model(
         packed.update(packed_i)
         report.extend(report_i)
 
-    quantize_blocks(model, inputs, config, dev, progress=progress, after_block=keep)
+    with tempfile.TemporaryDirectory(prefix="gptq-activations-") if spill else nullcontext() as tmp:
+        store = Activations(tmp, dev)
+        inputs = capture_block_inputs(model, windows, batch_size, dev, store)
+        quantize_blocks(model, inputs, config, dev, progress=progress, after_block=keep, store=store)
+        del inputs
     return packed, report
 
 
 @torch.no_grad()
-def quantize_blocks(model: nn.Module, inputs: list[BlockInputs], config: QuantConfig, dev: torch.device,
-                    first: int = 0, progress: bool = True, before_block=None, after_block=None) -> None:
+def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: QuantConfig, dev: torch.device,
+                    first: int = 0, progress: bool = True, before_block=None, after_block=None,
+                    store: Activations | None = None) -> None:
     """The block loop from block ``first`` on, given that block's inputs.
 
     before_block(i, block) runs before a block is used (streaming loads its weights there);
     after_block(i, block, packed_i, report_i, next_inputs) gets the block's results.
+    ``store`` decides where the per-batch activations live (memory, or spilled to disk).
     """
+    store = store or Activations()
     arch = for_config(model.config)
     blocks = get_module(model, arch.blocks)
     # true-sequential: one capture pass per group, each after the groups before it are quantized;
@@ -230,7 +253,7 @@ def quantize_blocks(model: nn.Module, inputs: list[BlockInputs], config: QuantCo
         for groups in passes:
             modules = [{name: get_module(block, name) for name in group} for group in groups]
             closing = _closing_linear(arch, solved, groups)
-            accs, _, records = _run_pass(block, inputs, arch, solved, recorded, modules, closing)
+            accs, _, records = _run_pass(block, inputs, arch, solved, recorded, store, modules, closing)
             for group in modules:
                 H = accs[next(iter(group))].hessian()
                 for name, module, r, seconds in solve_group(group, H, config, f"{arch.blocks}.{i}"):
@@ -242,13 +265,13 @@ def quantize_blocks(model: nn.Module, inputs: list[BlockInputs], config: QuantCo
                 solved.update(group)
             del accs
             if closing is not None:
-                rebuilt = _rebuild_child_outputs(get_module(block, closing[1]), records, len(inputs))
+                rebuilt = _rebuild_child_outputs(get_module(block, closing[1]), records, len(inputs), store)
                 if rebuilt is not None:
                     recorded[closing[0]] = rebuilt
                 del records
         if i + 1 < len(blocks):
-            _, outputs, _ = _run_pass(block, inputs, arch, solved, recorded)
-            inputs = [BlockInputs(out, inp.args, inp.kwargs) for out, inp in zip(outputs, inputs)]
+            _, outputs, _ = _run_pass(block, inputs, arch, solved, recorded, store)
+            inputs = store.inputs(outputs, block_args(inputs))
         del recorded
         block.to(home)
         if after_block is not None:

@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass (default: %(default)s)")
     r.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard with --no-stream; streaming writes one shard per decoder block "
                         "(default: %(default)s)")
+    r.add_argument("--max-memory", default="auto", metavar="SIZE",
+                   help="memory budget for the calibration activations (e.g. 4GB, 500MB; 0 = always spill): "
+                        "above it they are spilled to disk batch by batch, next to the output (or in TMPDIR with "
+                        "--no-stream); the result is the same. auto = half the memory available at the start "
+                        "(default: %(default)s)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -171,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         from .save import parse_size, prepare_output
 
         shard_bytes = parse_size(args.max_shard_size)
+        try:
+            max_memory = None if args.max_memory.strip().lower() == "auto" else parse_size(args.max_memory)
+        except ValueError as e:
+            raise ConfigError(f"--max-memory: {e}, or auto") from None
         out = args.out or f"{args.model.rstrip('/')}-gptq-{qcfg.bits}bit-g{qcfg.group_size}"
         prepare_output(out, args.overwrite)  # refuse early, before hours of work
         import torch
@@ -194,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             final, layers, _ = quantize_streaming(
                 args.model, out, qcfg, windows, calib_dtype(config, args.dtype, args.device), device=args.device,
                 batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                extra_report=summary)
+                extra_report=summary, max_memory=max_memory)
             report = [LayerReport(r["name"], r["loss"], r["seconds"], tuple(r["shape"])) for r in layers]
             seconds = time.perf_counter() - t0
         else:
@@ -202,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             windows = calibration_windows(tokenizer, model.config, ccfg)
             warn_group_divisibility(model, qcfg)
             packed, report = quantize_model(model, windows, qcfg, device=args.device, batch_size=args.batch_size,
-                                            progress=not args.quiet)
+                                            progress=not args.quiet, max_memory=max_memory)
             seconds = time.perf_counter() - t0
             summary |= {"seconds": round(seconds, 2), "layers": [asdict(r) for r in report]}
             summary["calibration"]["windows"] = list(windows.shape)

@@ -26,18 +26,19 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from .activations import (Activations, SpilledInputs, _load_item, _save_item, activation_bytes, block_args,
+                          should_spill)
 from .architectures import for_config, get_module
-from .capture import BlockInputs, move
 from .config import QuantConfig
 from .load import _parameters_on_meta
 from .pipeline import PackedLinear, capture_block_inputs, quantize_blocks, resolve_device
 from .save import move_into_place, write_metadata
 
 STATE = "progress.json"
-ACTIVATIONS = "activations.safetensors"
+SPILL = "spill"  # activations spilled during the run (not needed to resume)
 KILL_HOOK = "GPTQ_TEST_KILL_AFTER_BLOCK"  # tests: "k" SIGKILLs, "int:k" interrupts, after block k is saved
 
 
@@ -141,6 +142,39 @@ def _atomic_save(tensors: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _save_inputs(inputs, partial: Path, block: int) -> str:
+    """Block ``block``'s input hidden states, one file per batch, as a folder that appears whole
+    (renamed into place); spilled batches are hard-linked rather than copied."""
+    name = f"activations-{block:05d}"
+    tmp = partial / (name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(partial / name, ignore_errors=True)
+    tmp.mkdir()
+    if isinstance(inputs, SpilledInputs):
+        for k, f in enumerate(inputs.hidden.files()):
+            try:
+                os.link(f, tmp / f"{k:06d}.safetensors")
+            except OSError:
+                shutil.copyfile(f, tmp / f"{k:06d}.safetensors")
+    else:
+        for k, x in enumerate(inputs):
+            _save_item(x.hidden, tmp / f"{k:06d}.safetensors")
+    os.replace(tmp, partial / name)
+    return name
+
+
+def _restore_inputs(folder: Path, inputs, store: Activations):
+    """The saved hidden states of the block to resume from, with the freshly captured other arguments."""
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if len(files) != len(inputs):
+        raise ResumeError(f"{folder}: the saved activations are missing or incomplete ({len(files)} of "
+                          f"{len(inputs)} batches); pass --overwrite to start over")
+    hidden = store.new()
+    for f in files:
+        hidden.append(_load_item(f, store.device))
+    return store.inputs(hidden, block_args(inputs))
+
+
 def _fingerprint(model_dir, source: TensorSource, qcfg: QuantConfig, windows: torch.Tensor, dtype, batch_size) -> str:
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     h = hashlib.sha256()
@@ -162,8 +196,11 @@ def _estimate_output_bytes(source: TensorSource, arch, qcfg: QuantConfig) -> int
 
 def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor, dtype: torch.dtype,
                        device: str = "auto", batch_size: int = 8, resume: bool = False, overwrite: bool = False,
-                       progress: bool = True, extra_report: dict | None = None) -> tuple[Path, list, Materializer]:
-    """Quantize ``model_dir`` into ``out`` without ever holding more than one block's weights."""
+                       progress: bool = True, extra_report: dict | None = None,
+                       max_memory: int | None = None) -> tuple[Path, list, Materializer]:
+    """Quantize ``model_dir`` into ``out`` without ever holding more than one block's weights.
+    Calibration activations above ``max_memory`` bytes (default: half the available memory)
+    are spilled to ``OUT.partial/spill`` batch by batch; the result is the same."""
     t_start = time.perf_counter()
     dev = resolve_device(device)
     final = Path(out).resolve()
@@ -191,9 +228,12 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         else:
             raise ResumeError(f"an interrupted run left {partial}; rerun the same command with --resume to continue "
                               "it, or pass --overwrite to start over")
+    act_bytes = activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype)
+    spill = should_spill(act_bytes, max_memory)
     if state is None:
         partial.mkdir(parents=True, exist_ok=True)
-        need = _estimate_output_bytes(source, arch, qcfg) + windows.numel() * model.config.hidden_size * 2
+        need = (_estimate_output_bytes(source, arch, qcfg) + windows.numel() * model.config.hidden_size * 2
+                + (act_bytes if spill else 0))
         free = shutil.disk_usage(partial).free
         if free < need:
             shutil.rmtree(partial, ignore_errors=True)
@@ -206,8 +246,10 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     nshards = nblocks + 1
     shard_name = lambda k: f"model-{k:05d}-of-{nshards:05d}.safetensors"  # noqa: E731
 
+    shutil.rmtree(partial / SPILL, ignore_errors=True)  # what a killed run had spilled
+    store = Activations(partial / SPILL if spill else None, dev)
     mat.load("", exclude=blocks_prefix)  # embeddings (and whatever else precedes block 0)
-    inputs = [move(x, dev) for x in capture_block_inputs(model, windows, batch_size)]
+    inputs = capture_block_inputs(model, windows, batch_size, dev, store)
     mat.release("", exclude=blocks_prefix)
     first, report = 0, []
     if state is not None:
@@ -217,8 +259,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         if missing:
             raise ResumeError(f"{partial}: shard(s) {missing} of completed blocks are missing; pass --overwrite")
         if first < nblocks:
-            saved = load_file(partial / ACTIVATIONS)
-            inputs = [BlockInputs(saved[f"batch.{k}"].to(dev), x.args, x.kwargs) for k, x in enumerate(inputs)]
+            inputs = _restore_inputs(partial / state.get("activations", "?"), inputs, store)
 
     def before(i, block):
         mat.load(f"{blocks_prefix}.{i}")
@@ -233,11 +274,13 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         for p_name, p in packed_i.items():
             tensors.update(p.tensors(p_name))
         _atomic_save(dict(sorted(tensors.items())), partial / shard_name(i + 1))
-        if next_inputs is not None:
-            _atomic_save({f"batch.{k}": x.hidden.to("cpu").contiguous() for k, x in enumerate(next_inputs)},
-                         partial / ACTIVATIONS)
+        saved = _save_inputs(next_inputs, partial, i + 1) if next_inputs is not None else None
         report.extend(asdict(r) for r in report_i)
-        _atomic_write_text(partial / STATE, json.dumps({"fingerprint": fp, "completed": i, "report": report}))
+        _atomic_write_text(partial / STATE, json.dumps({"fingerprint": fp, "completed": i, "report": report,
+                                                        "activations": saved}))
+        for old in partial.glob("activations-*"):  # the state now points at the new ones
+            if old.name != saved:
+                shutil.rmtree(old)
         mat.release(prefix)
         hook = os.environ.get(KILL_HOOK)
         if hook == str(i):
@@ -245,7 +288,9 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         if hook == f"int:{i}":
             raise KeyboardInterrupt  # as Ctrl-C would, right after block i was saved
 
-    quantize_blocks(model, inputs, qcfg, dev, first=first, progress=progress, before_block=before, after_block=after)
+    quantize_blocks(model, inputs, qcfg, dev, first=first, progress=progress, before_block=before, after_block=after,
+                    store=store)
+    del inputs
 
     # the last shard: every tensor outside the blocks, straight from the source
     rest = {n: source.get(n).to(dtype).contiguous() for n in source.names() if not n.startswith(blocks_prefix + ".")}
@@ -261,8 +306,9 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
                        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                                   indent=2))
     summary = (extra_report or {}) | {"seconds": round(time.perf_counter() - t_start, 2), "layers": report}
-    for f in (STATE, ACTIVATIONS):
-        (partial / f).unlink(missing_ok=True)
+    (partial / STATE).unlink(missing_ok=True)
+    for d in [partial / SPILL, *partial.glob("activations-*")]:
+        shutil.rmtree(d, ignore_errors=True)
     write_metadata(partial, model.config, qcfg, model_dir,
                    {"quantize_report.json": json.dumps(summary, indent=2) + "\n"})
     move_into_place(partial, final)

@@ -131,3 +131,40 @@ def test_nan_weight_names_layer_when_streaming(tmp_path, tiny_tokenizer_dir):
     with pytest.raises(NonFiniteError, match=r"model.layers.1.mlp.down_proj: the weight contains NaN or Inf"):
         quantize_streaming(tmp_path / "bad", tmp_path / "o", QuantConfig(), torch.randint(0, 256, (2, 16)),
                            torch.float32, device="cpu", progress=False)
+
+
+def test_spilled_streaming_and_resume_across_modes(tmp_path, tiny_tokenizer_dir):
+    """--max-memory 0 spills every activation; a run killed while spilling resumes in memory
+    (and the other way round the state is the same files) to the same bytes as a plain run."""
+    d = sharded_tiny(tmp_path, tiny_tokenizer_dir)
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT)
+    r = run(quantize_cmd(d, tmp_path / "full", "--batch-size", "2"), text)
+    assert r.returncode == 0, r.stderr
+    r = run(quantize_cmd(d, tmp_path / "spilled", "--max-memory", "0", "--batch-size", "2"), text)
+    assert r.returncode == 0, r.stderr
+    killed = run(quantize_cmd(d, tmp_path / "resumed", "--max-memory", "0", "--batch-size", "2"), text,
+                 env={KILL_HOOK: "1"})
+    assert killed.returncode == -9
+    partial = tmp_path / "resumed.partial"
+    state = sorted(p.name for p in partial.iterdir() if p.name.startswith("activations"))
+    assert state == ["activations-00002"]  # inputs of block 2 only; older ones removed
+    assert len(list((partial / "activations-00002").glob("*.safetensors"))) == 2  # one per batch
+    assert (partial / "spill").is_dir()  # what the killed run had spilled (cleared on resume)
+    r = run(quantize_cmd(d, tmp_path / "resumed", "--batch-size", "2", "--resume"), text)
+    assert r.returncode == 0, r.stderr
+    assert not partial.exists()
+    full = tmp_path / "full"
+    for other in (tmp_path / "spilled", tmp_path / "resumed"):
+        names = sorted(p.name for p in full.iterdir())
+        assert names == sorted(p.name for p in other.iterdir())
+        for n in names:
+            if n not in ("quantize_report.json",):
+                assert (full / n).read_bytes() == (other / n).read_bytes(), (other.name, n)
+
+
+def test_bad_max_memory_is_a_clear_error(tmp_path, tiny_tokenizer_dir):
+    d = sharded_tiny(tmp_path, tiny_tokenizer_dir, layers=1)
+    r = run(quantize_cmd(d, tmp_path / "o", "--max-memory", "lots"), tmp_path / "none.txt")
+    assert r.returncode == 2 and "--max-memory" in r.stderr and "500MB" in r.stderr
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()

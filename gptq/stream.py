@@ -2,14 +2,16 @@
 
     skeleton (parameters on the meta device, buffers real)
       └─ embeddings loaded → block-0 inputs captured → embeddings released
-      └─ for each block i:  load its tensors → solve → write shard i → save next inputs
-                            + progress.json (atomically) → release its tensors
+      └─ for each block i:  load its tensors → solve → write shard i → save the next block's
+                            inputs (activations-<i+1>/) + progress.json (atomically) → release
       └─ non-block tensors copied from the source into the last shard, index, configs, rename
 
 Everything is written into ``OUT.partial``; ``--resume`` continues from the last completed
 block after a kill or Ctrl-C, and the final checkpoint is byte-identical to an uninterrupted
 run. The state carries a fingerprint of the model, settings and calibration windows; a
-mismatch is refused. Peak memory is one block + its Hessians + the calibration activations.
+mismatch is refused. Peak memory is one block + its Hessians + the calibration activations,
+and the activations themselves go to ``OUT.partial/spill`` (one file per batch) when they would
+exceed the ``max_memory`` budget (see ``activations.py``).
 """
 
 from __future__ import annotations

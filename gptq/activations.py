@@ -45,15 +45,15 @@ def _save_item(item, path: Path) -> None:
 
 
 def _load_item(path: Path, device: torch.device | str):
-    with safe_open(path, "pt", device=str(device)) as f:
+    with safe_open(path, "pt") as f:
         meta = f.metadata()
         kind = meta["kind"]
         if kind == "none":
             return None
         if kind == "tensor":
-            return f.get_tensor("0")
+            return f.get_tensor("0").to(device)
         keys = set(f.keys())
-        return tuple(f.get_tensor(str(k)) if str(k) in keys else None for k in range(int(meta["n"])))
+        return tuple(f.get_tensor(str(k)).to(device) if str(k) in keys else None for k in range(int(meta["n"])))
 
 
 class SpillList(Sequence):

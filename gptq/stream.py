@@ -144,6 +144,13 @@ def _atomic_save(tensors: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _size(n: int) -> str:
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= f:
+            return f"{n / f:.2f} {unit}"
+    return f"{n} bytes"
+
+
 def _save_inputs(inputs, partial: Path, block: int) -> str:
     """Block ``block``'s input hidden states, one file per batch, as a folder that appears whole
     (renamed into place); spilled batches are hard-linked rather than copied."""
@@ -239,8 +246,8 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         free = shutil.disk_usage(partial).free
         if free < need:
             shutil.rmtree(partial, ignore_errors=True)
-            raise OSError(f"not enough disk space in {partial.parent}: about {need / 1e9:.2f} GB needed, "
-                          f"{free / 1e9:.2f} GB free")
+            raise OSError(f"not enough disk space in {partial.parent}: about {_size(need)} needed, {_size(free)} free; "
+                          "free some space or choose another --out")
 
     mat = Materializer(model, source, dtype)
     blocks_prefix = arch.blocks

@@ -168,3 +168,27 @@ def test_bad_max_memory_is_a_clear_error(tmp_path, tiny_tokenizer_dir):
     r = run(quantize_cmd(d, tmp_path / "o", "--max-memory", "lots"), tmp_path / "none.txt")
     assert r.returncode == 2 and "--max-memory" in r.stderr and "500MB" in r.stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_not_enough_disk_is_refused_before_any_work(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    import re
+    from collections import namedtuple
+
+    import gptq.stream as stream
+
+    d = sharded_tiny(tmp_path, tiny_tokenizer_dir, layers=2)
+    windows = torch.randint(0, 256, (4, 32))
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(stream.shutil, "disk_usage", lambda p: Usage(10**12, 10**12 - 1000, 1000))
+    loaded = []
+    monkeypatch.setattr(stream.TensorSource, "get", lambda self, name: loaded.append(name))
+    needs = []
+    for mm in (None, 0):
+        with pytest.raises(OSError, match="not enough disk space") as e:
+            quantize_streaming(d, tmp_path / "o", QuantConfig(), windows, torch.float32, device="cpu", progress=False,
+                               max_memory=mm)
+        number, unit = re.search(r"about ([\d.]+) (GB|MB|kB|bytes) needed", str(e.value)).groups()
+        needs.append(float(number) * {"GB": 1e9, "MB": 1e6, "kB": 1e3, "bytes": 1}[unit])
+        assert not loaded  # refused before a single tensor was read
+        assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    assert needs[1] > needs[0]  # spilling needs room for the activations too

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from .capture import BlockInputs
 
 
-def _save_item(item, path: Path) -> None:
+def save_item(item, path: Path) -> None:
     """A tensor, a tuple of tensors/None, or None, as one safetensors file (written atomically)."""
     if item is None:
         tensors, meta = {}, {"kind": "none"}
@@ -44,7 +44,7 @@ def _save_item(item, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _load_item(path: Path, device: torch.device | str):
+def load_item(path: Path, device: torch.device | str):
     with safe_open(path, "pt") as f:
         meta = f.metadata()
         kind = meta["kind"]
@@ -73,7 +73,7 @@ class SpillList(Sequence):
 
     def append(self, item) -> None:
         try:
-            _save_item(item, self._path(self._n))
+            save_item(item, self._path(self._n))
         except TypeError:
             self._kept[self._n] = item
         self._n += 1
@@ -90,7 +90,7 @@ class SpillList(Sequence):
             raise IndexError(k)
         if k in self._kept:
             return self._kept[k]
-        return _load_item(self._path(k), self.device)
+        return load_item(self._path(k), self.device)
 
     def __iter__(self):
         return (self[k] for k in range(self._n))

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .activations import (Activations, SpilledInputs, _load_item, _save_item, activation_bytes, block_args,
+from .activations import (Activations, SpilledInputs, load_item, save_item, activation_bytes, block_args,
                           should_spill)
 from .architectures import for_config, get_module
 from .config import QuantConfig
@@ -167,7 +167,7 @@ def _save_inputs(inputs, partial: Path, block: int) -> str:
                 shutil.copyfile(f, tmp / f"{k:06d}.safetensors")
     else:
         for k, x in enumerate(inputs):
-            _save_item(x.hidden, tmp / f"{k:06d}.safetensors")
+            save_item(x.hidden, tmp / f"{k:06d}.safetensors")
     os.replace(tmp, partial / name)
     return name
 
@@ -180,7 +180,7 @@ def _restore_inputs(folder: Path, inputs, store: Activations):
                           f"{len(inputs)} batches); pass --overwrite to start over")
     hidden = store.new()
     for f in files:
-        hidden.append(_load_item(f, store.device))
+        hidden.append(load_item(f, store.device))
     return store.inputs(hidden, block_args(inputs))
 
 

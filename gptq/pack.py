@@ -28,7 +28,7 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack along dim 0: [n, m] ints in [0, 2**bits) → [n·bits/32, m] int32."""
     n, m = values.shape
     _check(n, bits, "pack")
-    if values.numel() and (values.min() < 0 or values.max() >= 2**bits):
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 2**bits):  # ints: no uint8 wrap-around
         raise ValueError(f"pack: values outside [0, {2**bits - 1}] for {bits}-bit packing")
     if 8 % bits == 0 and sys.byteorder == "little":
         return _pack_bytes(values, bits)

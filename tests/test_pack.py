@@ -43,6 +43,8 @@ def test_byte_fast_path_equals_the_bit_stream_definition(bits):
     assert torch.equal(words, _pack_stream(v, bits))
     assert torch.equal(unpack_rows(words, bits), v)
     assert torch.equal(_unpack_stream(words, bits, 96), v)
+    # the solver hands over uint8 codes: 255 is a valid 8-bit code, not an overflow
+    assert torch.equal(pack_rows(v.to(torch.uint8), bits), words)
 
 
 def test_three_bit_layout_from_the_document():

@@ -207,3 +207,20 @@ def test_docstring_worked_example():
         return float(e @ H @ e.T)
     assert abs(out_err(torch.tensor([[1.0, 1.0]], dtype=torch.float64)) - 0.608) < 1e-9
     assert abs(out_err(torch.tensor([[1.0, 0.0]], dtype=torch.float64)) - 0.088) < 1e-9
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+def test_packed_result_dequantizes_to_the_solved_weight(bits, sym):
+    """solve → pack (the uint8 codes, every width, the top code included) → dequantize: exact."""
+    from gptq.pack import dequantize_packed
+    from gptq.pipeline import pack_result
+
+    X, H = correlated()
+    W = torch.randn(32, 96, generator=torch.Generator().manual_seed(7)) * 3
+    cfg = QuantConfig(bits=bits, group_size=32, act_order=True, sym=sym)
+    r = solve(W, H, cfg)
+    assert r.codes.dtype == torch.uint8 and int(r.codes.max()) == 2**bits - 1
+    p = pack_result(r, torch.nn.Linear(96, 32, bias=False), cfg)
+    W_hat = dequantize_packed(p.qweight, p.qzeros, p.scales, p.g_idx, bits, cfg.checkpoint_format)
+    assert torch.equal(W_hat, r.weight)

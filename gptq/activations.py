@@ -150,8 +150,12 @@ def activation_bytes(config, nsamples: int, seqlen: int, dtype: torch.dtype) -> 
     return nsamples * seqlen * (4 * hidden + inter) * torch.empty((), dtype=dtype).element_size()
 
 
-def available_memory() -> int:
-    """Bytes of memory available to new allocations (MemAvailable on Linux)."""
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes available to new allocations where the activations would live: the GPU's free
+    memory for a CUDA device, else the host's (MemAvailable on Linux)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -161,9 +165,10 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def should_spill(needed: int, budget: int | None) -> bool:
-    """Spill when the activations would exceed the budget (default: half the available memory)."""
-    return needed > (available_memory() // 2 if budget is None else budget)
+def should_spill(needed: int, budget: int | None, device: torch.device | str = "cpu") -> bool:
+    """Spill when the activations would exceed the budget (default: half the memory available on
+    ``device``, where the in-memory activations would be kept)."""
+    return needed > (available_memory(device) // 2 if budget is None else budget)
 
 
 def block_args(inputs) -> list[tuple[tuple, dict]]:

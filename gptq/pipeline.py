@@ -206,7 +206,7 @@ def quantize_model(
     dev = resolve_device(device)
     model.eval()
     dtype = next(model.parameters()).dtype
-    spill = should_spill(activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype), max_memory)
+    spill = should_spill(activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype), max_memory, dev)
     packed: dict[str, PackedLinear] = {}
     report: list[LayerReport] = []
 

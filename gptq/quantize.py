@@ -1,7 +1,8 @@
 """python -m gptq.quantize MODEL [--dataset c4] [--bits 4] [--group-size 128] [--out DIR] ...
 
 Quantize a Hugging Face causal LM with GPTQ and write a packed checkpoint that transformers,
-vLLM and TGI load. See ``--help`` for every setting and its default.
+vLLM and TGI load. Streams the model block by block from its safetensors shards, keeps
+resumable progress (--resume), and spills calibration activations to disk above --max-memory.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gptq.quantize", description=__doc__.split("\n\n")[1],
+    p = argparse.ArgumentParser(prog="python -m gptq.quantize", description=__doc__.split("\n\n")[1].strip(),
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = QuantConfig()
     c = CalibConfig()
@@ -78,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-memory", default="auto", metavar="SIZE",
                    help="memory budget for the calibration activations (e.g. 4GB, 500MB; 0 = always spill): "
                         "above it they are spilled to disk batch by batch, next to the output (or in TMPDIR with "
-                        "--no-stream); the result is the same. auto = half the memory available at the start "
-                        "(default: %(default)s)")
+                        "--no-stream); the result is the same. auto = half the memory available at the start, on the "
+                        "GPU with --device cuda (default: %(default)s)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -238,7 +238,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
             raise ResumeError(f"an interrupted run left {partial}; rerun the same command with --resume to continue "
                               "it, or pass --overwrite to start over")
     act_bytes = activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype)
-    spill = should_spill(act_bytes, max_memory)
+    spill = should_spill(act_bytes, max_memory, dev)
     if state is None:
         partial.mkdir(parents=True, exist_ok=True)
         need = (_estimate_output_bytes(source, arch, qcfg) + windows.numel() * model.config.hidden_size * 2

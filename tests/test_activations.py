@@ -46,11 +46,14 @@ def test_spilled_inputs_keep_arguments_in_memory(tmp_path):
     assert isinstance(mem, list) and block_args(mem) == rest
 
 
-def test_activation_estimate_and_decision():
+def test_activation_estimate_and_decision(monkeypatch):
     cfg = tiny_model("llama").config  # hidden 64, intermediate 128
     assert activation_bytes(cfg, 8, 32, torch.bfloat16) == 8 * 32 * (4 * 64 + 128) * 2
     assert should_spill(1, 0) and not should_spill(100, 100) and should_spill(101, 100)
     assert not should_spill(1, None)  # auto: half the available memory
+    # on a GPU the in-memory activations live in GPU memory: auto follows its free memory
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 8000))
+    assert not should_spill(500, None, "cuda") and should_spill(501, None, "cuda:0")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .architectures import for_config, get_module
 from .capture import (BlockInputs, StopForward, first_block_inputs, hessians, move, record_io, record_outputs,
                       replay_outputs, run_block, set_weight_matrix, stop_after, weight_matrix)
-from .activations import Activations, activation_bytes, block_args, should_spill
+from .activations import Activations, activation_bytes, block_args, return_free_memory, should_spill
 from .config import QuantConfig
 from .pack import pack_qweight, pack_qzeros
 from .solver import SolveResult, round_to_nearest, solve
@@ -276,3 +276,6 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
         block.to(home)
         if after_block is not None:
             after_block(i, block, packed_i, report_i, inputs if i + 1 < len(blocks) else None)
+        del packed_i, report_i
+        if store.spilling:  # batches read back from disk fragment the heap: ~30 MB per block otherwise
+            return_free_memory()

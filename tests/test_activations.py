@@ -82,3 +82,16 @@ def test_spilled_run_is_bit_identical(family, monkeypatch):
         assert torch.equal(pa[k].scales, pb[k].scales), k
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_heap_returned_between_blocks_only_when_spilling(monkeypatch):
+    import gptq.pipeline as pl
+
+    calls = []
+    monkeypatch.setattr(pl, "return_free_memory", lambda: calls.append(1))
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2))
+    model = tiny_model("llama")
+    quantize_model(model, ids, QuantConfig(), device="cpu", progress=False, max_memory=0)
+    assert len(calls) == model.config.num_hidden_layers
+    quantize_model(tiny_model("llama"), ids, QuantConfig(), device="cpu", progress=False)
+    assert len(calls) == model.config.num_hidden_layers  # memory mode: left to the allocator

@@ -12,9 +12,9 @@ Only the block being solved sits on the compute device. Per-architecture knowled
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Sequence
-import tempfile
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .activations import Activations, activation_bytes, block_args, return_free_memory, should_spill
 from .architectures import for_config, get_module
 from .capture import (BlockInputs, StopForward, first_block_inputs, hessians, move, record_io, record_outputs,
                       replay_outputs, run_block, set_weight_matrix, stop_after, weight_matrix)
-from .activations import Activations, activation_bytes, block_args, return_free_memory, should_spill
 from .config import QuantConfig
 from .pack import pack_qweight, pack_qzeros
 from .solver import SolveResult, round_to_nearest, solve

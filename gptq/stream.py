@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .activations import (Activations, SpilledInputs, load_item, save_item, activation_bytes, block_args,
+from .activations import (Activations, SpilledInputs, activation_bytes, block_args, load_item, save_item,
                           should_spill)
 from .architectures import for_config, get_module
 from .config import QuantConfig

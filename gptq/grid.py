@@ -80,8 +80,10 @@ def _best_shrink(w, xmin, xmax, shrink, maxq, sym, min_zero, col_weight):
     s, z = _range_to_grid(shrink * xmin, shrink * xmax, maxq, sym, min_zero)  # [P, out]
     cw = torch.ones(w.shape[1], dtype=w.dtype, device=w.device) if col_weight is None else col_weight.to(w.dtype)
     P, out = s.shape
-    # rows are independent: work on row chunks whose [P, rows, k] temporary (~4 MB) stays in cache
-    step = max(1, (1 << 20) // (P * w.shape[1])) if w.device.type == "cpu" else out
+    # rows are independent: work on row chunks whose [P, rows, k] temporary stays in cache on a
+    # CPU (~4 MB) and bounded on a GPU (~256 MB)
+    budget = 1 << 20 if w.device.type == "cpu" else 1 << 26
+    step = max(1, budget // (P * w.shape[1]))
     picks = []
     for r0 in range(0, out, step):
         wr = w[None, r0 : r0 + step]  # [1, rows, k]

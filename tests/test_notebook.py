@@ -5,7 +5,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_walkthrough_executes(smollm2_dir):
+def test_walkthrough_executes(smollm2_dir, wikitext):  # the notebook reads ../shared's WikiText-2 when present
     pytest.importorskip("nbclient")
     from gptq.bench import notebook
 

@@ -10,6 +10,7 @@ scale    streaming quantization of synthetic Llama-shaped models of growing dept
 spill    one synthetic model and a larger calibration set, activations in memory vs spilled to
          disk (--max-memory 0): peak RSS, seconds, identical checkpoints.
 ablation the quality benchmark with act-order, MSE clipping or true-sequential switched off.
+act-order the quality benchmark under each --act-order mode (none, static, group-aware, dynamic).
 kernel   CUDA only: Triton dequant-matmul vs fp16 torch.matmul on Llama-7B/70B layer shapes at
          batch 1/16/64/256, ratio and achieved GB/s. Without a GPU it says so and exits 0.
 Figures are printed and written as JSON under --out (default bench-results/).
@@ -98,14 +99,15 @@ def quality(out: Path) -> dict:
 
 ABLATIONS = {  # each row: our defaults with one setting switched off
     "defaults": [],
-    "no act-order": ["--no-act-order"],
+    "no act-order": ["--act-order", "none"],
     "no MSE clipping": ["--no-mse"],
     "no true-sequential": ["--no-true-sequential"],
 }
+ACT_ORDER_ROWS = {f"--act-order {m}": ["--act-order", m] for m in ("none", "static", "group-aware", "dynamic")}
 
 
-def ablation(out: Path) -> dict:
-    """Why the defaults are what they are: the quality benchmark with one setting off at a time."""
+def ablation(out: Path, rows_flags: dict[str, list[str]] = ABLATIONS, name: str = "ablation") -> dict:
+    """Why the defaults are what they are: the quality benchmark with one setting changed at a time."""
     from transformers import AutoTokenizer
 
     from .assets import smollm2
@@ -117,19 +119,21 @@ def ablation(out: Path) -> dict:
     tok = AutoTokenizer.from_pretrained(model_dir)
     windows = eval_windows(tok, str(_wiki("wiki.test.raw")), 2048, 8)
     rows = {}
-    for label, flags in ABLATIONS.items():
-        ckpt = out / "ablation-ckpt"
+    for label, flags in rows_flags.items():
+        ckpt = out / f"{name}-ckpt"
         cmd = [sys.executable, "-m", "gptq.quantize", str(model_dir), "--dataset", str(_wiki("valid.tokens.txt")),
                "--nsamples", "32", "--seqlen", "512", "--bits", "4", "--group-size", "64",
                "--out", str(ckpt), "--overwrite", "--quiet", *flags]
         print("$", " ".join(cmd[1:]))
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         seconds = json.loads((ckpt / "quantize_report.json").read_text())["seconds"]
+        qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
         q, _ = load(ckpt, device="cpu", backend="torch", dtype="float32")
-        rows[label] = {"flags": " ".join(flags), "ppl": round(perplexity(q, windows), 2), "seconds": seconds}
+        rows[label] = {"flags": " ".join(flags), "ppl": round(perplexity(q, windows), 2), "seconds": seconds,
+                       "desc_act": qc["desc_act"]}
         print(label, rows[label])
     result = {"setup": "as the quality benchmark (4-bit g64 sym, 32 x 512 calibration, 8 x 2048 eval)", "rows": rows}
-    _write(out, "ablation", result)
+    _write(out, name, result)
     return result
 
 
@@ -377,7 +381,8 @@ def notebook(quick: bool = False):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gptq.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["quality", "decode", "kernel", "ablation", "scale", "spill", "notebook", "all"])
+    p.add_argument("what", choices=["quality", "decode", "kernel", "ablation", "act-order", "scale", "spill", "notebook",
+                                    "all"])
     p.add_argument("--13b", dest="with_13b", action="store_true",
                    help="scale: also the 13B-shaped model (about 26 GB on disk, hours on 2 cores)")
     p.add_argument("--out", default="bench-results", help="folder for JSON results and the checkpoint")
@@ -395,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         spill(out)
     if a.what == "ablation":
         ablation(out)
+    if a.what == "act-order":
+        ablation(out, ACT_ORDER_ROWS, "act_order")
     if a.what == "notebook":
         notebook()
     return 0

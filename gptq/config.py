@@ -6,6 +6,14 @@ from dataclasses import asdict, dataclass
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+# the order in which the solver visits input columns, and whether that shows in g_idx:
+#   none         input order; g_idx = k // group
+#   static       descending diag(H), grids fixed from the unquantized W first; g_idx = k // group
+#   group-aware  groups by importance, columns by diag(H) inside each group; grids from the
+#                error-updated columns as each group comes up; g_idx = k // group (the default)
+#   dynamic      descending diag(H) across groups; grids as groups of the *solve* order come up,
+#                so g_idx is a permutation (desc_act: true; vLLM >= 0.32 refuses it)
+ACT_ORDERS = ("none", "static", "group-aware", "dynamic")
 
 
 class ConfigError(ValueError):
@@ -19,8 +27,8 @@ class QuantConfig:
     bits:            2, 3, 4 or 8.
     group_size:      input columns sharing one (scale, zero) per output row; -1 = whole row.
     sym:             symmetric grid (zero fixed at 2**(bits-1)); asymmetric otherwise.
-    act_order:       solve columns in descending diag(H) order (the paper's "desc_act").
-    static_groups:   with act_order, fix all group grids before solving, so g_idx stays k // g.
+    act_order:       column order, one of ACT_ORDERS (above). Booleans are accepted for the
+                     older API: True = "dynamic" (the paper's desc_act), False = "none".
     true_sequential: quantize q/k/v, then o, then up/gate, then down, each on inputs that the
                      already-quantized linears produce.
     damp:            fraction of mean(diag H) added to the diagonal before the Cholesky.
@@ -32,8 +40,7 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = True
-    act_order: bool = True
-    static_groups: bool = False
+    act_order: str = "group-aware"
     true_sequential: bool = True
     damp: float = 0.01
     block_size: int = 128
@@ -41,6 +48,10 @@ class QuantConfig:
     checkpoint_format: str = "gptq"
 
     def __post_init__(self) -> None:
+        if isinstance(self.act_order, bool):
+            object.__setattr__(self, "act_order", "dynamic" if self.act_order else "none")
+        if self.act_order not in ACT_ORDERS:
+            raise ConfigError(f"act_order={self.act_order!r}; choose one of {ACT_ORDERS}")
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
         if self.group_size != -1 and self.group_size < 1:
@@ -67,9 +78,11 @@ class QuantConfig:
             "quant_method": "gptq",
             "bits": self.bits,
             "group_size": self.group_size,
-            "desc_act": self.act_order,
+            # only the dynamic order leaves a permuted g_idx: every other mode keeps k // group
+            "desc_act": self.act_order == "dynamic",
             "sym": self.sym,
-            "static_groups": self.static_groups,
+            "static_groups": self.act_order == "static",
+            "act_order": self.act_order,
             "true_sequential": self.true_sequential,
             "damp_percent": self.damp,
             "checkpoint_format": self.checkpoint_format,

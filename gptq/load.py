@@ -138,7 +138,11 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, backend: str) 
         return getattr(torch, dtype)
     if device.type == "cuda":
         return torch.float16
-    return torch.bfloat16 if backend == "cpu" else torch.float32
+    if backend == "cpu":  # bf16 activations for the int4 kernel only where the CPU has native bf16
+        from .cpu import fast_dtype
+
+        return fast_dtype()
+    return torch.float32
 
 
 def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: str | torch.dtype = "auto"):

@@ -6,7 +6,10 @@ Backends (``prepare(backend)`` picks one; ``load`` chooses automatically):
   cpu     4-bit: torch's packed-int4 CPU matmul (``_weight_int4pack_mm_for_cpu``), which reads
           the packed weights directly; scales and zero offsets in bf16. Fast batch-1 decoding.
           The codes are repacked into torch's int4 layout once, and the GPTQ-layout qweight,
-          qzeros and scales are released (left as shape-only meta tensors).
+          qzeros and scales are released (left as shape-only meta tensors). For long prompts
+          (≥ DEQUANT_MIN_ROWS rows) the int4 weight is dequantized into a buffer shared by the
+          layers of one shape, then multiplied densely in the activation dtype: on CPUs without
+          native bf16 the int4 kernel's bf16 arithmetic is slower than the fp32 dense matmul.
   dense   keeps a dequantized copy in the activation dtype (asked for explicitly, or on CPU for
           2/3/8 bits where no packed CPU kernel exists).
 
@@ -27,6 +30,21 @@ from .kernels.reference import dequant_matmul_reference
 
 BACKENDS = ("torch", "triton", "cpu", "dense")
 INT4_CPU_GROUPS = (256, 128, 64, 32)
+DEQUANT_MIN_ROWS = 128  # cpu backend: from this many rows on, dequantize + dense matmul (bench cpu-kernel)
+
+
+class SharedBuffers:
+    """One scratch tensor per (shape, dtype), shared by every layer of a model: the cpu backend
+    dequantizes a layer into it for a long prompt, then the next layer reuses it."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        key = (shape, dtype)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=dtype)
+        return self._buffers[key]
 
 
 class PermutedInput:
@@ -47,9 +65,12 @@ class PermutedInput:
 
 
 def share_permutations(layers: list["QuantLinear"]) -> None:
-    """Give layers whose act-order permutations are equal one ``PermutedInput``."""
+    """Give layers whose act-order permutations are equal one ``PermutedInput``, and every layer
+    the model's ``SharedBuffers``."""
     shared: dict[tuple, PermutedInput] = {}
+    buffers = SharedBuffers()
     for layer in layers:
+        layer._state["buffers"] = buffers
         perm = layer._state.get("perm")
         if perm is None:
             continue
@@ -184,11 +205,16 @@ class QuantLinear(nn.Module):
         s = scales[g_of_sub]  # [n_sub, out]
         # int4pack computes w = (q − 8)·s + offset; GPTQ's w = s·(q − z) ⇒ offset = s·(8 − z)
         offset = s * (8 - zeros[g_of_sub])
+        from .cpu import int4pack_layout
+
+        layout = int4pack_layout()
         self._state = {
             "perm": perm,
             "w": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.T.contiguous(), 1),
             "sz": torch.stack([s, offset], dim=-1).to(torch.bfloat16).contiguous(),  # [n_sub, out, 2]
             "sub": sub,
+            # the layout lets long prompts dequantize the int4 weight (None: always the kernel)
+            "layout": layout if layout is not None and self.out_features % layout[0] == 0 else None,
         }
         # the int4 layout now holds the same codes: release the GPTQ-layout copies (they stay on
         # disk) so the layer is resident at ~28 % of its bf16 size instead of ~55 %
@@ -197,16 +223,33 @@ class QuantLinear(nn.Module):
             setattr(self, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
         return "cpu"
 
+    def _dequantized_t(self, dtype: torch.dtype) -> torch.Tensor:
+        """cpu backend: Ŵᵀ [in, out] (sorted input order) from the int4 weight, in a shared buffer."""
+        from .cpu import int4pack_codes_t
+
+        st = self._state
+        K, N = self.in_features, self.out_features
+        buf = st["buffers"].get((K, N), dtype) if "buffers" in st else torch.empty(K, N, dtype=dtype)
+        int4pack_codes_t(st["w"], N, K, st["layout"], out=buf)  # codes q
+        s = st["sz"][..., 0].float()  # [n_sub, out]
+        off = st["sz"][..., 1].float() - 8 * s  # w = (q − 8)·s + offset = q·s + off
+        buf.view(K // st["sub"], st["sub"], N).mul_(s.to(dtype)[:, None, :]).add_(off.to(dtype)[:, None, :])
+        return buf
+
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         if self.backend == "cpu":
             st = self._state
-            xb = x2.to(torch.bfloat16)
+            dense = x2.shape[0] >= DEQUANT_MIN_ROWS and st["layout"] is not None
+            xb = x2 if dense else x2.to(torch.bfloat16)
             if st["perm"] is not None:
                 xb = st["permute"](xb) if "permute" in st else xb.index_select(-1, st["perm"])
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), st["w"], st["sub"], st["sz"])
+            if dense:
+                y = xb @ self._dequantized_t(xb.dtype)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), st["w"], st["sub"], st["sz"])
             y = y.to(x.dtype)
         elif self.backend == "triton":
             from .kernels.triton_dequant import dequant_matmul

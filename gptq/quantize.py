@@ -15,11 +15,12 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import ConfigError, QuantConfig, CalibConfig
+from .config import ACT_ORDERS, CalibConfig, ConfigError, QuantConfig
 
-EPILOG = """defaults: 4-bit, group 128, symmetric, act-order on, MSE clipping on, true-sequential on,
-damp 0.01, 128 windows x 2048 tokens of C4. Act-order and MSE clipping were chosen by measurement
-(README, "Choosing the defaults"); they add no inference cost.
+EPILOG = """defaults: 4-bit, group 128, symmetric, group-aware act-order, MSE clipping on, true-sequential
+on, damp 0.01, 128 windows x 2048 tokens of C4. The act-order mode and MSE clipping were chosen by
+measurement (README, "Choosing the defaults"); they add no inference cost, and the default
+checkpoint keeps g_idx = k // group (desc_act false), which vLLM, TGI and GPTQModel all serve.
 
 examples:
   python -m gptq.quantize ./Llama-3-8B --dataset c4 --bits 4
@@ -54,10 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input columns per (scale, zero); -1 = one per output row (default: %(default)s)")
     q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=d.sym,
                    help="symmetric grid; --no-sym for asymmetric (default: %(default)s)")
-    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=d.act_order,
-                   help="solve columns by descending Hessian diagonal (desc_act) (default: %(default)s)")
-    q.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=d.static_groups,
-                   help="with act-order, fix group grids up front so g_idx stays k//group (default: %(default)s)")
+    q.add_argument("--act-order", choices=ACT_ORDERS, default=d.act_order,
+                   help="order the columns are solved in: none (input order), static (by Hessian diagonal, grids "
+                        "fixed first), group-aware (groups by importance, columns by diagonal inside each; grids "
+                        "fitted as each group comes up), dynamic (by diagonal across groups: permuted g_idx, "
+                        "desc_act true, which vLLM >= 0.32 refuses). All but dynamic keep g_idx = k // group "
+                        "(default: %(default)s)")
+    q.add_argument("--no-act-order", dest="act_order", action="store_const", const="none",
+                   help="same as --act-order none")
+    q.add_argument("--static-groups", dest="act_order", action="store_const", const="static",
+                   help="same as --act-order static")
     q.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=d.true_sequential,
                    help="quantize q/k/v, o, up/gate, down in turn on already-quantized inputs (default: %(default)s)")
     q.add_argument("--mse", action=argparse.BooleanOptionalAction, default=d.mse,
@@ -72,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype the blocks run in while calibrating (Hessians and the solve are always float32); "
-                        "auto = the model's own dtype, float16 → float32 on CPU (default: %(default)s)")
+                        "auto = the model's own dtype on GPU; on CPU bfloat16 only where the CPU multiplies it "
+                        "natively (measured), else float32 (default: %(default)s)")
     r.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass (default: %(default)s)")
     r.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard with --no-stream; streaming writes one shard per decoder block "
                         "(default: %(default)s)")
@@ -114,15 +122,33 @@ def check_model_dir(path: str):
 
 
 def calib_dtype(config, dtype: str, device: str):
-    """auto: the model's own dtype, except float16 on CPU (slow there) → float32."""
+    """auto: the model's own dtype, except on a CPU, where half precision runs in float32 unless the
+    CPU multiplies bf16 natively (measured once, ``gptq.cpu.fast_dtype``); float16 → float32 there too."""
     import torch
 
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if dtype == "auto":
         own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         own = getattr(torch, own) if isinstance(own, str) else own
-        return torch.float32 if (on_cpu and own == torch.float16) else own
+        if on_cpu and own in (torch.float16, torch.bfloat16):
+            from .cpu import fast_dtype
+
+            return torch.bfloat16 if (own == torch.bfloat16 and fast_dtype() == torch.bfloat16) else torch.float32
+        return own
     return getattr(torch, dtype)
+
+
+def compute_record(dtype, device: str) -> dict:
+    """What the forwards ran in, and on which CPU: recorded in quantize_report.json."""
+    import torch
+
+    from .cpu import cpu_info
+
+    dev = "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    rec = {"device": dev, "dtype": str(dtype).removeprefix("torch."), "cpu": cpu_info()}
+    if dev == "cuda":
+        rec["gpu"] = torch.cuda.get_device_name()
+    return rec
 
 
 def load_model(path: str, dtype: str, device: str):
@@ -169,11 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         qcfg = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
-                           static_groups=args.static_groups, true_sequential=args.true_sequential, damp=args.damp,
+                           true_sequential=args.true_sequential, damp=args.damp,
                            block_size=args.block_size, mse=args.mse, checkpoint_format=args.checkpoint_format)
         ccfg = CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
+        if qcfg.act_order == "dynamic" and qcfg.group_size != -1:
+            warnings.warn("--act-order dynamic writes desc_act: true with a permuted g_idx; vLLM >= 0.32 refuses "
+                          "such checkpoints (GPTQ group activation ordering). --act-order group-aware, the default, "
+                          "keeps g_idx = k // group at nearly the same quality.", stacklevel=1)
         from .save import parse_size, prepare_output
 
         shard_bytes = parse_size(args.max_shard_size)
@@ -198,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             from .stream import quantize_streaming, skeleton
 
             config = check_model_dir(args.model)
+            summary["compute"] = compute_record(calib_dtype(config, args.dtype, args.device), args.device)
             warn_group_divisibility(skeleton(args.model, torch.float32), qcfg)
             windows = calibration_windows(AutoTokenizer.from_pretrained(args.model), config, ccfg)
             summary["calibration"]["windows"] = list(windows.shape)
@@ -209,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - t0
         else:
             model, tokenizer = load_model(args.model, args.dtype, args.device)
+            summary["compute"] = compute_record(next(model.parameters()).dtype, args.device)
             windows = calibration_windows(tokenizer, model.config, ccfg)
             warn_group_divisibility(model, qcfg)
             packed, report = quantize_model(model, windows, qcfg, device=args.device, batch_size=args.batch_size,

@@ -70,6 +70,51 @@ def _grid(w: torch.Tensor, config: QuantConfig, col_weight: torch.Tensor | None)
     return find_grid(w, config.bits, config.sym, config.mse, col_weight, _min_zero(config))
 
 
+def solve_order(diag: torch.Tensor, gs: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The order the columns are solved in, and the group each solved column belongs to.
+
+    diag: [n] diag(H). Returns perm [n] (solve position → input column) and group_of [n]
+    (solve position → group index, i.e. the g_idx of column perm[j]). Example, n = 6, groups of
+    3, diag = [1, 9, 2, 5, 7, 3]:
+
+        none         perm [0 1 2 3 4 5]   group_of [0 0 0 1 1 1]
+        static       perm [1 4 3 5 2 0]   group_of [0 1 1 1 0 0]   (grids fixed up front)
+        group-aware  perm [1 2 0 4 3 5]   group_of [0 0 0 1 1 1]   (group 0 holds the 9)
+        dynamic      perm [1 4 3 5 2 0]   group_of [0 0 0 1 1 1]   (g_idx becomes [1 0 1 0 0 1])
+
+    Group-aware ranks groups by their largest diag(H) (their most important column) and sorts
+    columns inside each group, as GPTQModel's group-aware reordering does; a group's columns are
+    then solved consecutively, so its grid is fitted to error-updated columns (like dynamic) while
+    g_idx stays k // group (like static)."""
+    n = diag.numel()
+    cols = torch.arange(n, device=diag.device)
+    if mode == "none":
+        return cols, cols // gs
+    by_diag = torch.argsort(diag, descending=True, stable=True)
+    if mode == "static":
+        return by_diag, by_diag // gs
+    if mode == "dynamic":
+        return by_diag, cols // gs
+    if mode != "group-aware":
+        raise ValueError(f"unknown act-order mode {mode!r}")
+    group = cols // gs  # [n]
+    ng = int(group[-1]) + 1
+    gmax = torch.full((ng,), -math.inf, dtype=diag.dtype, device=diag.device).scatter_reduce(
+        0, group, diag, "amax")  # [groups] most important column of each group
+    rank = torch.empty(ng, dtype=torch.int64, device=diag.device)
+    rank[torch.argsort(gmax, descending=True, stable=True)] = torch.arange(ng, device=diag.device)
+    # sort by (rank of the column's group, descending diag): two stable sorts
+    perm = by_diag[torch.argsort(rank[group[by_diag]], stable=True)]
+    return perm, perm // gs
+
+
+def _group_ends(group_of: torch.Tensor) -> dict[int, int]:
+    """{j: end} for each run of equal groups in solve order, starting at j and ending before end."""
+    g = group_of.tolist()
+    starts = [j for j in range(len(g)) if j == 0 or g[j] != g[j - 1]]
+    return dict(zip(starts, starts[1:] + [len(g)]))
+
+
 @torch.no_grad()
 def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "layer") -> SolveResult:
     """Quantize ``W`` [out, in] against the Hessian ``H`` [in, in]. Pure: inputs are not modified.
@@ -88,9 +133,8 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
 
     dead = dead_columns(H)  # always-zero inputs: H = 1 and W = 0 there
     diag = torch.diag(H).to(dtype).masked_fill(dead, 1)
-    perm = torch.argsort(diag, descending=True, stable=True) if config.act_order else torch.arange(n)
-    perm = perm.to(W.device)
-    static = config.static_groups or config.group_size == -1  # grids fixed before solving
+    perm, group_of = (t.to(W.device) for t in solve_order(diag, gs, config.act_order))  # [n], [n] solve order
+    static = config.act_order == "static" or config.group_size == -1  # grids fixed before solving
     scales = torch.zeros(ng, rows, dtype=dtype, device=W.device)
     zeros = torch.zeros(ng, rows, dtype=dtype, device=W.device)
     if static:
@@ -99,9 +143,7 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
             grid = _grid(W0[:, g * gs : (g + 1) * gs], config, None)
             scales[g], zeros[g] = grid.scale, grid.zero
         del W0
-        group_of = (perm // gs).to(torch.int64)  # [n] group of the j-th solved column
-    else:
-        group_of = torch.arange(n, device=W.device) // gs
+    group_end = _group_ends(group_of)  # {solve position where a group starts: where it ends}
 
     Hp = H[perm[:, None], perm[None, :]].to(dtype)  # [n, n] solve order, our own copy
     dead_p = dead[perm]
@@ -126,14 +168,14 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
         U1 = U[i1:i2, i1:i2]  # [b, b]
         for i in range(i2 - i1):
             j = i1 + i
-            if not static and j % gs == 0:
-                end = min(j + gs, n)
+            if not static and j in group_end:
+                end = group_end[j]
                 cur = W1[i : min(end, i2) - i1]
                 if end > i2:  # group reaches past the block: apply the pending updates
                     rest = WT[i2:end] - U[i1:j, i2:end].T @ Err1[:i]
                     cur = torch.cat([cur, rest], dim=0)
                 grid = _grid(cur.T.contiguous(), config, col_weight[j:end])
-                scales[j // gs], zeros[j // gs] = grid.scale, grid.zero
+                scales[group_list[j]], zeros[group_list[j]] = grid.scale, grid.zero
             g = group_list[j]
             s, z = scales[g], zeros[g]  # [out]
             w = W1[i]  # [out]

@@ -103,6 +103,51 @@ def test_cpu_int4_matches_reference(group_size, act_order, batch):
     assert ((y - ref).norm() / ref.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_cpu_int4_long_prompts_dequantize_the_same_weight(dtype, act_order):
+    """From DEQUANT_MIN_ROWS rows on, the cpu backend multiplies a dequantized copy of its own int4
+    weight: the same weight the kernel uses, so both paths agree with the reference and each other."""
+    from gptq.cpu import int4pack_layout
+    from gptq.qlinear import DEQUANT_MIN_ROWS, SharedBuffers
+
+    layer = make_layer(576, 128, 4, 64, act_order, seed=4)
+    x = torch.randn(DEQUANT_MIN_ROWS + 3, 576)
+    ref = reference(layer, x)
+    assert layer.prepare("cpu") == "cpu"
+    if int4pack_layout() is None:
+        pytest.skip("this CPU's int4 layout is not one we read back; the kernel serves every shape")
+    layer._state["buffers"] = SharedBuffers()
+    long = layer(x.to(dtype)).float()
+    kernel = torch.cat([layer(x[i:i + 1].to(dtype)).float() for i in range(16)])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((long - ref).norm() / ref.norm()) < max(tol, 3e-3)  # scales/offsets are bf16 in both paths
+    assert ((long[:16] - kernel).norm() / kernel.norm()) < 1e-2  # the kernel rounds x to bf16
+    W_t = layer._dequantized_t(torch.float32)  # [in, out] in the sorted input order
+    assert W_t.data_ptr() == layer._state["buffers"].get((576, 128), torch.float32).data_ptr()
+
+
+@pytest.mark.parametrize("block,pairing", [(64, "halves"), (32, "halves"), (16, "halves"), (32, "pairs")])
+def test_int4pack_read_back_inverts_each_layout(block, pairing):
+    from gptq.cpu import _pack_guess, int4pack_codes_t
+
+    codes = torch.randint(0, 16, (128, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(9))
+    packed = _pack_guess(codes, block, pairing)
+    assert torch.equal(int4pack_codes_t(packed, 128, 96, (block, pairing)), codes.T.to(torch.uint8))
+    out = torch.empty(96, 128)
+    assert torch.equal(int4pack_codes_t(packed, 128, 96, (block, pairing), out=out), codes.T.float())
+
+
+def test_int4pack_layout_is_recognised_on_this_cpu():
+    from gptq.cpu import int4pack_codes_t, int4pack_layout
+
+    layout = int4pack_layout()
+    assert layout is not None, f"unknown int4 layout on {torch.backends.cpu.get_cpu_capability()}"
+    codes = torch.randint(0, 16, (192, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert torch.equal(int4pack_codes_t(packed, 192, 64, layout), codes.T.to(torch.uint8))
+
+
 def test_cpu_backend_falls_back_for_other_bits():
     layer = make_layer(128, 64, 8, 32, True, seed=5)
     assert layer.prepare("cpu") == "dense"

@@ -94,7 +94,8 @@ def test_checkpoint_format_matches_document(tmp_path):
     cfgj = json.loads((out / "config.json").read_text())
     qc = cfgj["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["group_size"] == 32 and qc["sym"] is True
-    assert qc["checkpoint_format"] == "gptq" and qc["desc_act"] is True
+    # the default (group-aware act-order) is servable by vLLM >= 0.32: desc_act false, g_idx = k // group
+    assert qc["checkpoint_format"] == "gptq" and qc["desc_act"] is False and qc["act_order"] == "group-aware"
     assert json.loads((out / "quantize_config.json").read_text()) == qc
     name = "model.layers.0.self_attn.q_proj"
     f = out / index["weight_map"][f"{name}.qweight"]
@@ -104,6 +105,9 @@ def test_checkpoint_format_matches_document(tmp_path):
         qzeros = sf.get_tensor(f"{name}.qzeros")
     assert qweight.dtype == torch.int32 and qweight.shape == (64 * 4 // 32, 64)
     assert (qzeros == 0x77777777).all()  # symmetric 4-bit: zero 8 stored as 7
+    with safe_open(f, "pt") as sf:
+        g_idx = sf.get_tensor(f"{name}.g_idx")
+    assert g_idx.tolist() == [k // 32 for k in range(64)]
     assert f"{name}.weight" not in index["weight_map"]
     assert "model.embed_tokens.weight" in index["weight_map"]
     assert not list(tmp_path.glob("*.partial-*"))

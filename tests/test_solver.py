@@ -8,7 +8,7 @@ import torch
 from gptq.config import ConfigError, QuantConfig
 from gptq.grid import dequantize, find_grid, quantize
 from gptq.hessian import CholeskyError, HessianAccumulator, NonFiniteError, inverse_cholesky
-from gptq.solver import round_to_nearest, solve
+from gptq.solver import round_to_nearest, solve, solve_order
 
 
 def correlated(n_in=96, n_rows=2048, seed=0):
@@ -30,8 +30,8 @@ def reference_gptq(W, H, cfg):
     H[dead, dead] = 1
     W[:, dead] = 0
     gs = n if cfg.group_size == -1 else cfg.group_size
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if cfg.act_order else torch.arange(n)
-    static = cfg.static_groups or cfg.group_size == -1
+    perm, group_of = solve_order(torch.diag(H), gs, cfg.act_order)
+    static = cfg.act_order == "static" or cfg.group_size == -1
     grids = {}
     if static:
         for g in range(math.ceil(n / gs)):
@@ -43,8 +43,9 @@ def reference_gptq(W, H, cfg):
     for j in range(n):
         if static:
             grid = grids[int(perm[j]) // gs]
-        elif j % gs == 0:
-            grid = find_grid(W[:, j:j + gs], cfg.bits, cfg.sym, cfg.mse, 1 / torch.diag(U)[j:j + gs] ** 2, 0)
+        elif j == 0 or group_of[j] != group_of[j - 1]:  # a group's first column in solve order
+            end = j + int((group_of[j:] == group_of[j]).sum())  # its columns are consecutive
+            grid = find_grid(W[:, j:end], cfg.bits, cfg.sym, cfg.mse, 1 / torch.diag(U)[j:end] ** 2, 0)
         Q[:, j] = dequantize(quantize(W[:, j], grid.scale, grid.zero, cfg.maxq), grid.scale, grid.zero)
         err = (W[:, j] - Q[:, j]) / U[j, j]
         W[:, j:] -= torch.outer(err, U[j, j:])
@@ -56,7 +57,7 @@ def output_error(W, Q, X):
 
 
 @pytest.mark.parametrize("group_size", [-1, 32, 40])
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("act_order", ["none", "dynamic", "group-aware"])
 @pytest.mark.parametrize("block_size", [1, 16, 128])
 def test_blocked_equals_unblocked_reference(group_size, act_order, block_size):
     X, H = correlated()
@@ -75,8 +76,8 @@ def test_blocked_equals_unblocked_reference(group_size, act_order, block_size):
 def test_blocked_equals_reference_with_mse_and_static_groups(mse):
     X, H = correlated()
     W = torch.randn(16, 96, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    for static in (False, True):
-        cfg = QuantConfig(bits=3, group_size=32, act_order=True, static_groups=static, block_size=24, mse=mse,
+    for mode in ("dynamic", "static", "group-aware"):
+        cfg = QuantConfig(bits=3, group_size=32, act_order=mode, block_size=24, mse=mse,
                           checkpoint_format="gptq_v2", sym=False)
         assert torch.equal(solve(W, H, cfg).weight, reference_gptq(W, H, cfg))
 
@@ -94,7 +95,7 @@ def test_diagonal_hessian_is_exactly_round_to_nearest(bits, sym):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("act_order", ["none", "static", "group-aware", "dynamic"])
 def test_gptq_beats_round_to_nearest_on_correlated_inputs(bits, act_order):
     X, H = correlated()
     W = torch.randn(64, 96, generator=torch.Generator().manual_seed(5))
@@ -107,7 +108,7 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(bits, act_order):
 def test_codes_scales_zeros_reproduce_weight_and_g_idx():
     X, H = correlated()
     W = torch.randn(16, 96, generator=torch.Generator().manual_seed(6))
-    cfg = QuantConfig(bits=4, group_size=32, act_order=True, sym=False)
+    cfg = QuantConfig(bits=4, group_size=32, act_order="dynamic", sym=False)
     r = solve(W, H, cfg)
     g = r.g_idx.long()
     rebuilt = r.scales.float()[g].T * (r.codes.float() - r.zeros.float()[g].T)
@@ -115,6 +116,34 @@ def test_codes_scales_zeros_reproduce_weight_and_g_idx():
     assert sorted(torch.bincount(g).tolist()) == [32, 32, 32]  # act-order: non-monotonic, but full groups
     assert r.zeros.min() >= 1  # v1 cannot hold a zero of 0
     assert (r.weight[:, 3] == 0).all()  # dead input zeroed
+
+
+@pytest.mark.parametrize("mode", ["none", "static", "group-aware"])
+@pytest.mark.parametrize("group_size,n", [(32, 96), (32, 72), (40, 96)])  # 72 and 40: a shorter last group
+def test_g_idx_is_trivial_except_for_dynamic(mode, group_size, n):
+    """Every mode but dynamic writes g_idx = k // group (desc_act false: vLLM >= 0.32 serves it)."""
+    X, H = correlated(n_in=n)
+    W = torch.randn(16, n, generator=torch.Generator().manual_seed(8))
+    r = solve(W, H, QuantConfig(bits=4, group_size=group_size, act_order=mode))
+    assert r.g_idx.tolist() == [k // group_size for k in range(n)]
+    assert QuantConfig(act_order=mode).to_quantization_config()["desc_act"] is False
+    dyn = solve(W, H, QuantConfig(bits=4, group_size=group_size, act_order="dynamic"))
+    assert dyn.g_idx.tolist() != [k // group_size for k in range(n)]
+    assert QuantConfig(act_order="dynamic").to_quantization_config()["desc_act"] is True
+
+
+def test_group_aware_order_ranks_groups_and_sorts_inside_them():
+    diag = torch.tensor([1.0, 9, 2, 5, 7, 3, 8, 0.5])  # groups of 3: [1 9 2] [5 7 3] [8 0.5]
+    perm, group_of = solve_order(diag, 3, "group-aware")
+    assert perm.tolist() == [1, 2, 0, 6, 7, 4, 3, 5]  # group maxima 9 > 8 > 7; the short group inside
+    assert group_of.tolist() == [0, 0, 0, 2, 2, 1, 1, 1]
+
+
+def test_boolean_act_order_means_the_old_flags():
+    assert QuantConfig(act_order=True).act_order == "dynamic"
+    assert QuantConfig(act_order=False).act_order == "none"
+    with pytest.raises(ConfigError, match="act_order"):
+        QuantConfig(act_order="sideways")
 
 
 def test_shorter_last_group():
@@ -218,7 +247,7 @@ def test_packed_result_dequantizes_to_the_solved_weight(bits, sym):
 
     X, H = correlated()
     W = torch.randn(32, 96, generator=torch.Generator().manual_seed(7)) * 3
-    cfg = QuantConfig(bits=bits, group_size=32, act_order=True, sym=sym)
+    cfg = QuantConfig(bits=bits, group_size=32, act_order="dynamic", sym=sym)
     r = solve(W, H, cfg)
     assert r.codes.dtype == torch.uint8 and int(r.codes.max()) == 2**bits - 1
     p = pack_result(r, torch.nn.Linear(96, 32, bias=False), cfg)

@@ -4,13 +4,17 @@ quality  SmolLM2-135M-Instruct, 4-bit g64 symmetric, 32 × 512-token calibration
          WikiText-2 valid; perplexity on the first 8 × 2048-token windows of WikiText-2 test.
          fp32 / round-to-nearest / our defaults; quantize wall time and peak RSS (subprocess).
 decode   CPU batch-1 greedy decoding (64 new tokens, 2 threads): fp32, bf16 and our packed
-         4-bit checkpoint; tokens/s (median of 3) and resident weight memory.
+         4-bit checkpoint; tokens/s (median of 3), resident weight memory, and seconds per
+         2048-token perplexity window (long prompts).
+Every result records the CPU (torch's capability, /proc/cpuinfo flags, measured fp32/bf16 GFLOPS).
 scale    streaming quantization of synthetic Llama-shaped models of growing depth and width
          (sharded safetensors on disk): peak RSS and seconds per block (``--13b`` adds 13B-shaped).
 spill    one synthetic model and a larger calibration set, activations in memory vs spilled to
          disk (--max-memory 0): peak RSS, seconds, identical checkpoints.
 ablation the quality benchmark with act-order, MSE clipping or true-sequential switched off.
 act-order the quality benchmark under each --act-order mode (none, static, group-aware, dynamic).
+cpu-kernel the CPU matmul paths (int4 kernel, dequantize-then-matmul, dense fp32/bf16, the head)
+         per shape and row count, with the CPU's capability: what the cpu backend's choices rest on.
 kernel   CUDA only: Triton dequant-matmul vs fp16 torch.matmul on Llama-7B/70B layer shapes at
          batch 1/16/64/256, ratio and achieved GB/s. Without a GPU it says so and exits 0.
 Figures are printed and written as JSON under --out (default bench-results/).
@@ -91,6 +95,7 @@ def quality(out: Path) -> dict:
         "fp32_ppl": round(ppl_fp, 2), "rtn_ppl": round(ppl_rtn, 2), "gptq_ppl": round(ppl_q, 2),
         "quantize_seconds_total": round(wall, 1), "quantize_seconds_loop": report["seconds"],
         "quantize_peak_rss_gib": round(peak, 2), "settings": report["quant_config"],
+        "compute": report.get("compute"),
     }
     print(json.dumps(result, indent=2))
     _write(out, "quality", result)
@@ -258,6 +263,75 @@ def spill(out: Path) -> dict:
     return result
 
 
+CPU_KERNEL_SHAPES = {"SmolLM2 up/gate": (576, 1536), "SmolLM2 down": (1536, 576), "1.3B up/gate": (2048, 5632)}
+CPU_KERNEL_ROWS = (1, 16, 256, 2048)
+
+
+def _median_ms(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1e3, 3)
+
+
+def cpu_kernel(out: Path) -> dict:
+    """The CPU matmul paths side by side, per shape and row count, on this CPU: what the cpu
+    backend's choices (activation dtype, kernel vs dequantize-then-matmul, the fp16 head) rest on."""
+    from .cpu import cpu_info, fast_dtype
+    from .pack import pack_qweight, pack_qzeros
+    from .qlinear import DEQUANT_MIN_ROWS, HEAD_DENSE_ROWS, HalfHead, QuantLinear, SharedBuffers
+
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(0)
+    act = fast_dtype()
+    rows = []
+    for label, (K, N) in CPU_KERNEL_SHAPES.items():
+        layer = QuantLinear(K, N, 4, 64, False)
+        layer.qweight = pack_qweight(torch.randint(0, 16, (N, K), generator=g, dtype=torch.int32), 4)
+        layer.qzeros = pack_qzeros(torch.full((K // 64, N), 8, dtype=torch.int32), 4)
+        layer.scales = (torch.rand(K // 64, N, generator=g) * 0.01).half()
+        layer.g_idx = (torch.arange(K) // 64).to(torch.int32)
+        assert layer.prepare("cpu") == "cpu"
+        layer._state["buffers"] = SharedBuffers()
+        st = layer._state
+        W = torch.randn(N, K, generator=g)
+        for M in CPU_KERNEL_ROWS:
+            x = torch.randn(M, K, generator=g)
+            xb, Wb = x.bfloat16(), W.bfloat16()
+            row = {"shape": label, "K": K, "N": N, "rows": M,
+                   "int4_kernel_bf16_ms": _median_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                       xb, st["w"], st["sub"], st["sz"])),
+                   "int4_dequant_fp32_ms": _median_ms(lambda: x @ layer._dequantized_t(torch.float32)),
+                   "int4_dequant_bf16_ms": _median_ms(lambda: xb @ layer._dequantized_t(torch.bfloat16)),
+                   "dense_fp32_ms": _median_ms(lambda: x @ W.T), "dense_bf16_ms": _median_ms(lambda: xb @ Wb.T)}
+            xa = x.to(act)
+            row["backend_ms"] = _median_ms(lambda: layer(xa))
+            row["backend_path"] = "dequantize + dense" if M >= DEQUANT_MIN_ROWS else "int4 kernel"
+            rows.append(row)
+            print(row)
+    V, K = 49152, 576
+    head_w = torch.randn(V, K, generator=g) * 0.02
+    head = HalfHead(torch.nn.Parameter(head_w.half(), requires_grad=False))
+    for M in (1, 16, 2048):
+        x = torch.randn(M, K, generator=g)
+        row = {"shape": f"head {V}x{K}", "rows": M}
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            w, xd = head_w.to(dt), x.to(dt)
+            row[f"dense_{str(dt)[6:]}_ms"] = _median_ms(lambda: xd @ w.T, 3)
+        xa = x.to(act)
+        row["backend_ms"] = _median_ms(lambda: head(xa), 3)
+        row["backend_path"] = "float16" if M < HEAD_DENSE_ROWS else f"float16 → {str(act)[6:]} buffer"
+        rows.append(row)
+        print(row)
+    result = {"cpu": cpu_info(), "activation_dtype": str(act)[6:], "dequant_min_rows": DEQUANT_MIN_ROWS,
+              "setup": "2 threads, median of 5 (head: 3); int4 g64 symmetric", "rows": rows}
+    _write(out, "cpu_kernel", result)
+    return result
+
+
 def _decode_tps(model, tok, n_new: int = 64, repeats: int = 3) -> float:
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=tok.eos_token_id)
@@ -271,10 +345,24 @@ def _decode_tps(model, tok, n_new: int = 64, repeats: int = 3) -> float:
     return statistics.median(rates)
 
 
-def decode(out: Path) -> dict:
+def _eval_seconds_per_window(model, windows: torch.Tensor) -> float:
+    """Prompt processing: seconds per 2048-token perplexity window (the first window warms up)."""
+    from .eval import perplexity
+
+    perplexity(model, windows[:1])
+    t0 = time.perf_counter()
+    perplexity(model, windows[1:])
+    return round((time.perf_counter() - t0) / (len(windows) - 1), 2)
+
+
+def decode(out: Path, eval_windows_n: int = 3) -> dict:
+    """Batch-1 decoding and long-prompt (perplexity window) speed: dense fp32, dense bf16, and our
+    4-bit checkpoint loaded with the defaults (cpu backend, the activation dtype this CPU is fast in)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .assets import smollm2
+    from .cpu import cpu_info
+    from .eval import eval_windows
     from .generate import resident_bytes
     from .load import load
     from .qlinear import QuantLinear
@@ -285,6 +373,7 @@ def decode(out: Path) -> dict:
     if not (ckpt / "config.json").is_file():
         quality(out)
     tok = AutoTokenizer.from_pretrained(model_dir)
+    windows = eval_windows(tok, str(_wiki("wiki.test.raw")), 2048, eval_windows_n)
     rows = {}
     dense_linear_bytes = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -293,17 +382,26 @@ def decode(out: Path) -> dict:
                   if isinstance(mod, torch.nn.Linear) and ".layers." in n)
         dense_linear_bytes[name] = lin
         rows[name] = {"tokens_per_s": round(_decode_tps(m, tok), 2), "weights_gb": round(resident_bytes(m) / 1e9, 3),
-                      "decoder_linears_mb": round(lin / 1e6, 1)}
+                      "decoder_linears_mb": round(lin / 1e6, 1),
+                      "eval_s_per_2048_window": _eval_seconds_per_window(m, windows)}
+        print(name, rows[name])
         del m
-    q, _ = load(ckpt, device="cpu", backend="cpu")
+    q, _ = load(ckpt, device="cpu")
     qlin = sum(resident_bytes(mod) for mod in q.modules() if isinstance(mod, QuantLinear))
-    rows["gptq-4bit-g64 (cpu backend)"] = {
+    qname = "gptq-4bit-g64 (cpu backend)"
+    rows[qname] = {
         "tokens_per_s": round(_decode_tps(q, tok), 2), "weights_gb": round(resident_bytes(q) / 1e9, 3),
         "decoder_linears_mb": round(qlin / 1e6, 1),
         "linears_vs_bf16": round(qlin / dense_linear_bytes["bf16"], 3),
+        "eval_s_per_2048_window": _eval_seconds_per_window(q, windows),
+        "activation_dtype": str(q.get_input_embeddings()(torch.zeros(1, 1, dtype=torch.long)).dtype)[6:],
     }
-    result = {"setup": "greedy, 64 new tokens, batch 1, 2 threads, median of 3", "rows": rows,
-              "speedup_vs_bf16": round(rows["gptq-4bit-g64 (cpu backend)"]["tokens_per_s"] / rows["bf16"]["tokens_per_s"], 2)}
+    print(qname, rows[qname])
+    result = {"setup": "greedy, 64 new tokens, batch 1, 2 threads, median of 3; eval: perplexity windows of 2048 "
+                       "tokens, first one as warm-up", "cpu": cpu_info(), "rows": rows,
+              "decode_speedup_vs_bf16": round(rows[qname]["tokens_per_s"] / rows["bf16"]["tokens_per_s"], 2),
+              "decode_speedup_vs_fp32": round(rows[qname]["tokens_per_s"] / rows["fp32"]["tokens_per_s"], 2),
+              "eval_time_vs_fp32": round(rows[qname]["eval_s_per_2048_window"] / rows["fp32"]["eval_s_per_2048_window"], 3)}
     print(json.dumps(result, indent=2))
     _write(out, "decode", result)
     return result
@@ -381,8 +479,8 @@ def notebook(quick: bool = False):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gptq.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["quality", "decode", "kernel", "ablation", "act-order", "scale", "spill", "notebook",
-                                    "all"])
+    p.add_argument("what", choices=["quality", "decode", "kernel", "cpu-kernel", "ablation", "act-order", "scale",
+                                    "spill", "notebook", "all"])
     p.add_argument("--13b", dest="with_13b", action="store_true",
                    help="scale: also the 13B-shaped model (about 26 GB on disk, hours on 2 cores)")
     p.add_argument("--out", default="bench-results", help="folder for JSON results and the checkpoint")
@@ -394,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         decode(out)
     if a.what in ("kernel", "all"):
         kernel(out)
+    if a.what in ("cpu-kernel", "all"):
+        cpu_kernel(out)
     if a.what == "scale":
         scale(out, a.with_13b)
     if a.what == "spill":

@@ -103,19 +103,34 @@ def int4pack_layout() -> tuple[int, str] | None:
     return None
 
 
-def int4pack_codes_t(packed: torch.Tensor, N: int, K: int, layout: tuple[int, str],
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """The codes of a packed int4 CPU weight as a [K, N] matrix (Wᵀ's layout), into ``out``
-    (any float dtype) if given. Inverse of the packing for the layout ``int4pack_layout()``."""
+def _codes_blocked(packed: torch.Tensor, N: int, K: int, layout: tuple[int, str]) -> torch.Tensor:
+    """[N/block, K, block] uint8 codes: element [b, k, i] is the code of row b·block + i, column k."""
     block, pairing = layout
     u = packed.view(torch.uint8).view(N // block, K, block // 2)
     lo, hi = u & 15, u >> 4  # [N/block, K, block/2]
     if pairing == "halves":
-        c = torch.cat([lo, hi], dim=-1)  # [N/block, K, block]
-    else:
-        c = torch.stack([lo, hi], dim=-1).view(N // block, K, block)
-    ct = c.permute(1, 0, 2).reshape(K, N) if out is None else None
+        return torch.cat([lo, hi], dim=-1)
+    return torch.stack([lo, hi], dim=-1).view(N // block, K, block)
+
+
+def int4pack_codes_t(packed: torch.Tensor, N: int, K: int, layout: tuple[int, str],
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """The codes of a packed int4 CPU weight as a [K, N] matrix (Wᵀ's layout), into ``out``
+    (any float dtype) if given. Inverse of the packing for the layout ``int4pack_layout()``."""
+    c = _codes_blocked(packed, N, K, layout).permute(1, 0, 2)  # [K, N/block, block]
     if out is None:
-        return ct
-    out.view(K, N // block, block).copy_(c.permute(1, 0, 2))
+        return c.reshape(K, N)
+    out.view(K, N // layout[0], layout[0]).copy_(c)
+    return out
+
+
+def int4pack_dequantize_t(packed: torch.Tensor, N: int, K: int, layout: tuple[int, str], sub: int,
+                          scale: torch.Tensor, offset: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Ŵᵀ [K, N] = codes·scale + offset into ``out``: the codes are converted in place, then one
+    fused multiply-add per element (the fastest of the orders timed in bench cpu-kernel's shapes).
+
+    scale, offset: [K/sub, N] per sub-group of ``sub`` input rows, in out's dtype."""
+    int4pack_codes_t(packed, N, K, layout, out=out)
+    grouped = out.view(K // sub, sub, N)
+    torch.addcmul(offset[:, None, :], grouped, scale[:, None, :], out=grouped)
     return out

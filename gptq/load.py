@@ -216,7 +216,7 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: s
     for m in layers:
         m.prepare(backend, act_dtype)
     share_permutations(layers)
-    if backend == "cpu" and act_dtype == torch.bfloat16 and dev.type == "cpu":
+    if backend == "cpu" and dev.type == "cpu":
         half_head_for_cpu(model)
     model.eval()
     tokenizer = None

@@ -30,7 +30,8 @@ from .kernels.reference import dequant_matmul_reference
 
 BACKENDS = ("torch", "triton", "cpu", "dense")
 INT4_CPU_GROUPS = (256, 128, 64, 32)
-DEQUANT_MIN_ROWS = 128  # cpu backend: from this many rows on, dequantize + dense matmul (bench cpu-kernel)
+DEQUANT_MIN_ROWS = 256  # cpu backend: from this many rows on, dequantize + dense matmul (bench cpu-kernel)
+HEAD_DENSE_ROWS = 16  # float16 head: below this many rows multiply in fp16, else in the activation dtype
 
 
 class SharedBuffers:
@@ -81,38 +82,53 @@ def share_permutations(layers: list["QuantLinear"]) -> None:
 
 
 class HalfHead(nn.Module):
-    """Output head (and its tied embedding) stored once in float16 for bf16 CPU inference:
-    bf16 → fp16 is exact for weights in the normal range, and torch's fp16 CPU matmul runs
-    a batch-1 head about twice as fast as bf16. Activations stay bf16 outside."""
+    """Output head (and its tied embedding) stored once in float16 for CPU inference. bf16 → fp16
+    is exact for weights in the normal range; fp32 → fp16 rounds (relative 2^-11). Decoding
+    (fewer than HEAD_DENSE_ROWS rows) multiplies in fp16, which torch's CPU matmul runs about as
+    fast as bf16 where bf16 is native and ~6x faster than fp32 where it is not; a long prompt
+    converts the weight into a reused buffer of the activation dtype first, because fp16 matmuls
+    of many rows are slow on every CPU (bench cpu-kernel)."""
 
-    def __init__(self, weight: nn.Parameter, bias: torch.Tensor | None = None):
+    def __init__(self, weight: nn.Parameter, bias: torch.Tensor | None = None,
+                 buffers: SharedBuffers | None = None):
         super().__init__()
         self.weight = weight
         self.bias = bias
+        self.buffers = buffers or SharedBuffers()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = None if self.bias is None else self.bias.to(torch.float16)
-        return nn.functional.linear(x.to(torch.float16), self.weight, b).to(x.dtype)
+        rows = x.numel() // x.shape[-1]
+        if rows < HEAD_DENSE_ROWS:
+            b = None if self.bias is None else self.bias.to(torch.float16)
+            return nn.functional.linear(x.to(torch.float16), self.weight, b).to(x.dtype)
+        w = self.buffers.get(tuple(self.weight.shape), x.dtype).copy_(self.weight)
+        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
 class HalfEmbedding(nn.Embedding):
+    def __init__(self, *args, out_dtype: torch.dtype = torch.bfloat16, **kw):
+        super().__init__(*args, **kw)
+        self.out_dtype = out_dtype
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(ids).to(torch.bfloat16)
+        return super().forward(ids).to(self.out_dtype)
 
 
 def half_head_for_cpu(model: nn.Module) -> bool:
-    """Swap a bf16 output head (and the embedding tied to it) for float16 storage; returns
+    """Swap a bf16 or fp32 output head (and the embedding tied to it) for float16 storage; returns
     whether it did (weights outside float16's range, or a non-Linear head, are left alone)."""
     head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear) or head.weight.dtype != torch.bfloat16:
+    if not isinstance(head, nn.Linear) or head.weight.dtype not in (torch.bfloat16, torch.float32):
         return False
+    dtype = head.weight.dtype
     w = head.weight.detach()
     if not torch.isfinite(w.to(torch.float16)).all():
         return False
     half = nn.Parameter(w.to(torch.float16), requires_grad=False)
     emb = model.get_input_embeddings()
     if emb is not None and emb.weight is head.weight:
-        new_emb = HalfEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, device="meta")
+        new_emb = HalfEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, device="meta",
+                                out_dtype=dtype)
         new_emb.weight = half
         model.set_input_embeddings(new_emb)
     model.set_output_embeddings(HalfHead(half, head.bias))
@@ -225,16 +241,14 @@ class QuantLinear(nn.Module):
 
     def _dequantized_t(self, dtype: torch.dtype) -> torch.Tensor:
         """cpu backend: Ŵᵀ [in, out] (sorted input order) from the int4 weight, in a shared buffer."""
-        from .cpu import int4pack_codes_t
+        from .cpu import int4pack_dequantize_t
 
         st = self._state
         K, N = self.in_features, self.out_features
         buf = st["buffers"].get((K, N), dtype) if "buffers" in st else torch.empty(K, N, dtype=dtype)
-        int4pack_codes_t(st["w"], N, K, st["layout"], out=buf)  # codes q
         s = st["sz"][..., 0].float()  # [n_sub, out]
         off = st["sz"][..., 1].float() - 8 * s  # w = (q − 8)·s + offset = q·s + off
-        buf.view(K // st["sub"], st["sub"], N).mul_(s.to(dtype)[:, None, :]).add_(off.to(dtype)[:, None, :])
-        return buf
+        return int4pack_dequantize_t(st["w"], N, K, st["layout"], st["sub"], s.to(dtype), off.to(dtype), buf)
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

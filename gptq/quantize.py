@@ -271,6 +271,11 @@ def print_summary(report, seconds: float, out: Path) -> None:
         print(f"  {r.name:<40} loss {r.loss:10.4g}  {r.seconds * 1000:6.0f} ms")
     print(f"per-layer report: {out / 'quantize_report.json'}")
     print(f"checkpoint: {out}")
+    from .compat import format_verdicts, layer_shapes, verdicts
+
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    print("served by (python -m gptq.inspect CHECKPOINT says the same):")
+    print(format_verdicts(verdicts(qc, layer_shapes(out, qc["bits"]))))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,154 @@
+"""Which engines serve a GPTQ checkpoint, and the rule each one that does not would break.
+
+    verdicts(quant_config, layer_shapes) → [Verdict(engine, status, reasons)]
+
+status is "serves" (its fast kernel runs it), "slower" (it loads the checkpoint but falls back
+to a slower kernel) or "refuses" (it will not load it). The rules are taken from the engines'
+own code and docs, cited at each rule; they are data here, checked against a table of configs
+in tests/test_compat.py. Layer shapes are (in_features, out_features) of every quantized linear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# vllm/model_executor/layers/quantization/utils/marlin_utils.py: MARLIN_SUPPORTED_GROUP_SIZES,
+# GPTQ_MARLIN_MIN_THREAD_N = 64, GPTQ_MARLIN_MIN_THREAD_K = 128, verify_marlin_supports_shape
+MARLIN_GROUPS = (-1, 32, 64, 128)
+MARLIN_MIN_N, MARLIN_MIN_K = 64, 128
+
+
+@dataclass(frozen=True)
+class Verdict:
+    engine: str
+    status: str  # "serves" | "slower" | "refuses"
+    reasons: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _ragged(shapes, group: int) -> list[int]:
+    """Input sizes that the group size does not divide (a shorter last group)."""
+    return sorted({k for k, _ in shapes if group != -1 and k % group})
+
+
+def _dynamic(qc: dict) -> bool:
+    return bool(qc.get("desc_act")) and qc.get("group_size", -1) != -1
+
+
+def vllm_gpu(qc: dict, shapes) -> Verdict:
+    bits, group, sym = qc["bits"], qc.get("group_size", -1), qc.get("sym", True)
+    if _dynamic(qc):
+        # vllm/model_executor/layers/quantization/utils/gptq_utils.py,
+        # normalize_and_validate_gptq_desc_act (vLLM 0.32): refused before any weight is read
+        return Verdict("vLLM (GPU)", "refuses", ("desc_act: true with group_size != -1 (GPTQ group activation "
+                                                 "ordering) is no longer supported since vLLM 0.32",))
+    if qc.get("checkpoint_format") == "gptq_v2" and not sym:
+        # vLLM issue 26343: v2 zero points are read as v1 (off by one) by its GPTQ kernels
+        return Verdict("vLLM (GPU)", "refuses", ("asymmetric gptq_v2 zero points are read as v1 by vLLM's GPTQ "
+                                                 "kernels (wrong output); write --format gptq",))
+    slow = []
+    # gptq_marlin.py: TYPE_MAP has (4, True) and (8, True) only, i.e. symmetric 4/8-bit
+    if bits not in (4, 8):
+        slow.append(f"Marlin takes 4- or 8-bit weights, not {bits}-bit")
+    if not sym:
+        slow.append("Marlin's GPTQ path takes symmetric grids only (sym: true)")
+    if group not in MARLIN_GROUPS:
+        slow.append(f"Marlin takes group_size -1, 32, 64 or 128, not {group}")
+    ragged = _ragged(shapes, group)
+    if ragged:
+        slow.append(f"group_size {group} does not divide input size(s) {ragged} (Marlin needs in % group == 0)")
+    narrow_k = sorted({k for k, _ in shapes if k % MARLIN_MIN_K})
+    narrow_n = sorted({n for _, n in shapes if n % MARLIN_MIN_N})
+    if narrow_k or narrow_n:
+        slow.append("Marlin tiles need in % 128 == 0 and out % 64 == 0: "
+                    + ", ".join(f"in {k}" for k in narrow_k) + (", " if narrow_k and narrow_n else "")
+                    + ", ".join(f"out {n}" for n in narrow_n) + " (recent vLLM pads these; older ones fall back)")
+    if slow:
+        return Verdict("vLLM (GPU)", "slower", tuple(slow) + ("served by the plain GPTQ (exllama) kernel",))
+    return Verdict("vLLM (GPU)", "serves", ("Marlin",))
+
+
+def vllm_cpu(qc: dict, shapes) -> Verdict:
+    bits, group = qc["bits"], qc.get("group_size", -1)
+    if _dynamic(qc):
+        return Verdict("vLLM (CPU)", "refuses", ("desc_act: true with group_size != -1 is refused since vLLM 0.32",))
+    reasons = []
+    # kernels/mixed_precision/cpu.py: _CPUWNA16_SUPPORTED_QUANT_TYPES = (uint4, uint4b8): 4-bit only
+    if bits != 4:
+        reasons.append(f"the CPU GPTQ kernel (cpu_gemm_wna16) takes 4-bit weights, not {bits}-bit")
+    ragged = _ragged(shapes, group)
+    if ragged:
+        reasons.append(f"group_size {group} does not divide input size(s) {ragged}")
+    if reasons:
+        return Verdict("vLLM (CPU)", "refuses", tuple(reasons))
+    return Verdict("vLLM (CPU)", "serves", ("cpu_gemm_wna16 (compiled into AVX-512 builds only)",))
+
+
+def tgi(qc: dict, shapes) -> Verdict:
+    bits, group = qc["bits"], qc.get("group_size", -1)
+    # text-generation-inference, layers/gptq: the exllama(v2) kernels are used for 4-bit weights
+    # whose groups divide the input; other settings run on its Triton GPTQ kernel
+    slow = []
+    if bits != 4:
+        slow.append(f"exllama kernels take 4-bit weights, not {bits}-bit")
+    ragged = _ragged(shapes, group)
+    if ragged:
+        slow.append(f"group_size {group} does not divide input size(s) {ragged}")
+    if slow:
+        return Verdict("TGI", "slower", tuple(slow) + ("served by its Triton GPTQ kernel",))
+    return Verdict("TGI", "serves", ("exllama",))
+
+
+def gptqmodel(qc: dict, shapes) -> Verdict:
+    # GPTQModel (the GPTQ backend of transformers) converts v1 to v2 at load by adding 1 to every
+    # zero point; for asymmetric grids its docs ask for the v2 format so zero 0 stays representable
+    if not qc.get("sym", True) and qc.get("checkpoint_format", "gptq") == "gptq":
+        return Verdict("transformers + GPTQModel", "slower",
+                       ("asymmetric v1 (checkpoint_format gptq) is converted at load; GPTQModel recommends "
+                        "--format gptq_v2 for asymmetric grids",))
+    return Verdict("transformers + GPTQModel", "serves", ())
+
+
+def llama_cpp(qc: dict, shapes) -> Verdict:
+    # llama.cpp / Ollama read GGUF files only (their own block formats), never GPTQ safetensors
+    return Verdict("llama.cpp / Ollama", "refuses", ("reads GGUF files, not GPTQ safetensors",))
+
+
+ENGINES = (vllm_gpu, vllm_cpu, tgi, gptqmodel, llama_cpp)
+
+
+def verdicts(qc: dict, shapes) -> list[Verdict]:
+    shapes = [(int(k), int(n)) for k, n in shapes]
+    return [engine(qc, shapes) for engine in ENGINES]
+
+
+def layer_shapes(directory, bits: int) -> list[tuple[int, int]]:
+    """(in, out) of every quantized linear in a checkpoint directory, from the safetensors headers
+    only (no tensor is read): in from g_idx (or qweight's rows), out from qweight's columns."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from .load import _tensor_files
+
+    shapes = []
+    for f in _tensor_files(Path(directory)):
+        with safe_open(f, "pt") as h:
+            names = set(h.keys())
+            for name in names:
+                if name.endswith(".qweight"):
+                    prefix = name[: -len(".qweight")]
+                    rows, out = h.get_slice(name).get_shape()
+                    gname = prefix + ".g_idx"
+                    k = h.get_slice(gname).get_shape()[0] if gname in names else rows * 32 // bits
+                    shapes.append((k, out))
+    return shapes
+
+
+def format_verdicts(vs: list[Verdict]) -> str:
+    mark = {"serves": "yes", "slower": "yes, slower kernel", "refuses": "NO"}
+    lines = []
+    for v in vs:
+        lines.append(f"  {v.engine:<26} {mark[v.status]}")
+        for r in v.reasons if v.status != "serves" else ():
+            lines.append(f"  {'':<26}   - {r}")
+    return "\n".join(lines)

@@ -82,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto = the model's own dtype on GPU; on CPU bfloat16 only where the CPU multiplies it "
                         "natively (measured), else float32 (default: %(default)s)")
     r.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass (default: %(default)s)")
-    r.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard with --no-stream; streaming writes one shard per decoder block "
-                        "(default: %(default)s)")
+    r.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors shard of the finished checkpoint (one model.safetensors when it fits, "
+                        "else shards and an index, as save_pretrained writes them; streaming regroups its per-block "
+                        "files at the end) (default: %(default)s)")
     r.add_argument("--max-memory", default="auto", metavar="SIZE",
                    help="memory budget for the calibration activations (e.g. 4GB, 500MB; 0 = always spill): "
                         "above it they are spilled to disk batch by batch, next to the output (or in TMPDIR with "
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             final, layers, _ = quantize_streaming(
                 args.model, out, qcfg, windows, calib_dtype(config, args.dtype, args.device), device=args.device,
                 batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                extra_report=summary, max_memory=max_memory)
+                extra_report=summary, max_memory=max_memory, max_shard_bytes=shard_bytes)
             report = [LayerReport(r["name"], r["loss"], r["seconds"], tuple(r["shape"])) for r in layers]
             seconds = time.perf_counter() - t0
         else:

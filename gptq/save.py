@@ -7,6 +7,7 @@ complete, so an interrupted run never leaves a directory that looks finished.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -88,6 +89,77 @@ def write_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_b
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names
+
+
+SAFETENSORS_DTYPES = {torch.int32: "I32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
+                      torch.int64: "I64", torch.uint8: "U8", torch.int8: "I8", torch.float64: "F64",
+                      torch.int16: "I16", torch.bool: "BOOL"}
+
+
+def write_safetensors_streaming(path: Path, names: list[str], shapes: dict, dtypes: dict, get) -> None:
+    """Write a safetensors file one tensor at a time (``get(name)`` → tensor), so a shard of many
+    GB never sits in memory whole. Layout as the format defines it: an 8-byte little-endian header
+    length, the JSON header (dtype, shape, data_offsets; metadata format pt), padded with spaces to
+    a multiple of 8, then the tensors' bytes in header order."""
+    import struct
+
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for n in names:
+        nbytes = math.prod(shapes[n]) * torch.tensor([], dtype=dtypes[n]).element_size()
+        header[n] = {"dtype": SAFETENSORS_DTYPES[dtypes[n]], "shape": list(shapes[n]),
+                     "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for n in names:
+            t = get(n).contiguous()
+            if tuple(t.shape) != tuple(shapes[n]) or t.dtype != dtypes[n]:
+                raise ValueError(f"{n}: expected {dtypes[n]} {tuple(shapes[n])}, got {t.dtype} {tuple(t.shape)}")
+            f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def regroup_shards(sources: list[Path], directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+    """Copy the tensors of ``sources`` (safetensors files, in order) into shards of at most
+    ``max_shard_bytes`` in ``directory``, named as save_pretrained names them (one
+    ``model.safetensors``, or ``model-0000k-of-0000N`` plus an index). One tensor in memory at a time."""
+    from safetensors import safe_open
+
+    where, shapes, dtypes = {}, {}, {}
+    for f in sources:
+        with safe_open(f, "pt") as h:
+            for name in h.keys():
+                sl = h.get_slice(name)
+                where[name] = f
+                shapes[name] = tuple(sl.get_shape())
+                dtypes[name] = getattr(torch, {"I32": "int32", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
+                                               "I64": "int64", "U8": "uint8", "I8": "int8", "F64": "float64",
+                                               "I16": "int16", "BOOL": "bool"}[sl.get_dtype()])
+    size = {n: math.prod(shapes[n]) * torch.tensor([], dtype=dtypes[n]).element_size() for n in where}
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in sorted(where):
+        if groups[-1] and used + size[name] > max_shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size[name]
+
+    def get(name):
+        with safe_open(where[name], "pt") as h:
+            return h.get_tensor(name)
+
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{k:05d}-of-{len(groups):05d}.safetensors" for k in range(1, len(groups) + 1)])
+    for fname, group in zip(names, groups):
+        write_safetensors_streaming(directory / fname, group, shapes, dtypes, get)
+    if len(groups) > 1:
+        weight_map = {n: fname for fname, group in zip(names, groups) for n in group}
+        index = {"metadata": {"total_size": sum(size.values())}, "weight_map": dict(sorted(weight_map.items()))}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return names
 
 

@@ -4,7 +4,9 @@
       └─ embeddings loaded → block-0 inputs captured → embeddings released
       └─ for each block i:  load its tensors → solve → write shard i → save the next block's
                             inputs (activations-<i+1>/) + progress.json (atomically) → release
-      └─ non-block tensors copied from the source into the last shard, index, configs, rename
+      └─ non-block tensors copied from the source into the last shard
+      └─ all shards regrouped into shards of ≤ max_shard_bytes (as save_pretrained writes them),
+         index, configs → OUT.partial/final → renamed to OUT
 
 Everything is written into ``OUT.partial``; ``--resume`` continues from the last completed
 block after a kill or Ctrl-C, and the final checkpoint is byte-identical to an uninterrupted
@@ -37,11 +39,12 @@ from .architectures import for_config, get_module
 from .config import QuantConfig
 from .load import _parameters_on_meta
 from .pipeline import PackedLinear, capture_block_inputs, quantize_blocks, resolve_device
-from .save import move_into_place, write_metadata
+from .save import DEFAULT_SHARD_BYTES, move_into_place, regroup_shards, write_metadata
 
 STATE = "progress.json"
 SPILL = "spill"  # activations spilled during the run (not needed to resume)
-KILL_HOOK = "GPTQ_TEST_KILL_AFTER_BLOCK"  # tests: "k" SIGKILLs, "int:k" interrupts, after block k is saved
+KILL_HOOK = "GPTQ_TEST_KILL_AFTER_BLOCK"  # tests: "k" SIGKILLs, "int:k" interrupts, after block k is saved;
+# "regroup" SIGKILLs while the final shards are being written
 
 
 class ResumeError(RuntimeError):
@@ -206,7 +209,8 @@ def _estimate_output_bytes(source: TensorSource, arch, qcfg: QuantConfig) -> int
 def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor, dtype: torch.dtype,
                        device: str = "auto", batch_size: int = 8, resume: bool = False, overwrite: bool = False,
                        progress: bool = True, extra_report: dict | None = None,
-                       max_memory: int | None = None) -> tuple[Path, list, Materializer]:
+                       max_memory: int | None = None,
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> tuple[Path, list, Materializer]:
     """Quantize ``model_dir`` into ``out`` without ever holding more than one block's weights.
     Calibration activations above ``max_memory`` bytes (default: half the available memory)
     are spilled to ``OUT.partial/spill`` batch by batch; the result is the same."""
@@ -241,7 +245,8 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     spill = should_spill(act_bytes, max_memory, dev)
     if state is None:
         partial.mkdir(parents=True, exist_ok=True)
-        need = (_estimate_output_bytes(source, arch, qcfg) + windows.numel() * model.config.hidden_size * 2
+        # the block shards plus their regrouped copy at the end
+        need = (2 * _estimate_output_bytes(source, arch, qcfg) + windows.numel() * model.config.hidden_size * 2
                 + (act_bytes if spill else 0))
         free = shutil.disk_usage(partial).free
         if free < need:
@@ -302,23 +307,26 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     del inputs
 
     # the last shard: every tensor outside the blocks, straight from the source
-    rest = {n: source.get(n).to(dtype).contiguous() for n in source.names() if not n.startswith(blocks_prefix + ".")}
-    _atomic_save(rest, partial / shard_name(nshards))
-    weight_map, total = {}, 0
-    for k in range(1, nshards + 1):
-        with safe_open(partial / shard_name(k), "pt") as h:
-            for name in h.keys():
-                weight_map[name] = shard_name(k)
-                sl = h.get_slice(name)
-                total += math.prod(sl.get_shape()) * {"I32": 4, "F16": 2, "BF16": 2, "F32": 4}.get(sl.get_dtype(), 4)
-    _atomic_write_text(partial / "model.safetensors.index.json",
-                       json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-                                  indent=2))
+    if not (partial / shard_name(nshards)).is_file():
+        rest = {n: source.get(n).to(dtype).contiguous() for n in source.names()
+                if not n.startswith(blocks_prefix + ".")}
+        _atomic_save(rest, partial / shard_name(nshards))
     summary = (extra_report or {}) | {"seconds": round(time.perf_counter() - t_start, 2), "layers": report}
-    (partial / STATE).unlink(missing_ok=True)
-    for d in [partial / SPILL, *partial.glob("activations-*")]:
-        shutil.rmtree(d, ignore_errors=True)
-    write_metadata(partial, model.config, qcfg, model_dir,
-                   {"quantize_report.json": json.dumps(summary, indent=2) + "\n"})
-    move_into_place(partial, final)
+    # the finished checkpoint is assembled in partial/final.tmp: the block shards regrouped into
+    # shards of at most max_shard_bytes, configs, tokenizer, report. Renamed to partial/final when
+    # complete (a kill before that redoes it from the block shards, which stay until the end),
+    # then moved into place.
+    assembled = partial / "final"
+    if not assembled.is_dir():
+        tmp = partial / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        regroup_shards([partial / shard_name(k) for k in range(1, nshards + 1)], tmp, max_shard_bytes)
+        if os.environ.get(KILL_HOOK) == "regroup":
+            os.kill(os.getpid(), signal.SIGKILL)
+        write_metadata(tmp, model.config, qcfg, model_dir,
+                       {"quantize_report.json": json.dumps(summary, indent=2) + "\n"})
+        os.replace(tmp, assembled)
+    move_into_place(assembled, final)
+    shutil.rmtree(partial, ignore_errors=True)
     return final, report, mat

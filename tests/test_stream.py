@@ -1,5 +1,6 @@
 """Streaming from shards (model never fully materialized) and resume after SIGKILL."""
 
+import json
 import os
 import subprocess
 import sys
@@ -53,7 +54,44 @@ def test_streaming_equals_in_memory_and_holds_one_block(tmp_path, tiny_tokenizer
     assert sorted(a) == sorted(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert len(list(out_s.glob("model-*.safetensors"))) == 4  # one shard per block + the rest
+    # the per-block files are regrouped at the end: one file when it fits, as save_pretrained does
+    assert [p.name for p in out_s.glob("*.safetensors")] == ["model.safetensors"]
+    assert not (out_s / "model.safetensors.index.json").exists()
+
+
+def test_regrouped_shards_respect_the_size_and_survive_a_kill(tmp_path, tiny_tokenizer_dir):
+    """--max-shard-size splits the finished checkpoint with a correct index; a SIGKILL while the
+    final shards are written loses nothing: --resume finishes with the same bytes."""
+    from safetensors import safe_open
+
+    d = sharded_tiny(tmp_path, tiny_tokenizer_dir)
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT)
+    r = run(quantize_cmd(d, tmp_path / "full", "--max-shard-size", "60kB"), text)
+    assert r.returncode == 0, r.stderr
+    full = tmp_path / "full"
+    index = json.loads((full / "model.safetensors.index.json").read_text())
+    shards = sorted(full.glob("model-*.safetensors"))
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == [p.name for p in shards]
+    for p in shards:
+        size = p.stat().st_size
+        with safe_open(p, "pt") as h:
+            names = list(h.keys())
+            assert h.metadata() == {"format": "pt"}
+            assert all(index["weight_map"][n] == p.name for n in names)
+        assert size < 60 * 1024 + 4096 or len(names) == 1  # a tensor larger than the limit gets its own shard
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in all_tensors(full).values())
+    killed = run(quantize_cmd(d, tmp_path / "resumed", "--max-shard-size", "60kB"), text, env={KILL_HOOK: "regroup"})
+    assert killed.returncode == -9 and not (tmp_path / "resumed").exists()
+    r = run(quantize_cmd(d, tmp_path / "resumed", "--max-shard-size", "60kB", "--resume"), text)
+    assert r.returncode == 0, r.stderr
+    resumed = tmp_path / "resumed"
+    assert not (tmp_path / "resumed.partial").exists()
+    names = sorted(p.name for p in full.iterdir())
+    assert names == sorted(p.name for p in resumed.iterdir())
+    for n in names:
+        if n != "quantize_report.json":
+            assert (full / n).read_bytes() == (resumed / n).read_bytes(), n
 
 
 def quantize_cmd(model, out, *extra):
@@ -103,7 +141,7 @@ def test_ctrl_c_keeps_resumable_state(tmp_path, tiny_tokenizer_dir):
     assert (tmp_path / "o.partial" / "progress.json").is_file()
     r = run(quantize_cmd(d, tmp_path / "o", "--resume"), text)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "o" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "o" / "model.safetensors").is_file()
 
 
 def test_corrupt_progress_is_refused(tmp_path, tiny_tokenizer_dir):

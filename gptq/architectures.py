@@ -4,6 +4,12 @@
 ``sequential``  the linears of one block, grouped in the order they are solved when
                 --true-sequential is on: each group sees inputs produced by the already
                 quantized groups before it. Linears in one group share their input.
+``channels``    (consumer, producers) pairs whose shared channels may be reordered freely: the
+                consumer's inputs are the producers' outputs through element-wise operations
+                only (the MLP's intermediate dimension), so permuting the producers' output
+                rows and the consumer's input columns alike leaves the block's function as it
+                was. The loop uses it to give act-order's column order to the consumer while
+                its g_idx stays k // group (see pipeline.sort_channels).
 Conv1D layers (GPT-2) store their weight as [in, out]; the loop transposes them.
 """
 
@@ -18,6 +24,7 @@ class Architecture:
     model_types: tuple[str, ...]
     blocks: str
     sequential: tuple[tuple[str, ...], ...]
+    channels: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -41,22 +48,27 @@ LLAMA = Architecture(
         ("mlp.up_proj", "mlp.gate_proj"),
         ("mlp.down_proj",),
     ),
+    channels=(("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj")),),  # down(act(gate) * up)
 )
 OPT = Architecture(
     "opt", ("opt",), "model.decoder.layers",
     (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+    channels=(("fc2", ("fc1",)),),
 )
 GPT_NEOX = Architecture(
     "gpt_neox", ("gpt_neox",), "gpt_neox.layers",
     (("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)),
+    channels=(("mlp.dense_4h_to_h", ("mlp.dense_h_to_4h",)),),
 )
 GPT2 = Architecture(
     "gpt2", ("gpt2",), "transformer.h",
     (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+    channels=(("mlp.c_proj", ("mlp.c_fc",)),),
 )
 PHI = Architecture(  # attention and MLP read the same normalised input (parallel block)
     "phi", ("phi",), "model.layers",
     (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"), ("self_attn.dense",), ("mlp.fc2",)),
+    channels=(("mlp.fc2", ("mlp.fc1",)),),
 )
 PHI3 = Architecture(
     "phi3", ("phi3",), "model.layers",

@@ -305,7 +305,9 @@ def cpu_kernel(out: Path) -> dict:
                    "int4_kernel_bf16_ms": _median_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
                        xb, st["w"], st["sub"], st["sz"])),
                    "int4_dequant_fp32_ms": _median_ms(lambda: x @ layer._dequantized_t(torch.float32)),
-                   "int4_dequant_bf16_ms": _median_ms(lambda: xb @ layer._dequantized_t(torch.bfloat16)),
+                   # bf16 dequantization only where bf16 is the activation dtype (minutes per row elsewhere)
+                   "int4_dequant_bf16_ms": (_median_ms(lambda: xb @ layer._dequantized_t(torch.bfloat16))
+                                            if act == torch.bfloat16 else None),
                    "dense_fp32_ms": _median_ms(lambda: x @ W.T), "dense_bf16_ms": _median_ms(lambda: xb @ Wb.T)}
             xa = x.to(act)
             row["backend_ms"] = _median_ms(lambda: layer(xa))

@@ -27,7 +27,7 @@ from .architectures import for_config, get_module
 from .capture import (BlockInputs, StopForward, first_block_inputs, hessians, move, record_io, record_outputs,
                       replay_outputs, run_block, set_weight_matrix, stop_after, weight_matrix)
 from .config import QuantConfig
-from .pack import pack_qweight, pack_qzeros
+from .pack import pack_qweight, pack_qzeros, unpack_qzeros
 from .solver import SolveResult, round_to_nearest, solve
 
 
@@ -40,6 +40,14 @@ class PackedLinear:
     scales: torch.Tensor  # [groups, out] float16
     g_idx: torch.Tensor  # [in] int32
     bias: torch.Tensor | None  # [out] float16
+
+    def permute_outputs(self, perm: torch.Tensor, bits: int, checkpoint_format: str) -> "PackedLinear":
+        """The same layer with its output rows reordered (rows are quantized independently, so this
+        is exact): qweight and scales are indexed along out, qzeros unpacked, indexed, repacked."""
+        zeros = unpack_qzeros(self.qzeros, bits, checkpoint_format)[:, perm]
+        return PackedLinear(self.qweight[:, perm].contiguous(), pack_qzeros(zeros, bits, checkpoint_format),
+                            self.scales[:, perm].contiguous(), self.g_idx,
+                            None if self.bias is None else self.bias[perm].contiguous())
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.qweight": self.qweight, f"{prefix}.qzeros": self.qzeros,
@@ -115,6 +123,31 @@ def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantCon
     for (name, module), size in zip(modules.items(), sizes):
         yield name, module, r.rows(start, start + size), seconds
         start += size
+
+
+def sort_channels(block: nn.Module, arch, consumer: str, H: torch.Tensor, packed_i: dict, prefix: str,
+                  config: QuantConfig) -> torch.Tensor | None:
+    """Reorder the channels between ``consumer`` (e.g. ``mlp.down_proj``) and its already solved
+    producers (``gate_proj``, ``up_proj``) by descending diag(H) of the consumer, in the block
+    itself: the producers' output rows (weights, bias, packed tensors) and the consumer's input
+    columns move alike, so the block computes the same function. The consumer is then solved in
+    act-order with columns already in that order, so its groups are the act-order groups and its
+    g_idx stays k // group. Returns the permutation (new position → old channel), or None when
+    the architecture declares no such pair for ``consumer`` or act-order is off/static."""
+    producers = dict(arch.channels).get(consumer)
+    if producers is None or config.act_order not in ("group-aware", "dynamic"):
+        return None
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True).to(H.device)  # [in]
+    cons = get_module(block, consumer)
+    set_weight_matrix(cons, weight_matrix(cons)[:, perm])
+    for name in producers:
+        m = get_module(block, name)
+        set_weight_matrix(m, weight_matrix(m)[perm])
+        if getattr(m, "bias", None) is not None:
+            m.bias.data.copy_(m.bias.data[perm])
+        full = f"{prefix}.{name}"
+        packed_i[full] = packed_i[full].permute_outputs(perm.cpu(), config.bits, config.checkpoint_format)
+    return perm
 
 
 def _replayable_children(arch, solved: set[str]) -> list[str]:
@@ -254,8 +287,13 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
             modules = [{name: get_module(block, name) for name in group} for group in groups]
             closing = _closing_linear(arch, solved, groups)
             accs, _, records = _run_pass(block, inputs, arch, solved, recorded, store, modules, closing)
+            perm = None
             for group in modules:
                 H = accs[next(iter(group))].hessian()
+                if len(group) == 1:  # a consumer whose input channels may be put in act-order
+                    perm = sort_channels(block, arch, next(iter(group)), H, packed_i, f"{arch.blocks}.{i}", config)
+                    if perm is not None:
+                        H = H[perm[:, None], perm[None, :]]
                 for name, module, r, seconds in solve_group(group, H, config, f"{arch.blocks}.{i}"):
                     full = f"{arch.blocks}.{i}.{name}"
                     set_weight_matrix(module, r.weight)
@@ -265,7 +303,10 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
                 solved.update(group)
             del accs
             if closing is not None:
-                rebuilt = _rebuild_child_outputs(get_module(block, closing[1]), records, len(inputs), store)
+                linear = get_module(block, closing[1])
+                if perm is not None:  # its recorded inputs are in the old channel order
+                    linear = lambda x, lin=linear, p=perm: lin(x.index_select(-1, p))  # noqa: E731
+                rebuilt = _rebuild_child_outputs(linear, records, len(inputs), store)
                 if rebuilt is not None:
                     recorded[closing[0]] = rebuilt
                 del records

@@ -130,3 +130,50 @@ def test_nan_activation_names_layer():
         model.model.layers[1].input_layernorm.weight[3] = float("nan")
     with pytest.raises(NonFiniteError, match="model.layers.1.self_attn"):
         quantize_model(model, windows(), QuantConfig(), device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt_neox", "gpt2", "phi"])
+def test_sorting_mlp_channels_keeps_the_function_and_gives_act_order_with_trivial_g_idx(family):
+    """sort_channels permutes the producers' output rows and the consumer's input columns alike: the
+    block computes the same function, the producers' packed tensors follow, and solving the consumer
+    on sorted columns (group-aware, g_idx = k // group) equals the dynamic act-order solve of the
+    original columns, permuted."""
+    from gptq.capture import weight_matrix
+    from gptq.pack import dequantize_packed
+    from gptq.pipeline import pack_result, sort_channels
+    from gptq.solver import solve
+
+    model = tiny_model(family)
+    arch = for_config(model.config)
+    block = model.get_submodule(arch.blocks)[0]
+    consumer, producers = arch.channels[0]
+    cfg = QuantConfig(bits=4, group_size=32)
+    packed = {}
+    for name in producers:  # stand-ins for the solved producers: their round-to-nearest results
+        m = block.get_submodule(name)
+        from gptq.solver import round_to_nearest
+        packed[f"b.{name}"] = pack_result(round_to_nearest(weight_matrix(m).detach().float(), cfg), m, cfg)
+    mlp = block.get_submodule(consumer.rsplit(".", 1)[0]) if "." in consumer else block
+    x = torch.randn(2, 5, model.config.hidden_size)
+    with torch.no_grad():
+        before = mlp(x) if "." in consumer else None
+    cons = block.get_submodule(consumer)
+    W = weight_matrix(cons).detach().clone()
+    X = torch.randn(512, W.shape[1]) * torch.linspace(0.1, 3, W.shape[1])  # unequal channel importance
+    H = 2 * X.T @ X / 512
+    old = {n: p.qweight.clone() for n, p in packed.items()}
+    perm = sort_channels(block, arch, consumer, H, packed, "b", cfg)
+    assert perm is not None and not torch.equal(perm, torch.arange(len(perm)))
+    with torch.no_grad():
+        if before is not None:
+            torch.testing.assert_close(mlp(x), before, rtol=1e-5, atol=1e-5)
+    for n, p in packed.items():
+        assert torch.equal(p.qweight, old[n][:, perm.cpu()])
+        Wq = dequantize_packed(p.qweight, p.qzeros, p.scales, p.g_idx, 4, cfg.checkpoint_format)
+        assert Wq.shape[0] == len(perm)
+    Hp = H[perm][:, perm]
+    sorted_solve = solve(weight_matrix(cons).detach(), Hp, QuantConfig(bits=4, group_size=32))
+    assert sorted_solve.g_idx.tolist() == [k // 32 for k in range(W.shape[1])]
+    dynamic = solve(W, H, QuantConfig(bits=4, group_size=32, act_order="dynamic"))
+    assert torch.equal(sorted_solve.weight, dynamic.weight[:, perm])
+    assert sort_channels(block, arch, consumer, H, packed, "b", QuantConfig(act_order="static")) is None

@@ -250,8 +250,11 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - t0
             summary |= {"seconds": round(seconds, 2), "layers": [asdict(r) for r in report]}
             summary["calibration"]["windows"] = list(windows.shape)
+            from .save import source_dtype_name
+
+            own = source_dtype_name(args.model)
             final = save_checkpoint(out, model, packed, qcfg, source_dir=args.model, overwrite=args.overwrite,
-                                    max_shard_bytes=shard_bytes,
+                                    max_shard_bytes=shard_bytes, float_dtype=getattr(torch, own) if own else None,
                                     extra_files={"quantize_report.json": json.dumps(summary, indent=2) + "\n"})
     except KeyboardInterrupt:
         state = Path(out).resolve()

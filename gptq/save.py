@@ -43,9 +43,12 @@ def parse_size(text: str) -> int:
         raise ValueError(f"size {text!r} not understood; write e.g. 5GB, 500MB or a number of bytes") from None
 
 
-def checkpoint_tensors(model: torch.nn.Module, packed: dict[str, PackedLinear]) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(model: torch.nn.Module, packed: dict[str, PackedLinear],
+                       float_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's state dict with each quantized linear replaced by its packed tensors.
-    Tied weights (e.g. lm_head sharing the embedding) are stored once, as save_pretrained does."""
+    Tied weights (e.g. lm_head sharing the embedding) are stored once, as save_pretrained does.
+    ``float_dtype``: the dtype for the unquantized floating tensors (the source model's own, when
+    the calibration ran in another one)."""
     out: dict[str, torch.Tensor] = {}
     seen_storage: set[int] = set()
     for name, t in model.state_dict().items():
@@ -56,7 +59,8 @@ def checkpoint_tensors(model: torch.nn.Module, packed: dict[str, PackedLinear]) 
         if ptr in seen_storage and t.numel() > 0:
             continue
         seen_storage.add(ptr)
-        out[name] = t.detach().to("cpu").contiguous()
+        t = t.detach().to("cpu")
+        out[name] = (t.to(float_dtype) if float_dtype is not None and t.is_floating_point() else t).contiguous()
     for prefix, p in packed.items():
         out.update(p.tensors(prefix))
     return dict(sorted(out.items()))
@@ -174,12 +178,26 @@ def prepare_output(out: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]
     return final, tmp
 
 
+def source_dtype_name(source_dir) -> str | None:
+    """The dtype the source model's config.json declares ("bfloat16", ...), if any."""
+    if source_dir is None or not (Path(source_dir) / "config.json").is_file():
+        return None
+    cfg = json.loads((Path(source_dir) / "config.json").read_text())
+    return cfg.get("dtype") or cfg.get("torch_dtype")
+
+
 def write_metadata(directory: Path, model_config, config: QuantConfig, source_dir=None,
                    extra_files: dict[str, str] | None = None) -> None:
     """config.json with quantization_config, quantize_config.json, the source's tokenizer and
-    generation config, and any extra text files."""
+    generation config, and any extra text files. The dtype stays the source's (the calibration
+    may have run in another one)."""
     qcfg = config.to_quantization_config()
     cfg = model_config.to_dict()
+    own = source_dtype_name(source_dir)
+    if own is not None:
+        for key in ("dtype", "torch_dtype"):
+            if key in cfg or key == "dtype":
+                cfg[key] = own
     cfg["quantization_config"] = qcfg
     cfg.pop("_name_or_path", None)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
@@ -213,13 +231,15 @@ def save_checkpoint(
     extra_files: dict[str, str] | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    float_dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write the checkpoint under a temporary name, then rename it into place."""
+    """Write the checkpoint under a temporary name, then rename it into place. ``float_dtype``:
+    store the unquantized floating tensors in this dtype (default: as they are in ``model``)."""
     final, tmp = prepare_output(out, overwrite)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_tensors(tmp, checkpoint_tensors(model, packed), max_shard_bytes)
+        write_tensors(tmp, checkpoint_tensors(model, packed, float_dtype), max_shard_bytes)
         write_metadata(tmp, model.config, config, source_dir, extra_files)
         move_into_place(tmp, final)
     except BaseException:

@@ -79,6 +79,13 @@ class TensorSource:
         self.loaded += 1
         return t
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of a tensor, from the file's header."""
+        with safe_open(self.file_of[name], "pt") as h:
+            code = h.get_slice(name).get_dtype()
+        return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}.get(
+            code, torch.float32)
+
     def fingerprint(self) -> dict:
         return {str(f.name): f.stat().st_size for f in sorted(set(self.file_of.values()))}
 
@@ -284,7 +291,8 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         for name, t in block.state_dict().items():
             full = f"{prefix}.{name}"
             if full.rsplit(".", 1)[0] not in packed_i and full in source.file_of:
-                tensors[full] = t.detach().to("cpu").contiguous()
+                # stored in the source's dtype, whatever the calibration ran in
+                tensors[full] = t.detach().to("cpu", source.dtype(full) if t.is_floating_point() else t.dtype).contiguous()
         for p_name, p in packed_i.items():
             tensors.update(p.tensors(p_name))
         _atomic_save(dict(sorted(tensors.items())), partial / shard_name(i + 1))
@@ -308,8 +316,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
 
     # the last shard: every tensor outside the blocks, straight from the source
     if not (partial / shard_name(nshards)).is_file():
-        rest = {n: source.get(n).to(dtype).contiguous() for n in source.names()
-                if not n.startswith(blocks_prefix + ".")}
+        rest = {n: source.get(n).contiguous() for n in source.names() if not n.startswith(blocks_prefix + ".")}
         _atomic_save(rest, partial / shard_name(nshards))
     summary = (extra_report or {}) | {"seconds": round(time.perf_counter() - t_start, 2), "layers": report}
     # the finished checkpoint is assembled in partial/final.tmp: the block shards regrouped into

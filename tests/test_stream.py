@@ -230,3 +230,31 @@ def test_not_enough_disk_is_refused_before_any_work(tmp_path, tiny_tokenizer_dir
         assert not loaded  # refused before a single tensor was read
         assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
     assert needs[1] > needs[0]  # spilling needs room for the activations too
+
+
+def test_calibrating_in_fp32_keeps_the_source_dtype_on_disk(tmp_path, tiny_tokenizer_dir):
+    """A bf16 model calibrated in fp32 (the choice on CPUs without native bf16) is written with its
+    unquantized tensors and config dtype in bf16, streaming or not."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("llama")
+    torch.manual_seed(0)
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(src)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, src / f.name)
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT)
+    for extra in ([], ["--no-stream"]):
+        out = tmp_path / f"o{len(extra)}"
+        r = run(quantize_cmd(src, out, "--dtype", "float32", *extra), text)
+        assert r.returncode == 0, r.stderr
+        tensors = all_tensors(out)
+        assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+        assert tensors["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
+        assert tensors["model.layers.0.mlp.down_proj.scales"].dtype == torch.float16
+        assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+        report = json.loads((out / "quantize_report.json").read_text())
+        assert report["compute"]["dtype"] == "float32" and "capability" in report["compute"]["cpu"]

@@ -67,32 +67,30 @@ def vllm_gpu(qc: dict, shapes) -> Verdict:
     return Verdict("vLLM (GPU)", "serves", ("Marlin",))
 
 
-def vllm_cpu(qc: dict, shapes) -> Verdict:
+def _four_bit_kernel(qc: dict, shapes, kernel: str) -> list[str]:
+    """What a kernel that takes 4-bit weights with groups dividing the input finds wrong."""
     bits, group = qc["bits"], qc.get("group_size", -1)
-    if _dynamic(qc):
-        return Verdict("vLLM (CPU)", "refuses", ("desc_act: true with group_size != -1 is refused since vLLM 0.32",))
-    reasons = []
-    # kernels/mixed_precision/cpu.py: _CPUWNA16_SUPPORTED_QUANT_TYPES = (uint4, uint4b8): 4-bit only
-    if bits != 4:
-        reasons.append(f"the CPU GPTQ kernel (cpu_gemm_wna16) takes 4-bit weights, not {bits}-bit")
+    reasons = [f"{kernel} takes 4-bit weights, not {bits}-bit"] if bits != 4 else []
     ragged = _ragged(shapes, group)
     if ragged:
         reasons.append(f"group_size {group} does not divide input size(s) {ragged}")
+    return reasons
+
+
+def vllm_cpu(qc: dict, shapes) -> Verdict:
+    if _dynamic(qc):
+        return Verdict("vLLM (CPU)", "refuses", ("desc_act: true with group_size != -1 is refused since vLLM 0.32",))
+    # kernels/mixed_precision/cpu.py: _CPUWNA16_SUPPORTED_QUANT_TYPES = (uint4, uint4b8): 4-bit only
+    reasons = _four_bit_kernel(qc, shapes, "the CPU GPTQ kernel (cpu_gemm_wna16)")
     if reasons:
         return Verdict("vLLM (CPU)", "refuses", tuple(reasons))
     return Verdict("vLLM (CPU)", "serves", ("cpu_gemm_wna16 (compiled into AVX-512 builds only)",))
 
 
 def tgi(qc: dict, shapes) -> Verdict:
-    bits, group = qc["bits"], qc.get("group_size", -1)
     # text-generation-inference, layers/gptq: the exllama(v2) kernels are used for 4-bit weights
     # whose groups divide the input; other settings run on its Triton GPTQ kernel
-    slow = []
-    if bits != 4:
-        slow.append(f"exllama kernels take 4-bit weights, not {bits}-bit")
-    ragged = _ragged(shapes, group)
-    if ragged:
-        slow.append(f"group_size {group} does not divide input size(s) {ragged}")
+    slow = _four_bit_kernel(qc, shapes, "exllama kernels")
     if slow:
         return Verdict("TGI", "slower", tuple(slow) + ("served by its Triton GPTQ kernel",))
     return Verdict("TGI", "serves", ("exllama",))

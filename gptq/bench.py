@@ -109,6 +109,7 @@ ABLATIONS = {  # each row: our defaults with one setting switched off
     "no true-sequential": ["--no-true-sequential"],
 }
 ACT_ORDER_ROWS = {f"--act-order {m}": ["--act-order", m] for m in ("none", "static", "group-aware", "dynamic")}
+ACT_ORDER_ROWS["--act-order group-aware --no-sort-channels"] = ["--act-order", "group-aware", "--no-sort-channels"]
 
 
 def ablation(out: Path, rows_flags: dict[str, list[str]] = ABLATIONS, name: str = "ablation") -> dict:

@@ -34,6 +34,9 @@ class QuantConfig:
     damp:            fraction of mean(diag H) added to the diagonal before the Cholesky.
     block_size:      columns per lazy-batch block (speed only; the result does not depend on it).
     mse:             search a shrunk clipping range per grid that minimises H-weighted error.
+    sort_channels:   with group-aware or dynamic act-order, reorder the channels the architecture
+                     declares free (the MLP's intermediate dimension) by the consumer's diag(H)
+                     first, so the down projection gets act-order's column order with g_idx = k // g.
     checkpoint_format: "gptq" (v1, zeros stored minus one) or "gptq_v2" (zeros as-is).
     """
 
@@ -46,6 +49,7 @@ class QuantConfig:
     block_size: int = 128
     mse: bool = True
     checkpoint_format: str = "gptq"
+    sort_channels: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.act_order, bool):
@@ -88,6 +92,7 @@ class QuantConfig:
             "checkpoint_format": self.checkpoint_format,
             "lm_head": False,
             "mse": self.mse,
+            "sort_channels": self.sort_channels,
         }
 
     def as_dict(self) -> dict:

@@ -133,9 +133,10 @@ def sort_channels(block: nn.Module, arch, consumer: str, H: torch.Tensor, packed
     columns move alike, so the block computes the same function. The consumer is then solved in
     act-order with columns already in that order, so its groups are the act-order groups and its
     g_idx stays k // group. Returns the permutation (new position → old channel), or None when
-    the architecture declares no such pair for ``consumer`` or act-order is off/static."""
+    the architecture declares no such pair for ``consumer``, act-order is off/static, or
+    ``config.sort_channels`` is off."""
     producers = dict(arch.channels).get(consumer)
-    if producers is None or config.act_order not in ("group-aware", "dynamic"):
+    if producers is None or not config.sort_channels or config.act_order not in ("group-aware", "dynamic"):
         return None
     perm = torch.argsort(torch.diag(H), descending=True, stable=True).to(H.device)  # [in]
     cons = get_module(block, consumer)

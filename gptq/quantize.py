@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="same as --act-order none")
     q.add_argument("--static-groups", dest="act_order", action="store_const", const="static",
                    help="same as --act-order static")
+    q.add_argument("--sort-channels", action=argparse.BooleanOptionalAction, default=d.sort_channels,
+                   help="with group-aware/dynamic act-order, first reorder the MLP's intermediate channels by the "
+                        "down projection's Hessian diagonal (exact), giving it act-order with g_idx = k // group "
+                        "(default: %(default)s)")
     q.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=d.true_sequential,
                    help="quantize q/k/v, o, up/gate, down in turn on already-quantized inputs (default: %(default)s)")
     q.add_argument("--mse", action=argparse.BooleanOptionalAction, default=d.mse,
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         qcfg = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
-                           true_sequential=args.true_sequential, damp=args.damp,
+                           true_sequential=args.true_sequential, damp=args.damp, sort_channels=args.sort_channels,
                            block_size=args.block_size, mse=args.mse, checkpoint_format=args.checkpoint_format)
         ccfg = CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         if args.batch_size < 1:

@@ -177,3 +177,4 @@ def test_sorting_mlp_channels_keeps_the_function_and_gives_act_order_with_trivia
     dynamic = solve(W, H, QuantConfig(bits=4, group_size=32, act_order="dynamic"))
     assert torch.equal(sorted_solve.weight, dynamic.weight[:, perm])
     assert sort_channels(block, arch, consumer, H, packed, "b", QuantConfig(act_order="static")) is None
+    assert sort_channels(block, arch, consumer, H, packed, "b", QuantConfig(sort_channels=False)) is None

@@ -36,16 +36,30 @@ HEAD_DENSE_ROWS = 16  # float16 head: below this many rows multiply in fp16, els
 
 class SharedBuffers:
     """One scratch tensor per (shape, dtype), shared by every layer of a model: the cpu backend
-    dequantizes a layer into it for a long prompt, then the next layer reuses it."""
+    dequantizes a layer into it for a long prompt, then the next layer reuses it. ``fill`` skips
+    the work when the buffer still holds what the same owner put there last (e.g. the output
+    head, whose shape no other layer has)."""
 
     def __init__(self):
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._owners: dict[tuple, int] = {}
 
     def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         key = (shape, dtype)
         if key not in self._buffers:
             self._buffers[key] = torch.empty(shape, dtype=dtype)
         return self._buffers[key]
+
+    def fill(self, shape: tuple[int, ...], dtype: torch.dtype, owner: object, write) -> torch.Tensor:
+        """The buffer for (shape, dtype) holding ``owner``'s content; ``write(buf)`` runs only when
+        another owner (or none) filled it last. Owners' content must not change (loaded weights)."""
+        key = (shape, dtype)
+        buf = self.get(shape, dtype)
+        if self._owners.get(key) != id(owner):
+            self._owners[key] = None
+            write(buf)
+            self._owners[key] = id(owner)
+        return buf
 
 
 class PermutedInput:
@@ -101,7 +115,7 @@ class HalfHead(nn.Module):
         if rows < HEAD_DENSE_ROWS:
             b = None if self.bias is None else self.bias.to(torch.float16)
             return nn.functional.linear(x.to(torch.float16), self.weight, b).to(x.dtype)
-        w = self.buffers.get(tuple(self.weight.shape), x.dtype).copy_(self.weight)
+        w = self.buffers.fill(tuple(self.weight.shape), x.dtype, self, lambda buf: buf.copy_(self.weight))
         return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
@@ -245,10 +259,17 @@ class QuantLinear(nn.Module):
 
         st = self._state
         K, N = self.in_features, self.out_features
-        buf = st["buffers"].get((K, N), dtype) if "buffers" in st else torch.empty(K, N, dtype=dtype)
         s = st["sz"][..., 0].float()  # [n_sub, out]
         off = st["sz"][..., 1].float() - 8 * s  # w = (q − 8)·s + offset = q·s + off
-        return int4pack_dequantize_t(st["w"], N, K, st["layout"], st["sub"], s.to(dtype), off.to(dtype), buf)
+
+        def write(buf):
+            int4pack_dequantize_t(st["w"], N, K, st["layout"], st["sub"], s.to(dtype), off.to(dtype), buf)
+
+        if "buffers" not in st:
+            buf = torch.empty(K, N, dtype=dtype)
+            write(buf)
+            return buf
+        return st["buffers"].fill((K, N), dtype, self, write)
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

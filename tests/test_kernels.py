@@ -153,3 +153,29 @@ def test_cpu_backend_falls_back_for_other_bits():
     assert layer.prepare("cpu") == "dense"
     x = torch.randn(2, 128)
     torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_buffer_refills_only_for_another_owner():
+    from gptq.qlinear import SharedBuffers
+
+    b, calls = SharedBuffers(), []
+    a, c = object(), object()
+    for owner in (a, a, c, a):
+        b.fill((2, 3), torch.float32, owner, lambda buf, o=owner: (calls.append(o), buf.fill_(len(calls))))
+    assert calls == [a, c, a]  # the second call for `a` found its content still there
+    assert b.get((2, 3), torch.float32)[0, 0] == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_half_head_matches_a_dense_head_for_short_and_long_inputs(dtype):
+    from gptq.qlinear import HEAD_DENSE_ROWS, HalfHead
+
+    w = torch.randn(300, 64, dtype=dtype)
+    head = HalfHead(torch.nn.Parameter(w.half(), requires_grad=False))
+    for rows in (1, HEAD_DENSE_ROWS + 5):
+        x = torch.randn(rows, 64).to(dtype)
+        ref = x.float() @ w.float().half().float().T
+        for _ in range(2):  # the second long call reuses the converted weight
+            y = head(x)
+            assert y.dtype == dtype
+            assert ((y.float() - ref).norm() / ref.norm()) < (2e-3 if dtype == torch.float32 else 1e-2)

@@ -23,7 +23,7 @@ def main(ckpt: str, windows_path: str) -> None:
             logits = model(input_ids=ids).logits.float()
             nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"))
             count += ids.shape[1] - 1
-    kernels = sorted({type(m).__name__ for m in model.model.modules() if "QuantLinear" in type(m).__name__})
+    kernels = sorted({type(m).__name__ for m in model.model.modules() if hasattr(m, "qweight")})
     print(json.dumps({"ppl": float(torch.exp(torch.tensor(nll / count))), "kernels": kernels}))
 
 

@@ -14,6 +14,10 @@ CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 #   dynamic      descending diag(H) across groups; grids as groups of the *solve* order come up,
 #                so g_idx is a permutation (desc_act: true; vLLM >= 0.32 refuses it)
 ACT_ORDERS = ("none", "static", "group-aware", "dynamic")
+# the grid family: uniform integers (GPTQ checkpoints) or a 16-value codebook times an absmax per
+# group (bitsandbytes NF4/FP4; solver only so far: no checkpoint format writes it yet, issue #13)
+GRIDS = ("int", "nf4", "fp4")
+BNB_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
 class ConfigError(ValueError):
@@ -37,6 +41,8 @@ class QuantConfig:
     sort_channels:   with group-aware or dynamic act-order, reorder the channels the architecture
                      declares free (the MLP's intermediate dimension) by the consumer's diag(H)
                      first, so the down projection gets act-order's column order with g_idx = k // g.
+    grid:            "int" (uniform, the GPTQ format) or "nf4"/"fp4" (bitsandbytes' codebooks; absmax
+                     per group of group_size weights; solver and in-memory model only for now).
     checkpoint_format: "gptq" (v1, zeros stored minus one) or "gptq_v2" (zeros as-is).
     """
 
@@ -50,12 +56,18 @@ class QuantConfig:
     mse: bool = True
     checkpoint_format: str = "gptq"
     sort_channels: bool = True
+    grid: str = "int"
 
     def __post_init__(self) -> None:
         if isinstance(self.act_order, bool):
             object.__setattr__(self, "act_order", "dynamic" if self.act_order else "none")
         if self.act_order not in ACT_ORDERS:
             raise ConfigError(f"act_order={self.act_order!r}; choose one of {ACT_ORDERS}")
+        if self.grid not in GRIDS:
+            raise ConfigError(f"grid={self.grid!r}; choose one of {GRIDS}")
+        if self.grid != "int" and (self.bits != 4 or self.group_size not in BNB_BLOCKSIZES):
+            raise ConfigError(f"grid={self.grid!r} is 4-bit with an absmax per block of {BNB_BLOCKSIZES} weights "
+                              f"(bitsandbytes' block sizes); got bits={self.bits}, group_size={self.group_size}")
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
         if self.group_size != -1 and self.group_size < 1:

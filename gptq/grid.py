@@ -93,3 +93,26 @@ def _best_shrink(w, xmin, xmax, shrink, maxq, sym, min_zero, col_weight):
         picks.append((e.square_() @ cw).argmin(dim=0))  # [rows]
     pick = torch.cat(picks)  # [out]
     return shrink[pick, torch.arange(out, device=w.device)]
+
+
+class UniformFamily:
+    """The integer grids as a grid family (the interface ``codebook.CodebookFamily`` shares):
+    fit a (scale, zero) per row of a column group, quantize to codes, dequantize."""
+
+    scale_dtype = torch.float16  # the GPTQ checkpoint stores scales in float16
+
+    def __init__(self, bits: int, sym: bool, mse: bool, min_zero: int):
+        self.bits, self.sym, self.mse, self.min_zero = bits, sym, mse, min_zero
+        self.maxq = 2**bits - 1
+
+    def fit(self, w: torch.Tensor, col_weight: torch.Tensor | None = None) -> Grid:
+        return find_grid(w, self.bits, self.sym, self.mse, col_weight, self.min_zero)
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return quantize(w, scale, zero, self.maxq)
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return dequantize(codes, scale, zero)
+
+    def dequantize_into(self, codes, scale, zero, out: torch.Tensor) -> torch.Tensor:
+        return torch.sub(codes, zero, out=out).mul_(scale)

@@ -147,7 +147,8 @@ def sort_channels(block: nn.Module, arch, consumer: str, H: torch.Tensor, packed
         if getattr(m, "bias", None) is not None:
             m.bias.data.copy_(m.bias.data[perm])
         full = f"{prefix}.{name}"
-        packed_i[full] = packed_i[full].permute_outputs(perm.cpu(), config.bits, config.checkpoint_format)
+        if packed_i.get(full) is not None:
+            packed_i[full] = packed_i[full].permute_outputs(perm.cpu(), config.bits, config.checkpoint_format)
     return perm
 
 
@@ -298,7 +299,8 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
                 for name, module, r, seconds in solve_group(group, H, config, f"{arch.blocks}.{i}"):
                     full = f"{arch.blocks}.{i}.{name}"
                     set_weight_matrix(module, r.weight)
-                    packed_i[full] = pack_result(r, module, config)
+                    # codebook grids have no checkpoint format yet (issue #13): in-memory model only
+                    packed_i[full] = pack_result(r, module, config) if config.grid == "int" else None
                     report_i.append(LayerReport(full, r.loss, seconds, tuple(r.weight.shape)))
                     bar.set_postfix_str(f"{name} loss {r.loss:.3g}")
                 solved.update(group)

@@ -235,6 +235,9 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint under a temporary name, then rename it into place. ``float_dtype``:
     store the unquantized floating tensors in this dtype (default: as they are in ``model``)."""
+    if config.grid != "int":
+        raise ValueError(f"grid={config.grid!r}: no checkpoint format writes codebook grids yet (the bitsandbytes "
+                         "format is issue #13); use the in-memory model, or grid='int' for a GPTQ checkpoint")
     final, tmp = prepare_output(out, overwrite)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import QuantConfig
-from .grid import Grid, dequantize, find_grid, quantize
+from .grid import UniformFamily
 from .hessian import NonFiniteError, all_finite, dead_columns, inverse_cholesky
 
 
@@ -40,7 +40,7 @@ from .hessian import NonFiniteError, all_finite, dead_columns, inverse_cholesky
 class SolveResult:
     weight: torch.Tensor  # [out, in] dequantized Ŵ (float32, or float64 if W was)
     codes: torch.Tensor  # [out, in] uint8 integer codes in [0, maxq]
-    scales: torch.Tensor  # [n_groups, out] float16
+    scales: torch.Tensor  # [n_groups, out] float16 (uniform grids) or float32 (codebook absmax)
     zeros: torch.Tensor  # [n_groups, out] int32 in [0, maxq]
     g_idx: torch.Tensor  # [in] int32 group of each input column
     row_loss: torch.Tensor  # [out] Σ_j (w − ŵ)² / U[j,j]² / 2 per row
@@ -66,8 +66,14 @@ def _min_zero(config: QuantConfig) -> int:
     return 1 if (config.checkpoint_format == "gptq" and not config.sym) else 0
 
 
-def _grid(w: torch.Tensor, config: QuantConfig, col_weight: torch.Tensor | None) -> Grid:
-    return find_grid(w, config.bits, config.sym, config.mse, col_weight, _min_zero(config))
+def grid_family(config: QuantConfig):
+    """What the solver asks for a grid, a code and a value: the uniform integer grids, or a
+    codebook (bitsandbytes NF4/FP4, ``codebook.py``)."""
+    if config.grid == "int":
+        return UniformFamily(config.bits, config.sym, config.mse, _min_zero(config))
+    from .codebook import CodebookFamily
+
+    return CodebookFamily(config.grid, config.mse)
 
 
 def solve_order(diag: torch.Tensor, gs: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +135,7 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
         raise ValueError(f"{name}: H has shape {tuple(H.shape)}, expected ({n}, {n})")
     gs = n if config.group_size == -1 else config.group_size
     ng = n_groups(n, config.group_size)
-    maxq = config.maxq
+    family = grid_family(config)
 
     dead = dead_columns(H)  # always-zero inputs: H = 1 and W = 0 there
     diag = torch.diag(H).to(dtype).masked_fill(dead, 1)
@@ -140,7 +146,7 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
     if static:
         W0 = W.to(dtype).masked_fill(dead, 0)
         for g in range(ng):
-            grid = _grid(W0[:, g * gs : (g + 1) * gs], config, None)
+            grid = family.fit(W0[:, g * gs : (g + 1) * gs], None)
             scales[g], zeros[g] = grid.scale, grid.zero
         del W0
     group_end = _group_ends(group_of)  # {solve position where a group starts: where it ends}
@@ -174,15 +180,15 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
                 if end > i2:  # group reaches past the block: apply the pending updates
                     rest = WT[i2:end] - U[i1:j, i2:end].T @ Err1[:i]
                     cur = torch.cat([cur, rest], dim=0)
-                grid = _grid(cur.T.contiguous(), config, col_weight[j:end])
+                grid = family.fit(cur.T.contiguous(), col_weight[j:end])
                 scales[group_list[j]], zeros[group_list[j]] = grid.scale, grid.zero
             g = group_list[j]
             s, z = scales[g], zeros[g]  # [out]
             w = W1[i]  # [out]
-            q = quantize(w, s, z, maxq)
+            q = family.quantize(w, s, z)
             CT[j] = q
             wq = QT[j]
-            torch.sub(q, z, out=wq).mul_(s)  # = dequantize(q, s, z)
+            family.dequantize_into(q, s, z, wq)
             err = Err1[i]
             torch.sub(w, wq, out=err).div_(d_list[j])
             W1[i:].addr_(U1[i, i:], err, alpha=-1)
@@ -195,7 +201,7 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
     return SolveResult(
         weight=QT.index_select(0, inv).T,  # [out, in]
         codes=CT.index_select(0, inv).T,  # [out, in]
-        scales=scales.to(torch.float16),
+        scales=scales.to(family.scale_dtype),
         zeros=zeros.to(torch.int32),
         g_idx=g_idx,
         row_loss=losses,
@@ -213,11 +219,12 @@ def round_to_nearest(W: torch.Tensor, config: QuantConfig) -> SolveResult:
     g_idx = (torch.arange(n, device=W.device) // gs).to(torch.int32)
     scales = torch.zeros(ng, rows, dtype=dtype, device=W.device)
     zeros = torch.zeros_like(scales)
+    family = grid_family(config)
     for g in range(ng):
-        grid = _grid(W[:, g * gs : (g + 1) * gs], config, None)
+        grid = family.fit(W[:, g * gs : (g + 1) * gs], None)
         scales[g], zeros[g] = grid.scale, grid.zero
     s, z = scales[g_idx.long()].T, zeros[g_idx.long()].T  # [out, in]
-    codes = quantize(W, s, z, config.maxq)
-    Q = dequantize(codes, s, z)
-    return SolveResult(Q, codes.to(torch.uint8), scales.to(torch.float16), zeros.to(torch.int32), g_idx,
+    codes = family.quantize(W, s, z)
+    Q = family.dequantize(codes, s, z)
+    return SolveResult(Q, codes.to(torch.uint8), scales.to(family.scale_dtype), zeros.to(torch.int32), g_idx,
                        ((W - Q) ** 2).sum(dim=1))

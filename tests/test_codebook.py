@@ -1,0 +1,74 @@
+"""Codebook grids (bitsandbytes NF4/FP4) in the solver: exact tables, nearest codes, GPTQ's gain."""
+
+import pytest
+import torch
+
+from gptq.codebook import TABLES, CodebookFamily
+from gptq.config import ConfigError, QuantConfig
+from gptq.solver import round_to_nearest, solve
+from test_solver import correlated, output_error
+
+
+def test_tables_are_bitsandbytes_own():
+    nf4, fp4 = torch.tensor(TABLES["nf4"]), torch.tensor(TABLES["fp4"])
+    assert nf4.numel() == fp4.numel() == 16
+    assert nf4[0] == -1 and nf4[7] == 0 and nf4[15] == 1 and bool((nf4[1:] > nf4[:-1]).all())
+    assert fp4.abs().max() == 1 and fp4[3] == 1 and fp4[11] == -1 and fp4[1] == pytest.approx(0.0625 / 12)
+
+
+@pytest.mark.parametrize("name", ["nf4", "fp4"])
+def test_codes_are_the_nearest_table_values(name):
+    fam = CodebookFamily(name, mse=False)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    grid = fam.fit(w)
+    codes = fam.quantize(w, grid.scale[:, None])
+    table = torch.tensor(TABLES[name])
+    brute = (w[..., None] / grid.scale[:, None, None] - table).abs().min(dim=-1).values
+    got = (w / grid.scale[:, None] - table[codes.long()]).abs()
+    assert torch.allclose(got, brute, atol=1e-7)  # ties aside, the same distance: the nearest value
+    assert torch.equal(grid.scale, w.abs().amax(dim=1))  # absmax, kept in float32
+    assert torch.equal(fam.dequantize(codes, grid.scale[:, None]), table[codes.long()] * grid.scale[:, None])
+
+
+@pytest.mark.parametrize("grid", ["nf4", "fp4"])
+def test_diagonal_hessian_is_round_to_nearest_and_block_size_free(grid):
+    W = torch.randn(32, 128, generator=torch.Generator().manual_seed(3))
+    H = torch.diag(torch.rand(128, generator=torch.Generator().manual_seed(4)) + 0.5)
+    cfg = QuantConfig(bits=4, group_size=64, grid=grid, mse=False, act_order="none")
+    got, rtn = solve(W, H, cfg), round_to_nearest(W, cfg)
+    assert torch.equal(got.weight, rtn.weight) and torch.equal(got.codes, rtn.codes)
+    assert got.scales.dtype == torch.float32
+    X, Hc = correlated(n_in=128)  # float64: the lazy updates then round alike for every block size
+    for mode in ("none", "group-aware", "dynamic"):
+        a = solve(W.double(), Hc, QuantConfig(bits=4, group_size=64, grid=grid, act_order=mode, block_size=1))
+        b = solve(W.double(), Hc, QuantConfig(bits=4, group_size=64, grid=grid, act_order=mode, block_size=48))
+        assert torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.parametrize("grid", ["nf4", "fp4"])
+@pytest.mark.parametrize("mse", [False, True])
+def test_gptq_on_a_codebook_beats_plain_rounding(grid, mse):
+    X, H = correlated(n_in=128)
+    W = torch.randn(64, 128, generator=torch.Generator().manual_seed(5))
+    cfg = QuantConfig(bits=4, group_size=64, grid=grid, mse=mse)
+    e_gptq = output_error(W, solve(W, H.float(), cfg).weight, X)
+    e_rtn = output_error(W, round_to_nearest(W, QuantConfig(bits=4, group_size=64, grid=grid, mse=False)).weight, X)
+    assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
+
+
+def test_codebook_settings_are_checked_and_not_saved_as_gptq(tmp_path):
+    with pytest.raises(ConfigError, match="block"):
+        QuantConfig(bits=4, group_size=100, grid="nf4")
+    with pytest.raises(ConfigError, match="4-bit"):
+        QuantConfig(bits=3, group_size=64, grid="nf4")
+    with pytest.raises(ConfigError, match="grid"):
+        QuantConfig(grid="nf8")
+    from gptq import quantize_model, save_checkpoint
+    from test_pipeline import tiny_model, windows
+
+    model = tiny_model("llama")
+    cfg = QuantConfig(bits=4, group_size=64, grid="nf4")
+    packed, report = quantize_model(model, windows(), cfg, device="cpu", progress=False)
+    assert len(report) == 7 * model.config.num_hidden_layers and all(p is None for p in packed.values())
+    with pytest.raises(ValueError, match="issue #13"):
+        save_checkpoint(tmp_path / "ck", model, packed, cfg)

@@ -13,6 +13,7 @@ spill    one synthetic model and a larger calibration set, activations in memory
          disk (--max-memory 0): peak RSS, seconds, identical checkpoints.
 ablation the quality benchmark with act-order, MSE clipping or true-sequential switched off.
 act-order the quality benchmark under each --act-order mode (none, static, group-aware, dynamic).
+codebooks GPTQ on bitsandbytes' NF4/FP4 grids vs plain rounding to them (in memory; issue #13).
 cpu-kernel the CPU matmul paths (int4 kernel, dequantize-then-matmul, dense fp32/bf16, the head)
          per shape and row count, with the CPU's capability: what the cpu backend's choices rest on.
 kernel   CUDA only: Triton dequant-matmul vs fp16 torch.matmul on Llama-7B/70B layer shapes at
@@ -264,6 +265,46 @@ def spill(out: Path) -> dict:
     return result
 
 
+def codebooks(out: Path) -> dict:
+    """GPTQ on bitsandbytes' NF4/FP4 grids (absmax per 64 weights, float32: 4.5 bits per weight)
+    against plain rounding to the same grids (what bitsandbytes does), in memory, fp32 throughout;
+    same calibration and evaluation windows as the quality benchmark."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calib import load_documents, sample_windows
+    from .assets import smollm2
+    from .config import QuantConfig
+    from .cpu import cpu_info
+    from .eval import eval_windows, perplexity
+    from .pipeline import quantize_model, round_to_nearest_model
+
+    torch.set_num_threads(2)
+    model_dir = smollm2(MODEL)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    test = eval_windows(tok, str(_wiki("wiki.test.raw")), 2048, 8)
+    docs, mode = load_documents(str(_wiki("valid.tokens.txt")), "calib")
+    calib = sample_windows(docs, tok, 32, 512, 0, mode)
+    rows = {}
+    for grid in ("nf4", "fp4"):
+        for label, gptq in (("round-to-nearest (bitsandbytes' rounding)", False), ("gptq (defaults)", True)):
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            t0 = time.perf_counter()
+            if gptq:
+                quantize_model(model, calib, QuantConfig(bits=4, group_size=64, grid=grid), device="cpu", progress=False)
+            else:
+                round_to_nearest_model(model, QuantConfig(bits=4, group_size=64, grid=grid, mse=False))
+            seconds = time.perf_counter() - t0
+            rows[f"{grid} {label}"] = {"ppl": round(perplexity(model, test), 2), "bits_per_weight": 4 + 32 / 64,
+                                       "seconds": round(seconds, 1)}
+            print(grid, label, rows[f"{grid} {label}"])
+            del model
+    result = {"setup": "SmolLM2, absmax per 64 weights in float32 (no double quantization), 32 x 512 calibration "
+                       "windows of WikiText-2 valid, 8 x 2048 windows of wiki.test.raw, fp32; in memory (no "
+                       "bitsandbytes checkpoint is written yet)", "cpu": cpu_info(), "rows": rows}
+    _write(out, "codebooks", result)
+    return result
+
+
 CPU_KERNEL_SHAPES = {"SmolLM2 up/gate": (576, 1536), "SmolLM2 down": (1536, 576), "1.3B up/gate": (2048, 5632)}
 CPU_KERNEL_ROWS = (1, 16, 256, 2048)
 
@@ -482,8 +523,8 @@ def notebook(quick: bool = False):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gptq.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["quality", "decode", "kernel", "cpu-kernel", "ablation", "act-order", "scale",
-                                    "spill", "notebook", "all"])
+    p.add_argument("what", choices=["quality", "decode", "kernel", "cpu-kernel", "ablation", "act-order", "codebooks",
+                                    "scale", "spill", "notebook", "all"])
     p.add_argument("--13b", dest="with_13b", action="store_true",
                    help="scale: also the 13B-shaped model (about 26 GB on disk, hours on 2 cores)")
     p.add_argument("--out", default="bench-results", help="folder for JSON results and the checkpoint")
@@ -501,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         scale(out, a.with_13b)
     if a.what == "spill":
         spill(out)
+    if a.what == "codebooks":
+        codebooks(out)
     if a.what == "ablation":
         ablation(out)
     if a.what == "act-order":

@@ -15,7 +15,8 @@ def main(ckpt: str, windows_path: str) -> None:
 
     result = {}
     try:
-        llm = LLM(model=ckpt, dtype="bfloat16", max_model_len=2048, enforce_eager=True)
+        # on CPU, gpu_memory_utilization is the share of host memory reserved for the KV cache
+        llm = LLM(model=ckpt, dtype="bfloat16", max_model_len=2304, enforce_eager=True, gpu_memory_utilization=0.25)
     except Exception as e:  # noqa: BLE001 - the message is the result
         text = f"{type(e).__name__}: {e}"
         result["loaded"] = False

@@ -58,9 +58,14 @@ notebook: $(STAMP)  ## execute notebooks/walkthrough.ipynb in place (full run)
 	.venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
-interop-setup: .venv-gptqmodel/.installed .venv-vllm/.installed  ## install the real clients, each in its own venv
+.venv-bnb/.installed:
+	$(PY) -m venv .venv-bnb
+	.venv-bnb/bin/pip install -q torch==2.13.0 bitsandbytes==0.50.2 transformers accelerate safetensors
+	touch $@
 
-interop: $(STAMP)  ## load our default checkpoint in GPTQModel and vLLM (CPU); skips a client whose venv is absent
+interop-setup: .venv-gptqmodel/.installed .venv-vllm/.installed .venv-bnb/.installed  ## install the real clients, each in its own venv
+
+interop: $(STAMP)  ## load our checkpoints in GPTQModel, vLLM (CPU), transformers+bitsandbytes; skips a client whose venv is absent
 	$(PYTHON) -m pytest -q -s -m interop tests/interop
 
 clean:  ## remove outputs (keeps .venv and the model cache)

@@ -15,7 +15,7 @@ CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 #                so g_idx is a permutation (desc_act: true; vLLM >= 0.32 refuses it)
 ACT_ORDERS = ("none", "static", "group-aware", "dynamic")
 # the grid family: uniform integers (GPTQ checkpoints) or a 16-value codebook times an absmax per
-# group (bitsandbytes NF4/FP4; solver only so far: no checkpoint format writes it yet, issue #13)
+# group (bitsandbytes NF4/FP4, written in the bitsandbytes 4-bit layout: bnb.py)
 GRIDS = ("int", "nf4", "fp4")
 BNB_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -42,7 +42,7 @@ class QuantConfig:
                      declares free (the MLP's intermediate dimension) by the consumer's diag(H)
                      first, so the down projection gets act-order's column order with g_idx = k // g.
     grid:            "int" (uniform, the GPTQ format) or "nf4"/"fp4" (bitsandbytes' codebooks; absmax
-                     per group of group_size weights; solver and in-memory model only for now).
+                     per group of group_size weights; written as a bitsandbytes 4-bit checkpoint).
     checkpoint_format: "gptq" (v1, zeros stored minus one) or "gptq_v2" (zeros as-is).
     """
 
@@ -90,6 +90,10 @@ class QuantConfig:
 
     def to_quantization_config(self) -> dict:
         """The ``quantization_config`` block of config.json that loaders read."""
+        if self.grid != "int":  # codebook grids are written in the bitsandbytes 4-bit layout
+            from .bnb import quantization_config
+
+            return quantization_config(self.grid)
         return {
             "quant_method": "gptq",
             "bits": self.bits,

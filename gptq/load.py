@@ -229,8 +229,54 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: s
     return model, tokenizer
 
 
+def load_bnb(path: Path, device: str = "auto", dtype: str | torch.dtype = "auto"):
+    """A bitsandbytes 4-bit checkpoint (NF4/FP4, ours or transformers') → a plain model whose
+    linears hold the dequantized weights (no bitsandbytes needed), and its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .bnb import dequantize
+    from .pipeline import resolve_device
+
+    config = AutoConfig.from_pretrained(path)
+    dev = resolve_device(device)
+    act_dtype = resolve_dtype(dtype, dev, "torch")
+    tensors = read_tensors(path)
+    plain = copy.deepcopy(config)
+    del plain.quantization_config
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(plain, dtype=act_dtype)
+    prefixes = {k[: -len(".weight.absmax")] for k in tensors if k.endswith(".weight.absmax")}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, t in tensors.items():
+        prefix = name.rsplit(".weight", 1)[0] if ".weight" in name else None
+        if prefix in prefixes and name != f"{prefix}.weight":
+            continue  # absmax, quant_map, quant_state: read with the weight
+        if prefix in prefixes:
+            try:
+                t = dequantize(tensors, prefix)
+            except (KeyError, ValueError, StopIteration) as e:
+                raise CheckpointError(f"{prefix}: cannot read its bitsandbytes 4-bit weight ({e})") from e
+        if name in params:
+            if params[name].shape != t.shape:
+                raise CheckpointError(f"{name} has shape {tuple(t.shape)}; the model expects {tuple(params[name].shape)}")
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            parent._parameters[attr] = nn.Parameter(t.to(act_dtype), requires_grad=False)
+    if getattr(plain, "tie_word_embeddings", False):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{path}: tensor(s) missing from the checkpoint: {', '.join(still_meta[:5])}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model.to(dev).eval(), tokenizer
+
+
 def load_any(path: str | Path, device: str = "auto", backend: str = "auto", dtype: str = "auto"):
-    """A GPTQ checkpoint through ``load``, or a plain model directory through transformers."""
+    """A GPTQ checkpoint through ``load``, a bitsandbytes 4-bit one through ``load_bnb``, or a plain
+    model directory through transformers."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .pipeline import resolve_device
@@ -239,7 +285,11 @@ def load_any(path: str | Path, device: str = "auto", backend: str = "auto", dtyp
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"'{path}' is not a model directory (no config.json)")
     config = AutoConfig.from_pretrained(p)
-    if getattr(config, "quantization_config", None):
+    qc = getattr(config, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        if str(method).endswith("bitsandbytes"):
+            return load_bnb(p, device, dtype)
         return load(p, device, backend, dtype)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev, "torch")

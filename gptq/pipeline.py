@@ -65,8 +65,19 @@ class LayerReport:
     shape: tuple[int, int]  # [out, in]
 
 
-def pack_result(r: SolveResult, module: nn.Module, config: QuantConfig) -> PackedLinear:
+def pack_result(r: SolveResult, module: nn.Module, config: QuantConfig):
+    """The layer as its checkpoint format stores it: GPTQ's packed tensors (integer grids) or the
+    bitsandbytes 4-bit layout (codebook grids, ``bnb.py``)."""
     bias = getattr(module, "bias", None)
+    if config.grid != "int":
+        from .bnb import Bnb4bitLinear
+
+        rows, cols = r.codes.shape
+        if cols % config.group_size:
+            raise ValueError(f"bitsandbytes blocks of {config.group_size} must not straddle rows: an input size of "
+                             f"{cols} is not a multiple; choose a --group-size that divides every layer's input")
+        return Bnb4bitLinear(r.codes.cpu().contiguous(), r.scales.T.cpu().float().contiguous(), config.grid,
+                             None if bias is None else bias.detach().to("cpu").contiguous())
     return PackedLinear(
         qweight=pack_qweight(r.codes.cpu(), config.bits),
         qzeros=pack_qzeros(r.zeros.cpu(), config.bits, config.checkpoint_format),
@@ -147,8 +158,7 @@ def sort_channels(block: nn.Module, arch, consumer: str, H: torch.Tensor, packed
         if getattr(m, "bias", None) is not None:
             m.bias.data.copy_(m.bias.data[perm])
         full = f"{prefix}.{name}"
-        if packed_i.get(full) is not None:
-            packed_i[full] = packed_i[full].permute_outputs(perm.cpu(), config.bits, config.checkpoint_format)
+        packed_i[full] = packed_i[full].permute_outputs(perm.cpu(), config.bits, config.checkpoint_format)
     return perm
 
 
@@ -299,8 +309,7 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
                 for name, module, r, seconds in solve_group(group, H, config, f"{arch.blocks}.{i}"):
                     full = f"{arch.blocks}.{i}.{name}"
                     set_weight_matrix(module, r.weight)
-                    # codebook grids have no checkpoint format yet (issue #13): in-memory model only
-                    packed_i[full] = pack_result(r, module, config) if config.grid == "int" else None
+                    packed_i[full] = pack_result(r, module, config)
                     report_i.append(LayerReport(full, r.loss, seconds, tuple(r.weight.shape)))
                     bar.set_postfix_str(f"{name} loss {r.loss:.3g}")
                 solved.update(group)

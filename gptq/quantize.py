@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=c.seed, help="window sampling seed (default: %(default)s)")
     q = p.add_argument_group("quantization")
     q.add_argument("--bits", type=int, default=d.bits, help="2, 3, 4 or 8 (default: %(default)s)")
-    q.add_argument("--group-size", type=int, default=d.group_size,
-                   help="input columns per (scale, zero); -1 = one per output row (default: %(default)s)")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="input columns per (scale, zero); -1 = one per output row (default: 128; 64 with --format "
+                        "bnb-*)")
     q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=d.sym,
                    help="symmetric grid; --no-sym for asymmetric (default: %(default)s)")
     q.add_argument("--act-order", choices=ACT_ORDERS, default=d.act_order,
@@ -77,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hessian damping as a fraction of mean(diag H) (default: %(default)s)")
     q.add_argument("--block-size", type=int, default=d.block_size,
                    help="columns per lazy-batch block; speed only (default: %(default)s)")
-    q.add_argument("--format", dest="checkpoint_format", default=d.checkpoint_format, choices=["gptq", "gptq_v2"],
-                   help="checkpoint_format written to the config (default: %(default)s)")
+    q.add_argument("--format", dest="checkpoint_format", default=d.checkpoint_format,
+                   choices=["gptq", "gptq_v2", "bnb-nf4", "bnb-fp4"],
+                   help="gptq / gptq_v2: a GPTQ checkpoint (checkpoint_format v1 or v2); bnb-nf4 / bnb-fp4: GPTQ solved "
+                        "on bitsandbytes' NF4/FP4 grid (absmax per --group-size weights, 64 if not given), written "
+                        "as a bitsandbytes 4-bit checkpoint that transformers loads (default: %(default)s)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -200,9 +204,13 @@ def warn_group_divisibility(model, config: QuantConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        qcfg = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
+        bnb = args.checkpoint_format.startswith("bnb-")
+        group = args.group_size if args.group_size is not None else (64 if bnb else QuantConfig().group_size)
+        qcfg = QuantConfig(bits=args.bits, group_size=group, sym=args.sym, act_order=args.act_order,
                            true_sequential=args.true_sequential, damp=args.damp, sort_channels=args.sort_channels,
-                           block_size=args.block_size, mse=args.mse, checkpoint_format=args.checkpoint_format)
+                           block_size=args.block_size, mse=args.mse,
+                           checkpoint_format="gptq" if bnb else args.checkpoint_format,
+                           grid=args.checkpoint_format[4:] if bnb else "int")
         ccfg = CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
@@ -217,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             max_memory = None if args.max_memory.strip().lower() == "auto" else parse_size(args.max_memory)
         except ValueError as e:
             raise ConfigError(f"--max-memory: {e}, or auto") from None
-        out = args.out or f"{args.model.rstrip('/')}-gptq-{qcfg.bits}bit-g{qcfg.group_size}"
+        out = args.out or (f"{args.model.rstrip('/')}-{args.checkpoint_format}-g{qcfg.group_size}" if bnb else
+                           f"{args.model.rstrip('/')}-gptq-{qcfg.bits}bit-g{qcfg.group_size}")
         prepare_output(out, args.overwrite)  # refuse early, before hours of work
         import torch
 
@@ -283,6 +292,9 @@ def print_summary(report, seconds: float, out: Path) -> None:
     from .compat import format_verdicts, layer_shapes, verdicts
 
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    if qc.get("quant_method") != "gptq":
+        print("format: bitsandbytes 4-bit (transformers + bitsandbytes load it with from_pretrained)")
+        return
     print("served by (python -m gptq.inspect CHECKPOINT says the same):")
     print(format_verdicts(verdicts(qc, layer_shapes(out, qc["bits"]))))
 

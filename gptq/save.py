@@ -201,7 +201,8 @@ def write_metadata(directory: Path, model_config, config: QuantConfig, source_di
     cfg["quantization_config"] = qcfg
     cfg.pop("_name_or_path", None)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
-    (directory / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+    if qcfg["quant_method"] == "gptq":  # GPTQ loaders also read it beside config.json
+        (directory / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
     if source_dir is not None:
         for f in COPIED_FILES:
             src = Path(source_dir) / f
@@ -235,9 +236,6 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint under a temporary name, then rename it into place. ``float_dtype``:
     store the unquantized floating tensors in this dtype (default: as they are in ``model``)."""
-    if config.grid != "int":
-        raise ValueError(f"grid={config.grid!r}: no checkpoint format writes codebook grids yet (the bitsandbytes "
-                         "format is issue #13); use the in-memory model, or grid='int' for a GPTQ checkpoint")
     final, tmp = prepare_output(out, overwrite)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

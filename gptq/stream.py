@@ -222,8 +222,6 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     Calibration activations above ``max_memory`` bytes (default: half the available memory)
     are spilled to ``OUT.partial/spill`` batch by batch; the result is the same."""
     t_start = time.perf_counter()
-    if qcfg.grid != "int":
-        raise ValueError(f"grid={qcfg.grid!r}: streaming writes GPTQ checkpoints, which hold integer grids only")
     dev = resolve_device(device)
     final = Path(out).resolve()
     partial = final.with_name(final.name + ".partial")

@@ -96,3 +96,31 @@ def test_vllm_accepts_and_loads(default_checkpoint):
     same = sum(int(a == b) for a, b in zip(greedy.tolist(), theirs["greedy"]))
     print(f"greedy continuation: {same} of 16 tokens equal (vLLM bf16 activations, ours fp32)")
     assert theirs["greedy"][:4] == greedy.tolist()[:4] and same >= 12
+
+
+def test_bitsandbytes_loads_our_nf4_checkpoint(default_checkpoint, tmp_path):
+    """transformers + bitsandbytes load `--format bnb-nf4`: bitsandbytes dequantizes exactly our solved
+    weights, its perplexity agrees with ours, and beats bitsandbytes' own NF4 rounding of the model."""
+    import sys
+
+    from gptq.eval import perplexity
+    from gptq.load import load_any
+
+    py = client_python("bnb")
+    _, windows, path = default_checkpoint
+    model_dir = ROOT / ".cache" / "smollm2"
+    out = tmp_path / "smollm2-nf4"
+    subprocess.run([sys.executable, "-m", "gptq.quantize", str(model_dir), "--dataset", str(WIKI / "valid.tokens.txt"),
+                    "--nsamples", "32", "--seqlen", "512", "--format", "bnb-nf4", "--out", str(out), "--quiet"],
+                   check=True, cwd=ROOT)
+    layer = "model.layers.3.mlp.down_proj"
+    theirs = run_client(py, "client_bnb.py", out, path, layer, tmp_path / "w.pt")
+    own = run_client(py, "client_bnb.py", model_dir, path, layer, tmp_path / "own.pt", "nf4")
+    ours_model, _ = load_any(out, device="cpu", dtype="bfloat16")
+    mine = perplexity(ours_model, windows)
+    ours_fp32, _ = load_any(out, device="cpu", dtype="float32")
+    assert torch.equal(torch.load(tmp_path / "w.pt"), ours_fp32.get_submodule(layer).weight.float())
+    print(f"\nbitsandbytes on our NF4 {theirs['ppl']:.4f} ({theirs['linear4bit']} Linear4bit) vs ours (bf16) "
+          f"{mine:.4f}; bitsandbytes' own NF4 {own['ppl']:.4f}")
+    assert abs(theirs["ppl"] - mine) / mine < 0.005
+    assert theirs["ppl"] < 0.95 * own["ppl"]

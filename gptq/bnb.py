@@ -1,0 +1,78 @@
+"""The bitsandbytes 4-bit checkpoint layout (NF4/FP4), as transformers' ``save_pretrained`` writes
+a model loaded with ``BitsAndBytesConfig(load_in_4bit=True)``, for GPTQ-solved codebook weights.
+
+Per quantized linear ``<m>`` (weight [out, in] flattened row-major, n = out·in, block = 64):
+
+    <m>.weight                                    uint8 [n/2, 1]  two codes per byte, element 2i in the
+                                                                  high nibble, 2i+1 in the low one
+    <m>.weight.absmax                             float32 [n/block] one per block of the flattened weight
+    <m>.weight.quant_map                          float32 [16]    the code table
+    <m>.weight.quant_state.bitsandbytes__<type>   uint8           JSON {quant_type, blocksize, dtype, shape}
+
+(``bitsandbytes.functional.QuantState.as_dict(packed=True)`` and ``utils.pack_dict_to_tensor``,
+0.50.) With ``in % block == 0`` a block of the flattened weight is a group of ``block`` input
+columns of one row, which is exactly the solver's group, so the stored absmax is the one the
+solver rounded against. Double quantization of the absmax is not written yet (issue #13).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from .codebook import TABLES
+
+
+@dataclass(frozen=True)
+class Bnb4bitLinear:
+    """What the checkpoint stores for one layer solved on a codebook grid (all on CPU)."""
+
+    codes: torch.Tensor  # [out, in] uint8 codes 0..15
+    absmax: torch.Tensor  # [out, in / block] float32
+    quant_type: str  # "nf4" | "fp4"
+    bias: torch.Tensor | None  # [out]
+    compute_dtype: str = "bfloat16"
+
+    def permute_outputs(self, perm: torch.Tensor, bits: int = 4, checkpoint_format: str = "") -> "Bnb4bitLinear":
+        return Bnb4bitLinear(self.codes[perm].contiguous(), self.absmax[perm].contiguous(), self.quant_type,
+                             None if self.bias is None else self.bias[perm].contiguous(), self.compute_dtype)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out, inp = self.codes.shape
+        block = inp // self.absmax.shape[1]
+        flat = self.codes.reshape(-1)
+        packed = ((flat[0::2] << 4) | flat[1::2]).to(torch.uint8)[:, None]  # [n/2, 1]
+        state = {"quant_type": self.quant_type, "blocksize": block, "dtype": self.compute_dtype, "shape": [out, inp]}
+        t = {f"{prefix}.weight": packed.contiguous(),
+             f"{prefix}.weight.absmax": self.absmax.reshape(-1).float().contiguous(),
+             f"{prefix}.weight.quant_map": torch.tensor(TABLES[self.quant_type], dtype=torch.float64).float(),
+             f"{prefix}.weight.quant_state.bitsandbytes__{self.quant_type}":
+                 torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)}
+        if self.bias is not None:
+            t[f"{prefix}.bias"] = self.bias
+        return t
+
+
+def quantization_config(quant_type: str, compute_dtype: str = "bfloat16") -> dict:
+    """config.json's block for a pre-quantized bitsandbytes 4-bit model (transformers' BitsAndBytesConfig)."""
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": False,
+            "bnb_4bit_compute_dtype": compute_dtype, "bnb_4bit_quant_storage": "uint8"}
+
+
+def dequantize(tensors: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    """[out, in] float32 weight of one stored layer (the inverse of ``Bnb4bitLinear.tensors``)."""
+    key = next(k for k in tensors if k.startswith(f"{prefix}.weight.quant_state.bitsandbytes__"))
+    state = json.loads(bytes(tensors[key].tolist()).decode())
+    if "nested_absmax" in state or f"{prefix}.weight.nested_absmax" in tensors:
+        raise ValueError(f"{prefix}: double-quantized absmax is not read yet (issue #13)")
+    packed = tensors[f"{prefix}.weight"].reshape(-1)
+    codes = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1).long()
+    table = tensors[f"{prefix}.weight.quant_map"].float()
+    absmax = tensors[f"{prefix}.weight.absmax"].float()
+    out, inp = state["shape"]
+    n = out * inp
+    w = (table[codes[:n]].view(-1, state["blocksize"]) * absmax[:, None]).reshape(out, inp)
+    return w

@@ -72,9 +72,15 @@ class CodebookFamily:
         cw = torch.ones(w.shape[1], dtype=w.dtype, device=w.device) if col_weight is None else col_weight.to(w.dtype)
 
         def best(shrinks: torch.Tensor) -> torch.Tensor:  # shrinks [P, out] → best per row [out]
-            errs = torch.stack([((w - self.dequantize(self.quantize(w, s[:, None]), s[:, None])) ** 2) @ cw
-                                for s in shrinks * absmax])  # [P, out]
-            return shrinks[errs.argmin(dim=0), torch.arange(w.shape[0], device=w.device)]
+            P, out = shrinks.shape
+            step = max(1, (1 << 20) // (P * w.shape[1]))  # row chunks: the [P, rows, k] temporaries stay small
+            picks = []
+            for r0 in range(0, out, step):
+                wr = w[None, r0 : r0 + step]  # [1, rows, k]
+                s = (shrinks[:, r0 : r0 + step] * absmax[r0 : r0 + step])[:, :, None]  # [P, rows, 1]
+                err = self.dequantize(self.quantize(wr, s), s).sub_(wr).square_()  # [P, rows, k]
+                picks.append((err @ cw).argmin(dim=0))
+            return shrinks[torch.cat(picks), torch.arange(out, device=w.device)]
 
         coarse = (1.0 - MSE_COARSE.to(w))[:, None].expand(-1, w.shape[0])
         b = best(coarse)

@@ -56,7 +56,7 @@ def test_gptq_on_a_codebook_beats_plain_rounding(grid, mse):
     assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
 
 
-def test_codebook_settings_are_checked_and_not_saved_as_gptq(tmp_path):
+def test_codebook_settings_are_checked_and_saved_as_bitsandbytes(tmp_path):
     with pytest.raises(ConfigError, match="block"):
         QuantConfig(bits=4, group_size=100, grid="nf4")
     with pytest.raises(ConfigError, match="4-bit"):
@@ -69,6 +69,9 @@ def test_codebook_settings_are_checked_and_not_saved_as_gptq(tmp_path):
     model = tiny_model("llama")
     cfg = QuantConfig(bits=4, group_size=64, grid="nf4")
     packed, report = quantize_model(model, windows(), cfg, device="cpu", progress=False)
-    assert len(report) == 7 * model.config.num_hidden_layers and all(p is None for p in packed.values())
-    with pytest.raises(ValueError, match="issue #13"):
-        save_checkpoint(tmp_path / "ck", model, packed, cfg)
+    from gptq.bnb import Bnb4bitLinear
+
+    assert len(report) == 7 * model.config.num_hidden_layers
+    assert all(isinstance(p, Bnb4bitLinear) for p in packed.values())
+    out = save_checkpoint(tmp_path / "ck", model, packed, cfg)
+    assert '"bitsandbytes"' in (out / "config.json").read_text()

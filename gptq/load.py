@@ -125,6 +125,15 @@ def _validate(prefix: str, t: dict[str, torch.Tensor], in_f: int, out_f: int, bi
         raise CheckpointError(f"{prefix}.bias has shape {tuple(t['bias'].shape)}; expected ({out_f},)")
 
 
+def _set_parameter(model: nn.Module, name: str, current: torch.Tensor, t: torch.Tensor) -> None:
+    """Put a checkpoint tensor in place of a (meta) parameter, after checking its shape."""
+    if current.shape != t.shape:
+        raise CheckpointError(f"{name} has shape {tuple(t.shape)}; the model expects {tuple(current.shape)}")
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    parent._parameters[attr] = nn.Parameter(t, requires_grad=False)
+
+
 def default_backend(device: torch.device, bits: int) -> str:
     if device.type == "cuda":
         return "triton" if bits in (2, 4, 8) else "torch"
@@ -200,11 +209,7 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: s
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, t in tensors.items():
         if name in params:
-            if params[name].shape != t.shape:
-                raise CheckpointError(f"{name} has shape {tuple(t.shape)}; the model expects {tuple(params[name].shape)}")
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            parent._parameters[attr] = nn.Parameter(t.to(act_dtype), requires_grad=False)
+            _set_parameter(model, name, params[name], t.to(act_dtype))
     if getattr(model.config, "tie_word_embeddings", False) or getattr(plain, "tie_word_embeddings", False):
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
@@ -257,11 +262,7 @@ def load_bnb(path: Path, device: str = "auto", dtype: str | torch.dtype = "auto"
             except (KeyError, ValueError, StopIteration) as e:
                 raise CheckpointError(f"{prefix}: cannot read its bitsandbytes 4-bit weight ({e})") from e
         if name in params:
-            if params[name].shape != t.shape:
-                raise CheckpointError(f"{name} has shape {tuple(t.shape)}; the model expects {tuple(params[name].shape)}")
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            parent._parameters[attr] = nn.Parameter(t.to(act_dtype), requires_grad=False)
+            _set_parameter(model, name, params[name], t.to(act_dtype))
     if getattr(plain, "tie_word_embeddings", False):
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]

@@ -191,6 +191,10 @@ def warn_group_divisibility(model, config: QuantConfig) -> None:
     block = get_module(model, arch.blocks)[0]
     bad = sorted({in_features(get_module(block, n)) for n in arch.linears} - {0})
     bad = [n for n in bad if n % config.group_size]
+    if bad and config.grid != "int":
+        raise ConfigError(f"--group-size {config.group_size} does not divide the input size(s) {bad}: bitsandbytes "
+                          "blocks would straddle rows. Pick a group size (64, 128, ...) that divides every layer's "
+                          "input.")
     if bad:
         warnings.warn(
             f"--group-size {config.group_size} does not divide the input size(s) {bad}: the last group of "

@@ -67,3 +67,15 @@ def test_cli_writes_bnb_format_streaming(tmp_path, tiny_model_dir):
     from gptq.eval import main as eval_main
 
     assert eval_main([str(out), "--dataset", str(text), "--seqlen", "32", "--max-windows", "2", "--json"]) == 0
+
+
+def test_bnb_group_that_does_not_divide_the_inputs_is_refused_before_any_work(tmp_path, tiny_model_dir):
+    d = tiny_model_dir("llama")  # inputs 64 and 128
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT)
+    out = tmp_path / "nf4"
+    cmd = quantize_cmd(d, out, "--format", "bnb-nf4")
+    cmd[cmd.index("--group-size") + 1] = "128"
+    r = run(cmd, text)
+    assert r.returncode == 2 and "does not divide the input size(s) [64]" in r.stderr
+    assert not out.exists() and not (tmp_path / "nf4.partial").exists()

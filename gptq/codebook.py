@@ -42,10 +42,14 @@ class CodebookFamily:
         values, order = torch.sort(self.table, stable=True)
         self.order = order  # [16] sorted position → code
         self.mid = (values[1:] + values[:-1]) / 2  # [15] decision boundaries
+        self._cast: dict[tuple, tuple] = {}  # (device, dtype) → (table, order, mid): the column loop asks often
 
     def _to(self, like: torch.Tensor):
-        return (self.table.to(like.device, like.dtype), self.order.to(like.device),
-                self.mid.to(like.device, like.dtype))
+        key = (like.device, like.dtype)
+        if key not in self._cast:
+            self._cast[key] = (self.table.to(like.device, like.dtype), self.order.to(like.device),
+                               self.mid.to(like.device, like.dtype))
+        return self._cast[key]
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
         """Codes (as w's float dtype, 0..15) of w against absmax ``scale`` (broadcast)."""

@@ -99,6 +99,7 @@ def write_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_b
 SAFETENSORS_DTYPES = {torch.int32: "I32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
                       torch.int64: "I64", torch.uint8: "U8", torch.int8: "I8", torch.float64: "F64",
                       torch.int16: "I16", torch.bool: "BOOL"}
+TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}  # header code → torch dtype
 
 
 def write_safetensors_streaming(path: Path, names: list[str], shapes: dict, dtypes: dict, get) -> None:
@@ -139,9 +140,7 @@ def regroup_shards(sources: list[Path], directory: Path, max_shard_bytes: int = 
                 sl = h.get_slice(name)
                 where[name] = f
                 shapes[name] = tuple(sl.get_shape())
-                dtypes[name] = getattr(torch, {"I32": "int32", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
-                                               "I64": "int64", "U8": "uint8", "I8": "int8", "F64": "float64",
-                                               "I16": "int16", "BOOL": "bool"}[sl.get_dtype()])
+                dtypes[name] = TORCH_DTYPES[sl.get_dtype()]
     size = {n: math.prod(shapes[n]) * torch.tensor([], dtype=dtypes[n]).element_size() for n in where}
     groups: list[list[str]] = [[]]
     used = 0

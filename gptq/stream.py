@@ -39,7 +39,7 @@ from .architectures import for_config, get_module
 from .config import QuantConfig
 from .load import _parameters_on_meta
 from .pipeline import PackedLinear, capture_block_inputs, quantize_blocks, resolve_device
-from .save import DEFAULT_SHARD_BYTES, move_into_place, regroup_shards, write_metadata
+from .save import DEFAULT_SHARD_BYTES, TORCH_DTYPES, move_into_place, regroup_shards, write_metadata
 
 STATE = "progress.json"
 SPILL = "spill"  # activations spilled during the run (not needed to resume)
@@ -83,8 +83,7 @@ class TensorSource:
         """The stored dtype of a tensor, from the file's header."""
         with safe_open(self.file_of[name], "pt") as h:
             code = h.get_slice(name).get_dtype()
-        return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}.get(
-            code, torch.float32)
+        return TORCH_DTYPES.get(code, torch.float32)
 
     def fingerprint(self) -> dict:
         return {str(f.name): f.stat().st_size for f in sorted(set(self.file_of.values()))}

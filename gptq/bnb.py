@@ -12,7 +12,16 @@ Per quantized linear ``<m>`` (weight [out, in] flattened row-major, n = out·in,
 (``bitsandbytes.functional.QuantState.as_dict(packed=True)`` and ``utils.pack_dict_to_tensor``,
 0.50.) With ``in % block == 0`` a block of the flattened weight is a group of ``block`` input
 columns of one row, which is exactly the solver's group, so the stored absmax is the one the
-solver rounded against. Double quantization of the absmax is not written yet (issue #13).
+solver rounded against.
+
+Double quantization (``--double-quant``, ``codebook.NestedAbsmax``) stores instead
+
+    <m>.weight.absmax                             uint8 [n/block]  codes of the signed 8-bit dynamic map
+    <m>.weight.nested_absmax                      float32 [ceil(n/block/256)]  one scale per 256 absmax
+    <m>.weight.nested_quant_map                   float32 [256]   the dynamic map
+    and in the JSON: nested_blocksize 256, nested_dtype "float32", nested_offset (a float32 value)
+
+and bitsandbytes dequantizes absmax = nested_quant_map[code] * nested_absmax[i // 256] + offset.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codebook import TABLES
+from .codebook import NESTED_BLOCK, TABLES, NestedAbsmax, dynamic_map
 
 
 @dataclass(frozen=True)
@@ -34,8 +43,11 @@ class Bnb4bitLinear:
     quant_type: str  # "nf4" | "fp4"
     bias: torch.Tensor | None  # [out]
     compute_dtype: str = "bfloat16"
+    nested: NestedAbsmax | None = None  # double-quantized absmax (the values above are what it stores)
 
     def permute_outputs(self, perm: torch.Tensor, bits: int = 4, checkpoint_format: str = "") -> "Bnb4bitLinear":
+        if self.nested is not None:
+            raise ValueError("double-quantized absmax blocks run along the rows as solved; rows cannot move")
         return Bnb4bitLinear(self.codes[perm].contiguous(), self.absmax[perm].contiguous(), self.quant_type,
                              None if self.bias is None else self.bias[perm].contiguous(), self.compute_dtype)
 
@@ -47,18 +59,24 @@ class Bnb4bitLinear:
         state = {"quant_type": self.quant_type, "blocksize": block, "dtype": self.compute_dtype, "shape": [out, inp]}
         t = {f"{prefix}.weight": packed.contiguous(),
              f"{prefix}.weight.absmax": self.absmax.reshape(-1).float().contiguous(),
-             f"{prefix}.weight.quant_map": torch.tensor(TABLES[self.quant_type], dtype=torch.float64).float(),
-             f"{prefix}.weight.quant_state.bitsandbytes__{self.quant_type}":
-                 torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)}
+             f"{prefix}.weight.quant_map": torch.tensor(TABLES[self.quant_type], dtype=torch.float64).float()}
+        if self.nested is not None:
+            t[f"{prefix}.weight.absmax"] = self.nested.codes(self.absmax.T).T.reshape(-1).contiguous()
+            t[f"{prefix}.weight.nested_absmax"] = self.nested.blocks()
+            t[f"{prefix}.weight.nested_quant_map"] = dynamic_map().clone()
+            state |= {"nested_blocksize": NESTED_BLOCK, "nested_dtype": "float32",
+                      "nested_offset": float(self.nested.offset)}
+        t[f"{prefix}.weight.quant_state.bitsandbytes__{self.quant_type}"] = torch.tensor(
+            list(json.dumps(state).encode()), dtype=torch.uint8)
         if self.bias is not None:
             t[f"{prefix}.bias"] = self.bias
         return t
 
 
-def quantization_config(quant_type: str, compute_dtype: str = "bfloat16") -> dict:
+def quantization_config(quant_type: str, compute_dtype: str = "bfloat16", double_quant: bool = False) -> dict:
     """config.json's block for a pre-quantized bitsandbytes 4-bit model (transformers' BitsAndBytesConfig)."""
     return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-            "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": False,
+            "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant,
             "bnb_4bit_compute_dtype": compute_dtype, "bnb_4bit_quant_storage": "uint8"}
 
 
@@ -66,12 +84,16 @@ def dequantize(tensors: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
     """[out, in] float32 weight of one stored layer (the inverse of ``Bnb4bitLinear.tensors``)."""
     key = next(k for k in tensors if k.startswith(f"{prefix}.weight.quant_state.bitsandbytes__"))
     state = json.loads(bytes(tensors[key].tolist()).decode())
-    if "nested_absmax" in state or f"{prefix}.weight.nested_absmax" in tensors:
-        raise ValueError(f"{prefix}: double-quantized absmax is not read yet (issue #13)")
     packed = tensors[f"{prefix}.weight"].reshape(-1)
     codes = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1).long()
     table = tensors[f"{prefix}.weight.quant_map"].float()
-    absmax = tensors[f"{prefix}.weight.absmax"].float()
+    absmax = tensors[f"{prefix}.weight.absmax"]
+    if f"{prefix}.weight.nested_absmax" in tensors:  # absmax = map[code] * nested_absmax[i // 256] + offset
+        nested = tensors[f"{prefix}.weight.nested_absmax"].float()
+        nmap = tensors[f"{prefix}.weight.nested_quant_map"].float()
+        block = torch.arange(absmax.numel()) // state.get("nested_blocksize", NESTED_BLOCK)
+        absmax = nmap[absmax.long()] * nested[block] + torch.tensor(state["nested_offset"], dtype=torch.float32)
+    absmax = absmax.float()
     out, inp = state["shape"]
     n = out * inp
     w = (table[codes[:n]].view(-1, state["blocksize"]) * absmax[:, None]).reshape(out, inp)

@@ -100,12 +100,21 @@ class UniformFamily:
     fit a (scale, zero) per row of a column group, quantize to codes, dequantize."""
 
     scale_dtype = torch.float16  # the GPTQ checkpoint stores scales in float16
+    zero_dtype = torch.int32
+    groups_per_fit = 1
 
     def __init__(self, bits: int, sym: bool, mse: bool, min_zero: int):
         self.bits, self.sym, self.mse, self.min_zero = bits, sym, mse, min_zero
         self.maxq = 2**bits - 1
 
-    def fit(self, w: torch.Tensor, col_weight: torch.Tensor | None = None) -> Grid:
+    def prepare(self, W: torch.Tensor, group_size: int) -> None:
+        """Nothing to fix before the solve (codebook.CodebookFamily fixes its double quantization)."""
+
+    def state(self):
+        """How the grids themselves are stored beyond scale/zero: nothing here."""
+        return None
+
+    def fit(self, w: torch.Tensor, col_weight: torch.Tensor | None = None, group: int | None = None) -> Grid:
         return find_grid(w, self.bits, self.sym, self.mse, col_weight, self.min_zero)
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

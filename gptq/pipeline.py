@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -69,6 +69,10 @@ def pack_result(r: SolveResult, module: nn.Module, config: QuantConfig):
     """The layer as its checkpoint format stores it: GPTQ's packed tensors (integer grids) or the
     bitsandbytes 4-bit layout (codebook grids, ``bnb.py``)."""
     bias = getattr(module, "bias", None)
+    if config.gguf:
+        from .gguf_file import GgmlLinear
+
+        return GgmlLinear.from_result(r, config.grid, bias)
     if config.grid != "int":
         from .bnb import Bnb4bitLinear
 
@@ -77,7 +81,8 @@ def pack_result(r: SolveResult, module: nn.Module, config: QuantConfig):
             raise ValueError(f"bitsandbytes blocks of {config.group_size} must not straddle rows: an input size of "
                              f"{cols} is not a multiple; choose a --group-size that divides every layer's input")
         return Bnb4bitLinear(r.codes.cpu().contiguous(), r.scales.T.cpu().float().contiguous(), config.grid,
-                             None if bias is None else bias.detach().to("cpu").contiguous())
+                             None if bias is None else bias.detach().to("cpu").contiguous(),
+                             nested=None if r.scale_state is None else r.scale_state.to("cpu"))
     return PackedLinear(
         qweight=pack_qweight(r.codes.cpu(), config.bits),
         qzeros=pack_qzeros(r.zeros.cpu(), config.bits, config.checkpoint_format),
@@ -122,6 +127,18 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
 def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantConfig, prefix: str):
     """Solve linears that share one input (and so one H) as a single stacked matrix, then split
     the rows back: identical to solving each alone, with one Cholesky and one column loop."""
+    if config.double_quant and len(modules) > 1:  # double-quantized scales are per matrix: no stacking
+        for name, module in modules.items():
+            yield from solve_group({name: module}, H, config, prefix)
+        return
+    if config.layer_grids:  # a GGUF mix: stack only the linears of one type
+        kinds: dict[QuantConfig, dict] = {}
+        for name, module in modules.items():
+            kinds.setdefault(config.for_layer(f"{prefix}.{name}"), {})[name] = module
+        if len(kinds) > 1 or next(iter(kinds)) is not config:
+            for cfg, group in kinds.items():
+                yield from solve_group(group, H, replace(cfg, layer_grids=()), prefix)
+            return
     Ws = [weight_matrix(m) for m in modules.values()]  # each [out_i, in], the modules' own dtype
     sizes = [W.shape[0] for W in Ws]
     W = torch.cat(Ws) if len(Ws) > 1 else Ws[0]
@@ -144,10 +161,12 @@ def sort_channels(block: nn.Module, arch, consumer: str, H: torch.Tensor, packed
     columns move alike, so the block computes the same function. The consumer is then solved in
     act-order with columns already in that order, so its groups are the act-order groups and its
     g_idx stays k // group. Returns the permutation (new position → old channel), or None when
-    the architecture declares no such pair for ``consumer``, act-order is off/static, or
-    ``config.sort_channels`` is off."""
+    the architecture declares no such pair for ``consumer``, act-order is off/static,
+    ``config.sort_channels`` is off, or the scales are double-quantized (their 256-value blocks
+    run along the producers' rows as solved, so the rows cannot move afterwards)."""
     producers = dict(arch.channels).get(consumer)
-    if producers is None or not config.sort_channels or config.act_order not in ("group-aware", "dynamic"):
+    if (producers is None or not config.sort_channels or config.double_quant
+            or config.act_order not in ("group-aware", "dynamic")):
         return None
     perm = torch.argsort(torch.diag(H), descending=True, stable=True).to(H.device)  # [in]
     cons = get_module(block, consumer)
@@ -309,7 +328,7 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
                 for name, module, r, seconds in solve_group(group, H, config, f"{arch.blocks}.{i}"):
                     full = f"{arch.blocks}.{i}.{name}"
                     set_weight_matrix(module, r.weight)
-                    packed_i[full] = pack_result(r, module, config)
+                    packed_i[full] = pack_result(r, module, config.for_layer(full))
                     report_i.append(LayerReport(full, r.loss, seconds, tuple(r.weight.shape)))
                     bar.set_postfix_str(f"{name} loss {r.loss:.3g}")
                 solved.update(group)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -16,6 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import ACT_ORDERS, CalibConfig, ConfigError, QuantConfig
+
+GGUF_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 
 EPILOG = """defaults: 4-bit, group 128, symmetric, group-aware act-order, MSE clipping on, true-sequential
 on, damp 0.01, 128 windows x 2048 tokens of C4. The act-order mode and MSE clipping were chosen by
@@ -79,10 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--block-size", type=int, default=d.block_size,
                    help="columns per lazy-batch block; speed only (default: %(default)s)")
     q.add_argument("--format", dest="checkpoint_format", default=d.checkpoint_format,
-                   choices=["gptq", "gptq_v2", "bnb-nf4", "bnb-fp4"],
+                   choices=["gptq", "gptq_v2", "bnb-nf4", "bnb-fp4"] + [f"gguf:{t}" for t in GGUF_TYPES],
+                   metavar="FORMAT",
                    help="gptq / gptq_v2: a GPTQ checkpoint (checkpoint_format v1 or v2); bnb-nf4 / bnb-fp4: GPTQ solved "
                         "on bitsandbytes' NF4/FP4 grid (absmax per --group-size weights, 64 if not given), written "
-                        "as a bitsandbytes 4-bit checkpoint that transformers loads (default: %(default)s)")
+                        "as a bitsandbytes 4-bit checkpoint that transformers loads; gguf:TYPE (TYPE one of "
+                        f"{', '.join(GGUF_TYPES)}): one .gguf file for llama.cpp / Ollama, every decoder linear "
+                        "solved on its GGML block type, types per tensor as llama-quantize picks them "
+                        "(default: %(default)s)")
+    q.add_argument("--double-quant", action="store_true",
+                   help="bnb-nf4 / bnb-fp4 only: store each absmax as an 8-bit code (blocks of 256 with a float32 "
+                        "scale, one offset per matrix; bitsandbytes' double quantization, ~0.37 fewer bits per "
+                        "weight at group 64); the solver rounds against the absmax as stored")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -209,12 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         bnb = args.checkpoint_format.startswith("bnb-")
+        gguf = args.checkpoint_format[5:] if args.checkpoint_format.startswith("gguf:") else ""
         group = args.group_size if args.group_size is not None else (64 if bnb else QuantConfig().group_size)
-        qcfg = QuantConfig(bits=args.bits, group_size=group, sym=args.sym, act_order=args.act_order,
-                           true_sequential=args.true_sequential, damp=args.damp, sort_channels=args.sort_channels,
-                           block_size=args.block_size, mse=args.mse,
-                           checkpoint_format="gptq" if bnb else args.checkpoint_format,
-                           grid=args.checkpoint_format[4:] if bnb else "int")
+        if gguf:
+            qcfg = gguf_config(args, gguf)
+        else:
+            qcfg = QuantConfig(bits=args.bits, group_size=group, sym=args.sym, act_order=args.act_order,
+                               true_sequential=args.true_sequential, damp=args.damp,
+                               sort_channels=args.sort_channels, block_size=args.block_size, mse=args.mse,
+                               checkpoint_format="gptq" if bnb else args.checkpoint_format,
+                               grid=args.checkpoint_format[4:] if bnb else "int", double_quant=args.double_quant)
         ccfg = CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
@@ -230,8 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise ConfigError(f"--max-memory: {e}, or auto") from None
         out = args.out or (f"{args.model.rstrip('/')}-{args.checkpoint_format}-g{qcfg.group_size}" if bnb else
+                           f"{args.model.rstrip('/')}-gguf-{gguf}" if gguf else
                            f"{args.model.rstrip('/')}-gptq-{qcfg.bits}bit-g{qcfg.group_size}")
         prepare_output(out, args.overwrite)  # refuse early, before hours of work
+        gguf_out = None
+        if gguf:  # the solved blocks are staged as a checkpoint beside OUT, then written as one .gguf
+            gguf_out, out = Path(out), str(Path(out).resolve()) + ".stage"
+            if not args.resume:
+                prepare_output(out, args.overwrite)
         import torch
 
         from .pipeline import LayerReport, quantize_model, resolve_device
@@ -273,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             final = save_checkpoint(out, model, packed, qcfg, source_dir=args.model, overwrite=args.overwrite,
                                     max_shard_bytes=shard_bytes, float_dtype=getattr(torch, own) if own else None,
                                     extra_files={"quantize_report.json": json.dumps(summary, indent=2) + "\n"})
+        if gguf_out is not None:
+            final = finish_gguf(Path(final), gguf_out, gguf, args.model, args.overwrite)
     except KeyboardInterrupt:
         state = Path(out).resolve()
         print(f"\ninterrupted. " + (f"Progress is kept in {state.name}.partial: rerun the same command with --resume "
@@ -286,6 +309,58 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def gguf_config(args, ftype: str) -> QuantConfig:
+    """The run's config for a GGUF file type: each decoder linear's GGML type as llama.cpp picks it."""
+    from .capture import in_features
+    from .gguf_file import plan
+    from .stream import skeleton
+
+    import torch
+
+    check_model_dir(args.model)
+    if args.double_quant or args.act_order not in ("none", "group-aware"):
+        raise ConfigError("--format gguf:* takes --act-order none or group-aware (GGML blocks run along the rows "
+                          "in order) and no --double-quant")
+    model = skeleton(args.model, torch.float32)
+    from .architectures import for_config, get_module
+
+    arch = for_config(model.config)
+    blocks = get_module(model, arch.blocks)
+    linears = {f"{arch.blocks}.{i}.{n}": in_features(get_module(b, n)) for i, b in enumerate(blocks)
+               for n in arch.linears}
+    try:
+        default, per_layer = plan(ftype, model.config.model_type, linears, arch.blocks)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    from .ggml import TYPES
+
+    t = TYPES[default]
+    return QuantConfig(bits=t.bits, group_size=t.group, sym=True, act_order=args.act_order,
+                       true_sequential=args.true_sequential, damp=args.damp, sort_channels=args.sort_channels,
+                       block_size=args.block_size, mse=args.mse, grid=default, layer_grids=per_layer, gguf=ftype)
+
+
+def finish_gguf(stage: Path, out: Path, ftype: str, source: str, overwrite: bool) -> Path:
+    """Write OUT/<name>-<type>.gguf and the report from the staged checkpoint, then remove the stage."""
+    import shutil
+
+    from .gguf_file import write_gguf
+    from .save import prepare_output
+
+    final, tmp = prepare_output(out, overwrite)
+    tmp.mkdir()
+    info = write_gguf(stage, tmp / f"{Path(source).name}-{ftype}.gguf", ftype, Path(source))
+    report = json.loads((stage / "quantize_report.json").read_text()) if (stage / "quantize_report.json").is_file() \
+        else {}
+    report["gguf"] = info
+    (tmp / "quantize_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    shutil.rmtree(stage)
+    return final
+
+
 def print_summary(report, seconds: float, out: Path) -> None:
     worst = sorted(report, key=lambda r: r.loss, reverse=True)[:5]
     print(f"\nquantized {len(report)} linears in {seconds:.1f} s; highest losses:")
@@ -295,6 +370,11 @@ def print_summary(report, seconds: float, out: Path) -> None:
     print(f"checkpoint: {out}")
     from .compat import format_verdicts, layer_shapes, verdicts
 
+    if not (out / "config.json").is_file():  # a GGUF file
+        g = json.loads((out / "quantize_report.json").read_text())["gguf"]
+        print(f"GGUF {g['file_type']}: {g['file']} {g['MiB']} MiB, {g['bits_per_weight']} bits per weight "
+              f"({', '.join(f'{k} x{v}' for k, v in g['tensor_types'].items())}); llama.cpp and Ollama load it")
+        return
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     if qc.get("quant_method") != "gptq":
         print("format: bitsandbytes 4-bit (transformers + bitsandbytes load it with from_pretrained)")

@@ -41,9 +41,10 @@ class SolveResult:
     weight: torch.Tensor  # [out, in] dequantized Ŵ (float32, or float64 if W was)
     codes: torch.Tensor  # [out, in] uint8 integer codes in [0, maxq]
     scales: torch.Tensor  # [n_groups, out] float16 (uniform grids) or float32 (codebook absmax)
-    zeros: torch.Tensor  # [n_groups, out] int32 in [0, maxq]
+    zeros: torch.Tensor  # [n_groups, out] int32 in [0, maxq] (float32 for GGML's stored minimums)
     g_idx: torch.Tensor  # [in] int32 group of each input column
     row_loss: torch.Tensor  # [out] Σ_j (w − ŵ)² / U[j,j]² / 2 per row
+    scale_state: object | None = None  # how the grids themselves are stored (double-quantized absmax, K-quant scales)
 
     @property
     def loss(self) -> float:
@@ -53,8 +54,11 @@ class SolveResult:
     def rows(self, start: int, stop: int) -> "SolveResult":
         """The result for output rows [start, stop): rows are solved independently, so a matrix
         stacked from several linears sharing one H splits back exactly."""
+        if (start, stop) == (0, self.weight.shape[0]):
+            return self
+        state = None if self.scale_state is None else self.scale_state.rows(start, stop)
         return SolveResult(self.weight[start:stop], self.codes[start:stop], self.scales[:, start:stop],
-                           self.zeros[:, start:stop], self.g_idx, self.row_loss[start:stop])
+                           self.zeros[:, start:stop], self.g_idx, self.row_loss[start:stop], state)
 
 
 def n_groups(columns: int, group_size: int) -> int:
@@ -67,13 +71,17 @@ def _min_zero(config: QuantConfig) -> int:
 
 
 def grid_family(config: QuantConfig):
-    """What the solver asks for a grid, a code and a value: the uniform integer grids, or a
-    codebook (bitsandbytes NF4/FP4, ``codebook.py``)."""
+    """What the solver asks for a grid, a code and a value: the uniform integer grids, a codebook
+    (bitsandbytes NF4/FP4, ``codebook.py``) or a GGML block type (``ggml.py``)."""
     if config.grid == "int":
         return UniformFamily(config.bits, config.sym, config.mse, _min_zero(config))
-    from .codebook import CodebookFamily
+    if config.grid in ("nf4", "fp4"):
+        from .codebook import CodebookFamily
 
-    return CodebookFamily(config.grid, config.mse)
+        return CodebookFamily(config.grid, config.mse, config.double_quant)
+    from .ggml import ggml_family
+
+    return ggml_family(config.grid, config.mse)
 
 
 def solve_order(diag: torch.Tensor, gs: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,20 +144,29 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
     gs = n if config.group_size == -1 else config.group_size
     ng = n_groups(n, config.group_size)
     family = grid_family(config)
+    # a family may fit several consecutive groups at once (a GGML K-quant super-block: 8 or 16
+    # groups whose scales are quantized together): the solve order then ranks such units
+    per_fit = family.groups_per_fit
+    unit = gs * per_fit
+    if per_fit > 1 and (n % unit or config.act_order not in ("none", "group-aware")):
+        raise ValueError(f"{name}: {config.grid} fits {unit} columns at a time: the input size ({n}) must be a "
+                         "multiple and act-order none or group-aware")
 
     dead = dead_columns(H)  # always-zero inputs: H = 1 and W = 0 there
+    family.prepare(W.to(dtype).masked_fill(dead, 0), gs)
     diag = torch.diag(H).to(dtype).masked_fill(dead, 1)
-    perm, group_of = (t.to(W.device) for t in solve_order(diag, gs, config.act_order))  # [n], [n] solve order
+    perm, unit_of = (t.to(W.device) for t in solve_order(diag, unit, config.act_order))  # [n], [n] solve order
+    group_of = unit_of if per_fit == 1 else perm // gs  # [n] the grid of each solved column
     static = config.act_order == "static" or config.group_size == -1  # grids fixed before solving
     scales = torch.zeros(ng, rows, dtype=dtype, device=W.device)
     zeros = torch.zeros(ng, rows, dtype=dtype, device=W.device)
     if static:
         W0 = W.to(dtype).masked_fill(dead, 0)
         for g in range(ng):
-            grid = family.fit(W0[:, g * gs : (g + 1) * gs], None)
+            grid = family.fit(W0[:, g * gs : (g + 1) * gs], None, group=g)
             scales[g], zeros[g] = grid.scale, grid.zero
         del W0
-    group_end = _group_ends(group_of)  # {solve position where a group starts: where it ends}
+    group_end = _group_ends(unit_of)  # {solve position where a fitted unit starts: where it ends}
 
     Hp = H[perm[:, None], perm[None, :]].to(dtype)  # [n, n] solve order, our own copy
     dead_p = dead[perm]
@@ -164,7 +181,7 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
     QT = torch.empty_like(WT)  # [n, out] dequantized Ŵᵀ, solve order
     CT = torch.empty(n, rows, dtype=torch.uint8, device=W.device)  # [n, out] integer codes
     losses = torch.zeros(rows, dtype=dtype, device=W.device)
-    group_list = group_of.tolist()
+    group_list, unit_list = group_of.tolist(), unit_of.tolist()
     d_list = torch.diag(U).tolist()
     B = config.block_size
     for i1 in range(0, n, B):
@@ -180,8 +197,13 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
                 if end > i2:  # group reaches past the block: apply the pending updates
                     rest = WT[i2:end] - U[i1:j, i2:end].T @ Err1[:i]
                     cur = torch.cat([cur, rest], dim=0)
-                grid = family.fit(cur.T.contiguous(), col_weight[j:end])
-                scales[group_list[j]], zeros[group_list[j]] = grid.scale, grid.zero
+                u = unit_list[j]
+                if per_fit == 1:
+                    grid = family.fit(cur.T.contiguous(), col_weight[j:end], group=u)
+                    scales[u], zeros[u] = grid.scale, grid.zero
+                else:  # the unit's columns in solve order, and where each sits inside the unit
+                    grid = family.fit(cur.T.contiguous(), col_weight[j:end], group=u, cols=perm[j:end] - u * unit)
+                    scales[u * per_fit : (u + 1) * per_fit], zeros[u * per_fit : (u + 1) * per_fit] = grid.scale, grid.zero
             g = group_list[j]
             s, z = scales[g], zeros[g]  # [out]
             w = W1[i]  # [out]
@@ -202,9 +224,10 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
         weight=QT.index_select(0, inv).T,  # [out, in]
         codes=CT.index_select(0, inv).T,  # [out, in]
         scales=scales.to(family.scale_dtype),
-        zeros=zeros.to(torch.int32),
+        zeros=zeros.to(family.zero_dtype),
         g_idx=g_idx,
         row_loss=losses,
+        scale_state=family.state(),
     )
 
 
@@ -220,11 +243,17 @@ def round_to_nearest(W: torch.Tensor, config: QuantConfig) -> SolveResult:
     scales = torch.zeros(ng, rows, dtype=dtype, device=W.device)
     zeros = torch.zeros_like(scales)
     family = grid_family(config)
-    for g in range(ng):
-        grid = family.fit(W[:, g * gs : (g + 1) * gs], None)
-        scales[g], zeros[g] = grid.scale, grid.zero
+    family.prepare(W, gs)
+    unit = gs * family.groups_per_fit
+    for u in range(math.ceil(n / unit)):
+        k = slice(u * family.groups_per_fit, (u + 1) * family.groups_per_fit)
+        if family.groups_per_fit == 1:
+            grid = family.fit(W[:, u * unit : (u + 1) * unit], None, group=u)
+        else:
+            grid = family.fit(W[:, u * unit : (u + 1) * unit], None, group=u, cols=torch.arange(unit, device=W.device))
+        scales[k], zeros[k] = grid.scale, grid.zero
     s, z = scales[g_idx.long()].T, zeros[g_idx.long()].T  # [out, in]
     codes = family.quantize(W, s, z)
     Q = family.dequantize(codes, s, z)
-    return SolveResult(Q, codes.to(torch.uint8), scales.to(family.scale_dtype), zeros.to(torch.int32), g_idx,
+    return SolveResult(Q, codes.to(torch.uint8), scales.to(family.scale_dtype), zeros.to(family.zero_dtype), g_idx,
                        ((W - Q) ** 2).sum(dim=1))

@@ -79,3 +79,108 @@ def test_bnb_group_that_does_not_divide_the_inputs_is_refused_before_any_work(tm
     r = run(cmd, text)
     assert r.returncode == 2 and "does not divide the input size(s) [64]" in r.stderr
     assert not out.exists() and not (tmp_path / "nf4.partial").exists()
+
+
+def test_dynamic_map_is_bitsandbytes_signed_8bit_map():
+    """Values checked against bitsandbytes 0.50 create_dynamic_map() in make interop; here its shape:
+    sorted, 0 and ±1-ish ends, 2**e values per decade e and sign."""
+    from gptq.codebook import dynamic_map
+
+    m = dynamic_map()
+    assert m.shape == (256,) and torch.equal(m, m.sort().values)
+    assert float(m[-1]) == 1.0 and (m == 0).sum() == 1 and float(m[0]) == pytest.approx(-0.99297, abs=1e-5)
+    assert ((m > 0.1) & (m < 1)).sum() == 64 and ((m > 1e-6) & (m < 1e-5)).sum() == 2
+    assert ((m > 0) & (m < 1e-6)).sum() == 1
+
+
+def test_nested_absmax_codes_store_snapped_values_exactly():
+    from gptq.codebook import CodebookFamily, NestedAbsmax, dynamic_map
+
+    g = torch.Generator().manual_seed(1)
+    absmax = torch.rand(40, 9, generator=g) * 0.2 + 0.01  # [out, groups]: 360 values, two 256-blocks
+    nested = NestedAbsmax.from_absmax(absmax)
+    assert nested.blocks().shape == (2,) and float(nested.offset) == pytest.approx(float(absmax.mean()), rel=1e-6)
+    fam = CodebookFamily("nf4", mse=False, double_quant=True)
+    fam.nested = nested
+    snapped = torch.stack([fam._snap(absmax[:, k], k) for k in range(9)])  # [groups, out]
+    assert (snapped > 0).all()
+    # every snapped value is the nearest representable one, and within the block's step of the input
+    assert (snapped - absmax.T).abs().max() < 0.01 * float(nested.blocks().max())
+    codes = nested.codes(snapped)
+    flat_blocks = nested.blocks()[torch.arange(360) // 256].view(40, 9).T
+    assert torch.equal(dynamic_map()[codes.long()] * flat_blocks + nested.offset, snapped)
+    with pytest.raises(ValueError, match="scales can store"):
+        nested.codes(snapped + 1e-4)
+
+
+@pytest.mark.parametrize("mse", [False, True])
+def test_double_quant_solve_rounds_against_the_stored_absmax(mse):
+    """The weight the solver reports is exactly what the double-quantized checkpoint dequantizes to,
+    and GPTQ still beats plain rounding on the same (double-quantized) grid."""
+    from gptq import solve
+    from gptq.solver import round_to_nearest
+
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(512, 128, generator=g) @ torch.randn(128, 128, generator=g)
+    H = 2 * X.T @ X / 512
+    W = torch.randn(96, 128, generator=g) * 0.05
+    cfg = QuantConfig(bits=4, group_size=64, grid="nf4", double_quant=True, mse=mse)
+    r = solve(W, H, cfg)
+    assert r.scale_state is not None
+    lin = Bnb4bitLinear(r.codes, r.scales.T.float().contiguous(), "nf4", None, nested=r.scale_state)
+    t = lin.tensors("m")
+    assert t["m.weight.absmax"].dtype == torch.uint8 and t["m.weight.nested_absmax"].shape == (1,)
+    state = json.loads(bytes(t["m.weight.quant_state.bitsandbytes__nf4"].tolist()).decode())
+    assert state["nested_blocksize"] == 256 and state["nested_dtype"] == "float32"
+    assert torch.equal(dequantize(t, "m"), r.weight)
+    rtn = round_to_nearest(W, cfg)
+    plain = solve(W, H, QuantConfig(bits=4, group_size=64, grid="nf4", mse=mse))
+
+    def err(Q):
+        D = W - Q
+        return float(torch.einsum("ij,jk,ik->", D, H, D))
+
+    assert err(r.weight) < 0.8 * err(rtn.weight)
+    assert err(r.weight) < 1.1 * err(plain.weight)  # 8-bit absmax costs little
+
+
+def test_double_quant_checkpoint_round_trips_through_our_loader(tmp_path):
+    from gptq.load import load_any
+
+    model = tiny_model("llama")
+    cfg = QuantConfig(bits=4, group_size=64, grid="nf4", double_quant=True)
+    packed, _ = quantize_model(model, windows(), cfg, device="cpu", progress=False)
+    out = save_checkpoint(tmp_path / "ck", model, packed, cfg)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["bnb_4bit_use_double_quant"] is True
+    tensors = load_file(out / "model.safetensors")
+    assert tensors["model.layers.0.self_attn.q_proj.weight.absmax"].dtype == torch.uint8
+    for name in packed:
+        assert torch.equal(dequantize(tensors, name), model.get_submodule(name).weight.float())
+    loaded, _ = load_any(out, device="cpu", dtype="float32")
+    ids = windows(2, 16, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_double_quant_needs_a_codebook_grid():
+    from gptq.config import ConfigError
+
+    with pytest.raises(ConfigError, match="bnb-nf4"):
+        QuantConfig(double_quant=True)
+
+
+def test_cli_double_quant_streaming_and_refused_without_bnb(tmp_path, tiny_model_dir):
+    d = tiny_model_dir("llama")
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT)
+    out = tmp_path / "nf4dq"
+    cmd = quantize_cmd(d, out, "--format", "bnb-nf4", "--double-quant")
+    cmd[cmd.index("--group-size") + 1] = "64"
+    r = run(cmd, text)
+    assert r.returncode == 0, r.stderr
+    tensors = load_file(out / "model.safetensors")
+    assert tensors["model.layers.1.mlp.down_proj.weight.absmax"].dtype == torch.uint8
+    assert tensors["model.layers.1.mlp.down_proj.weight.nested_absmax"].dtype == torch.float32
+    r = run(quantize_cmd(d, tmp_path / "int", "--double-quant"), text)
+    assert r.returncode == 2 and "bnb-nf4" in r.stderr and not (tmp_path / "int").exists()

@@ -2,7 +2,7 @@
 (``from_pretrained(DIR, device_map="cpu")``), print its perplexity on WINDOWS and the weight that
 bitsandbytes itself dequantizes for LAYER, as one JSON line (the weight saved beside it as a file).
 
-    python client_bnb.py CKPT WINDOWS LAYER OUT_WEIGHT [nf4|fp4]
+    python client_bnb.py CKPT WINDOWS LAYER OUT_WEIGHT [nf4|fp4|nf4+dq|fp4+dq]
 """
 
 import json
@@ -12,14 +12,17 @@ import torch
 
 
 def main(ckpt: str, windows_path: str, layer: str, out_weight: str, own: str = "") -> None:
-    """With ``own`` = nf4|fp4, CKPT is the unquantized model and bitsandbytes quantizes it itself."""
+    """With ``own`` = nf4|fp4 (+dq: double quantization), CKPT is the unquantized model and bitsandbytes
+    quantizes it itself."""
     import bitsandbytes.functional as F
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     torch.set_num_threads(2)
     kw = {}
     if own:
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=own,
+        kind, _, dq = own.partition("+")
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
+                                                       bnb_4bit_use_double_quant=dq == "dq",
                                                        bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(ckpt, device_map="cpu", **kw)
     lin = model.get_submodule(layer)
@@ -37,8 +40,9 @@ def main(ckpt: str, windows_path: str, layer: str, out_weight: str, own: str = "
             nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], x[1:], reduction="sum"))
             count += x.numel() - 1
     n4 = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
+    nested = state.nested and torch.equal(state.state2.code.cpu(), F.create_dynamic_map())
     print(json.dumps({"ppl": float(torch.exp(torch.tensor(nll / count))), "linear4bit": n4,
-                      "compute_dtype": str(lin.compute_dtype)}))
+                      "compute_dtype": str(lin.compute_dtype), "nested_with_bnb_dynamic_map": bool(nested)}))
 
 
 if __name__ == "__main__":

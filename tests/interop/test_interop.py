@@ -98,9 +98,11 @@ def test_vllm_accepts_and_loads(default_checkpoint):
     assert theirs["greedy"][:4] == greedy.tolist()[:4] and same >= 12
 
 
-def test_bitsandbytes_loads_our_nf4_checkpoint(default_checkpoint, tmp_path):
-    """transformers + bitsandbytes load `--format bnb-nf4`: bitsandbytes dequantizes exactly our solved
-    weights, its perplexity agrees with ours, and beats bitsandbytes' own NF4 rounding of the model."""
+@pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-double-quant"])
+def test_bitsandbytes_loads_our_nf4_checkpoint(default_checkpoint, tmp_path, double_quant):
+    """transformers + bitsandbytes load `--format bnb-nf4 [--double-quant]`: bitsandbytes dequantizes
+    exactly our solved weights, its perplexity agrees with ours, and beats bitsandbytes' own NF4
+    rounding of the model (with the same double quantization setting)."""
     import sys
 
     from gptq.eval import perplexity
@@ -111,16 +113,19 @@ def test_bitsandbytes_loads_our_nf4_checkpoint(default_checkpoint, tmp_path):
     model_dir = ROOT / ".cache" / "smollm2"
     out = tmp_path / "smollm2-nf4"
     subprocess.run([sys.executable, "-m", "gptq.quantize", str(model_dir), "--dataset", str(WIKI / "valid.tokens.txt"),
-                    "--nsamples", "32", "--seqlen", "512", "--format", "bnb-nf4", "--out", str(out), "--quiet"],
+                    "--nsamples", "32", "--seqlen", "512", "--format", "bnb-nf4", "--out", str(out), "--quiet",
+                    *(["--double-quant"] if double_quant else [])],
                    check=True, cwd=ROOT)
     layer = "model.layers.3.mlp.down_proj"
     theirs = run_client(py, "client_bnb.py", out, path, layer, tmp_path / "w.pt")
-    own = run_client(py, "client_bnb.py", model_dir, path, layer, tmp_path / "own.pt", "nf4")
+    own = run_client(py, "client_bnb.py", model_dir, path, layer, tmp_path / "own.pt",
+                     "nf4+dq" if double_quant else "nf4")
+    assert theirs["nested_with_bnb_dynamic_map"] == double_quant == own["nested_with_bnb_dynamic_map"]
     ours_model, _ = load_any(out, device="cpu", dtype="bfloat16")
     mine = perplexity(ours_model, windows)
     ours_fp32, _ = load_any(out, device="cpu", dtype="float32")
     assert torch.equal(torch.load(tmp_path / "w.pt"), ours_fp32.get_submodule(layer).weight.float())
-    print(f"\nbitsandbytes on our NF4 {theirs['ppl']:.4f} ({theirs['linear4bit']} Linear4bit) vs ours (bf16) "
-          f"{mine:.4f}; bitsandbytes' own NF4 {own['ppl']:.4f}")
+    print(f"\nbitsandbytes on our NF4{' (double quant)' if double_quant else ''} {theirs['ppl']:.4f} "
+          f"({theirs['linear4bit']} Linear4bit) vs ours (bf16) {mine:.4f}; bitsandbytes' own NF4 {own['ppl']:.4f}")
     assert abs(theirs["ppl"] - mine) / mine < 0.005
     assert theirs["ppl"] < 0.95 * own["ppl"]

@@ -1,0 +1,288 @@
+"""GGUF files for llama.cpp / Ollama from GPTQ-solved GGML blocks (``--format gguf:TYPE``).
+
+The run is the usual one with a per-layer GGML type (``plan``), and the solved layers are staged
+as an ordinary checkpoint whose linears hold their GGML blocks (``<m>.weight.ggml_<type>``, uint8
+[out, bytes per row]). ``write_gguf`` then writes one ``.gguf`` from that stage, tensor by tensor,
+with the ``gguf`` package's writer:
+
+- names, metadata and tokenizer as llama.cpp's ``convert_hf_to_gguf.py`` writes them for the
+  Llama family (``blk.N.attn_q.weight`` …; q/k rows permuted to llama.cpp's rotary layout:
+  within each head the two halves are interleaved). Rows are independent in every block type,
+  so permuting the blocks' rows is exact;
+- norms in F32; token embeddings (and an untied output head) quantized by rounding to the type
+  llama.cpp picks for them (they are not decoder linears), with the same fallbacks.
+
+The per-layer types follow llama.cpp's ``src/llama-quant.cpp`` (``llama_tensor_get_type_impl`` and
+``tensor_type_fallback``, llama.cpp as vendored in llama-cpp-python 0.3.36) for dense models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .ggml import TYPES, bits_per_weight, dequantize_blocks, pack_blocks
+
+# file type → (llama.cpp's LLAMA_FTYPE_MOSTLY_* number, the default block type)
+FILE_TYPES = {"q4_0": (2, "q4_0"), "q4_1": (3, "q4_1"), "q8_0": (7, "q8_0"), "q5_0": (8, "q5_0"),
+              "q5_1": (9, "q5_1"), "q4_k_s": (14, "q4_k"), "q4_k_m": (15, "q4_k"), "q5_k_s": (16, "q5_k"),
+              "q5_k_m": (17, "q5_k"), "q6_k": (18, "q6_k")}
+FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}  # when a row is not a multiple of 256
+
+# Hugging Face Llama names → GGUF names
+BLOCK_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+ARCHITECTURES = {"llama": "llama"}  # HF model_type → GGUF architecture (Llama family first)
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers and every third between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _fits(t: str, cols: int) -> str:
+    """t, or llama.cpp's fallback when ``cols`` is not a multiple of its block."""
+    if cols % TYPES[t].block_weights == 0:
+        return t
+    t = FALLBACK.get(t, t)
+    if cols % TYPES[t].block_weights:
+        raise ValueError(f"rows of {cols} weights fit no GGML block type (need a multiple of 32)")
+    return t
+
+
+def layer_type(ftype: str, role: str, i: int, n_layers: int, cols: int) -> str:
+    """The GGML type llama.cpp gives a decoder linear (role: the GGUF name, e.g. "attn_v") of layer i."""
+    t = FILE_TYPES[ftype][1]
+    if role == "attn_v":
+        if ftype in ("q4_k_m", "q5_k_m") and _more_bits(i, n_layers):
+            t = "q6_k"
+        elif ftype == "q4_k_s" and i < 4:
+            t = "q5_k"
+    elif role == "ffn_down":
+        if ftype in ("q4_k_m", "q5_k_m") and _more_bits(i, n_layers):
+            t = "q6_k"
+        elif ftype == "q4_k_s" and i < n_layers // 8:
+            t = "q5_k"
+    return _fits(t, cols)
+
+
+def output_type(ftype: str, cols: int) -> str:
+    """The output head's type (also the token embeddings' when they are tied to it)."""
+    base = FILE_TYPES[ftype][1]
+    if cols % TYPES[base].block_weights or base == "q8_0":
+        return "q8_0"
+    return _fits("q6_k", cols)
+
+
+def plan(ftype: str, model_type: str, linears: dict[str, int], blocks: str = "model.layers") -> tuple[str, tuple]:
+    """(default type, ((linear, type), ...)) for the decoder linears {full name: input size}."""
+    if ftype not in FILE_TYPES:
+        raise ValueError(f"unknown GGUF type {ftype!r}; choose one of {sorted(FILE_TYPES)}")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"GGUF output supports the {sorted(ARCHITECTURES)} families so far, not {model_type!r}")
+    n_layers = 1 + max(int(n[len(blocks) + 1:].split(".")[0]) for n in linears)
+    default = FILE_TYPES[ftype][1]
+    per = []
+    for name, cols in sorted(linears.items()):
+        i, rest = name[len(blocks) + 1:].split(".", 1)
+        t = layer_type(ftype, BLOCK_NAMES[rest], int(i), n_layers, cols)
+        if t != default:
+            per.append((name, t))
+    return default, tuple(per)
+
+
+@dataclass(frozen=True)
+class GgmlLinear:
+    """One solved linear as GGML blocks (CPU): uint8 [out, bytes per row]."""
+
+    blocks: torch.Tensor
+    type: str
+    bias: torch.Tensor | None
+
+    @staticmethod
+    def from_result(r, t: str, bias) -> "GgmlLinear":
+        blocks = pack_blocks(t, r.codes.cpu(), r.scales.cpu(), r.zeros.cpu(),
+                             None if r.scale_state is None else r.scale_state.to("cpu"))
+        return GgmlLinear(blocks, t, None if bias is None else bias.detach().to("cpu", torch.float32))
+
+    def permute_outputs(self, perm: torch.Tensor, bits: int = 4, checkpoint_format: str = "") -> "GgmlLinear":
+        return GgmlLinear(self.blocks[perm].contiguous(), self.type,
+                          None if self.bias is None else self.bias[perm].contiguous())
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        t = {f"{prefix}.weight.ggml_{self.type}": self.blocks}
+        if self.bias is not None:
+            t[f"{prefix}.bias"] = self.bias
+        return t
+
+
+def staged_weight(tensors: dict, prefix: str) -> tuple[str, torch.Tensor] | None:
+    """(type, blocks) of a staged linear, or None."""
+    for t in TYPES:
+        if f"{prefix}.weight.ggml_{t}" in tensors:
+            return t, tensors[f"{prefix}.weight.ggml_{t}"]
+    return None
+
+
+def dequantize_staged(t: str, blocks: torch.Tensor) -> torch.Tensor:
+    """[out, in] float32 weight of staged blocks (the gguf package's dequantizer)."""
+    tt = TYPES[t]
+    return dequantize_blocks(t, blocks, blocks.shape[1] // tt.block_bytes * tt.block_weights)
+
+
+def rope_permute(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of q/k (or their blocks) from Hugging Face's rotary layout (two halves per head) to
+    llama.cpp's (pairs interleaved)."""
+    return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def round_tensor(w: torch.Tensor, t: str) -> torch.Tensor:
+    """A tensor that is not solved (embeddings, untied head) rounded to GGML type t: blocks."""
+    from .config import QuantConfig
+    from .solver import round_to_nearest
+
+    tt = TYPES[t]
+    cfg = QuantConfig(bits=tt.bits, group_size=tt.group, grid=t, act_order="none")
+    r = round_to_nearest(w.float(), cfg)
+    return pack_blocks(t, r.codes, r.scales, r.zeros, r.scale_state)
+
+
+def _vocab(writer, source: Path, hf: dict) -> None:
+    """The tokenizer as convert_hf_to_gguf writes a BPE (gpt2-style) one, or a SentencePiece one."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    vocab_size = hf.get("vocab_size", len(tok.get_vocab()))
+    if not (source / "tokenizer.json").is_file():
+        raise ValueError(f"{source}: GGUF output needs a fast tokenizer (tokenizer.json)")
+    model = json.loads((source / "tokenizer.json").read_text())["model"]["type"]
+    if model != "BPE":
+        raise ValueError(f"{source}: tokenizer model {model!r}; GGUF output supports BPE tokenizers so far")
+    reverse = {i: t for t, i in tok.get_vocab().items()}
+    added = tok.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer(tok, source))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(source, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
+
+
+def pre_tokenizer(tok, source: Path) -> str:
+    """llama.cpp's name for the pre-tokenizer (``tokenizer.ggml.pre``), which it requires to load a
+    BPE vocabulary. Recognised from the vocabulary; ``GPTQ_GGUF_PRE`` overrides."""
+    if os.environ.get("GPTQ_GGUF_PRE"):
+        return os.environ["GPTQ_GGUF_PRE"]
+    v = tok.get_vocab()
+    if len(v) == 49152 and "<|im_start|>" in v:
+        return "smollm"  # SmolLM / SmolLM2 (HuggingFaceTB)
+    if "<|begin_of_text|>" in v:
+        return "llama-bpe"  # Llama 3
+    raise ValueError(f"{source}: cannot tell llama.cpp's pre-tokenizer for this BPE vocabulary; set GPTQ_GGUF_PRE "
+                     "to the name convert_hf_to_gguf.py would write (e.g. llama-bpe, smollm, qwen2)")
+
+
+def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) -> dict:
+    """Write the GGUF file ``path`` from a staged checkpoint (``stage``: config.json, tokenizer,
+    safetensors with GGML blocks); written to a temporary name and renamed when complete.
+    Returns what llama.cpp's quantizer reports: file size, parameters, bits per weight, types."""
+    import gguf
+    from safetensors import safe_open
+
+    hf = json.loads((stage / "config.json").read_text())
+    arch = ARCHITECTURES.get(hf.get("model_type"))
+    if arch is None:
+        raise ValueError(f"GGUF output supports the {sorted(ARCHITECTURES)} families so far, not {hf.get('model_type')!r}")
+    tmp = path.with_name(path.name + ".partial")
+    w = gguf.GGUFWriter(tmp, arch)
+    w.add_name(Path(source or stage).name)
+    n_layers = hf["num_hidden_layers"]
+    heads, kv = hf["num_attention_heads"], hf.get("num_key_value_heads", hf["num_attention_heads"])
+    w.add_block_count(n_layers)
+    w.add_context_length(hf["max_position_embeddings"])
+    w.add_embedding_length(hf["hidden_size"])
+    w.add_feed_forward_length(hf["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    rope = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta"))
+    if rope is not None:
+        w.add_rope_freq_base(rope)
+    w.add_layer_norm_rms_eps(hf["rms_norm_eps"])
+    w.add_file_type(FILE_TYPES[ftype][0])
+    w.add_vocab_size(hf["vocab_size"])
+    w.add_rope_dimension_count(hf.get("head_dim") or hf["hidden_size"] // heads)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _vocab(w, stage, hf)
+
+    files = sorted(stage.glob("*.safetensors"))
+    handles = [safe_open(f, "pt") for f in files]
+    where = {k: h for h in handles for k in h.keys()}
+    tied = "lm_head.weight" not in where and "lm_head.weight.ggml_q8_0" not in where
+    counts: dict[str, int] = {}
+    n_params = n_bytes = 0
+
+    def add(name: str, data: np.ndarray, t: str | None, params: int):
+        nonlocal n_params, n_bytes
+        if t is None:
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[t.upper()])
+        counts[t or "f32"] = counts.get(t or "f32", 0) + 1
+        n_params += params
+        n_bytes += data.nbytes
+
+    for key in sorted(where):
+        if key.endswith(".bias"):
+            raise ValueError(f"{key}: biases are not written to GGUF for the llama family")
+        base = key.split(".weight")[0]
+        if base.startswith("model.layers."):
+            i, rest = base[len("model.layers."):].split(".", 1)
+            name = f"blk.{i}.{BLOCK_NAMES[rest]}.weight"
+        elif base in TOP_NAMES:
+            name = f"{TOP_NAMES[base]}.weight"
+        else:
+            raise ValueError(f"{key}: no GGUF name for this tensor")
+        x = where[key].get_tensor(key)
+        staged = key.rsplit(".ggml_", 1)
+        if len(staged) == 2:  # solved blocks
+            t = staged[1]
+            if name.endswith("attn_q.weight"):
+                x = rope_permute(x, heads)
+            elif name.endswith("attn_k.weight"):
+                x = rope_permute(x, kv)
+            params = x.shape[0] * x.shape[1] // TYPES[t].block_bytes * TYPES[t].block_weights
+            add(name, x.numpy(), t, params)
+        elif x.dim() == 1:  # norms
+            add(name, x.float().numpy(), None, x.numel())
+        else:  # token embeddings / untied head: rounded, as llama.cpp would type them
+            t = output_type(ftype, x.shape[1]) if (name == "output.weight" or tied) else \
+                layer_type(ftype, "token_embd", 0, n_layers, x.shape[1])
+            add(name, round_tensor(x, t).numpy(), t, x.numel())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    os.replace(tmp, path)
+    size = path.stat().st_size
+    return {"file": path.name, "file_type": ftype, "bytes": size, "MiB": round(size / 2**20, 2),
+            "parameters": n_params, "bits_per_weight": round(8 * n_bytes / n_params, 4),
+            "tensor_types": dict(sorted(counts.items())),
+            "type_bits_per_weight": {t: bits_per_weight(t) for t in counts if t != "f32"}}

@@ -183,7 +183,10 @@ def _vocab(writer, source: Path, hf: dict) -> None:
     writer.add_tokenizer_pre(pre_tokenizer(tok, source))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(source, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
+    special = gguf.SpecialVocab(source, load_merges=True, n_vocab=len(tokens))
+    special.add_to_gguf(writer)
+    if "bos" not in special.add_special_token:  # convert_hf_to_gguf writes it even when false
+        writer.add_add_bos_token(False)
 
 
 def pre_tokenizer(tok, source: Path) -> str:
@@ -228,7 +231,11 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
     w.add_layer_norm_rms_eps(hf["rms_norm_eps"])
     w.add_file_type(FILE_TYPES[ftype][0])
     w.add_vocab_size(hf["vocab_size"])
-    w.add_rope_dimension_count(hf.get("head_dim") or hf["hidden_size"] // heads)
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    w.add_type("model")
+    w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _vocab(w, stage, hf)
 
@@ -283,6 +290,7 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
     os.replace(tmp, path)
     size = path.stat().st_size
     return {"file": path.name, "file_type": ftype, "bytes": size, "MiB": round(size / 2**20, 2),
-            "parameters": n_params, "bits_per_weight": round(8 * n_bytes / n_params, 4),
+            "parameters": n_params, "tensors_MiB": round(n_bytes / 2**20, 2),
+            "bits_per_weight": round(8 * n_bytes / n_params, 4),
             "tensor_types": dict(sorted(counts.items())),
             "type_bits_per_weight": {t: bits_per_weight(t) for t in counts if t != "f32"}}

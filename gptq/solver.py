@@ -256,4 +256,4 @@ def round_to_nearest(W: torch.Tensor, config: QuantConfig) -> SolveResult:
     codes = family.quantize(W, s, z)
     Q = family.dequantize(codes, s, z)
     return SolveResult(Q, codes.to(torch.uint8), scales.to(family.scale_dtype), zeros.to(family.zero_dtype), g_idx,
-                       ((W - Q) ** 2).sum(dim=1))
+                       ((W - Q) ** 2).sum(dim=1), family.state())

@@ -1,0 +1,206 @@
+"""GGUF output: GGML block grids in the solver, their byte layouts, llama.cpp's per-tensor types,
+and whole files (read back with the gguf package). llama.cpp itself runs them in tests/interop."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SAMPLE_TEXT
+from gptq import QuantConfig, quantize_model, save_checkpoint, solve
+from gptq.ggml import TYPES, dequantize_blocks, pack_blocks
+from gptq.gguf_file import layer_type, output_type, plan, rope_permute, write_gguf
+from gptq.solver import round_to_nearest
+from test_pipeline import windows
+from test_stream import quantize_cmd, run
+
+
+def problem(out=64, n=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(1024, n, generator=g) @ torch.randn(n, n, generator=g) * 0.1
+    return torch.randn(out, n, generator=g) * 0.05, 2 * X.T @ X / 1024
+
+
+def cfg_for(t):
+    tt = TYPES[t]
+    return QuantConfig(bits=tt.bits, group_size=tt.group, grid=t)
+
+
+@pytest.mark.parametrize("t", sorted(TYPES))
+def test_blocks_dequantize_to_the_solved_weight_exactly(t):
+    W, H = problem()
+    r = solve(W, H, cfg_for(t))
+    blocks = pack_blocks(t, r.codes, r.scales, r.zeros, r.scale_state)
+    assert blocks.shape == (64, 512 // TYPES[t].block_weights * TYPES[t].block_bytes)
+    assert torch.equal(dequantize_blocks(t, blocks, 512), r.weight)
+
+    def err(Q):
+        D = W - Q
+        return float(torch.einsum("ij,jk,ik->", D, H, D))
+
+    assert err(r.weight) < 0.6 * err(round_to_nearest(W, cfg_for(t)).weight)
+
+
+def test_q4_0_block_is_bit_exact_to_a_hand_built_one():
+    """Symmetric g32 codes and a float16 d: byte j = q[j] | q[j + 16] << 4 after d (little endian)."""
+    codes = torch.arange(32, dtype=torch.uint8)[None] % 16  # [1, 32]
+    scales = torch.tensor([[-0.0125]]).to(torch.float16).float()  # [groups, out], a negative d
+    zeros = torch.full((1, 1), 8, dtype=torch.int32)
+    b = pack_blocks("q4_0", codes, scales, zeros, None)
+    d = np.array([-0.0125], dtype=np.float16).tobytes()
+    qs = bytes((j % 16) | (((j + 16) % 16) << 4) for j in range(16))
+    assert bytes(b.numpy().tobytes()) == d + qs
+    w = dequantize_blocks("q4_0", b, 32)
+    assert torch.equal(w, scales[0, 0] * (codes.float() - 8))
+
+
+def test_q4_0_from_a_symmetric_g32_solve_is_bit_exact():
+    W, H = problem(8, 64)
+    r = solve(W, H, cfg_for("q4_0"))
+    b = pack_blocks("q4_0", r.codes, r.scales, r.zeros, None).numpy()
+    for row in range(8):
+        for g in range(2):
+            q = r.codes[row, 32 * g : 32 * g + 32].numpy()
+            expect = np.float16(r.scales[g, row]).tobytes() + bytes(int(q[j]) | int(q[j + 16]) << 4 for j in range(16))
+            assert b[row, 18 * g : 18 * g + 18].tobytes() == expect
+
+
+@pytest.mark.parametrize("t", ["q4_k", "q5_k"])
+def test_superblock_stored_scales_are_the_ones_the_solver_rounded_against(t):
+    from gguf import quants
+
+    W, H = problem(16, 512, seed=3)
+    r = solve(W, H, cfg_for(t))
+    blocks = pack_blocks(t, r.codes, r.scales, r.zeros, r.scale_state).numpy()
+    nb = blocks.reshape(-1, TYPES[t].block_bytes)  # [out * 2, bytes] one row of blocks per super-block
+    d = nb[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = nb[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, mn = quants.Q4_K.get_scale_min(nb[:, 4:16].copy())  # [out * 2, 8] 6-bit
+    assert sc.max() <= 63 and mn.max() <= 63 and sc.min() >= 1
+    stored_scale = torch.from_numpy(d * sc.astype(np.float32)).view(16, 2, 8).permute(1, 2, 0).reshape(16, 16)
+    stored_min = torch.from_numpy(dmin * mn.astype(np.float32)).view(16, 2, 8).permute(1, 2, 0).reshape(16, 16)
+    assert torch.equal(stored_scale, r.scales)  # [groups, out]
+    assert torch.equal(stored_min, r.zeros)
+
+
+def test_q6_k_int8_scales_are_the_stored_ones():
+    W, H = problem(8, 256, seed=4)
+    r = solve(W, H, cfg_for("q6_k"))
+    nb = pack_blocks("q6_k", r.codes, r.scales, r.zeros, r.scale_state).numpy()  # [8, 210]
+    sc = nb[:, 192:208].copy().view(np.int8).astype(np.float32)
+    d = nb[:, 208:210].copy().view(np.float16).astype(np.float32)
+    assert torch.equal(torch.from_numpy(d * sc).T, r.scales)
+
+
+def test_types_follow_llama_quantize_for_smollm2_shapes():
+    """SmolLM2-135M: 30 layers, rows of 576 (and 1536 for ffn_down). The per-tensor types llama-quantize
+    0.3.36 wrote (read from its files): Q4_K_M gives attn_v Q8_0 where it wants Q6_K (use_more_bits
+    layers) and Q5_0 elsewhere, ffn_down Q6_K / Q4_K, every other 576-wide tensor Q5_0."""
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj")
+    linears = {f"model.layers.{i}.{n}": 1536 if n == "mlp.down_proj" else 576 for i in range(30) for n in names}
+    default, per = plan("q4_k_m", "llama", linears)
+    types = {**{n: default for n in linears}, **dict(per)}
+    count = {}
+    for t in types.values():
+        count[t] = count.get(t, 0) + 1
+    assert count == {"q5_0": 166, "q8_0": 14, "q6_k": 14, "q4_k": 16}
+    more = [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    assert [i for i in range(30) if types[f"model.layers.{i}.mlp.down_proj"] == "q6_k"] == more
+    assert [i for i in range(30) if types[f"model.layers.{i}.self_attn.v_proj"] == "q8_0"] == more
+    assert output_type("q4_k_m", 576) == "q8_0" and output_type("q4_k_m", 512) == "q6_k"
+    assert output_type("q8_0", 512) == "q8_0"
+    assert plan("q4_0", "llama", linears) == ("q4_0", ())
+    assert layer_type("q4_k_s", "attn_v", 3, 30, 512) == "q5_k" and layer_type("q4_k_s", "attn_v", 4, 30, 512) == "q4_k"
+    with pytest.raises(ValueError, match="families"):
+        plan("q4_0", "gpt2", linears)
+
+
+def test_rope_permutation_interleaves_the_halves_of_each_head():
+    x = torch.arange(8)[:, None]  # 2 heads of 4 rows: halves [0 1 | 2 3], [4 5 | 6 7]
+    assert rope_permute(x, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def synthetic_llama(tmp_path):
+    """A small Llama whose rows are multiples of 256 (real K-quants everywhere) with a tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from conftest import ROOT
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    d = tmp_path / "synth"
+    model.save_pretrained(d)
+    AutoTokenizer.from_pretrained(ROOT / ".cache" / "smollm2").save_pretrained(d)
+    return model, d
+
+
+@pytest.fixture
+def smollm2_tokenizer():
+    from conftest import ROOT
+
+    if not (ROOT / ".cache" / "smollm2" / "tokenizer.json").is_file():
+        pytest.skip("SmolLM2 not prepared (python -m gptq.assets smollm2 .cache/smollm2)")
+
+
+def test_gguf_file_holds_exactly_the_solved_weights(tmp_path, smollm2_tokenizer):
+    """In memory: quantize with the q4_k_m mix, stage, write the .gguf; every decoder linear read
+    back through gguf's reader and dequantizer equals the solved weight (q/k after llama.cpp's
+    rotary permutation); norms are F32; the tied embeddings are Q6_K (rows of 256)."""
+    from gguf import GGUFReader, quants
+
+    from gptq.gguf_file import plan as gguf_plan
+
+    model, d = synthetic_llama(tmp_path)
+    linears = {f"model.layers.{i}.{n}": m.in_features for i, layer in enumerate(model.model.layers)
+               for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    default, per = gguf_plan("q4_k_m", "llama", linears)
+    assert dict(per) == {"model.layers.1.mlp.down_proj": "q6_k", "model.layers.1.self_attn.v_proj": "q6_k"}
+    assert default == "q4_k"
+    cfg = QuantConfig(bits=4, group_size=32, grid=default, layer_grids=per, gguf="q4_k_m")
+    ids = torch.randint(0, 49152, (8, 64), generator=torch.Generator().manual_seed(1))
+    packed, _ = quantize_model(model, ids, cfg, device="cpu", progress=False)
+    stage = save_checkpoint(tmp_path / "stage", model, packed, cfg, source_dir=d)
+    info = write_gguf(stage, tmp_path / "m.gguf", "q4_k_m", d)
+    assert info["tensor_types"] == {"f32": 5, "q4_k": 12, "q6_k": 3}
+    reader = GGUFReader(tmp_path / "m.gguf")
+    got = {t.name: t for t in reader.tensors}
+    for i in range(2):
+        for hf, gg, heads in (("self_attn.q_proj", "attn_q", 4), ("self_attn.k_proj", "attn_k", 2),
+                              ("self_attn.v_proj", "attn_v", None), ("mlp.down_proj", "ffn_down", None)):
+            t = got[f"blk.{i}.{gg}.weight"]
+            w = torch.from_numpy(np.ascontiguousarray(quants.dequantize(t.data, t.tensor_type)))
+            ref = model.get_submodule(f"model.layers.{i}.{hf}").weight.float()
+            if heads:
+                ref = rope_permute(ref, heads)
+            assert torch.equal(w.reshape(ref.shape), ref), (i, hf)
+    assert got["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+    assert got["token_embd.weight"].tensor_type.name == "Q6_K"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert reader.fields["general.file_type"].contents() == 15
+
+
+def test_cli_gguf_writes_one_file_and_the_report(tmp_path, tiny_model_dir, monkeypatch):
+    d = tiny_model_dir("llama")
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT)
+    out = tmp_path / "g"
+    cmd = quantize_cmd(d, out, "--format", "gguf:q4_0")
+    i = cmd.index("--group-size")
+    del cmd[i:i + 2]
+    monkeypatch.setenv("GPTQ_GGUF_PRE", "default")  # the tiny test tokenizer is none llama.cpp knows
+    r = run(cmd, text)
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["quantize_report.json", "tiny-llama-q4_0.gguf"]
+    assert not (tmp_path / "g.stage").exists()
+    g = json.loads((out / "quantize_report.json").read_text())["gguf"]
+    # 14 decoder linears and the untied token embeddings (the output head: Q8_0, as llama.cpp types it)
+    assert g["tensor_types"]["q4_0"] == 15 and g["tensor_types"]["q8_0"] == 1 and g["bytes"] == (out / "tiny-llama-q4_0.gguf").stat().st_size
+    assert "GGUF q4_0" in r.stdout
+    r = run(quantize_cmd(d, tmp_path / "h", "--format", "gguf:q4_0", "--act-order", "dynamic"), text)
+    assert r.returncode == 2 and "act-order" in r.stderr

@@ -63,9 +63,25 @@ notebook: $(STAMP)  ## execute notebooks/walkthrough.ipynb in place (full run)
 	.venv-bnb/bin/pip install -q torch==2.13.0 bitsandbytes==0.50.2 transformers accelerate safetensors
 	touch $@
 
-interop-setup: .venv-gptqmodel/.installed .venv-vllm/.installed .venv-bnb/.installed  ## install the real clients, each in its own venv
+# llama.cpp's tools, built from the full source inside llama-cpp-python's sdist, and a venv for its
+# convert_hf_to_gguf.py (the f16 reference and llama.cpp's own quantizations)
+LLAMA_SRC = .cache/llama.cpp/llama_cpp_python-0.3.36/vendor/llama.cpp
+.cache/llama.cpp/.built:
+	mkdir -p .cache/llama.cpp
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d .cache/llama.cpp
+	tar xzf .cache/llama.cpp/llama_cpp_python-0.3.36.tar.gz -C .cache/llama.cpp
+	cmake -S $(LLAMA_SRC) -B $(LLAMA_SRC)/build -G Ninja -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=OFF
+	ninja -C $(LLAMA_SRC)/build llama-perplexity llama-quantize llama-imatrix
+	touch $@
 
-interop: $(STAMP)  ## load our checkpoints in GPTQModel, vLLM (CPU), transformers+bitsandbytes; skips a client whose venv is absent
+.venv-llamacpp/.installed:
+	$(PY) -m venv .venv-llamacpp
+	.venv-llamacpp/bin/pip install -q torch==2.13.0 transformers sentencepiece safetensors numpy pyyaml protobuf
+	touch $@
+
+interop-setup: .venv-gptqmodel/.installed .venv-vllm/.installed .venv-bnb/.installed .venv-llamacpp/.installed .cache/llama.cpp/.built  ## install the real clients, each in its own venv
+
+interop: $(STAMP)  ## load our checkpoints in GPTQModel, vLLM (CPU), transformers+bitsandbytes, llama.cpp; skips a client whose venv is absent
 	$(PYTHON) -m pytest -q -s -m interop tests/interop
 
 clean:  ## remove outputs (keeps .venv and the model cache)

@@ -108,7 +108,8 @@ def gptqmodel(qc: dict, shapes) -> Verdict:
 
 def llama_cpp(qc: dict, shapes) -> Verdict:
     # llama.cpp / Ollama read GGUF files only (their own block formats), never GPTQ safetensors
-    return Verdict("llama.cpp / Ollama", "refuses", ("reads GGUF files, not GPTQ safetensors",))
+    return Verdict("llama.cpp / Ollama", "refuses", ("reads GGUF files, not GPTQ safetensors: quantize with "
+                                                     "--format gguf:q4_k_m (or another gguf:TYPE) for it",))
 
 
 ENGINES = (vllm_gpu, vllm_cpu, tgi, gptqmodel, llama_cpp)

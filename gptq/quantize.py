@@ -330,6 +330,11 @@ def gguf_config(args, ftype: str) -> QuantConfig:
                for n in arch.linears}
     try:
         default, per_layer = plan(ftype, model.config.model_type, linears, arch.blocks)
+        from transformers import AutoTokenizer
+
+        from .gguf_file import pre_tokenizer
+
+        pre_tokenizer(AutoTokenizer.from_pretrained(args.model), Path(args.model))  # refuse now, not after the solve
     except ValueError as e:
         raise ConfigError(str(e)) from None
     from .ggml import TYPES
@@ -349,7 +354,11 @@ def finish_gguf(stage: Path, out: Path, ftype: str, source: str, overwrite: bool
 
     final, tmp = prepare_output(out, overwrite)
     tmp.mkdir()
-    info = write_gguf(stage, tmp / f"{Path(source).name}-{ftype}.gguf", ftype, Path(source))
+    try:
+        info = write_gguf(stage, tmp / f"{Path(source).name}-{ftype}.gguf", ftype, Path(source))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the staged checkpoint stays: rerun with --resume
+        raise
     report = json.loads((stage / "quantize_report.json").read_text()) if (stage / "quantize_report.json").is_file() \
         else {}
     report["gguf"] = info

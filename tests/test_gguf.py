@@ -122,11 +122,9 @@ def test_rope_permutation_interleaves_the_halves_of_each_head():
     assert rope_permute(x, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
-def synthetic_llama(tmp_path):
-    """A small Llama whose rows are multiples of 256 (real K-quants everywhere) with a tokenizer."""
+def synthetic_llama(tmp_path, tokenizer_dir):
+    """A small Llama whose rows are multiples of 256 (real K-quants everywhere) with SmolLM2's tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from conftest import ROOT
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -135,19 +133,11 @@ def synthetic_llama(tmp_path):
     model = LlamaForCausalLM(cfg).eval()
     d = tmp_path / "synth"
     model.save_pretrained(d)
-    AutoTokenizer.from_pretrained(ROOT / ".cache" / "smollm2").save_pretrained(d)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(d)
     return model, d
 
 
-@pytest.fixture
-def smollm2_tokenizer():
-    from conftest import ROOT
-
-    if not (ROOT / ".cache" / "smollm2" / "tokenizer.json").is_file():
-        pytest.skip("SmolLM2 not prepared (python -m gptq.assets smollm2 .cache/smollm2)")
-
-
-def test_gguf_file_holds_exactly_the_solved_weights(tmp_path, smollm2_tokenizer):
+def test_gguf_file_holds_exactly_the_solved_weights(tmp_path, smollm2_dir):
     """In memory: quantize with the q4_k_m mix, stage, write the .gguf; every decoder linear read
     back through gguf's reader and dequantizer equals the solved weight (q/k after llama.cpp's
     rotary permutation); norms are F32; the tied embeddings are Q6_K (rows of 256)."""
@@ -155,7 +145,7 @@ def test_gguf_file_holds_exactly_the_solved_weights(tmp_path, smollm2_tokenizer)
 
     from gptq.gguf_file import plan as gguf_plan
 
-    model, d = synthetic_llama(tmp_path)
+    model, d = synthetic_llama(tmp_path, smollm2_dir)
     linears = {f"model.layers.{i}.{n}": m.in_features for i, layer in enumerate(model.model.layers)
                for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     default, per = gguf_plan("q4_k_m", "llama", linears)
@@ -204,3 +194,7 @@ def test_cli_gguf_writes_one_file_and_the_report(tmp_path, tiny_model_dir, monke
     assert "GGUF q4_0" in r.stdout
     r = run(quantize_cmd(d, tmp_path / "h", "--format", "gguf:q4_0", "--act-order", "dynamic"), text)
     assert r.returncode == 2 and "act-order" in r.stderr
+    monkeypatch.delenv("GPTQ_GGUF_PRE")  # an unknown vocabulary is refused before any work
+    r = run(quantize_cmd(d, tmp_path / "u", "--format", "gguf:q4_0"), text)
+    assert r.returncode == 2 and "GPTQ_GGUF_PRE" in r.stderr
+    assert not any(p.name.startswith("u") for p in tmp_path.iterdir())

@@ -18,6 +18,7 @@ ACT_ORDERS = ("none", "static", "group-aware", "dynamic")
 # group (bitsandbytes NF4/FP4, written in the bitsandbytes 4-bit layout: bnb.py)
 GGML_GRIDS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")  # llama.cpp block types: ggml.py
 GRIDS = ("int", "nf4", "fp4") + GGML_GRIDS
+EXPERT_TOKENS = ("all", "routed")  # which calibration tokens build a routed expert's Hessian
 BNB_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -49,6 +50,11 @@ class QuantConfig:
                      a float32 scale each and one offset (bitsandbytes' double quantization); the
                      solver rounds against the absmax as stored.
     checkpoint_format: "gptq" (v1, zeros stored minus one) or "gptq_v2" (zeros as-is).
+    expert_tokens:   mixture-of-experts models: "all" sends every calibration token through every routed
+                     expert for its Hessian (the block's output still uses the real routing), so no expert
+                     is starved; "routed" uses only the tokens the router sends it.
+    expert_min_tokens: an expert whose Hessian would rest on fewer rows is solved against the identity
+                     Hessian (round-to-nearest on MSE-fitted grids, no error feedback) and named in the report.
     """
 
     bits: int = 4
@@ -65,12 +71,18 @@ class QuantConfig:
     double_quant: bool = False
     layer_grids: tuple = ()  # ((linear name, GGML type), ...): per-layer types of a GGUF mix
     gguf: str = ""  # the GGUF file type being written (e.g. "q4_k_m"), "" for safetensors formats
+    expert_tokens: str = "all"
+    expert_min_tokens: int = 32
 
     def __post_init__(self) -> None:
         if isinstance(self.act_order, bool):
             object.__setattr__(self, "act_order", "dynamic" if self.act_order else "none")
         if self.act_order not in ACT_ORDERS:
             raise ConfigError(f"act_order={self.act_order!r}; choose one of {ACT_ORDERS}")
+        if self.expert_tokens not in EXPERT_TOKENS:
+            raise ConfigError(f"expert_tokens={self.expert_tokens!r}; choose one of {EXPERT_TOKENS}")
+        if self.expert_min_tokens < 0:
+            raise ConfigError(f"expert_min_tokens={self.expert_min_tokens} must be 0 or more")
         if self.grid not in GRIDS:
             raise ConfigError(f"grid={self.grid!r}; choose one of {GRIDS}")
         if self.grid in ("nf4", "fp4") and (self.bits != 4 or self.group_size not in BNB_BLOCKSIZES):

@@ -134,6 +134,21 @@ def _set_parameter(model: nn.Module, name: str, current: torch.Tensor, t: torch.
     parent._parameters[attr] = nn.Parameter(t, requires_grad=False)
 
 
+def _as_our_model(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mixture-of-experts families: split the model's fused experts into per-expert linears
+    (``moe.unfuse``) and name the checkpoint's tensors as that model does (Mixtral's w1/w3/w2).
+    Other models and families we do not quantize ourselves pass through unchanged."""
+    from .architectures import UnsupportedModelError, for_config
+    from .moe import unfuse
+
+    try:
+        arch = for_config(model.config)
+    except UnsupportedModelError:
+        return tensors
+    unfuse(model, arch)
+    return {arch.model_name(k): t for k, t in tensors.items()}
+
+
 def default_backend(device: torch.device, bits: int) -> str:
     if device.type == "cuda":
         return "triton" if bits in (2, 4, 8) else "torch"
@@ -176,6 +191,7 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: s
     del plain.quantization_config
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(plain, dtype=act_dtype)
+    tensors = _as_our_model(model, tensors)
     raw = config.quantization_config
     model.config.quantization_config = dict(raw) if isinstance(raw, dict) else raw.to_dict()
 
@@ -250,6 +266,7 @@ def load_bnb(path: Path, device: str = "auto", dtype: str | torch.dtype = "auto"
     del plain.quantization_config
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(plain, dtype=act_dtype)
+    tensors = _as_our_model(model, tensors)
     prefixes = {k[: -len(".weight.absmax")] for k in tensors if k.endswith(".weight.absmax")}
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, t in tensors.items():

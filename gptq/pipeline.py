@@ -24,8 +24,10 @@ from tqdm.auto import tqdm
 
 from .activations import Activations, activation_bytes, block_args, return_free_memory, should_spill
 from .architectures import for_config, get_module
-from .capture import (BlockInputs, StopForward, first_block_inputs, hessians, move, record_io, record_outputs,
-                      replay_outputs, run_block, set_weight_matrix, stop_after, weight_matrix)
+from .capture import (BlockInputs, StopForward, first_block_inputs, hessians, in_features, move, record_io,
+                      record_outputs, replay_outputs, run_block, set_weight_matrix, stop_after, weight_matrix)
+from .hessian import HessianAccumulator
+from .moe import expert_rows, record_routing, routed_counts
 from .config import QuantConfig
 from .pack import pack_qweight, pack_qzeros, unpack_qzeros
 from .solver import SolveResult, round_to_nearest, solve
@@ -63,6 +65,9 @@ class LayerReport:
     loss: float
     seconds: float
     shape: tuple[int, int]  # [out, in]
+    tokens: int | None = None  # routed experts: calibration rows their Hessian was built from
+    routed: int | None = None  # routed experts: calibration tokens the router sent them
+    rule: str = "gptq"  # or "identity-hessian": an expert starved of tokens (see _solve_experts)
 
 
 def pack_result(r: SolveResult, module: nn.Module, config: QuantConfig):
@@ -164,7 +169,7 @@ def sort_channels(block: nn.Module, arch, consumer: str, H: torch.Tensor, packed
     the architecture declares no such pair for ``consumer``, act-order is off/static,
     ``config.sort_channels`` is off, or the scales are double-quantized (their 256-value blocks
     run along the producers' rows as solved, so the rows cannot move afterwards)."""
-    producers = dict(arch.channels).get(consumer)
+    producers = arch.producers_of(consumer)
     if (producers is None or not config.sort_channels or config.double_quant
             or config.act_order not in ("group-aware", "dynamic")):
         return None
@@ -200,11 +205,12 @@ def _closing_linear(arch, solved: set[str], groups) -> tuple[str, str] | None:
     return child, name
 
 
-def _run_pass(block, inputs, arch, solved, recorded, store, groups=(), closing=None):
+def _run_pass(block, inputs, arch, solved, recorded, store, groups=(), closing=None, routing=None):
     """One pass of the calibration batches through ``block``: replays the finished children,
     records newly finished ones, accumulates H for ``groups``. With ``closing`` = (child, linear)
     the pass runs to the end of the child, recording the child's outputs and the linear's
-    inputs and outputs. Returns (accumulators, outputs, closing records)."""
+    inputs and outputs. With ``routing`` (a list) the routed experts' inputs are recorded into it.
+    Returns (accumulators, outputs, closing records)."""
     with ExitStack() as stack:
         for child, outs in recorded.items():
             stack.enter_context(replay_outputs(get_module(block, child), outs))
@@ -216,12 +222,101 @@ def _run_pass(block, inputs, arch, solved, recorded, store, groups=(), closing=N
             closing_records = (stack.enter_context(record_outputs(child, store.new())),
                                stack.enter_context(record_io(get_module(block, closing[1]), store.new())))
             stack.enter_context(stop_after(child))
-        accs = stack.enter_context(hessians(groups, stop=closing is None)) if groups else {}
+        if routing is not None:
+            stack.enter_context(record_routing(get_module(block, arch.experts.path), routing,
+                                               stop=not groups and closing is None))
+        accs = stack.enter_context(hessians(groups, stop=closing is None and routing is None)) if groups else {}
         outputs = store.new()
         for inp in inputs:
             outputs.append(run_block(block, inp))
     recorded.update({c: outs for c, outs in new.items() if len(outs) == len(inputs)})
     return accs, outputs, closing_records
+
+
+def _passes(arch, true_sequential: bool) -> list[tuple[list, bool]]:
+    """The capture passes over one block, as (groups, experts?). The routed experts form one step
+    of their own where the first of their groups is declared (``_solve_experts`` solves each
+    expert's gate/up, then its down, expert by expert); without true-sequential, one pass."""
+    plain = [g for g in arch.sequential if not arch.routed(g)]
+    if not true_sequential:
+        return [(plain, len(plain) < len(arch.sequential))]
+    passes: list[tuple[list, bool]] = []
+    for g in arch.sequential:
+        if not arch.routed(g):
+            passes.append(([g], False))
+        elif passes[-1:] != [([], True)]:
+            passes.append(([], True))
+    return passes
+
+
+def _expert_chunk(n_in: int, budget: int = 256 << 20) -> int:
+    """Experts whose Hessians are held at once: those of ``n_in`` inputs that fit in ``budget``."""
+    return max(1, budget // (4 * n_in * n_in))
+
+
+def _solve_experts(block: nn.Module, arch, routing, config: QuantConfig, prefix: str, packed_i: dict):
+    """Solve every routed expert of a block from the recorded (hidden, top-k index) batches.
+
+    Each expert's gate/up Hessian comes from its own rows: with ``expert_tokens="all"`` every
+    calibration token (then it is one H, built once and shared), else the tokens routed to it.
+    Its down Hessian comes from those rows through its (already quantized, with true-sequential)
+    gate/up. Experts are taken a chunk at a time, so only a bounded number of Hessians is held.
+    An expert whose H would rest on fewer than ``expert_min_tokens`` rows is solved against the
+    identity Hessian instead (no error feedback, each group's grid by H-free MSE: round-to-nearest
+    on the same grids), and reported with rule "identity-hessian".
+    Yields (name, module, result, seconds, tokens, routed, rule); the caller records each result
+    in ``packed_i`` before the generator goes on (sort_channels moves the producers' packed rows)."""
+    experts = get_module(block, arch.experts.path)
+    base = arch.experts.path
+    n_exp = len(experts)
+    routed = routed_counts(routing, n_exp)
+    all_tokens = config.expert_tokens == "all"
+    total = sum(int(x.shape[0]) for x, _ in routing)
+    tokens = [total if all_tokens else int(routed[e]) for e in range(n_exp)]
+    starved = [t < config.expert_min_tokens for t in tokens]
+    n_in, n_mid = in_features(experts[0].gate_proj), in_features(experts[0].down_proj)
+    dev = experts[0].gate_proj.weight.device
+
+    def eye(n):
+        return torch.eye(n, dtype=torch.float32, device=dev)
+
+    def accumulate(chunk, n, rows_of):
+        accs = {e: HessianAccumulator(n, dev) for e in chunk if not starved[e]}
+        for x, idx in routing:
+            for e, acc in accs.items():
+                rows = expert_rows(x, idx, e, all_tokens)
+                if rows.shape[0]:
+                    acc.add(rows_of(e, rows))
+        return {e: acc.hessian() if acc.count else eye(n) for e, acc in accs.items()}
+
+    shared = None
+    if all_tokens and not all(starved):
+        shared = accumulate([starved.index(False)], n_in, lambda e, rows: rows)[starved.index(False)]
+    step = _expert_chunk(max(n_in, n_mid))
+    for c0 in range(0, n_exp, step):
+        chunk = range(c0, min(c0 + step, n_exp))
+
+        def down_hessians():
+            return accumulate(chunk, n_mid, lambda e, rows: experts[e].hidden(rows))
+
+        h_down = None if config.true_sequential else down_hessians()  # from the unquantized gate/up
+        for e in chunk:
+            H = eye(n_in) if starved[e] else shared if shared is not None else None
+            if H is None:
+                H = accumulate([e], n_in, lambda e, rows: rows)[e]
+            pair = {f"{base}.{e}.gate_proj": experts[e].gate_proj, f"{base}.{e}.up_proj": experts[e].up_proj}
+            for name, module, r, seconds in solve_group(pair, H, config, prefix):
+                yield name, module, r, seconds, tokens[e], int(routed[e]), "identity-hessian" if starved[e] else "gptq"
+        if h_down is None:
+            h_down = down_hessians()
+        for e in chunk:
+            name = f"{base}.{e}.down_proj"
+            H = eye(n_mid) if starved[e] else h_down.pop(e)
+            perm = sort_channels(block, arch, name, H, packed_i, prefix, config)
+            if perm is not None:
+                H = H[perm[:, None], perm[None, :]]
+            for name, module, r, seconds in solve_group({name: experts[e].down_proj}, H, config, prefix):
+                yield name, module, r, seconds, tokens[e], int(routed[e]), "identity-hessian" if starved[e] else "gptq"
 
 
 def _rebuild_child_outputs(linear: nn.Module, records, n: int, store: Activations) -> Sequence | None:
@@ -245,7 +340,7 @@ def round_to_nearest_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     """The baseline: every linear GPTQ would quantize, rounded to its grid in place, no calibration."""
     arch = for_config(model.config)
     for block in get_module(model, arch.blocks):
-        for name in arch.linears:
+        for name in arch.block_linears(block):
             lin = get_module(block, name)
             set_weight_matrix(lin, round_to_nearest(weight_matrix(lin).float(), config).weight)
     return model
@@ -301,7 +396,7 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
     blocks = get_module(model, arch.blocks)
     # true-sequential: one capture pass per group, each after the groups before it are quantized;
     # otherwise one pass captures every group from the unquantized block
-    passes = [[g] for g in arch.sequential] if config.true_sequential else [list(arch.sequential)]
+    passes = _passes(arch, config.true_sequential)
     bar = tqdm(range(first, len(blocks)), desc="quantizing blocks", unit="block", disable=not progress,
                initial=first, total=len(blocks))
     for i in bar:
@@ -314,25 +409,36 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
         recorded: dict[str, list] = {}
         packed_i: dict[str, PackedLinear] = {}
         report_i: list[LayerReport] = []
-        for groups in passes:
+        prefix = f"{arch.blocks}.{i}"
+
+        def keep(name, module, r, seconds, tokens=None, routed=None, rule="gptq"):
+            full = f"{prefix}.{name}"
+            set_weight_matrix(module, r.weight)
+            packed_i[full] = pack_result(r, module, config.for_layer(full))
+            report_i.append(LayerReport(full, r.loss, seconds, tuple(r.weight.shape), tokens, routed, rule))
+            bar.set_postfix_str(f"{name} loss {r.loss:.3g}")
+
+        for groups, experts in passes:
             modules = [{name: get_module(block, name) for name in group} for group in groups]
             closing = _closing_linear(arch, solved, groups)
-            accs, _, records = _run_pass(block, inputs, arch, solved, recorded, store, modules, closing)
+            routing = store.new() if experts else None
+            accs, _, records = _run_pass(block, inputs, arch, solved, recorded, store, modules, closing, routing)
             perm = None
             for group in modules:
                 H = accs[next(iter(group))].hessian()
                 if len(group) == 1:  # a consumer whose input channels may be put in act-order
-                    perm = sort_channels(block, arch, next(iter(group)), H, packed_i, f"{arch.blocks}.{i}", config)
+                    perm = sort_channels(block, arch, next(iter(group)), H, packed_i, prefix, config)
                     if perm is not None:
                         H = H[perm[:, None], perm[None, :]]
-                for name, module, r, seconds in solve_group(group, H, config, f"{arch.blocks}.{i}"):
-                    full = f"{arch.blocks}.{i}.{name}"
-                    set_weight_matrix(module, r.weight)
-                    packed_i[full] = pack_result(r, module, config.for_layer(full))
-                    report_i.append(LayerReport(full, r.loss, seconds, tuple(r.weight.shape)))
-                    bar.set_postfix_str(f"{name} loss {r.loss:.3g}")
+                for name, module, r, seconds in solve_group(group, H, config, prefix):
+                    keep(name, module, r, seconds)
                 solved.update(group)
             del accs
+            if experts:
+                for result in _solve_experts(block, arch, routing, config, prefix, packed_i):
+                    keep(*result)
+                solved.update(n for g in arch.sequential if arch.routed(g) for n in g)
+                del routing
             if closing is not None:
                 linear = get_module(block, closing[1])
                 if perm is not None:  # its recorded inputs are in the old channel order

@@ -16,7 +16,7 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import ACT_ORDERS, CalibConfig, ConfigError, QuantConfig
+from .config import ACT_ORDERS, EXPERT_TOKENS, CalibConfig, ConfigError, QuantConfig
 
 GGUF_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 
@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{', '.join(GGUF_TYPES)}): one .gguf file for llama.cpp / Ollama, every decoder linear "
                         "solved on its GGML block type, types per tensor as llama-quantize picks them "
                         "(default: %(default)s)")
+    q.add_argument("--expert-tokens", choices=EXPERT_TOKENS, default=d.expert_tokens,
+                   help="mixture-of-experts models: which calibration tokens build each routed expert's Hessian. "
+                        "all: every token through every expert (no expert starved; the block's output keeps the "
+                        "real routing); routed: only the tokens the router sends it (default: %(default)s)")
+    q.add_argument("--expert-min-tokens", type=int, default=d.expert_min_tokens, metavar="N",
+                   help="an expert whose Hessian would rest on fewer than N tokens is rounded to nearest on "
+                        "MSE-fitted grids (identity Hessian) and named in the report (default: %(default)s)")
     q.add_argument("--double-quant", action="store_true",
                    help="bnb-nf4 / bnb-fp4 only: store each absmax as an 8-bit code (blocks of 256 with a float32 "
                         "scale, one offset per matrix; bitsandbytes' double quantization, ~0.37 fewer bits per "
@@ -119,7 +126,7 @@ def fail(msg: str) -> "None":
     raise SystemExit(2)
 
 
-def check_model_dir(path: str):
+def check_model_dir(path: str, fmt: str = "gptq"):
     """A local model directory → its config. Clear errors for the usual mistakes."""
     from transformers import AutoConfig
 
@@ -134,7 +141,11 @@ def check_model_dir(path: str):
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"'{path}' has no config.json; it is not a Hugging Face model directory")
     config = AutoConfig.from_pretrained(p)
-    for_config(config)  # unsupported families fail here, before any weight is read
+    arch = for_config(config)  # unsupported families fail here, before any weight is read
+    if arch.experts is not None and fmt not in ("gptq", "gptq_v2"):
+        raise ConfigError(f"'{path}' is a mixture-of-experts model ({config.model_type}): it is written in the GPTQ "
+                          f"format only (per-expert qweight/scales, as vLLM and GPTQModel load them), not {fmt}; "
+                          "drop --format or use --format gptq / gptq_v2")
     if getattr(config, "quantization_config", None):
         qc = config.quantization_config
         method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
@@ -177,8 +188,11 @@ def load_model(path: str, dtype: str, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = check_model_dir(path)
+    from .architectures import for_config
+    from .moe import unfuse
+
     model = AutoModelForCausalLM.from_pretrained(Path(path), dtype=calib_dtype(config, dtype, device))
-    return model, AutoTokenizer.from_pretrained(Path(path))
+    return unfuse(model, for_config(config)), AutoTokenizer.from_pretrained(Path(path))
 
 
 def calibration_windows(tokenizer, model_config, calib: CalibConfig):
@@ -200,7 +214,7 @@ def warn_group_divisibility(model, config: QuantConfig) -> None:
         return
     arch = for_config(model.config)
     block = get_module(model, arch.blocks)[0]
-    bad = sorted({in_features(get_module(block, n)) for n in arch.linears} - {0})
+    bad = sorted({in_features(get_module(block, n)) for n in arch.block_linears(block)} - {0})
     bad = [n for n in bad if n % config.group_size]
     if bad and config.grid != "int":
         raise ConfigError(f"--group-size {config.group_size} does not divide the input size(s) {bad}: bitsandbytes "
@@ -229,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                                true_sequential=args.true_sequential, damp=args.damp,
                                sort_channels=args.sort_channels, block_size=args.block_size, mse=args.mse,
                                checkpoint_format="gptq" if bnb else args.checkpoint_format,
-                               grid=args.checkpoint_format[4:] if bnb else "int", double_quant=args.double_quant)
+                               grid=args.checkpoint_format[4:] if bnb else "int", double_quant=args.double_quant,
+                               expert_tokens=args.expert_tokens, expert_min_tokens=args.expert_min_tokens)
         ccfg = CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
@@ -247,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or (f"{args.model.rstrip('/')}-{args.checkpoint_format}-g{qcfg.group_size}" if bnb else
                            f"{args.model.rstrip('/')}-gguf-{gguf}" if gguf else
                            f"{args.model.rstrip('/')}-gptq-{qcfg.bits}bit-g{qcfg.group_size}")
+        check_model_dir(args.model, args.checkpoint_format)
         prepare_output(out, args.overwrite)  # refuse early, before hours of work
         gguf_out = None
         if gguf:  # the solved blocks are staged as a checkpoint beside OUT, then written as one .gguf
@@ -276,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.model, out, qcfg, windows, calib_dtype(config, args.dtype, args.device), device=args.device,
                 batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                 extra_report=summary, max_memory=max_memory, max_shard_bytes=shard_bytes)
-            report = [LayerReport(r["name"], r["loss"], r["seconds"], tuple(r["shape"])) for r in layers]
+            report = [LayerReport(**(r | {"shape": tuple(r["shape"])})) for r in layers]
             seconds = time.perf_counter() - t0
         else:
             model, tokenizer = load_model(args.model, args.dtype, args.device)
@@ -317,7 +333,7 @@ def gguf_config(args, ftype: str) -> QuantConfig:
 
     import torch
 
-    check_model_dir(args.model)
+    check_model_dir(args.model, args.checkpoint_format)
     if args.double_quant or args.act_order not in ("none", "group-aware"):
         raise ConfigError("--format gguf:* takes --act-order none or group-aware (GGML blocks run along the rows "
                           "in order) and no --double-quant")
@@ -375,6 +391,14 @@ def print_summary(report, seconds: float, out: Path) -> None:
     print(f"\nquantized {len(report)} linears in {seconds:.1f} s; highest losses:")
     for r in worst:
         print(f"  {r.name:<40} loss {r.loss:10.4g}  {r.seconds * 1000:6.0f} ms")
+    starved = [r for r in report if r.rule != "gptq"]
+    if starved:
+        print(f"{len(starved)} expert linears had too few calibration tokens for their own Hessian (--expert-min-tokens) "
+              "and were rounded to nearest on MSE-fitted grids (identity Hessian):")
+        for r in starved[:8]:
+            print(f"  {r.name:<40} {r.tokens} tokens")
+        if len(starved) > 8:
+            print(f"  ... {len(starved) - 8} more in the report")
     print(f"per-layer report: {out / 'quantize_report.json'}")
     print(f"checkpoint: {out}")
     from .compat import format_verdicts, layer_shapes, verdicts

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .architectures import for_config
 from .config import QuantConfig
 from .pipeline import PackedLinear
 
@@ -63,7 +64,8 @@ def checkpoint_tensors(model: torch.nn.Module, packed: dict[str, PackedLinear],
         out[name] = (t.to(float_dtype) if float_dtype is not None and t.is_floating_point() else t).contiguous()
     for prefix, p in packed.items():
         out.update(p.tensors(prefix))
-    return dict(sorted(out.items()))
+    arch = for_config(model.config)  # per-expert names as the family's checkpoints spell them
+    return dict(sorted((arch.checkpoint_name(k), t) for k, t in out.items()))
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:

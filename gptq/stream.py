@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -92,10 +93,12 @@ class TensorSource:
 def skeleton(model_dir: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .moe import unfuse
+
     config = AutoConfig.from_pretrained(model_dir)
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
+    return unfuse(model, for_config(config)).eval()  # routed experts as per-expert linears, as stored
 
 
 class Materializer:
@@ -103,6 +106,7 @@ class Materializer:
 
     def __init__(self, model: nn.Module, source: TensorSource, dtype: torch.dtype):
         self.model, self.source, self.dtype = model, source, dtype
+        self.stored = for_config(model.config).checkpoint_name  # our parameter name → the source's
         self.resident: set[str] = set()  # prefixes currently loaded
         self.max_blocks_resident = 0
 
@@ -115,10 +119,10 @@ class Materializer:
         for name, p in list(self._params(prefix)):
             if exclude and name.startswith(exclude + "."):
                 continue
-            if name not in self.source.file_of:
+            if self.stored(name) not in self.source.file_of:
                 continue  # e.g. a head tied to the embedding: not stored separately (stays meta)
             parent, _, attr = name.rpartition(".")
-            t = self.source.get(name)
+            t = self.source.get(self.stored(name))
             if t.shape != p.shape:
                 raise ValueError(f"{name}: the model directory has shape {tuple(t.shape)}, the config implies "
                                  f"{tuple(p.shape)}")
@@ -207,7 +211,8 @@ def _estimate_output_bytes(source: TensorSource, arch, qcfg: QuantConfig) -> int
     for name, f in source.file_of.items():
         with safe_open(f, "pt") as h:
             n = math.prod(h.get_slice(name).get_shape())
-        quantized = name.endswith(".weight") and any(f".{lin}.weight" in name for lin in arch.linears)
+        ours = re.sub(r"\.experts\.\d+\.", ".experts.{e}.", arch.model_name(name))  # an expert as its template
+        quantized = name.endswith(".weight") and any(ours.endswith(f".{lin}.weight") for lin in arch.linears)
         total += n * qcfg.bits // 8 + n // 16 if quantized else n * 2
     return total
 
@@ -289,11 +294,13 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         tensors = {}
         for name, t in block.state_dict().items():
             full = f"{prefix}.{name}"
-            if full.rsplit(".", 1)[0] not in packed_i and full in source.file_of:
+            stored = arch.checkpoint_name(full)
+            if full.rsplit(".", 1)[0] not in packed_i and stored in source.file_of:
                 # stored in the source's dtype, whatever the calibration ran in
-                tensors[full] = t.detach().to("cpu", source.dtype(full) if t.is_floating_point() else t.dtype).contiguous()
+                dtype = source.dtype(stored) if t.is_floating_point() else t.dtype
+                tensors[stored] = t.detach().to("cpu", dtype).contiguous()
         for p_name, p in packed_i.items():
-            tensors.update(p.tensors(p_name))
+            tensors.update((arch.checkpoint_name(k), t) for k, t in p.tensors(p_name).items())
         _atomic_save(dict(sorted(tensors.items())), partial / shard_name(i + 1))
         saved = _save_inputs(next_inputs, partial, i + 1) if next_inputs is not None else None
         report.extend(asdict(r) for r in report_i)

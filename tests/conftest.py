@@ -42,10 +42,32 @@ def tiny_config(family: str):
     if family == "phi3":
         return Phi3Config(**TINY, intermediate_size=128, num_key_value_heads=4, pad_token_id=0, bos_token_id=1,
                           eos_token_id=2)
+    if family in MOE_FAMILIES:
+        return moe_config(family)
     raise KeyError(family)
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "opt", "gpt_neox", "gpt2", "phi", "phi3"]
+MOE_FAMILIES = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"]
+
+
+def moe_config(family: str, experts: int = 8, active: int = 2, hidden: int = 64, inter: int = 64, layers: int = 2):
+    """A small random mixture-of-experts config (transformers builds its experts fused)."""
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    base = dict(TINY, hidden_size=hidden, num_hidden_layers=layers, num_key_value_heads=2,
+                num_experts_per_tok=active)
+    if family == "mixtral":
+        return MixtralConfig(**base, intermediate_size=inter, num_local_experts=experts)
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(**base, intermediate_size=2 * inter, moe_intermediate_size=inter, num_experts=experts,
+                              head_dim=hidden // 4)
+    if family == "qwen2_moe":
+        return Qwen2MoeConfig(**base, intermediate_size=2 * inter, moe_intermediate_size=inter, num_experts=experts,
+                              shared_expert_intermediate_size=3 * inter // 2)
+    if family == "olmoe":
+        return OlmoeConfig(**base, intermediate_size=inter, num_experts=experts)
+    raise KeyError(family)
 
 
 def tiny_model(family: str, seed: int = 0):

@@ -55,6 +55,8 @@ class QuantConfig:
                      is starved; "routed" uses only the tokens the router sends it.
     expert_min_tokens: an expert whose Hessian would rest on fewer rows is solved against the identity
                      Hessian (round-to-nearest on MSE-fitted grids, no error feedback) and named in the report.
+    batch_experts:   solve same-shape experts together (one column loop for many experts; speed only,
+                     the results agree with one-by-one solves up to float rounding).
     """
 
     bits: int = 4
@@ -73,6 +75,7 @@ class QuantConfig:
     gguf: str = ""  # the GGUF file type being written (e.g. "q4_k_m"), "" for safetensors formats
     expert_tokens: str = "all"
     expert_min_tokens: int = 32
+    batch_experts: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.act_order, bool):

@@ -55,7 +55,7 @@ def find_grid(
     bits: int,
     sym: bool,
     mse: bool = False,
-    col_weight: torch.Tensor | None = None,  # [k] importance of each column (diag H)
+    col_weight: torch.Tensor | None = None,  # [k] importance of each column (diag H), or [out, k] per row
     min_zero: int = 1,
 ) -> Grid:
     """Per-row min/max grid; with ``mse`` the range is shrunk (clipped) to minimise the weighted
@@ -90,7 +90,9 @@ def _best_shrink(w, xmin, xmax, shrink, maxq, sym, min_zero, col_weight):
         sp, zp = s[:, r0 : r0 + step, None], z[:, r0 : r0 + step, None]  # [P, rows, 1]
         # ŵ − w, computed in place on one temporary
         e = (wr / sp).round_().add_(zp).clamp_(0, maxq).sub_(zp).mul_(sp).sub_(wr)  # [P, rows, k]
-        picks.append((e.square_() @ cw).argmin(dim=0))  # [rows]
+        # one weight per column, or per row and column (rows of several matrices solved as a batch)
+        cost = e.square_() @ cw if cw.ndim == 1 else e.square_().mul_(cw[r0 : r0 + step]).sum(dim=-1)
+        picks.append(cost.argmin(dim=0))  # [rows]
     pick = torch.cat(picks)  # [out]
     return shrink[pick, torch.arange(out, device=w.device)]
 

@@ -30,7 +30,7 @@ from .hessian import HessianAccumulator
 from .moe import expert_rows, record_routing, routed_counts
 from .config import QuantConfig
 from .pack import pack_qweight, pack_qzeros, unpack_qzeros
-from .solver import SolveResult, round_to_nearest, solve
+from .solver import SolveResult, round_to_nearest, solve, solve_batch
 
 
 @dataclass(frozen=True)
@@ -249,21 +249,46 @@ def _passes(arch, true_sequential: bool) -> list[tuple[list, bool]]:
     return passes
 
 
-def _expert_chunk(n_in: int, budget: int = 256 << 20) -> int:
-    """Experts whose Hessians are held at once: those of ``n_in`` inputs that fit in ``budget``."""
-    return max(1, budget // (4 * n_in * n_in))
+def _expert_chunk(n_in: int, n_mid: int, budget: int = 512 << 20) -> int:
+    """Experts taken at once: their Hessians and the solver's copies of their weights in ``budget``."""
+    per_expert = 4 * (max(n_in, n_mid) ** 2 + 4 * 3 * n_in * n_mid)
+    return max(1, budget // per_expert)
+
+
+def solve_groups(groups: list[dict[str, nn.Module]], Hs: list[torch.Tensor], config: QuantConfig, prefix: str):
+    """Several groups of linears, each with its own H (e.g. one per expert): solved together by
+    ``solve_batch`` when their stacked matrices share a shape and ``config.batch_experts`` is on,
+    else one by one. Yields (name, module, result, seconds) as ``solve_group`` does."""
+    shapes = {(sum(weight_matrix(m).shape[0] for m in g.values()), H.shape[0]) for g, H in zip(groups, Hs)}
+    if len(groups) < 2 or len(shapes) > 1 or not config.batch_experts or config.double_quant or config.layer_grids:
+        for group, H in zip(groups, Hs):
+            yield from solve_group(group, H, config, prefix)
+        return
+    W = torch.stack([torch.cat([weight_matrix(m) for m in g.values()]) for g in groups])  # [B, out, in]
+    t0 = time.perf_counter()
+    results = solve_batch(W, torch.stack(Hs), config, [f"{prefix}.{'/'.join(g)}" for g in groups])
+    del W
+    seconds = (time.perf_counter() - t0) / sum(len(g) for g in groups)
+    for group, r in zip(groups, results):
+        start = 0
+        for name, module in group.items():
+            size = weight_matrix(module).shape[0]
+            yield name, module, r.rows(start, start + size), seconds
+            start += size
 
 
 def _solve_experts(block: nn.Module, arch, routing, config: QuantConfig, prefix: str, packed_i: dict):
     """Solve every routed expert of a block from the recorded (hidden, top-k index) batches.
 
     Each expert's gate/up Hessian comes from its own rows: with ``expert_tokens="all"`` every
-    calibration token (then it is one H, built once and shared), else the tokens routed to it.
-    Its down Hessian comes from those rows through its (already quantized, with true-sequential)
-    gate/up. Experts are taken a chunk at a time, so only a bounded number of Hessians is held.
-    An expert whose H would rest on fewer than ``expert_min_tokens`` rows is solved against the
-    identity Hessian instead (no error feedback, each group's grid by H-free MSE: round-to-nearest
-    on the same grids), and reported with rule "identity-hessian".
+    calibration token (then it is one H, built once, and the gate/up rows of many experts are
+    stacked into one solve), else the tokens routed to it. Its down Hessian comes from those rows
+    through its (already quantized, with true-sequential) gate/up. Experts are taken a chunk at a
+    time, so only a bounded number of Hessians is held; same-shape experts of a chunk with their
+    own Hessians are solved as a batch (``solve_groups``). An expert whose H would rest on fewer
+    than ``expert_min_tokens`` rows is solved against the identity Hessian instead (no error
+    feedback, each group's grid by H-free MSE: round-to-nearest on the same grids) and reported
+    with rule "identity-hessian".
     Yields (name, module, result, seconds, tokens, routed, rule); the caller records each result
     in ``packed_i`` before the generator goes on (sort_channels moves the producers' packed rows)."""
     experts = get_module(block, arch.experts.path)
@@ -277,46 +302,44 @@ def _solve_experts(block: nn.Module, arch, routing, config: QuantConfig, prefix:
     n_in, n_mid = in_features(experts[0].gate_proj), in_features(experts[0].down_proj)
     dev = experts[0].gate_proj.weight.device
 
-    def eye(n):
-        return torch.eye(n, dtype=torch.float32, device=dev)
-
-    def accumulate(chunk, n, rows_of):
+    def hessians_of(chunk, n, rows_of):
+        """{expert: H} over each expert's rows (``rows_of`` maps them to the linear's input)."""
         accs = {e: HessianAccumulator(n, dev) for e in chunk if not starved[e]}
         for x, idx in routing:
             for e, acc in accs.items():
                 rows = expert_rows(x, idx, e, all_tokens)
                 if rows.shape[0]:
                     acc.add(rows_of(e, rows))
-        return {e: acc.hessian() if acc.count else eye(n) for e, acc in accs.items()}
+        eye = torch.eye(n, dtype=torch.float32, device=dev)
+        return {e: accs[e].hessian() if e in accs and accs[e].count else eye for e in chunk}
 
-    shared = None
-    if all_tokens and not all(starved):
-        shared = accumulate([starved.index(False)], n_in, lambda e, rows: rows)[starved.index(False)]
-    step = _expert_chunk(max(n_in, n_mid))
+    def results(pairs):
+        for name, module, r, seconds in pairs:
+            e = int(name[len(base) + 1:].split(".")[0])
+            yield name, module, r, seconds, tokens[e], int(routed[e]), "identity-hessian" if starved[e] else "gptq"
+
+    shared = hessians_of([0], n_in, lambda e, rows: rows)[0] if all_tokens else None  # the same rows for all
+    step = _expert_chunk(n_in, n_mid)
     for c0 in range(0, n_exp, step):
-        chunk = range(c0, min(c0 + step, n_exp))
-
-        def down_hessians():
-            return accumulate(chunk, n_mid, lambda e, rows: experts[e].hidden(rows))
-
-        h_down = None if config.true_sequential else down_hessians()  # from the unquantized gate/up
+        chunk = list(range(c0, min(c0 + step, n_exp)))
+        h_down = None if config.true_sequential else hessians_of(chunk, n_mid, lambda e, rows: experts[e].hidden(rows))
+        pairs = [{f"{base}.{e}.gate_proj": experts[e].gate_proj, f"{base}.{e}.up_proj": experts[e].up_proj}
+                 for e in chunk]
+        if shared is not None:  # one H for every expert: their rows stack into one matrix
+            yield from results(solve_group({k: m for p in pairs for k, m in p.items()}, shared, config, prefix))
+        else:
+            h_up = hessians_of(chunk, n_in, lambda e, rows: rows)
+            yield from results(solve_groups(pairs, [h_up.pop(e) for e in chunk], config, prefix))
+        if h_down is None:  # from the quantized gate/up
+            h_down = hessians_of(chunk, n_mid, lambda e, rows: experts[e].hidden(rows))
+        downs, hs = [], []
         for e in chunk:
-            H = eye(n_in) if starved[e] else shared if shared is not None else None
-            if H is None:
-                H = accumulate([e], n_in, lambda e, rows: rows)[e]
-            pair = {f"{base}.{e}.gate_proj": experts[e].gate_proj, f"{base}.{e}.up_proj": experts[e].up_proj}
-            for name, module, r, seconds in solve_group(pair, H, config, prefix):
-                yield name, module, r, seconds, tokens[e], int(routed[e]), "identity-hessian" if starved[e] else "gptq"
-        if h_down is None:
-            h_down = down_hessians()
-        for e in chunk:
-            name = f"{base}.{e}.down_proj"
-            H = eye(n_mid) if starved[e] else h_down.pop(e)
+            name, H = f"{base}.{e}.down_proj", h_down.pop(e)
             perm = sort_channels(block, arch, name, H, packed_i, prefix, config)
-            if perm is not None:
-                H = H[perm[:, None], perm[None, :]]
-            for name, module, r, seconds in solve_group({name: experts[e].down_proj}, H, config, prefix):
-                yield name, module, r, seconds, tokens[e], int(routed[e]), "identity-hessian" if starved[e] else "gptq"
+            downs.append({name: experts[e].down_proj})
+            hs.append(H if perm is None else H[perm[:, None], perm[None, :]])
+        yield from results(solve_groups(downs, hs, config, prefix))
+        del downs, hs, h_down
 
 
 def _rebuild_child_outputs(linear: nn.Module, records, n: int, store: Activations) -> Sequence | None:

@@ -253,3 +253,45 @@ def test_packed_result_dequantizes_to_the_solved_weight(bits, sym):
     p = pack_result(r, torch.nn.Linear(96, 32, bias=False), cfg)
     W_hat = dequantize_packed(p.qweight, p.qzeros, p.scales, p.g_idx, bits, cfg.checkpoint_format)
     assert torch.equal(W_hat, r.weight)
+
+
+@pytest.mark.parametrize("act_order", ["none", "static", "group-aware", "dynamic"])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_solve_batch_is_solve_per_matrix(act_order, group_size):
+    """Same-shape matrices with their own Hessians (a dead input in one) solved as a batch: the
+    same codes, grids and g_idx as solving each alone, up to float rounding of batched products."""
+    from gptq.solver import solve_batch
+
+    g = torch.Generator().manual_seed(0)
+    B, out, n = 4, 48, 96
+    W = torch.randn(B, out, n, generator=g)
+    X = torch.randn(B, 200, n, generator=g) * torch.rand(n, generator=g) * 3
+    H = 2 * X.transpose(1, 2) @ X / 200
+    H[1, 5, :] = 0
+    H[1, :, 5] = 0
+    cfg = QuantConfig(bits=4, group_size=group_size, act_order=act_order, block_size=32)
+    batch = solve_batch(W, H, cfg, [f"m{b}" for b in range(B)])
+    for b in range(B):
+        one = solve(W[b], H[b], cfg)
+        assert torch.equal(batch[b].g_idx, one.g_idx)
+        assert (batch[b].codes != one.codes).float().mean() < 1e-3
+        torch.testing.assert_close(batch[b].scales.float(), one.scales.float(), rtol=1e-3, atol=0)
+        torch.testing.assert_close(batch[b].weight, one.weight, rtol=0, atol=2 * float(one.scales.max()))
+        assert abs(batch[b].loss - one.loss) <= 1e-4 * one.loss
+    assert torch.all(batch[1].weight[:, 5] == 0)
+
+
+def test_solve_batch_falls_back_where_the_loops_do_not_line_up():
+    """Codebook grids (and solve orders that start groups at different positions) are solved one
+    by one: then the result is exactly ``solve``'s."""
+    from gptq.solver import solve_batch
+
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(2, 16, 64, generator=g)
+    X = torch.randn(2, 100, 64, generator=g)
+    H = 2 * X.transpose(1, 2) @ X / 100
+    H[1, 48:, 48:] *= 100  # the short last group (48 + 16) ranks first in matrix 1 only
+    for cfg in (QuantConfig(bits=4, group_size=64, grid="nf4"), QuantConfig(bits=4, group_size=48)):
+        for b, r in enumerate(solve_batch(W, H, cfg, ["a", "b"])):
+            one = solve(W[b], H[b], cfg)
+            assert torch.equal(r.codes, one.codes) and torch.equal(r.weight, one.weight)

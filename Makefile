@@ -7,7 +7,7 @@ MODEL   := .cache/smollm2
 WIKI    ?= ../shared/data/wikitext2
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install demo test test-fast bench bench-scale notebook interop interop-setup clean
+.PHONY: help install demo test test-fast bench bench-scale bench-moe notebook interop interop-setup clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ test-fast: $(STAMP)  ## the fast tier only (no real model)
 
 bench: $(STAMP)  ## quality/speed benchmarks on SmolLM2; figures to stdout and bench-results/
 	$(PYTHON) -m gptq.bench all --out bench-results
+
+bench-moe: $(STAMP)  ## MoE: a synthetic Qwen3-MoE-shaped model, experts solved as a batch vs one by one
+	$(PYTHON) -m gptq.bench moe --out bench-results
 
 bench-scale: $(STAMP)  ## streaming quantization of synthetic models of growing size (peak RSS, s/block), activation spilling
 	$(PYTHON) -m gptq.bench scale --out bench-results

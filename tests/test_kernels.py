@@ -64,31 +64,34 @@ def test_triton_v2_and_3d_input(batch):
     layer = make_layer(128, 64, 4, 32, True, fmt="gptq_v2")
     x = torch.randn(2, batch, 128).half()
     ref = reference(layer, x)
+    layer.to(DEVICE)
     layer.prepare("triton", torch.float16)
-    torch.testing.assert_close(layer(x).float(), ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(layer(x.to(DEVICE)).float().cpu(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_triton_bf16_activations():
     layer = make_layer(128, 64, 4, 64, False)
     x = torch.randn(3, 128).bfloat16()
+    ref = reference(layer, x)
+    layer.to(DEVICE)
     layer.prepare("triton", torch.bfloat16)
     try:
-        y = layer(x)
+        y = layer(x.to(DEVICE)).cpu()
     except Exception as e:  # the interpreter has no bf16 (numpy lacks it); real GPUs do
         if INTERPRET:
             pytest.skip(f"bf16 not available under TRITON_INTERPRET: {type(e).__name__}")
         raise
-    torch.testing.assert_close(y.float(), reference(layer, x).float(), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=3e-2, atol=3e-2)
 
 
 def test_triton_rejects_bad_shapes():
     from gptq.kernels.triton_dequant import dequant_matmul
 
-    layer = make_layer(128, 64, 4, 32, False)
+    layer = make_layer(128, 64, 4, 32, False).to(DEVICE)
     with pytest.raises(ValueError, match="qweight has shape"):
-        dequant_matmul(torch.randn(1, 96).half(), layer.qweight, layer.qzeros, layer.scales, 32, 4)
+        dequant_matmul(torch.randn(1, 96, device=DEVICE).half(), layer.qweight, layer.qzeros, layer.scales, 32, 4)
     with pytest.raises(ValueError, match="2, 4 and 8 bits"):
-        dequant_matmul(torch.randn(1, 128).half(), layer.qweight, layer.qzeros, layer.scales, 32, 3)
+        dequant_matmul(torch.randn(1, 128, device=DEVICE).half(), layer.qweight, layer.qzeros, layer.scales, 32, 3)
 
 
 @pytest.mark.parametrize("group_size,act_order", [(32, False), (64, True), (128, False), (-1, True)])

@@ -83,15 +83,16 @@ def first_block_inputs(block: nn.Module):
 
 
 @contextmanager
-def hessians(groups: list[dict[str, nn.Module]], stop: bool = True):
+def hessians(groups: list[dict[str, nn.Module]], stop: bool = True, staged: bool = False):
     """Accumulate one H per group of linears that share an input (e.g. q/k/v) from what the
     group's first linear receives, and cut the forward pass short (StopForward) as soon as
-    every group has been seen. Yields {linear name: accumulator} (shared within a group)."""
+    every group has been seen. Yields {linear name: accumulator} (shared within a group).
+    ``staged``: each batch's partial is kept for ``distributed.exchange`` instead of summed."""
     accs: dict[str, HessianAccumulator] = {}
     firsts: dict[str, HessianAccumulator] = {}
     for group in groups:
         first_name, first = next(iter(group.items()))
-        acc = HessianAccumulator(in_features(first), first.weight.device)
+        acc = HessianAccumulator(in_features(first), first.weight.device, staged)
         firsts[first_name] = acc
         accs.update({name: acc for name in group})
     pending: set[str] = set(firsts)

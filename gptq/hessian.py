@@ -23,24 +23,50 @@ class HessianAccumulator:
 
     XᵀX is symmetric, so only the blocks on and above the diagonal are multiplied (in column
     chunks of ~256: 5/8 of the work at in = 1024, ~1/2 for large layers); ``hessian`` mirrors them.
+    Each batch's partial product is computed on its own and then added to the sum, in batch order
+    (``sum += xᵢᵀxⱼ``, not a fused multiply-add into the sum): several processes, each computing
+    the partials of its own batches (``staged``: ``add`` keeps the partial for
+    ``distributed.exchange``), then reach bit for bit the same H (``add_partial`` on the owner).
     """
 
     CHUNK = 256
 
-    def __init__(self, columns: int, device: torch.device | str = "cpu"):
+    def __init__(self, columns: int, device: torch.device | str = "cpu", staged: bool = False):
+        self.columns, self.device, self.staged = columns, device, staged
         self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # [in, in] upper blocks
         self.count = 0
+        self._staged: tuple[torch.Tensor, int] | None = None
         nchunks = max(1, round(columns / self.CHUNK))
         bounds = [round(k * columns / nchunks) for k in range(nchunks + 1)]
         self.chunks = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
+    def _blocks(self):
+        for i, ci in enumerate(self.chunks):
+            for cj in self.chunks[i:]:
+                yield ci, cj
+
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.sum.device, torch.float32)  # [n, in]
-        for i, ci in enumerate(self.chunks):
-            xi = x[:, ci].T  # [ci, n]
-            for cj in self.chunks[i:]:
-                self.sum[ci, cj].addmm_(xi, x[:, cj])
+        if self.staged:
+            part = torch.zeros_like(self.sum)
+            for ci, cj in self._blocks():
+                part[ci, cj] = x[:, ci].T @ x[:, cj]
+            self._staged = (part, x.shape[0])
+            return
+        for ci, cj in self._blocks():
+            self.sum[ci, cj] += x[:, ci].T @ x[:, cj]
         self.count += x.shape[0]
+
+    def take_staged(self) -> tuple[torch.Tensor | None, int]:
+        """The partial of this rank's batch in the round just finished (None, 0 without one)."""
+        staged, self._staged = self._staged, None
+        return staged if staged is not None else (None, 0)
+
+    def add_partial(self, part: torch.Tensor, rows: int) -> None:
+        """Add one batch's partial (computed by ``add`` in staged mode, here or on another rank)."""
+        for ci, cj in self._blocks():
+            self.sum[ci, cj] += part[ci, cj]
+        self.count += rows
 
     def hessian(self) -> torch.Tensor:
         """2·Σxxᵀ/n, computed in place: the accumulator is used up (no second [in, in] copy)."""

@@ -26,6 +26,7 @@ from .activations import Activations, activation_bytes, block_args, return_free_
 from .architectures import for_config, get_module
 from .capture import (BlockInputs, StopForward, first_block_inputs, hessians, in_features, move, record_io,
                       record_outputs, replay_outputs, run_block, set_weight_matrix, stop_after, weight_matrix)
+from .distributed import SINGLE, World, broadcast, exchange, owners, solve_cost
 from .hessian import HessianAccumulator
 from .moe import expert_rows, record_routing, routed_counts
 from .config import QuantConfig
@@ -158,8 +159,8 @@ def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantCon
         start += size
 
 
-def sort_channels(block: nn.Module, arch, consumer: str, H: torch.Tensor, packed_i: dict, prefix: str,
-                  config: QuantConfig) -> torch.Tensor | None:
+def sort_channels(block: nn.Module, arch, consumer: str, H: torch.Tensor | None, packed_i: dict, prefix: str,
+                  config: QuantConfig, perm: torch.Tensor | None = None) -> torch.Tensor | None:
     """Reorder the channels between ``consumer`` (e.g. ``mlp.down_proj``) and its already solved
     producers (``gate_proj``, ``up_proj``) by descending diag(H) of the consumer, in the block
     itself: the producers' output rows (weights, bias, packed tensors) and the consumer's input
@@ -168,12 +169,14 @@ def sort_channels(block: nn.Module, arch, consumer: str, H: torch.Tensor, packed
     g_idx stays k // group. Returns the permutation (new position → old channel), or None when
     the architecture declares no such pair for ``consumer``, act-order is off/static,
     ``config.sort_channels`` is off, or the scales are double-quantized (their 256-value blocks
-    run along the producers' rows as solved, so the rows cannot move afterwards)."""
+    run along the producers' rows as solved, so the rows cannot move afterwards). A given ``perm``
+    (another rank's, which computed it from H) is applied as it is."""
     producers = arch.producers_of(consumer)
     if (producers is None or not config.sort_channels or config.double_quant
             or config.act_order not in ("group-aware", "dynamic")):
         return None
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True).to(H.device)  # [in]
+    if perm is None:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True).to(H.device)  # [in]
     cons = get_module(block, consumer)
     set_weight_matrix(cons, weight_matrix(cons)[:, perm])
     for name in producers:
@@ -205,11 +208,14 @@ def _closing_linear(arch, solved: set[str], groups) -> tuple[str, str] | None:
     return child, name
 
 
-def _run_pass(block, inputs, arch, solved, recorded, store, groups=(), closing=None, routing=None):
+def _run_pass(block, inputs, arch, solved, recorded, store, groups=(), closing=None, routing=None,
+              world: World = SINGLE, owner_of=(), n_rounds: int = 0):
     """One pass of the calibration batches through ``block``: replays the finished children,
     records newly finished ones, accumulates H for ``groups``. With ``closing`` = (child, linear)
     the pass runs to the end of the child, recording the child's outputs and the linear's
     inputs and outputs. With ``routing`` (a list) the routed experts' inputs are recorded into it.
+    With several ranks the batches go in ``n_rounds`` rounds, after each of which the Hessian
+    partials meet on their owners (``distributed.exchange``).
     Returns (accumulators, outputs, closing records)."""
     with ExitStack() as stack:
         for child, outs in recorded.items():
@@ -225,10 +231,19 @@ def _run_pass(block, inputs, arch, solved, recorded, store, groups=(), closing=N
         if routing is not None:
             stack.enter_context(record_routing(get_module(block, arch.experts.path), routing,
                                                stop=not groups and closing is None))
-        accs = stack.enter_context(hessians(groups, stop=closing is None and routing is None)) if groups else {}
+        accs = (stack.enter_context(hessians(groups, stop=closing is None and routing is None, staged=not world.single))
+                if groups else {})
         outputs = store.new()
-        for inp in inputs:
-            outputs.append(run_block(block, inp))
+        if world.single:
+            for inp in inputs:
+                outputs.append(run_block(block, inp))
+        else:
+            firsts = [accs[next(iter(g))] for g in groups]
+            for j in range(n_rounds):
+                if j < len(inputs):
+                    outputs.append(run_block(block, inputs[j]))
+                if groups:
+                    exchange(firsts, owner_of, world)
     recorded.update({c: outs for c, outs in new.items() if len(outs) == len(inputs)})
     return accs, outputs, closing_records
 
@@ -407,14 +422,16 @@ def quantize_model(
 @torch.no_grad()
 def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: QuantConfig, dev: torch.device,
                     first: int = 0, progress: bool = True, before_block=None, after_block=None,
-                    store: Activations | None = None) -> None:
+                    store: Activations | None = None, world: World = SINGLE) -> None:
     """The block loop from block ``first`` on, given that block's inputs.
 
     before_block(i, block) runs before a block is used (streaming loads its weights there);
     after_block(i, block, packed_i, report_i, next_inputs) gets the block's results.
     ``store`` decides where the per-batch activations live (memory, or spilled to disk).
+    With several ranks (``world``), ``inputs`` are this rank's batches (``distributed.my_batches``).
     """
     store = store or Activations()
+    n_rounds = broadcast(len(inputs), 0, world)  # rank 0 holds the most batches
     arch = for_config(model.config)
     blocks = get_module(model, arch.blocks)
     # true-sequential: one capture pass per group, each after the groups before it are quantized;
@@ -445,19 +462,34 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
             modules = [{name: get_module(block, name) for name in group} for group in groups]
             closing = _closing_linear(arch, solved, groups)
             routing = store.new() if experts else None
-            accs, _, records = _run_pass(block, inputs, arch, solved, recorded, store, modules, closing, routing)
+            owner_of = owners([solve_cost(sum(weight_matrix(m).shape[0] for m in g.values()),
+                                          weight_matrix(next(iter(g.values()))).shape[1]) for g in modules], world.size)
+            accs, _, records = _run_pass(block, inputs, arch, solved, recorded, store, modules, closing, routing,
+                                         world, owner_of, n_rounds)
             perm = None
-            for group in modules:
-                H = accs[next(iter(group))].hessian()
-                if len(group) == 1:  # a consumer whose input channels may be put in act-order
-                    perm = sort_channels(block, arch, next(iter(group)), H, packed_i, prefix, config)
+            for group, owner in zip(modules, owner_of):
+                first = next(iter(group))
+                solved_here = None
+                if world.rank == owner:  # (always, with one process)
+                    H = accs[first].hessian()
+                    perm = (sort_channels(block, arch, first, H, packed_i, prefix, config)
+                            if len(group) == 1 else None)  # a consumer whose input channels may be put in act-order
                     if perm is not None:
                         H = H[perm[:, None], perm[None, :]]
-                for name, module, r, seconds in solve_group(group, H, config, prefix):
-                    keep(name, module, r, seconds)
+                    solved_here = (perm, [(name, r, seconds) for name, _, r, seconds in
+                                          solve_group(group, H, config, prefix)])
+                    del H
+                perm, results = broadcast(solved_here, owner, world)
+                if world.rank != owner and perm is not None:
+                    sort_channels(block, arch, first, None, packed_i, prefix, config, perm=perm)
+                for name, r, seconds in results:
+                    keep(name, group[name], r, seconds)
                 solved.update(group)
             del accs
             if experts:
+                if not world.single:
+                    raise ValueError("mixture-of-experts models are quantized in one process for now; run without "
+                                     "torchrun (the experts' Hessians do not take part in the rank exchange yet)")
                 for result in _solve_experts(block, arch, routing, config, prefix, packed_i):
                     keep(*result)
                 solved.update(n for g in arch.sequential if arch.routed(g) for n in g)

@@ -274,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import LayerReport, quantize_model, resolve_device
         from .save import save_checkpoint
 
+        from .distributed import SINGLE, init, launched
+
+        world = SINGLE
+        if launched():  # one of several processes started by torchrun: see gptq/distributed.py
+            if not args.stream:
+                raise ConfigError("runs under torchrun use the streaming path: drop --no-stream")
+            world = init(resolve_device(args.device))
         resolve_device(args.device)
         t0 = time.perf_counter()
         summary = {"model": str(Path(args.model).resolve()), "quant_config": qcfg.as_dict(),
@@ -291,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
             final, layers, _ = quantize_streaming(
                 args.model, out, qcfg, windows, calib_dtype(config, args.dtype, args.device), device=args.device,
                 batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                extra_report=summary, max_memory=max_memory, max_shard_bytes=shard_bytes)
+                extra_report=summary, max_memory=max_memory, max_shard_bytes=shard_bytes, world=world)
+            if not world.main:  # rank 0 writes and reports
+                return 0
             report = [LayerReport(**(r | {"shape": tuple(r["shape"])})) for r in layers]
             seconds = time.perf_counter() - t0
         else:

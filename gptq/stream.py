@@ -38,6 +38,7 @@ from .activations import (Activations, SpilledInputs, activation_bytes, block_ar
                           should_spill)
 from .architectures import for_config, get_module
 from .config import QuantConfig
+from .distributed import SINGLE, World, barrier, my_batches
 from .load import _parameters_on_meta
 from .pipeline import PackedLinear, capture_block_inputs, quantize_blocks, resolve_device
 from .save import DEFAULT_SHARD_BYTES, TORCH_DTYPES, move_into_place, regroup_shards, write_metadata
@@ -46,6 +47,7 @@ STATE = "progress.json"
 SPILL = "spill"  # activations spilled during the run (not needed to resume)
 KILL_HOOK = "GPTQ_TEST_KILL_AFTER_BLOCK"  # tests: "k" SIGKILLs, "int:k" interrupts, after block k is saved;
 # "regroup" SIGKILLs while the final shards are being written
+KILL_RANK = "GPTQ_TEST_KILL_RANK"  # with several ranks: only this rank obeys KILL_HOOK
 
 
 class ResumeError(RuntimeError):
@@ -164,36 +166,42 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _save_inputs(inputs, partial: Path, block: int) -> str:
-    """Block ``block``'s input hidden states, one file per batch, as a folder that appears whole
-    (renamed into place); spilled batches are hard-linked rather than copied."""
+def _save_inputs(inputs, partial: Path, block: int, mine: list[int], world: World = SINGLE) -> str:
+    """Block ``block``'s input hidden states, one file per batch named by its global index (so
+    a run resumes with any number of ranks), as a folder that appears whole (renamed into place
+    by rank 0 once every rank has written its batches); spilled batches are hard-linked."""
     name = f"activations-{block:05d}"
     tmp = partial / (name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(partial / name, ignore_errors=True)
-    tmp.mkdir()
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(partial / name, ignore_errors=True)
+        tmp.mkdir()
+    barrier(world)
     if isinstance(inputs, SpilledInputs):
-        for k, f in enumerate(inputs.hidden.files()):
+        for k, f in zip(mine, inputs.hidden.files(), strict=True):
             try:
                 os.link(f, tmp / f"{k:06d}.safetensors")
             except OSError:
                 shutil.copyfile(f, tmp / f"{k:06d}.safetensors")
     else:
-        for k, x in enumerate(inputs):
+        for k, x in zip(mine, inputs, strict=True):
             save_item(x.hidden, tmp / f"{k:06d}.safetensors")
-    os.replace(tmp, partial / name)
+    barrier(world)
+    if world.main:
+        os.replace(tmp, partial / name)
     return name
 
 
-def _restore_inputs(folder: Path, inputs, store: Activations):
-    """The saved hidden states of the block to resume from, with the freshly captured other arguments."""
+def _restore_inputs(folder: Path, inputs, store: Activations, mine: list[int], n_batches: int):
+    """The saved hidden states (this rank's batches) of the block to resume from, with the freshly
+    captured other arguments."""
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if len(files) != len(inputs):
+    if len(files) != n_batches:
         raise ResumeError(f"{folder}: the saved activations are missing or incomplete ({len(files)} of "
-                          f"{len(inputs)} batches); pass --overwrite to start over")
+                          f"{n_batches} batches); pass --overwrite to start over")
     hidden = store.new()
-    for f in files:
-        hidden.append(load_item(f, store.device))
+    for k in mine:
+        hidden.append(load_item(folder / f"{k:06d}.safetensors", store.device))
     return store.inputs(hidden, block_args(inputs))
 
 
@@ -220,11 +228,12 @@ def _estimate_output_bytes(source: TensorSource, arch, qcfg: QuantConfig) -> int
 def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor, dtype: torch.dtype,
                        device: str = "auto", batch_size: int = 8, resume: bool = False, overwrite: bool = False,
                        progress: bool = True, extra_report: dict | None = None,
-                       max_memory: int | None = None,
-                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> tuple[Path, list, Materializer]:
+                       max_memory: int | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                       world: World = SINGLE) -> tuple[Path, list, Materializer]:
     """Quantize ``model_dir`` into ``out`` without ever holding more than one block's weights.
     Calibration activations above ``max_memory`` bytes (default: half the available memory)
-    are spilled to ``OUT.partial/spill`` batch by batch; the result is the same."""
+    are spilled to ``OUT.partial/spill`` batch by batch; the result is the same. With several
+    ranks (``world``, see distributed.py) each runs its share of the batches and rank 0 writes."""
     t_start = time.perf_counter()
     dev = resolve_device(device)
     final = Path(out).resolve()
@@ -248,14 +257,16 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
                 raise ResumeError(f"{partial} was made from a different model, settings or calibration data; "
                                   "rerun with exactly the same command, or pass --overwrite to start over")
         elif overwrite:
-            shutil.rmtree(partial)
+            pass  # removed below by rank 0, once every rank has looked
         else:
             raise ResumeError(f"an interrupted run left {partial}; rerun the same command with --resume to continue "
                               "it, or pass --overwrite to start over")
-    act_bytes = activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype)
+    act_bytes = activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype) // world.size
     spill = should_spill(act_bytes, max_memory, dev)
-    if state is None:
-        partial.mkdir(parents=True, exist_ok=True)
+    barrier(world)
+    if state is None and world.main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
         # the block shards plus their regrouped copy at the end
         need = (2 * _estimate_output_bytes(source, arch, qcfg) + windows.numel() * model.config.hidden_size * 2
                 + (act_bytes if spill else 0))
@@ -271,10 +282,14 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     nshards = nblocks + 1
     shard_name = lambda k: f"model-{k:05d}-of-{nshards:05d}.safetensors"  # noqa: E731
 
-    shutil.rmtree(partial / SPILL, ignore_errors=True)  # what a killed run had spilled
-    store = Activations(partial / SPILL if spill else None, dev)
+    barrier(world)  # the partial folder is ready
+    spill_dir = partial / SPILL if world.single else partial / SPILL / f"rank-{world.rank}"
+    shutil.rmtree(spill_dir, ignore_errors=True)  # what a killed run had spilled
+    store = Activations(spill_dir if spill else None, dev)
+    batches = windows.split(batch_size)
+    mine = my_batches(len(batches), world)  # this rank's batches, by global index
     mat.load("", exclude=blocks_prefix)  # embeddings (and whatever else precedes block 0)
-    inputs = capture_block_inputs(model, windows, batch_size, dev, store)
+    inputs = capture_block_inputs(model, torch.cat([batches[k] for k in mine]), batch_size, dev, store)
     mat.release("", exclude=blocks_prefix)
     first, report = 0, []
     if state is not None:
@@ -284,7 +299,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         if missing:
             raise ResumeError(f"{partial}: shard(s) {missing} of completed blocks are missing; pass --overwrite")
         if first < nblocks:
-            inputs = _restore_inputs(partial / state.get("activations", "?"), inputs, store)
+            inputs = _restore_inputs(partial / state.get("activations", "?"), inputs, store, mine, len(batches))
 
     def before(i, block):
         mat.load(f"{blocks_prefix}.{i}")
@@ -301,24 +316,29 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
                 tensors[stored] = t.detach().to("cpu", dtype).contiguous()
         for p_name, p in packed_i.items():
             tensors.update((arch.checkpoint_name(k), t) for k, t in p.tensors(p_name).items())
-        _atomic_save(dict(sorted(tensors.items())), partial / shard_name(i + 1))
-        saved = _save_inputs(next_inputs, partial, i + 1) if next_inputs is not None else None
+        if world.main:
+            _atomic_save(dict(sorted(tensors.items())), partial / shard_name(i + 1))
+        saved = _save_inputs(next_inputs, partial, i + 1, mine, world) if next_inputs is not None else None
         report.extend(asdict(r) for r in report_i)
-        _atomic_write_text(partial / STATE, json.dumps({"fingerprint": fp, "completed": i, "report": report,
-                                                        "activations": saved}))
-        for old in partial.glob("activations-*"):  # the state now points at the new ones
-            if old.name != saved:
-                shutil.rmtree(old)
+        if world.main:
+            _atomic_write_text(partial / STATE, json.dumps({"fingerprint": fp, "completed": i, "report": report,
+                                                            "activations": saved}))
+            for old in partial.glob("activations-*"):  # the state now points at the new ones
+                if old.name != saved:
+                    shutil.rmtree(old)
+        barrier(world)  # block i is on disk for every rank
         mat.release(prefix)
-        hook = os.environ.get(KILL_HOOK)
+        hook = os.environ.get(KILL_HOOK) if os.environ.get(KILL_RANK, str(world.rank)) == str(world.rank) else None
         if hook == str(i):
             os.kill(os.getpid(), signal.SIGKILL)
         if hook == f"int:{i}":
             raise KeyboardInterrupt  # as Ctrl-C would, right after block i was saved
 
-    quantize_blocks(model, inputs, qcfg, dev, first=first, progress=progress, before_block=before, after_block=after,
-                    store=store)
+    quantize_blocks(model, inputs, qcfg, dev, first=first, progress=progress and world.main, before_block=before,
+                    after_block=after, store=store, world=world)
     del inputs
+    if not world.main:  # rank 0 assembles the checkpoint
+        return final, report, mat
 
     # the last shard: every tensor outside the blocks, straight from the source
     if not (partial / shard_name(nshards)).is_file():

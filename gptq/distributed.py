@@ -1,0 +1,165 @@
+"""Several processes (``torchrun``), one quantization: torch.distributed, gloo on CPU, NCCL on CUDA.
+
+    torchrun --nproc-per-node 4 -m gptq.quantize MODEL ...          # no new flag
+
+Who does what (every function here is a no-op, or the obvious single-process answer, when the
+run is one process, so the block loop reads the same either way):
+
+- ``my_batches``: calibration batches are dealt round-robin, batch k to rank k mod N, so in
+  round j the ranks hold batches jN, jN+1, …, jN+N−1: consecutive, in rank order.
+- Hessians: each rank computes the partial XᵀX of its batch (``HessianAccumulator`` staged), and
+  after every round ``exchange`` gathers the round's partials onto the linear's owner, which adds
+  them in rank order, i.e. in batch order. One process adds the same per-batch partials in the
+  same order, so H, and everything after it, is bit-identical whatever N is (with the same
+  threads per process: the partials themselves must be computed alike).
+- ``owners``: each group of linears sharing an H gets an owner rank, balanced by solve cost
+  (longest first onto the least loaded rank). The owner solves; ``broadcast`` sends the result
+  to every rank, which writes it into its copy of the block, so all continue the block loop
+  with the same quantized block on their own batches.
+- Rank 0 alone writes the checkpoint, progress and report (``stream.py``); each rank saves its
+  own batches' activations for ``--resume``, named by global batch index, so a run resumes with
+  any number of ranks.
+- Collectives time out (``GPTQ_DIST_TIMEOUT`` seconds, default 1800): a rank that dies makes the
+  others stop with a message instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+TIMEOUT_ENV = "GPTQ_DIST_TIMEOUT"
+
+
+class RankLostError(RuntimeError):
+    """Another rank stopped answering (died, was killed, or hung past the timeout)."""
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def single(self) -> bool:
+        return self.size == 1
+
+
+SINGLE = World()
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher) as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: torch.device) -> World:
+    """Join the process group torchrun describes (env://): NCCL for CUDA, gloo for CPU. A single
+    process gets ``SINGLE`` without any process group."""
+    import torch.distributed as dist
+
+    if not launched():
+        return SINGLE
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def current() -> World:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return SINGLE
+
+
+def my_batches(n_batches: int, world: World) -> list[int]:
+    """The global indices of this rank's calibration batches: k ≡ rank (mod size)."""
+    return list(range(world.rank, n_batches, world.size))
+
+
+def rounds(n_batches: int, world: World) -> int:
+    return -(-n_batches // world.size)
+
+
+def owners(costs: list[float], size: int) -> list[int]:
+    """An owner rank per item, balancing the summed cost: longest first, each onto the least
+    loaded rank (ties: the lower rank). Deterministic, so every rank computes the same answer."""
+    load = [0.0] * size
+    out = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(size), key=lambda r: (load[r], r))
+        out[i] = r
+        load[r] += costs[i]
+    return out
+
+
+def solve_cost(rows: int, cols: int) -> float:
+    """The solver's work for a [rows, cols] matrix: the Cholesky and inverse (~cols³) plus the
+    column loop and its lazy updates (~rows·cols²)."""
+    return float(cols) ** 3 + float(rows) * cols * cols
+
+
+def _collective(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
+        raise RankLostError(f"lost contact with another rank ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                            "a rank died, was killed or hung. Progress up to the last completed block is kept: "
+                            "rerun the same command with --resume") from e
+
+
+def exchange(accumulators: list, owner_of: list[int], world: World) -> None:
+    """End of a round: gather each accumulator's staged partial (or nothing, from a rank without
+    a batch this round) onto its owner, which adds them in rank order."""
+    import torch.distributed as dist
+
+    for acc, owner in zip(accumulators, owner_of):
+        part, rows = acc.take_staged()
+        n = acc.columns
+        flag = torch.tensor([rows], dtype=torch.int64, device=acc.device)
+        flags = [torch.zeros_like(flag) for _ in range(world.size)] if world.rank == owner else None
+        _collective(dist.gather, flag, flags, dst=owner)
+        if part is None:
+            part = torch.zeros(n, n, dtype=torch.float32, device=acc.device)
+        parts = [torch.empty_like(part) for _ in range(world.size)] if world.rank == owner else None
+        _collective(dist.gather, part, parts, dst=owner)
+        if world.rank == owner:
+            for p, f in zip(parts, flags):
+                if int(f):
+                    acc.add_partial(p, int(f))
+
+
+def broadcast(obj, src: int, world: World):
+    """``obj`` from rank ``src`` to every rank (pickled: tensors travel with their values)."""
+    if world.single:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if world.rank == src else None]
+    _collective(dist.broadcast_object_list, box, src=src)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if not world.single:
+        import torch.distributed as dist
+
+        _collective(dist.barrier)
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,130 @@
+"""Several ranks (torchrun, gloo on CPU): the same bytes as one process, whatever the number of
+ranks; a killed rank stops the others with a message; --resume continues with any number of ranks."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from gptq.distributed import World, my_batches, owners, rounds, solve_cost
+from gptq.hessian import HessianAccumulator
+from test_stream import sharded_tiny
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "GPTQ_DIST_TIMEOUT": "60"}  # the same threads per process in every run
+
+
+def test_owners_balance_a_skewed_set_of_layers():
+    """Longest first onto the least loaded rank: within 4/3 of the best split (LPT's bound), here
+    the best itself, and the same answer on every rank (deterministic)."""
+    costs = [solve_cost(r, c) for r, c in [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 14336), (14336, 4096),
+                                           (4096, 4096), (512, 512), (512, 512)]]
+    for size in (2, 3, 4):
+        own = owners(costs, size)
+        load = [sum(c for c, o in zip(costs, own) if o == r) for r in range(size)]
+        assert max(load) <= 4 / 3 * max(max(costs), sum(costs) / size)
+        assert own == owners(costs, size)
+    own = owners([8.0, 7.0, 6.0, 5.0, 4.0], 2)  # 8+5+4 = 17 against 7+6 = 13: longest-first's answer
+    assert own == [0, 1, 1, 0, 0]
+    assert owners([1.0, 2.0], 1) == [0, 0]
+
+
+def test_batches_are_dealt_round_robin():
+    assert my_batches(7, World(0, 3)) == [0, 3, 6] and my_batches(7, World(2, 3)) == [2, 5]
+    assert rounds(7, World(1, 3)) == 3 and my_batches(4, World(0, 1)) == [0, 1, 2, 3]
+
+
+def test_partials_added_in_batch_order_are_the_local_sum_bit_for_bit():
+    """One process adds each batch's XᵀX to the sum; ranks compute the same partials (staged) and
+    the owner adds them in batch order: the same H, exactly."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(37, 300, generator=g) * (k + 1) for k in range(5)]
+    local = HessianAccumulator(300)
+    for x in batches:
+        local.add(x)
+    owner = HessianAccumulator(300)
+    for x in batches:  # each partial as another rank would compute it
+        rank = HessianAccumulator(300, staged=True)
+        rank.add(x)
+        owner.add_partial(*rank.take_staged())
+    assert rank.take_staged() == (None, 0)
+    assert torch.equal(local.hessian(), owner.hessian())
+
+
+def torchrun(n: int, *args, env=None):
+    """``torchrun --standalone`` (a free port of its own) with n ranks of ``python -m gptq.quantize``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+           "-m", "gptq.quantize", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, **ONE_THREAD, **(env or {})})
+
+
+def single(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "gptq.quantize", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env={**os.environ, **ONE_THREAD, **(env or {})})
+
+
+def same_checkpoint(a, b):
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for n in names:
+        if n != "quantize_report.json":  # holds timings
+            assert (a / n).read_bytes() == (b / n).read_bytes(), n
+
+
+@pytest.fixture
+def calib(tmp_path, tiny_tokenizer_dir):
+    from conftest import SAMPLE_TEXT
+
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT)
+    return sharded_tiny(tmp_path, tiny_tokenizer_dir), text
+
+
+def args(model, text, out, *extra):
+    return [model, "--dataset", text, "--nsamples", "7", "--seqlen", "32", "--group-size", "32", "--batch-size", "2",
+            "--out", out, "--quiet", *extra]
+
+
+def test_two_and_three_ranks_write_the_bytes_one_process_writes(tmp_path, calib):
+    """7 windows in batches of 2 (the last one short): 4 batches dealt to 2 and to 3 ranks (one
+    rank idle in the last round); every tensor, config and index equal to one process's."""
+    model, text = calib
+    r = single(*args(model, text, tmp_path / "one"))
+    assert r.returncode == 0, r.stderr
+    for n in (2, 3):
+        r = torchrun(n, *args(model, text, tmp_path / f"n{n}"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        same_checkpoint(tmp_path / "one", tmp_path / f"n{n}")
+        assert not (tmp_path / f"n{n}.partial").exists()
+
+
+def test_a_killed_rank_stops_the_others_and_resume_is_identical(tmp_path, calib):
+    """Rank 1 is SIGKILLed right after block 0 is saved: rank 0 stops with a message (not a hang),
+    the progress stays; resuming with 2 ranks, or with 1 process, writes the same bytes."""
+    model, text = calib
+    r = single(*args(model, text, tmp_path / "one"))
+    assert r.returncode == 0, r.stderr
+    killed = torchrun(2, *args(model, text, tmp_path / "k"), env={"GPTQ_TEST_KILL_AFTER_BLOCK": "0",
+                                                                   "GPTQ_TEST_KILL_RANK": "1"})
+    assert killed.returncode != 0
+    assert "lost contact with another rank" in killed.stderr and "--resume" in killed.stderr
+    assert (tmp_path / "k.partial" / "progress.json").is_file() and not (tmp_path / "k").exists()
+    for n, out in ((2, "k"), (1, "k1")):
+        if n == 1:  # a second killed run, resumed by a single process
+            killed = torchrun(2, *args(model, text, tmp_path / out), env={"GPTQ_TEST_KILL_AFTER_BLOCK": "1",
+                                                                           "GPTQ_TEST_KILL_RANK": "0"})
+            assert killed.returncode != 0 and (tmp_path / f"{out}.partial" / "progress.json").is_file()
+            r = single(*args(model, text, tmp_path / out, "--resume"))
+        else:
+            r = torchrun(2, *args(model, text, tmp_path / out, "--resume"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        same_checkpoint(tmp_path / "one", tmp_path / out)
+
+
+def test_no_stream_under_torchrun_is_refused(tmp_path, calib):
+    model, text = calib
+    r = torchrun(2, *args(model, text, tmp_path / "o", "--no-stream"))
+    assert r.returncode != 0 and "drop --no-stream" in r.stderr

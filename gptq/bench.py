@@ -13,6 +13,8 @@ spill    one synthetic model and a larger calibration set, activations in memory
          disk (--max-memory 0): peak RSS, seconds, identical checkpoints.
 moe      streaming quantization of a synthetic Qwen3-MoE-shaped model (64 experts per layer):
          seconds per block and peak RSS, same-shape experts solved as a batch vs one by one.
+distributed the streaming CLI as one process and under torchrun with 2 ranks (1 thread each):
+         seconds per block, identical checkpoints.
 ablation the quality benchmark with act-order, MSE clipping or true-sequential switched off.
 act-order the quality benchmark under each --act-order mode (none, static, group-aware, dynamic).
 codebooks GPTQ on bitsandbytes' NF4/FP4 grids vs plain rounding to them (in memory; issue #13).
@@ -359,6 +361,61 @@ def moe(out: Path, device: str = "cpu") -> dict:
     return result
 
 
+DIST_SHAPE = (1024, 2816, 16, 4, 4)  # hidden 1024, 4 layers (as the spill benchmark)
+DIST_WINDOWS = (32, 256)
+
+
+def distributed(out: Path, ranks: tuple[int, ...] = (1, 2)) -> dict:
+    """The streaming CLI on one synthetic model as one process and under ``torchrun`` with N ranks,
+    one thread per process (GPTQ_DIST_TIMEOUT default): seconds per block, and whether every
+    rank count wrote the same bytes. On a 2-core CPU this shows the overhead, not a speed-up."""
+    import shutil
+
+    from .cpu import cpu_info
+
+    h, f, nh, kv, L = DIST_SHAPE
+    d = synthetic_llama(out / "synthetic" / "dist", h, f, nh, kv, L)
+    (out / "synthetic" / "calib.txt").write_text(" ".join(f"w{i % 997}" for i in range(200000)))
+    tok = out / "synthetic" / "dist"
+    _tiny_tokenizer(tok)
+    n, seq = DIST_WINDOWS
+    args = ["-m", "gptq.quantize", str(d), "--dataset", str(out / "synthetic" / "calib.txt"), "--nsamples", str(n),
+            "--seqlen", str(seq), "--quiet", "--overwrite"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rows, outs = {}, {}
+    for r in ranks:
+        outs[r] = out / "synthetic" / f"dist-{r}"
+        launcher = [sys.executable] if r == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    "--nproc-per-node", str(r)]
+        t0 = time.perf_counter()
+        subprocess.run(launcher + args + ["--out", str(outs[r])], check=True, env=env, capture_output=True)
+        secs = time.perf_counter() - t0
+        rows[f"{r} rank{'s' if r > 1 else ''} x 1 thread"] = {"seconds": round(secs, 1),
+                                                               "seconds_per_block": round(secs / L, 2)}
+        print(r, rows[f"{r} rank{'s' if r > 1 else ''} x 1 thread"])
+    base = outs[ranks[0]]
+    identical = all((base / p.name).read_bytes() == p.read_bytes() for r in ranks[1:] for p in outs[r].iterdir()
+                    if p.name != "quantize_report.json")
+    shutil.rmtree(out / "synthetic", ignore_errors=True)
+    result = {"setup": f"random Llama-shaped bf16 model, hidden {h}, {L} layers; {n} x {seq}-token windows "
+                       "(batch 8); 4-bit g128; streaming CLI, whole command timed (start-up and writing included)",
+              "cpu": cpu_info(), "rows": rows, "checkpoints_identical": identical}
+    print(json.dumps(result, indent=2))
+    _write(out, "distributed", result)
+    return result
+
+
+def _tiny_tokenizer(d: Path) -> None:
+    """A word-level tokenizer for the synthetic models (the CLI needs one to cut calibration windows)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0} | {f"w{i}": i + 1 for i in range(997)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(d)
+
+
 def codebooks(out: Path) -> dict:
     """GPTQ on bitsandbytes' NF4/FP4 grids (absmax per 64 weights, float32: 4.5 bits per weight)
     against plain rounding to the same grids (what bitsandbytes does), in memory, fp32 throughout;
@@ -571,10 +628,13 @@ def kernel(out: Path) -> dict | None:
             x = torch.randn(M, K, dtype=torch.float16, device=dev)
             t_q = _cuda_time(lambda: dequant_matmul(x, qw, qz, sc, 128, 4))
             t_f = _cuda_time(lambda: x @ W)
+            g_q = _cuda_graph_time(lambda: dequant_matmul(x, qw, qz, sc, 128, 4))
+            g_f = _cuda_graph_time(lambda: x @ W)
             gbytes = (qw.numel() * 4 + sc.numel() * 2 + qz.numel() * 4 + x.numel() * 2 + M * N * 2) / 1e9
             rows.append({"shape": label, "K": K, "N": N, "batch": M, "triton_us": round(t_q * 1e6, 1),
                          "fp16_us": round(t_f * 1e6, 1), "speedup": round(t_f / t_q, 2),
-                         "triton_GBps": round(gbytes / t_q, 1)})
+                         "graph_triton_us": round(g_q * 1e6, 1), "graph_fp16_us": round(g_f * 1e6, 1),
+                         "graph_speedup": round(g_f / g_q, 2), "triton_GBps": round(gbytes / g_q, 1)})
             print(rows[-1])
     result = {"device": torch.cuda.get_device_name(), "rows": rows}
     _write(out, "kernel", result)
@@ -589,6 +649,31 @@ def _cuda_time(fn, iters: int = 50) -> float:
     start.record()
     for _ in range(iters):
         fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def _cuda_graph_time(fn, iters: int = 50) -> float:
+    """GPU time per call with the launches recorded once in a CUDA graph (as decoding engines run
+    them), so the host's launch overhead is not what is measured."""
+    for _ in range(5):  # autotuning and allocation happen here, outside the graph
+        fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / 1e3 / iters
@@ -618,7 +703,7 @@ def notebook(quick: bool = False):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gptq.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=["quality", "decode", "kernel", "cpu-kernel", "ablation", "act-order", "codebooks",
-                                    "scale", "spill", "moe", "notebook", "all"])
+                                    "scale", "spill", "moe", "distributed", "notebook", "all"])
     p.add_argument("--13b", dest="with_13b", action="store_true",
                    help="scale: also the 13B-shaped model (about 26 GB on disk, hours on 2 cores)")
     p.add_argument("--device", default="cpu", help="moe: where the solves run (cpu, cuda)")
@@ -641,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
         codebooks(out)
     if a.what == "moe":
         moe(out, a.device)
+    if a.what == "distributed":
+        distributed(out)
     if a.what == "ablation":
         ablation(out)
     if a.what == "act-order":

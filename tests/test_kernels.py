@@ -46,7 +46,7 @@ CASES = [(4, gs, ao) for gs in (-1, 32, 64, 128) for ao in (False, True)] + \
 
 
 @pytest.mark.parametrize("bits,group_size,act_order", CASES)
-@pytest.mark.parametrize("batch", [1, 3, 16, 33])
+@pytest.mark.parametrize("batch", [1, 3, 16, 33, 70])  # 70: dequantize, then torch's matmul
 def test_triton_matches_reference(bits, group_size, act_order, batch):
     K, N = 320, 80  # neither a multiple of the 64-wide N tiles; K = 2.5 groups of 128
     layer = make_layer(K, N, bits, group_size, act_order, seed=batch)
@@ -182,3 +182,15 @@ def test_half_head_matches_a_dense_head_for_short_and_long_inputs(dtype):
             y = head(x)
             assert y.dtype == dtype
             assert ((y.float() - ref).norm() / ref.norm()) < (2e-3 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("G", [16, 32, 64, 128, 1 << 30])
+def test_autotune_configs_never_straddle_a_group(G):
+    """Every config the GPU autotuner may try has K tiles that divide the group size and whole
+    tiles per K split (a group of 32 turns 64-wide tiles into 32-wide ones, not into wrong sums)."""
+    from gptq.kernels.triton_dequant import GEMV_CONFIGS, SPLITK_CONFIGS, _prune_k
+
+    for configs in (GEMV_CONFIGS, SPLITK_CONFIGS):
+        kept = _prune_k(configs, {"G": G})
+        assert kept and len(kept) >= len(configs) - 1
+        assert all(G % c.kwargs["BLOCK_K"] == 0 and c.kwargs["K_SPLIT"] % c.kwargs["BLOCK_K"] == 0 for c in kept)

@@ -365,10 +365,12 @@ DIST_SHAPE = (1024, 2816, 16, 4, 4)  # hidden 1024, 4 layers (as the spill bench
 DIST_WINDOWS = (32, 256)
 
 
-def distributed(out: Path, ranks: tuple[int, ...] = (1, 2)) -> dict:
+def distributed(out: Path, ranks: tuple[int, ...] = (1, 2), threads: int = 1,
+                windows: tuple[int, int] = DIST_WINDOWS) -> dict:
     """The streaming CLI on one synthetic model as one process and under ``torchrun`` with N ranks,
-    one thread per process (GPTQ_DIST_TIMEOUT default): seconds per block, and whether every
-    rank count wrote the same bytes. On a 2-core CPU this shows the overhead, not a speed-up."""
+    ``threads`` per process (the same in every run, so the bytes must match): seconds per block,
+    and whether every rank count wrote the same bytes. On a 2-core CPU this shows the overhead,
+    not a speed-up."""
     import shutil
 
     from .cpu import cpu_info
@@ -378,10 +380,10 @@ def distributed(out: Path, ranks: tuple[int, ...] = (1, 2)) -> dict:
     (out / "synthetic" / "calib.txt").write_text(" ".join(f"w{i % 997}" for i in range(200000)))
     tok = out / "synthetic" / "dist"
     _tiny_tokenizer(tok)
-    n, seq = DIST_WINDOWS
+    n, seq = windows
     args = ["-m", "gptq.quantize", str(d), "--dataset", str(out / "synthetic" / "calib.txt"), "--nsamples", str(n),
-            "--seqlen", str(seq), "--quiet", "--overwrite"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            "--seqlen", str(seq), "--quiet", "--overwrite", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     rows, outs = {}, {}
     for r in ranks:
         outs[r] = out / "synthetic" / f"dist-{r}"
@@ -390,9 +392,9 @@ def distributed(out: Path, ranks: tuple[int, ...] = (1, 2)) -> dict:
         t0 = time.perf_counter()
         subprocess.run(launcher + args + ["--out", str(outs[r])], check=True, env=env, capture_output=True)
         secs = time.perf_counter() - t0
-        rows[f"{r} rank{'s' if r > 1 else ''} x 1 thread"] = {"seconds": round(secs, 1),
-                                                               "seconds_per_block": round(secs / L, 2)}
-        print(r, rows[f"{r} rank{'s' if r > 1 else ''} x 1 thread"])
+        label = f"{r} rank{'s' if r > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
+        rows[label] = {"seconds": round(secs, 1), "seconds_per_block": round(secs / L, 2)}
+        print(label, rows[label])
     base = outs[ranks[0]]
     identical = all((base / p.name).read_bytes() == p.read_bytes() for r in ranks[1:] for p in outs[r].iterdir()
                     if p.name != "quantize_report.json")
@@ -707,6 +709,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--13b", dest="with_13b", action="store_true",
                    help="scale: also the 13B-shaped model (about 26 GB on disk, hours on 2 cores)")
     p.add_argument("--device", default="cpu", help="moe: where the solves run (cpu, cuda)")
+    p.add_argument("--ranks", default="1,2", help="distributed: rank counts to compare (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="distributed: threads per process (default: %(default)s)")
+    p.add_argument("--windows", default=f"{DIST_WINDOWS[0]},{DIST_WINDOWS[1]}",
+                   help="distributed: calibration windows,tokens (default: %(default)s)")
     p.add_argument("--out", default="bench-results", help="folder for JSON results and the checkpoint")
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -727,7 +733,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.what == "moe":
         moe(out, a.device)
     if a.what == "distributed":
-        distributed(out)
+        distributed(out, tuple(int(r) for r in a.ranks.split(",")), a.threads,
+                    tuple(int(v) for v in a.windows.split(",")))
     if a.what == "ablation":
         ablation(out)
     if a.what == "act-order":

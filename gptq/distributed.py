@@ -70,7 +70,12 @@ def init(device: torch.device) -> World:
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
         if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if local >= torch.cuda.device_count():
+                raise RuntimeError(f"torchrun started rank {local} on a node with {torch.cuda.device_count()} GPU(s): "
+                                   "NCCL runs one GPU per rank. Use --nproc-per-node "
+                                   f"{torch.cuda.device_count()}, or --device cpu for CPU ranks (gloo)")
+            torch.cuda.set_device(local)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return World(dist.get_rank(), dist.get_world_size())
 

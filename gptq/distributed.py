@@ -25,6 +25,7 @@ run is one process, so the block loop reads the same either way):
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class RankLostError(RuntimeError):
 class World:
     rank: int = 0
     size: int = 1
+    group: bool = False  # a torch.distributed process group exists (also for one forced rank)
 
     @property
     def main(self) -> bool:
@@ -49,15 +51,20 @@ class World:
 
     @property
     def single(self) -> bool:
-        return self.size == 1
+        """No process group: the plain single-process path, no collective at all."""
+        return not self.group
 
 
 SINGLE = World()
 
 
+FORCE_ENV = "GPTQ_DISTRIBUTED"  # "1": join a process group even as a single rank (tests the exchange path)
+
+
 def launched() -> bool:
     """Whether this process was started by torchrun (or another launcher) as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
+        os.environ.get(FORCE_ENV) == "1" and "MASTER_ADDR" in os.environ)
 
 
 def init(device: torch.device) -> World:
@@ -67,7 +74,7 @@ def init(device: torch.device) -> World:
 
     if not launched():
         return SINGLE
-    if not dist.is_initialized():
+    if not dist.is_initialized():  # (a forced single rank still goes through every collective)
         timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
         if device.type == "cuda":
             local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -77,15 +84,8 @@ def init(device: torch.device) -> World:
                                    f"{torch.cuda.device_count()}, or --device cpu for CPU ranks (gloo)")
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    return World(dist.get_rank(), dist.get_world_size())
-
-
-def current() -> World:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size())
-    return SINGLE
+        atexit.register(shutdown)
+    return World(dist.get_rank(), dist.get_world_size(), True)
 
 
 def my_batches(n_batches: int, world: World) -> list[int]:

@@ -209,7 +209,8 @@ def moe_dir(tmp_path, tiny_tokenizer_dir, family="mixtral", layers=3):
 
 def test_streaming_resume_and_in_memory_agree_byte_for_byte(tmp_path, tiny_tokenizer_dir):
     """The streaming CLI reads the per-expert tensors from the shards; a run killed after block 0
-    and resumed writes the same bytes; the in-memory path writes the same tensors."""
+    and resumed writes the same bytes, and so does a run whose activations (the experts' recorded
+    inputs and routing included) are all spilled to disk; the in-memory path writes the same tensors."""
     d, text = moe_dir(tmp_path, tiny_tokenizer_dir)
     r = run(quantize_cmd(d, tmp_path / "full"), text)
     assert r.returncode == 0, r.stderr
@@ -221,6 +222,11 @@ def test_streaming_resume_and_in_memory_agree_byte_for_byte(tmp_path, tiny_token
     for n in sorted(p.name for p in full.iterdir()):
         if n != "quantize_report.json":
             assert (full / n).read_bytes() == (resumed / n).read_bytes(), n
+    r = run(quantize_cmd(d, tmp_path / "spilled", "--max-memory", "0"), text)  # routing records spilled too
+    assert r.returncode == 0, r.stderr
+    for n in sorted(p.name for p in full.iterdir()):
+        if n != "quantize_report.json":
+            assert (full / n).read_bytes() == (tmp_path / "spilled" / n).read_bytes(), n
     r = run(quantize_cmd(d, tmp_path / "mem", "--no-stream"), text)
     assert r.returncode == 0, r.stderr
     a, b = load_file(full / "model.safetensors"), load_file(tmp_path / "mem" / "model.safetensors")

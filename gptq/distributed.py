@@ -8,14 +8,18 @@ run is one process, so the block loop reads the same either way):
 - ``my_batches``: calibration batches are dealt round-robin, batch k to rank k mod N, so in
   round j the ranks hold batches jN, jN+1, …, jN+N−1: consecutive, in rank order.
 - Hessians: each rank computes the partial XᵀX of its batch (``HessianAccumulator`` staged), and
-  after every round ``exchange`` gathers the round's partials onto the linear's owner, which adds
-  them in rank order, i.e. in batch order. One process adds the same per-batch partials in the
-  same order, so H, and everything after it, is bit-identical whatever N is (with the same
-  threads per process: the partials themselves must be computed alike).
-- ``owners``: each group of linears sharing an H gets an owner rank, balanced by solve cost
-  (longest first onto the least loaded rank). The owner solves; ``broadcast`` sends the result
-  to every rank, which writes it into its copy of the block, so all continue the block loop
-  with the same quantized block on their own batches.
+  after every round ``exchange`` hands every rank the round's partials, which each adds in rank
+  order, i.e. in batch order. One process adds the same per-batch partials in the same order, so
+  H, and everything after it, is bit-identical whatever N is (with the same threads per process:
+  the partials themselves must be computed alike).
+- Solves: rows are independent, so each rank solves a slice of a layer's rows against the same H
+  and ``all_gather`` assembles them; every rank writes the result into its copy of the block and
+  all continue the block loop with the same quantized block on their own batches. This is
+  bit-identical to the whole solve where the matrix products give each row the same values
+  whatever the row count (true of the CPU's BLAS here, checked by the tests with 2 and 3 ranks;
+  a GPU library may pick other kernels for other shapes). Grids whose state spans rows
+  (double-quantized absmax, GGML types) are solved whole by an ``owner`` rank, balanced by solve
+  cost (longest first onto the least loaded rank), and broadcast.
 - Rank 0 alone writes the checkpoint, progress and report (``stream.py``); each rank saves its
   own batches' activations for ``--resume``, named by global batch index, so a run resumes with
   any number of ranks.
@@ -124,25 +128,36 @@ def _collective(fn, *args, **kwargs):
                             "rerun the same command with --resume") from e
 
 
-def exchange(accumulators: list, owner_of: list[int], world: World) -> None:
-    """End of a round: gather each accumulator's staged partial (or nothing, from a rank without
-    a batch this round) onto its owner, which adds them in rank order."""
+def exchange(accumulators: list, world: World) -> None:
+    """End of a round: every rank receives every rank's staged partial (or nothing, from a rank
+    without a batch this round) and adds them in rank order, so each holds the whole H (the
+    solve's rows are then shared out: ``pipeline._solve_distributed``)."""
     import torch.distributed as dist
 
-    for acc, owner in zip(accumulators, owner_of):
+    for acc in accumulators:
         part, rows = acc.take_staged()
-        n = acc.columns
         flag = torch.tensor([rows], dtype=torch.int64, device=acc.device)
-        flags = [torch.zeros_like(flag) for _ in range(world.size)] if world.rank == owner else None
-        _collective(dist.gather, flag, flags, dst=owner)
+        flags = [torch.zeros_like(flag) for _ in range(world.size)]
+        _collective(dist.all_gather, flags, flag)
         if part is None:
-            part = torch.zeros(n, n, dtype=torch.float32, device=acc.device)
-        parts = [torch.empty_like(part) for _ in range(world.size)] if world.rank == owner else None
-        _collective(dist.gather, part, parts, dst=owner)
-        if world.rank == owner:
-            for p, f in zip(parts, flags):
-                if int(f):
-                    acc.add_partial(p, int(f))
+            part = torch.zeros(acc.columns, acc.columns, dtype=torch.float32, device=acc.device)
+        parts = [torch.empty_like(part) for _ in range(world.size)]
+        _collective(dist.all_gather, parts, part)
+        for p, f in zip(parts, flags):
+            if int(f):
+                acc.add_partial(p, int(f))
+        del parts
+
+
+def all_gather(obj, world: World) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (pickled)."""
+    if world.single:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world.size
+    _collective(dist.all_gather_object, out, obj)
+    return out
 
 
 def broadcast(obj, src: int, world: World):

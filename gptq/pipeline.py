@@ -26,12 +26,12 @@ from .activations import Activations, activation_bytes, block_args, return_free_
 from .architectures import for_config, get_module
 from .capture import (BlockInputs, StopForward, first_block_inputs, hessians, in_features, move, record_io,
                       record_outputs, replay_outputs, run_block, set_weight_matrix, stop_after, weight_matrix)
-from .distributed import SINGLE, World, broadcast, exchange, owners, solve_cost
+from .distributed import SINGLE, World, all_gather, broadcast, exchange, owners, solve_cost
 from .hessian import HessianAccumulator
 from .moe import expert_rows, record_routing, routed_counts
 from .config import QuantConfig
 from .pack import pack_qweight, pack_qzeros, unpack_qzeros
-from .solver import SolveResult, round_to_nearest, solve, solve_batch
+from .solver import SolveResult, concat_rows, round_to_nearest, solve, solve_batch
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,11 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
     return store.inputs(hidden, rest)
 
 
-def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantConfig, prefix: str):
+def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantConfig, prefix: str,
+                world: World = SINGLE, owner: int = 0):
     """Solve linears that share one input (and so one H) as a single stacked matrix, then split
-    the rows back: identical to solving each alone, with one Cholesky and one column loop."""
+    the rows back: identical to solving each alone, with one Cholesky and one column loop.
+    With several ranks (each holding H) the stacked rows are shared out (``_solve_distributed``)."""
     if config.double_quant and len(modules) > 1:  # double-quantized scales are per matrix: no stacking
         for name, module in modules.items():
             yield from solve_group({name: module}, H, config, prefix)
@@ -150,7 +152,8 @@ def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantCon
     W = torch.cat(Ws) if len(Ws) > 1 else Ws[0]
     del Ws
     t0 = time.perf_counter()
-    r = solve(W, H, config, name=f"{prefix}.{'/'.join(modules)}")
+    name = f"{prefix}.{'/'.join(modules)}"
+    r = solve(W, H, config, name=name) if world.single else _solve_distributed(W, H, config, name, world, owner)
     del W
     seconds = (time.perf_counter() - t0) / len(sizes)
     start = 0
@@ -159,8 +162,22 @@ def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantCon
         start += size
 
 
-def sort_channels(block: nn.Module, arch, consumer: str, H: torch.Tensor | None, packed_i: dict, prefix: str,
-                  config: QuantConfig, perm: torch.Tensor | None = None) -> torch.Tensor | None:
+def _solve_distributed(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str, world: World,
+                       owner: int) -> SolveResult:
+    """One solve shared by the ranks. Rows are independent, so with uniform integer grids each rank
+    solves a contiguous slice of the rows against the same H (its own Cholesky of it) and the
+    slices are gathered: bit-identical to the whole solve where the matrix products give the same
+    values for any row count (checked for the CPU's BLAS by the tests). Grids whose state spans the
+    rows (double-quantized absmax, GGML types) are solved whole by ``owner`` and broadcast."""
+    if config.grid != "int":
+        return broadcast(solve(W, H, config, name=name) if world.rank == owner else None, owner, world)
+    bounds = [round(k * W.shape[0] / world.size) for k in range(world.size + 1)]
+    mine = solve(W[bounds[world.rank] : bounds[world.rank + 1]], H, config, name=name)
+    return concat_rows(all_gather(mine, world))
+
+
+def sort_channels(block: nn.Module, arch, consumer: str, H: torch.Tensor, packed_i: dict, prefix: str,
+                  config: QuantConfig) -> torch.Tensor | None:
     """Reorder the channels between ``consumer`` (e.g. ``mlp.down_proj``) and its already solved
     producers (``gate_proj``, ``up_proj``) by descending diag(H) of the consumer, in the block
     itself: the producers' output rows (weights, bias, packed tensors) and the consumer's input
@@ -169,14 +186,12 @@ def sort_channels(block: nn.Module, arch, consumer: str, H: torch.Tensor | None,
     g_idx stays k // group. Returns the permutation (new position → old channel), or None when
     the architecture declares no such pair for ``consumer``, act-order is off/static,
     ``config.sort_channels`` is off, or the scales are double-quantized (their 256-value blocks
-    run along the producers' rows as solved, so the rows cannot move afterwards). A given ``perm``
-    (another rank's, which computed it from H) is applied as it is."""
+    run along the producers' rows as solved, so the rows cannot move afterwards)."""
     producers = arch.producers_of(consumer)
     if (producers is None or not config.sort_channels or config.double_quant
             or config.act_order not in ("group-aware", "dynamic")):
         return None
-    if perm is None:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True).to(H.device)  # [in]
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True).to(H.device)  # [in]
     cons = get_module(block, consumer)
     set_weight_matrix(cons, weight_matrix(cons)[:, perm])
     for name in producers:
@@ -209,13 +224,13 @@ def _closing_linear(arch, solved: set[str], groups) -> tuple[str, str] | None:
 
 
 def _run_pass(block, inputs, arch, solved, recorded, store, groups=(), closing=None, routing=None,
-              world: World = SINGLE, owner_of=(), n_rounds: int = 0):
+              world: World = SINGLE, n_rounds: int = 0):
     """One pass of the calibration batches through ``block``: replays the finished children,
     records newly finished ones, accumulates H for ``groups``. With ``closing`` = (child, linear)
     the pass runs to the end of the child, recording the child's outputs and the linear's
     inputs and outputs. With ``routing`` (a list) the routed experts' inputs are recorded into it.
     With several ranks the batches go in ``n_rounds`` rounds, after each of which the Hessian
-    partials meet on their owners (``distributed.exchange``).
+    partials are exchanged (``distributed.exchange``).
     Returns (accumulators, outputs, closing records)."""
     with ExitStack() as stack:
         for child, outs in recorded.items():
@@ -243,7 +258,7 @@ def _run_pass(block, inputs, arch, solved, recorded, store, groups=(), closing=N
                 if j < len(inputs):
                     outputs.append(run_block(block, inputs[j]))
                 if groups:
-                    exchange(firsts, owner_of, world)
+                    exchange(firsts, world)
     recorded.update({c: outs for c, outs in new.items() if len(outs) == len(inputs)})
     return accs, outputs, closing_records
 
@@ -465,25 +480,18 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
             owner_of = owners([solve_cost(sum(weight_matrix(m).shape[0] for m in g.values()),
                                           weight_matrix(next(iter(g.values()))).shape[1]) for g in modules], world.size)
             accs, _, records = _run_pass(block, inputs, arch, solved, recorded, store, modules, closing, routing,
-                                         world, owner_of, n_rounds)
+                                         world, n_rounds)
             perm = None
             for group, owner in zip(modules, owner_of):
                 first = next(iter(group))
-                solved_here = None
-                if world.rank == owner:  # (always, with one process)
-                    H = accs[first].hessian()
-                    perm = (sort_channels(block, arch, first, H, packed_i, prefix, config)
-                            if len(group) == 1 else None)  # a consumer whose input channels may be put in act-order
-                    if perm is not None:
-                        H = H[perm[:, None], perm[None, :]]
-                    solved_here = (perm, [(name, r, seconds) for name, _, r, seconds in
-                                          solve_group(group, H, config, prefix)])
-                    del H
-                perm, results = broadcast(solved_here, owner, world)
-                if world.rank != owner and perm is not None:
-                    sort_channels(block, arch, first, None, packed_i, prefix, config, perm=perm)
-                for name, r, seconds in results:
-                    keep(name, group[name], r, seconds)
+                H = accs[first].hessian()  # every rank holds the whole H (distributed.exchange)
+                perm = (sort_channels(block, arch, first, H, packed_i, prefix, config)
+                        if len(group) == 1 else None)  # a consumer whose input channels may be put in act-order
+                if perm is not None:
+                    H = H[perm[:, None], perm[None, :]]
+                for name, module, r, seconds in solve_group(group, H, config, prefix, world, owner):
+                    keep(name, module, r, seconds)
+                del H
                 solved.update(group)
             del accs
             if experts:

@@ -61,6 +61,16 @@ class SolveResult:
                            self.zeros[:, start:stop], self.g_idx, self.row_loss[start:stop], state)
 
 
+def concat_rows(parts: list[SolveResult]) -> SolveResult:
+    """The result of a matrix whose row slices were solved separately (against the same H), in
+    order: the inverse of ``SolveResult.rows`` for grids without a cross-row state."""
+    if len(parts) == 1:
+        return parts[0]
+    return SolveResult(torch.cat([p.weight for p in parts]), torch.cat([p.codes for p in parts]),
+                       torch.cat([p.scales for p in parts], dim=1), torch.cat([p.zeros for p in parts], dim=1),
+                       parts[0].g_idx, torch.cat([p.row_loss for p in parts]), None)
+
+
 def n_groups(columns: int, group_size: int) -> int:
     return 1 if group_size == -1 else math.ceil(columns / group_size)
 

@@ -128,3 +128,15 @@ def test_no_stream_under_torchrun_is_refused(tmp_path, calib):
     model, text = calib
     r = torchrun(2, *args(model, text, tmp_path / "o", "--no-stream"))
     assert r.returncode != 0 and "drop --no-stream" in r.stderr
+
+
+def test_grids_with_a_state_across_rows_are_solved_by_an_owner(tmp_path, calib):
+    """bitsandbytes double quantization keeps per-matrix state (absmax blocks across rows): such
+    solves are not split by rows but done whole by an owner rank and broadcast; same bytes."""
+    model, text = calib
+    fmt = ["--format", "bnb-nf4", "--double-quant", "--group-size", "64"]
+    r = single(*args(model, text, tmp_path / "one", *fmt))
+    assert r.returncode == 0, r.stderr
+    r = torchrun(2, *args(model, text, tmp_path / "two", *fmt))
+    assert r.returncode == 0, r.stderr[-3000:]
+    same_checkpoint(tmp_path / "one", tmp_path / "two")

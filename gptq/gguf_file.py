@@ -6,9 +6,10 @@ as an ordinary checkpoint whose linears hold their GGML blocks (``<m>.weight.ggm
 with the ``gguf`` package's writer:
 
 - names, metadata and tokenizer as llama.cpp's ``convert_hf_to_gguf.py`` writes them for the
-  Llama family (``blk.N.attn_q.weight`` …; q/k rows permuted to llama.cpp's rotary layout:
-  within each head the two halves are interleaved). Rows are independent in every block type,
-  so permuting the blocks' rows is exact;
+  Llama family (Llama, Mistral: ``blk.N.attn_q.weight`` …; q/k rows permuted to llama.cpp's
+  rotary layout: within each head the two halves are interleaved. Rows are independent in every
+  block type, so permuting the blocks' rows is exact) and for Qwen2 (q/k/v biases in F32) and
+  Qwen3 (per-head q/k norms in F32), which keep Hugging Face's row order;
 - norms in F32; token embeddings (and an untied output head) quantized by rounding to the type
   llama.cpp picks for them (they are not decoder linears), with the same fallbacks.
 
@@ -37,9 +38,15 @@ FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}  # when a row is not
 # Hugging Face Llama names → GGUF names
 BLOCK_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}  # (Qwen3's per-head norms)
 TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-ARCHITECTURES = {"llama": "llama"}  # HF model_type → GGUF architecture (Llama family first)
+# HF model_type → GGUF architecture, as convert_hf_to_gguf.py maps them (conversion/__init__.py:
+# MistralForCausalLM → the llama converter; conversion/qwen.py: Qwen2Model, Qwen3Model)
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# llama.cpp runs the llama architecture's rotary embedding on interleaved pairs, so its converter
+# permutes q/k rows (LlamaModel.permute); qwen2/qwen3 use the NEOX layout (halves), as Hugging Face
+ROPE_PERMUTED = {"llama"}
 
 
 def _more_bits(i: int, n: int) -> bool:
@@ -199,6 +206,8 @@ def pre_tokenizer(tok, source: Path) -> str:
         return "smollm"  # SmolLM / SmolLM2 (HuggingFaceTB)
     if "<|begin_of_text|>" in v:
         return "llama-bpe"  # Llama 3
+    if len(v) >= 151000 and "<|endoftext|>" in v and "<|im_start|>" in v:
+        return "qwen2"  # Qwen2, Qwen2.5, Qwen3 (the same BPE and pre-tokenizer)
     raise ValueError(f"{source}: cannot tell llama.cpp's pre-tokenizer for this BPE vocabulary; set GPTQ_GGUF_PRE "
                      "to the name convert_hf_to_gguf.py would write (e.g. llama-bpe, smollm, qwen2)")
 
@@ -257,27 +266,28 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
         n_bytes += data.nbytes
 
     for key in sorted(where):
-        if key.endswith(".bias"):
-            raise ValueError(f"{key}: biases are not written to GGUF for the llama family")
-        base = key.split(".weight")[0]
+        if key.endswith(".bias") and arch != "qwen2":
+            raise ValueError(f"{key}: biases are not written to GGUF for the {arch} architecture")
+        base = key.split(".weight")[0].removesuffix(".bias")
+        suffix = "bias" if key.endswith(".bias") else "weight"
         if base.startswith("model.layers."):
             i, rest = base[len("model.layers."):].split(".", 1)
-            name = f"blk.{i}.{BLOCK_NAMES[rest]}.weight"
+            name = f"blk.{i}.{BLOCK_NAMES[rest]}.{suffix}"
         elif base in TOP_NAMES:
-            name = f"{TOP_NAMES[base]}.weight"
+            name = f"{TOP_NAMES[base]}.{suffix}"
         else:
             raise ValueError(f"{key}: no GGUF name for this tensor")
         x = where[key].get_tensor(key)
         staged = key.rsplit(".ggml_", 1)
         if len(staged) == 2:  # solved blocks
             t = staged[1]
-            if name.endswith("attn_q.weight"):
+            if arch in ROPE_PERMUTED and name.endswith("attn_q.weight"):
                 x = rope_permute(x, heads)
-            elif name.endswith("attn_k.weight"):
+            elif arch in ROPE_PERMUTED and name.endswith("attn_k.weight"):
                 x = rope_permute(x, kv)
             params = x.shape[0] * x.shape[1] // TYPES[t].block_bytes * TYPES[t].block_weights
             add(name, x.numpy(), t, params)
-        elif x.dim() == 1:  # norms
+        elif x.dim() == 1:  # norms (and Qwen2's q/k/v biases)
             add(name, x.float().numpy(), None, x.numel())
         else:  # token embeddings / untied head: rounded, as llama.cpp would type them
             t = output_type(ftype, x.shape[1]) if (name == "output.weight" or tied) else \

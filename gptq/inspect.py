@@ -16,14 +16,15 @@ from pathlib import Path
 
 def describe(ckpt: str | Path) -> dict:
     """The checkpoint's settings, its layers' shapes summary, and the engines' verdicts."""
-    from .compat import layer_shapes, verdicts
+    from .compat import is_moe, layer_shapes, verdicts
     from .load import CheckpointError
 
     d = Path(ckpt)
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"'{ckpt}' is not a model directory (no config.json)")
-    qc = json.loads(cfg_path.read_text()).get("quantization_config")
+    cfg = json.loads(cfg_path.read_text())
+    qc = cfg.get("quantization_config")
     if not qc or qc.get("quant_method") != "gptq":
         raise CheckpointError(f"'{ckpt}' is not a GPTQ checkpoint (config.json has no gptq quantization_config)")
     shapes = layer_shapes(d, qc["bits"])
@@ -35,7 +36,7 @@ def describe(ckpt: str | Path) -> dict:
             "checkpoint_format": qc.get("checkpoint_format", "gptq"), "quantized_linears": len(shapes),
             "input_sizes": sorted({k for k, _ in shapes}), "safetensors_bytes": size,
             "engines": [{"engine": v.engine, "status": v.status, "reasons": list(v.reasons)}
-                        for v in verdicts(qc, shapes)]}
+                        for v in verdicts(qc, shapes, is_moe(cfg))]}
 
 
 def format_description(info: dict) -> str:

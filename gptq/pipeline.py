@@ -263,6 +263,19 @@ def _run_pass(block, inputs, arch, solved, recorded, store, groups=(), closing=N
     return accs, outputs, closing_records
 
 
+def _gather_batches(items, n_rounds: int, world: World, store: Activations):
+    """Every rank's per-batch records, on every rank, in global batch order (round by round, rank
+    by rank). Used for the routed experts under torchrun: each rank then solves every expert
+    exactly as one process would (the experts' work is repeated, not shared, for now)."""
+    out = store.new()
+    for j in range(n_rounds):
+        got = all_gather(move(items[j], "cpu") if j < len(items) else None, world)
+        for item in got:
+            if item is not None:
+                out.append(move(item, store.device))
+    return out
+
+
 def _passes(arch, true_sequential: bool) -> list[tuple[list, bool]]:
     """The capture passes over one block, as (groups, experts?). The routed experts form one step
     of their own where the first of their groups is declared (``_solve_experts`` solves each
@@ -495,9 +508,8 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
                 solved.update(group)
             del accs
             if experts:
-                if not world.single:
-                    raise ValueError("mixture-of-experts models are quantized in one process for now; run without "
-                                     "torchrun (the experts' Hessians do not take part in the rank exchange yet)")
+                if not world.single:  # every rank solves every expert from all the batches, in batch order
+                    routing = _gather_batches(routing, n_rounds, world, store)
                 for result in _solve_experts(block, arch, routing, config, prefix, packed_i):
                     keep(*result)
                 solved.update(n for g in arch.sequential if arch.routed(g) for n in g)

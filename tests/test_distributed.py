@@ -140,3 +140,17 @@ def test_grids_with_a_state_across_rows_are_solved_by_an_owner(tmp_path, calib):
     r = torchrun(2, *args(model, text, tmp_path / "two", *fmt))
     assert r.returncode == 0, r.stderr[-3000:]
     same_checkpoint(tmp_path / "one", tmp_path / "two")
+
+
+def test_moe_models_under_torchrun_write_the_same_bytes(tmp_path, tiny_tokenizer_dir):
+    """A Mixtral (8 experts): attention and Hessians shared out as for dense models; the experts'
+    recorded inputs are gathered in batch order and every rank solves them as one process does."""
+    from test_moe import moe_dir
+
+    d, text = moe_dir(tmp_path, tiny_tokenizer_dir, layers=2)
+    r = single(*args(d, text, tmp_path / "one", "--expert-tokens", "routed", "--expert-min-tokens", "4"))
+    assert r.returncode == 0, r.stderr
+    for out, extra in (("two", []), ("spilled", ["--max-memory", "0"])):  # each rank spills to its own folder
+        r = torchrun(2, *args(d, text, tmp_path / out, "--expert-tokens", "routed", "--expert-min-tokens", "4", *extra))
+        assert r.returncode == 0, r.stderr[-3000:]
+        same_checkpoint(tmp_path / "one", tmp_path / out)

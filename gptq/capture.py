@@ -3,7 +3,7 @@ Hessians of chosen linears. Every hook is removed in ``finally``, whatever happe
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +58,18 @@ def move(obj, device):
 
 
 @contextmanager
+def hooked(module: nn.Module, hook, pre: bool = False, with_kwargs: bool = False):
+    """``hook`` on ``module`` for the duration of the with-block: a forward hook, or with ``pre`` a
+    forward pre-hook; removed in ``finally``, whatever happens inside."""
+    handle = (module.register_forward_pre_hook(hook, with_kwargs=with_kwargs) if pre
+              else module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def first_block_inputs(block: nn.Module):
     """Collect the arguments the model passes to ``block`` and stop the forward pass there.
 
@@ -75,11 +87,8 @@ def first_block_inputs(block: nn.Module):
         seen.append(BlockInputs(hidden.detach(), rest, kwargs))
         raise StopForward
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with hooked(block, hook, pre=True, with_kwargs=True):
         yield seen
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -96,7 +105,6 @@ def hessians(groups: list[dict[str, nn.Module]], stop: bool = True, staged: bool
         firsts[first_name] = acc
         accs.update({name: acc for name in group})
     pending: set[str] = set(firsts)
-    handles = []
 
     def make_hook(name):
         def hook(_module, args):
@@ -108,25 +116,19 @@ def hessians(groups: list[dict[str, nn.Module]], stop: bool = True, staged: bool
 
         return hook
 
-    try:
+    with ExitStack() as stack:
         for group in groups:
             name, module = next(iter(group.items()))
-            handles.append(module.register_forward_pre_hook(make_hook(name)))
+            stack.enter_context(hooked(module, make_hook(name), pre=True))
         yield accs
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
 def record_outputs(module: nn.Module, into=None):
     """Keep every output ``module`` produces, in call order (appended to ``into``, a list by default)."""
     outs = [] if into is None else into
-    handle = module.register_forward_hook(lambda _m, _a, out: outs.append(out))
-    try:
+    with hooked(module, lambda _m, _a, out: outs.append(out)):
         yield outs
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -136,22 +138,16 @@ def stop_after(module: nn.Module):
     def hook(_m, _a, _out):
         raise StopForward
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with hooked(module, hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
 def record_io(module: nn.Module, into=None):
     """Keep every (first input, output) pair ``module`` sees, in call order (appended to ``into``)."""
     seen = [] if into is None else into
-    handle = module.register_forward_hook(lambda _m, args, out: seen.append((args[0], out)))
-    try:
+    with hooked(module, lambda _m, args, out: seen.append((args[0], out))):
         yield seen
-    finally:
-        handle.remove()
 
 
 @contextmanager

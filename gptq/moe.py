@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .capture import StopForward
+from .capture import StopForward, hooked
 
 
 @dataclass(frozen=True)
@@ -155,11 +155,8 @@ def record_routing(experts: nn.Module, into: list, stop: bool):
         if stop:
             raise StopForward
 
-    handle = experts.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with hooked(experts, hook, pre=True, with_kwargs=True):
         yield into
-    finally:
-        handle.remove()
 
 
 def routed_counts(routing, n_experts: int) -> torch.Tensor:

@@ -8,12 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SAMPLE_TEXT
 from gptq import QuantConfig, quantize_model, save_checkpoint
 from gptq.bnb import Bnb4bitLinear, dequantize
 from gptq.codebook import TABLES
 from test_pipeline import tiny_model, windows
-from test_stream import quantize_cmd, run
+from test_stream import calib_text, quantize_cmd, run
 
 
 def test_layout_round_trips_codes_and_absmax_exactly():
@@ -56,13 +55,9 @@ def test_saved_checkpoint_dequantizes_to_the_solved_weights(tmp_path, grid, doub
 
 def test_cli_writes_bnb_format_streaming(tmp_path, tiny_model_dir):
     d = tiny_model_dir("llama")
-    text = tmp_path / "calib.txt"
-    text.write_text(SAMPLE_TEXT)
+    text = calib_text(tmp_path)
     out = tmp_path / "nf4"
-    cmd = quantize_cmd(d, out, "--format", "bnb-nf4")
-    i = cmd.index("--group-size")
-    del cmd[i:i + 2]  # the bnb default, 64
-    r = run(cmd, text)
+    r = run(quantize_cmd(d, out, "--format", "bnb-nf4", group_size=None), text)  # the bnb default, 64
     assert r.returncode == 0, r.stderr
     tensors = load_file(out / "model.safetensors")
     assert tensors["model.layers.0.mlp.down_proj.weight.absmax"].numel() == 64 * 128 // 64  # group 64 by default
@@ -74,12 +69,9 @@ def test_cli_writes_bnb_format_streaming(tmp_path, tiny_model_dir):
 
 def test_bnb_group_that_does_not_divide_the_inputs_is_refused_before_any_work(tmp_path, tiny_model_dir):
     d = tiny_model_dir("llama")  # inputs 64 and 128
-    text = tmp_path / "calib.txt"
-    text.write_text(SAMPLE_TEXT)
+    text = calib_text(tmp_path)
     out = tmp_path / "nf4"
-    cmd = quantize_cmd(d, out, "--format", "bnb-nf4")
-    cmd[cmd.index("--group-size") + 1] = "128"
-    r = run(cmd, text)
+    r = run(quantize_cmd(d, out, "--format", "bnb-nf4", group_size=128), text)
     assert r.returncode == 2 and "does not divide the input size(s) [64]" in r.stderr
     assert not out.exists() and not (tmp_path / "nf4.partial").exists()
 
@@ -156,12 +148,9 @@ def test_double_quant_needs_a_codebook_grid():
 
 def test_cli_double_quant_streaming_and_refused_without_bnb(tmp_path, tiny_model_dir):
     d = tiny_model_dir("llama")
-    text = tmp_path / "calib.txt"
-    text.write_text(SAMPLE_TEXT)
+    text = calib_text(tmp_path)
     out = tmp_path / "nf4dq"
-    cmd = quantize_cmd(d, out, "--format", "bnb-nf4", "--double-quant")
-    cmd[cmd.index("--group-size") + 1] = "64"
-    r = run(cmd, text)
+    r = run(quantize_cmd(d, out, "--format", "bnb-nf4", "--double-quant", group_size=64), text)
     assert r.returncode == 0, r.stderr
     tensors = load_file(out / "model.safetensors")
     assert tensors["model.layers.1.mlp.down_proj.weight.absmax"].dtype == torch.uint8

@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT
 from gptq.distributed import World, my_batches, owners, rounds, solve_cost
 from gptq.hessian import HessianAccumulator
-from test_stream import sharded_tiny
+from test_stream import calib_text, sharded_tiny
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "GPTQ_DIST_TIMEOUT": "60"}  # the same threads per process in every run
 
@@ -76,11 +76,7 @@ def same_checkpoint(a, b):
 
 @pytest.fixture
 def calib(tmp_path, tiny_tokenizer_dir):
-    from conftest import SAMPLE_TEXT
-
-    text = tmp_path / "calib.txt"
-    text.write_text(SAMPLE_TEXT)
-    return sharded_tiny(tmp_path, tiny_tokenizer_dir), text
+    return sharded_tiny(tmp_path, tiny_tokenizer_dir), calib_text(tmp_path)
 
 
 def args(model, text, out, *extra):

@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SAMPLE_TEXT
 from gptq import QuantConfig, quantize_model, save_checkpoint, solve
 from gptq.ggml import TYPES, dequantize_blocks, pack_blocks
 from gptq.gguf_file import layer_type, output_type, plan, rope_permute, write_gguf
 from gptq.solver import round_to_nearest
 from test_pipeline import windows
-from test_stream import quantize_cmd, run
+from test_stream import calib_text, quantize_cmd, run
 
 
 def problem(out=64, n=512, seed=0):
@@ -220,14 +219,10 @@ def test_qwen_families_keep_hf_row_order_with_their_biases_and_norms(tmp_path, s
 
 def test_cli_gguf_writes_one_file_and_the_report(tmp_path, tiny_model_dir, monkeypatch):
     d = tiny_model_dir("llama")
-    text = tmp_path / "calib.txt"
-    text.write_text(SAMPLE_TEXT)
+    text = calib_text(tmp_path)
     out = tmp_path / "g"
-    cmd = quantize_cmd(d, out, "--format", "gguf:q4_0")
-    i = cmd.index("--group-size")
-    del cmd[i:i + 2]
     monkeypatch.setenv("GPTQ_GGUF_PRE", "default")  # the tiny test tokenizer is none llama.cpp knows
-    r = run(cmd, text)
+    r = run(quantize_cmd(d, out, "--format", "gguf:q4_0", group_size=None), text)
     assert r.returncode == 0, r.stderr
     files = sorted(p.name for p in out.iterdir())
     assert files == ["quantize_report.json", "tiny-llama-q4_0.gguf"]

@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MOE_FAMILIES, SAMPLE_TEXT, moe_config
+from conftest import MOE_FAMILIES, moe_config
 from gptq import QuantConfig, quantize_model, save_checkpoint
 from gptq import pipeline
 from gptq.architectures import for_config, get_module
 from gptq.load import load
 from gptq.moe import RoutedExperts, unfuse
 from gptq.solver import round_to_nearest
-from test_stream import quantize_cmd, run
+from test_stream import calib_text, quantize_cmd, run
 
 
 def moe_model(family: str, seed: int = 0, **kw):
@@ -202,9 +202,7 @@ def moe_dir(tmp_path, tiny_tokenizer_dir, family="mixtral", layers=3):
     model.save_pretrained(d, max_shard_size="100KB")  # several shards, per-expert names
     for f in tiny_tokenizer_dir.iterdir():
         shutil.copy(f, d / f.name)
-    text = tmp_path / "calib.txt"
-    text.write_text(SAMPLE_TEXT)
-    return d, text
+    return d, calib_text(tmp_path)
 
 
 def test_streaming_resume_and_in_memory_agree_byte_for_byte(tmp_path, tiny_tokenizer_dir):

@@ -65,8 +65,7 @@ def test_regrouped_shards_respect_the_size_and_survive_a_kill(tmp_path, tiny_tok
     from safetensors import safe_open
 
     d = sharded_tiny(tmp_path, tiny_tokenizer_dir)
-    text = tmp_path / "calib.txt"
-    text.write_text(SAMPLE_TEXT)
+    text = calib_text(tmp_path)
     r = run(quantize_cmd(d, tmp_path / "full", "--max-shard-size", "60kB"), text)
     assert r.returncode == 0, r.stderr
     full = tmp_path / "full"
@@ -94,9 +93,19 @@ def test_regrouped_shards_respect_the_size_and_survive_a_kill(tmp_path, tiny_tok
             assert (full / n).read_bytes() == (resumed / n).read_bytes(), n
 
 
-def quantize_cmd(model, out, *extra):
+def quantize_cmd(model, out, *extra, group_size: int | None = 32):
+    """The CLI on a small calibration set ("TEXT": see ``run``); ``group_size=None`` leaves the
+    format's own default (64 for bitsandbytes, the GGML block for GGUF)."""
+    group = [] if group_size is None else ["--group-size", str(group_size)]
     return [sys.executable, "-m", "gptq.quantize", str(model), "--dataset", "TEXT", "--nsamples", "4",
-            "--seqlen", "32", "--group-size", "32", "--out", str(out), "--quiet", *extra]
+            "--seqlen", "32", *group, "--out", str(out), "--quiet", *extra]
+
+
+def calib_text(tmp_path):
+    """A calibration text file for the CLI tests."""
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT)
+    return text
 
 
 def run(cmd, text, env=None):
@@ -107,8 +116,7 @@ def run(cmd, text, env=None):
 
 def test_resume_after_sigkill_is_byte_identical(tmp_path, tiny_tokenizer_dir):
     d = sharded_tiny(tmp_path, tiny_tokenizer_dir)
-    text = tmp_path / "calib.txt"
-    text.write_text(SAMPLE_TEXT)
+    text = calib_text(tmp_path)
     r = run(quantize_cmd(d, tmp_path / "full"), text)
     assert r.returncode == 0, r.stderr
     killed = run(quantize_cmd(d, tmp_path / "resumed"), text, env={KILL_HOOK: "1"})
@@ -134,8 +142,7 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, tiny_tokenizer_dir):
 
 def test_ctrl_c_keeps_resumable_state(tmp_path, tiny_tokenizer_dir):
     d = sharded_tiny(tmp_path, tiny_tokenizer_dir, layers=2)
-    text = tmp_path / "calib.txt"
-    text.write_text(SAMPLE_TEXT)
+    text = calib_text(tmp_path)
     r = run(quantize_cmd(d, tmp_path / "o"), text, env={KILL_HOOK: "int:0"})
     assert r.returncode == 130 and "--resume" in r.stderr
     assert (tmp_path / "o.partial" / "progress.json").is_file()
@@ -175,8 +182,7 @@ def test_spilled_streaming_and_resume_across_modes(tmp_path, tiny_tokenizer_dir)
     """--max-memory 0 spills every activation; a run killed while spilling resumes in memory
     (and the other way round the state is the same files) to the same bytes as a plain run."""
     d = sharded_tiny(tmp_path, tiny_tokenizer_dir)
-    text = tmp_path / "calib.txt"
-    text.write_text(SAMPLE_TEXT)
+    text = calib_text(tmp_path)
     r = run(quantize_cmd(d, tmp_path / "full", "--batch-size", "2"), text)
     assert r.returncode == 0, r.stderr
     r = run(quantize_cmd(d, tmp_path / "spilled", "--max-memory", "0", "--batch-size", "2"), text)
@@ -245,8 +251,7 @@ def test_calibrating_in_fp32_keeps_the_source_dtype_on_disk(tmp_path, tiny_token
     AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(src)
     for f in tiny_tokenizer_dir.iterdir():
         shutil.copy(f, src / f.name)
-    text = tmp_path / "calib.txt"
-    text.write_text(SAMPLE_TEXT)
+    text = calib_text(tmp_path)
     for extra in ([], ["--no-stream"]):
         out = tmp_path / f"o{len(extra)}"
         r = run(quantize_cmd(src, out, "--dtype", "float32", *extra), text)

@@ -26,7 +26,7 @@ class HessianAccumulator:
     Each batch's partial product is computed on its own and then added to the sum, in batch order
     (``sum += xᵢᵀxⱼ``, not a fused multiply-add into the sum): several processes, each computing
     the partials of its own batches (``staged``: ``add`` keeps the partial for
-    ``distributed.exchange``), then reach bit for bit the same H (``add_partial`` on the owner).
+    ``distributed.exchange``), then reach bit for bit the same H (``add_partial`` on every rank).
     """
 
     CHUNK = 256

@@ -137,7 +137,7 @@ def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantCon
     With several ranks (each holding H) the stacked rows are shared out (``_solve_distributed``)."""
     if config.double_quant and len(modules) > 1:  # double-quantized scales are per matrix: no stacking
         for name, module in modules.items():
-            yield from solve_group({name: module}, H, config, prefix)
+            yield from solve_group({name: module}, H, config, prefix, world, owner)
         return
     if config.layer_grids:  # a GGUF mix: stack only the linears of one type
         kinds: dict[QuantConfig, dict] = {}
@@ -145,7 +145,7 @@ def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantCon
             kinds.setdefault(config.for_layer(f"{prefix}.{name}"), {})[name] = module
         if len(kinds) > 1 or next(iter(kinds)) is not config:
             for cfg, group in kinds.items():
-                yield from solve_group(group, H, replace(cfg, layer_grids=()), prefix)
+                yield from solve_group(group, H, replace(cfg, layer_grids=()), prefix, world, owner)
             return
     Ws = [weight_matrix(m) for m in modules.values()]  # each [out_i, in], the modules' own dtype
     sizes = [W.shape[0] for W in Ws]
@@ -496,9 +496,9 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
                                          world, n_rounds)
             perm = None
             for group, owner in zip(modules, owner_of):
-                first = next(iter(group))
-                H = accs[first].hessian()  # every rank holds the whole H (distributed.exchange)
-                perm = (sort_channels(block, arch, first, H, packed_i, prefix, config)
+                lead = next(iter(group))  # the linear whose input H was captured
+                H = accs[lead].hessian()  # every rank holds the whole H (distributed.exchange)
+                perm = (sort_channels(block, arch, lead, H, packed_i, prefix, config)
                         if len(group) == 1 else None)  # a consumer whose input channels may be put in act-order
                 if perm is not None:
                     H = H[perm[:, None], perm[None, :]]

@@ -183,11 +183,11 @@ def compute_record(dtype, device: str) -> dict:
     return rec
 
 
-def load_model(path: str, dtype: str, device: str):
-    """The whole model in CPU memory (the --no-stream path) and its tokenizer."""
+def load_model(path: str, config, dtype: str, device: str):
+    """The whole model in CPU memory (the --no-stream path) and its tokenizer (``config``: the
+    directory's, from ``check_model_dir``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = check_model_dir(path)
     from .architectures import for_config
     from .moe import unfuse
 
@@ -236,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         bnb = args.checkpoint_format.startswith("bnb-")
         gguf = args.checkpoint_format[5:] if args.checkpoint_format.startswith("gguf:") else ""
         group = args.group_size if args.group_size is not None else (64 if bnb else QuantConfig().group_size)
+        config = None
         if gguf:
+            config = check_model_dir(args.model, args.checkpoint_format)  # before the skeleton is built
             qcfg = gguf_config(args, gguf)
         else:
             qcfg = QuantConfig(bits=args.bits, group_size=group, sym=args.sym, act_order=args.act_order,
@@ -262,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or (f"{args.model.rstrip('/')}-{args.checkpoint_format}-g{qcfg.group_size}" if bnb else
                            f"{args.model.rstrip('/')}-gguf-{gguf}" if gguf else
                            f"{args.model.rstrip('/')}-gptq-{qcfg.bits}bit-g{qcfg.group_size}")
-        check_model_dir(args.model, args.checkpoint_format)
+        if config is None:
+            config = check_model_dir(args.model, args.checkpoint_format)
         prepare_output(out, args.overwrite)  # refuse early, before hours of work
         gguf_out = None
         if gguf:  # the solved blocks are staged as a checkpoint beside OUT, then written as one .gguf
@@ -290,7 +293,6 @@ def main(argv: list[str] | None = None) -> int:
 
             from .stream import quantize_streaming, skeleton
 
-            config = check_model_dir(args.model)
             summary["compute"] = compute_record(calib_dtype(config, args.dtype, args.device), args.device)
             warn_group_divisibility(skeleton(args.model, torch.float32), qcfg)
             windows = calibration_windows(AutoTokenizer.from_pretrained(args.model), config, ccfg)
@@ -304,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             report = [LayerReport(**(r | {"shape": tuple(r["shape"])})) for r in layers]
             seconds = time.perf_counter() - t0
         else:
-            model, tokenizer = load_model(args.model, args.dtype, args.device)
+            model, tokenizer = load_model(args.model, config, args.dtype, args.device)
             summary["compute"] = compute_record(next(model.parameters()).dtype, args.device)
             windows = calibration_windows(tokenizer, model.config, ccfg)
             warn_group_divisibility(model, qcfg)
@@ -335,14 +337,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def gguf_config(args, ftype: str) -> QuantConfig:
-    """The run's config for a GGUF file type: each decoder linear's GGML type as llama.cpp picks it."""
+    """The run's config for a GGUF file type: each decoder linear's GGML type as llama.cpp picks it
+    (the caller has checked the model directory)."""
     from .capture import in_features
     from .gguf_file import plan
     from .stream import skeleton
 
     import torch
 
-    check_model_dir(args.model, args.checkpoint_format)
     if args.double_quant or args.act_order not in ("none", "group-aware"):
         raise ConfigError("--format gguf:* takes --act-order none or group-aware (GGML blocks run along the rows "
                           "in order) and no --double-quant")

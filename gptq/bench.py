@@ -6,6 +6,8 @@ quality  SmolLM2-135M-Instruct, 4-bit g64 symmetric, 32 × 512-token calibration
 decode   CPU batch-1 greedy decoding (64 new tokens, 2 threads): fp32, bf16 and our packed
          4-bit checkpoint; tokens/s (median of 3), resident weight memory, and seconds per
          2048-token perplexity window (long prompts).
+decode-synthetic  the same on a TinyLlama-1.1B-shaped model with random weights (speed only), where
+         the linears, not the framework's per-token overhead, set the pace.
 Every result records the CPU (torch's capability, /proc/cpuinfo flags, measured fp32/bf16 GFLOPS).
 scale    streaming quantization of synthetic Llama-shaped models of growing depth and width
          (sharded safetensors on disk): peak RSS and seconds per block (``--13b`` adds 13B-shaped).
@@ -607,6 +609,79 @@ def decode(out: Path, eval_windows_n: int = 3) -> dict:
     return result
 
 
+SYNTH_DECODE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                    num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)  # TinyLlama-1.1B's shape
+
+
+def random_packed(model: torch.nn.Module, bits: int = 4, group: int = 128, seed: int = 0) -> torch.nn.Module:
+    """Replace every decoder linear of ``model`` by a QuantLinear holding random codes (scales
+    ~0.01, zero 8): a packed model of the right shape for speed figures, no solve needed."""
+    from .pack import pack_qweight, pack_qzeros
+    from .qlinear import QuantLinear
+
+    g = torch.Generator().manual_seed(seed)
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, torch.nn.Linear) or ".layers." not in name:
+            continue
+        N, K = mod.weight.shape
+        q = QuantLinear(K, N, bits, group, mod.bias is not None)
+        q.qweight = pack_qweight(torch.randint(0, 2 ** bits, (N, K), dtype=torch.int32, generator=g), bits)
+        q.qzeros = pack_qzeros(torch.full((K // group, N), 2 ** (bits - 1), dtype=torch.int32), bits)
+        q.scales = (torch.rand(K // group, N, generator=g) * 0.01 + 0.002).half()
+        q.g_idx = (torch.arange(K) // group).to(torch.int32)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q)
+    return model
+
+
+def decode_synthetic(out: Path, n_new: int = 32) -> dict:
+    """Batch-1 decoding of a TinyLlama-1.1B-shaped model (random weights: speed only): dense fp32,
+    dense bf16, and 4-bit g128 packed with random codes, loaded as ``load`` prepares a checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .cpu import cpu_info
+    from .generate import resident_bytes
+    from .load import prepare_model, resolve_dtype
+
+    torch.set_num_threads(2)
+    cfg = LlamaConfig(**SYNTH_DECODE, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).eval()
+
+    def tps(model) -> float:
+        ids = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+        kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0, eos_token_id=None)
+        with torch.no_grad():
+            model.generate(ids, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
+            rates = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                model.generate(ids, **kw)
+                rates.append(n_new / (time.perf_counter() - t0))
+        return round(statistics.median(rates), 2)
+
+    rows = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        m = base.to(dtype)
+        rows[name] = {"tokens_per_s": tps(m), "weights_gb": round(resident_bytes(m) / 1e9, 3)}
+        print(name, rows[name], flush=True)
+    act = resolve_dtype("auto", torch.device("cpu"), "cpu")
+    q = random_packed(base.to(act))
+    prepare_model(q, "cpu", act, torch.device("cpu"))
+    qname = "gptq-4bit-g128 (cpu backend)"
+    kernel = next(m._state.get("kernel", "torch int4") for m in q.modules() if hasattr(m, "_state"))
+    rows[qname] = {"tokens_per_s": tps(q), "weights_gb": round(resident_bytes(q) / 1e9, 3),
+                   "activation_dtype": str(act).removeprefix("torch."), "kernel": kernel}
+    print(qname, rows[qname], flush=True)
+    result = {"setup": f"TinyLlama-1.1B shape, random weights; greedy, {n_new} new tokens after 8, batch 1, "
+                       "2 threads, median of 3", "cpu": cpu_info(), "rows": rows,
+              "decode_speedup_vs_bf16": round(rows[qname]["tokens_per_s"] / rows["bf16"]["tokens_per_s"], 2),
+              "decode_speedup_vs_fp32": round(rows[qname]["tokens_per_s"] / rows["fp32"]["tokens_per_s"], 2)}
+    print(json.dumps(result, indent=2))
+    _write(out, "decode_synthetic", result)
+    return result
+
+
 LLAMA_SHAPES = {  # (K, N) of the linears in one block
     "7B qkv/o": (4096, 4096), "7B up/gate": (4096, 11008), "7B down": (11008, 4096),
     "70B q/o": (8192, 8192), "70B up/gate": (8192, 28672), "70B down": (28672, 8192),
@@ -707,7 +782,7 @@ def notebook(quick: bool = False):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gptq.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["quality", "decode", "kernel", "cpu-kernel", "ablation", "act-order", "codebooks",
+    p.add_argument("what", choices=["quality", "decode", "decode-synthetic", "kernel", "cpu-kernel", "ablation", "act-order", "codebooks",
                                     "scale", "spill", "moe", "distributed", "notebook", "all"])
     p.add_argument("--13b", dest="with_13b", action="store_true",
                    help="scale: also the 13B-shaped model (about 26 GB on disk, hours on 2 cores)")
@@ -723,6 +798,8 @@ def main(argv: list[str] | None = None) -> int:
         quality(out)
     if a.what in ("decode", "all"):
         decode(out)
+    if a.what in ("decode-synthetic", "all"):
+        decode_synthetic(out)
     if a.what in ("kernel", "all"):
         kernel(out)
     if a.what in ("cpu-kernel", "all"):

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 PROBE_SHAPE = (256, 512, 512)  # M, K, N
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16")
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16")
 
 
 def _gflops(dtype: torch.dtype, repeats: int = 3) -> float:

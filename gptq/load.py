@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .qlinear import QuantLinear, half_head_for_cpu, share_permutations
+from .qlinear import QuantLinear, fuse_siblings, half_head_for_cpu, share_permutations
 
 
 class CheckpointError(ValueError):
@@ -169,6 +169,19 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, backend: str) 
     return torch.float32
 
 
+def prepare_model(model: nn.Module, backend: str, act_dtype: torch.dtype, dev: torch.device) -> None:
+    """Make a model whose linears are QuantLinear ready to run: each layer's backend, shared
+    permutations and buffers, fused siblings (AVX2 kernel), the float16 head on CPU."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.prepare(backend, act_dtype)
+    share_permutations(layers)
+    fuse_siblings(model)
+    if backend == "cpu" and dev.type == "cpu":
+        half_head_for_cpu(model)
+    model.eval()
+
+
 def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: str | torch.dtype = "auto"):
     """Load a GPTQ checkpoint directory → (model, tokenizer or None)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -233,13 +246,7 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: s
         raise CheckpointError(f"{path}: tensor(s) missing from the checkpoint: {', '.join(still_meta[:5])}"
                               + (" ..." if len(still_meta) > 5 else ""))
     model.to(dev)
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    for m in layers:
-        m.prepare(backend, act_dtype)
-    share_permutations(layers)
-    if backend == "cpu" and dev.type == "cpu":
-        half_head_for_cpu(model)
-    model.eval()
+    prepare_model(model, backend, act_dtype, dev)
     tokenizer = None
     try:
         from transformers import AutoTokenizer

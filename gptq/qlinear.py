@@ -30,6 +30,7 @@ from .kernels.reference import dequant_matmul_reference
 
 BACKENDS = ("torch", "triton", "cpu", "dense")
 INT4_CPU_GROUPS = (256, 128, 64, 32)
+ROWS32_MAX_ROWS = 8  # cpu backend, AVX2 kernel: below this many rows the kernel, else dequantize + fp32 matmul
 DEQUANT_MIN_ROWS = 256  # cpu backend: from this many rows on, dequantize + dense matmul (bench cpu-kernel)
 HEAD_DENSE_ROWS = 16  # float16 head: below this many rows multiply in fp16, else in the activation dtype
 
@@ -62,21 +63,61 @@ class SharedBuffers:
         return buf
 
 
+class InputCache:
+    """A value computed from one input tensor, reused while the same tensor object (unchanged)
+    comes back: q/k/v (up/gate) are called one after another with the module input itself. The
+    cache holds that tensor, so its memory cannot be reused by a new tensor meanwhile."""
+
+    def __init__(self):
+        self._x = None
+        self._version = -1
+        self._value = None
+
+    def __call__(self, x: torch.Tensor, compute):
+        if x is not self._x or x._version != self._version:
+            self._value = compute()
+            self._x, self._version = x, x._version
+        return self._value
+
+
 class PermutedInput:
     """The activations permuted into g_idx order, shared by the linears that read the same
     input with the same permutation (q/k/v, up/gate): the gather runs once per input."""
 
     def __init__(self, perm: torch.Tensor):
         self.perm = perm
-        self._key = None
-        self._value = None
+        self._cache = InputCache()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.data_ptr(), x._version, x.shape, x.dtype)
-        if key != self._key:
-            self._value = x.index_select(-1, self.perm)
-            self._key = key
-        return self._value
+    def __call__(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """x: the module input (the cache key); x2: its [M, in] view to permute."""
+        return self._cache(x, lambda: x2.index_select(-1, self.perm))
+
+
+class FusedSiblings:
+    """Linears that read the same input (q/k/v; up/gate) on the cpu backend's AVX2 kernel: their
+    codes, scales and zeros live in one tensor each (the layers keep views of their rows), and a
+    small batch runs all of them in one kernel call; each layer takes its columns of the result."""
+
+    def __init__(self, layers: list["QuantLinear"]):
+        states = [layer._state for layer in layers]
+        self.group = states[0]["group"]
+        from .kernels.cpu_int4 import Int4Rows
+
+        self.tensors = {k: torch.cat([st[k] for st in states]) for k in ("w", "scale", "zero")}
+        self.matmul = Int4Rows(self.tensors["w"], self.tensors["scale"], self.tensors["zero"], self.group)
+        self.cols = []
+        start = 0
+        for layer, st in zip(layers, states):
+            end = start + layer.out_features
+            self.cols.append((start, end))
+            for k, t in self.tensors.items():
+                st[k] = t[start:end]  # a view: no second copy
+            st["matmul"] = Int4Rows(st["w"], st["scale"], st["zero"], self.group)
+            start = end
+        self._cache = InputCache()
+
+    def outputs(self, x: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        return self._cache(x, lambda: self.matmul(xs))
 
 
 def share_permutations(layers: list["QuantLinear"]) -> None:
@@ -93,6 +134,47 @@ def share_permutations(layers: list["QuantLinear"]) -> None:
         if key not in shared:
             shared[key] = PermutedInput(perm)
         layer._state["permute"] = shared[key]
+
+
+def _fusable(layers: list["QuantLinear"]) -> bool:
+    states = [getattr(m, "_state", {}) for m in layers]
+    if len(layers) < 2 or not all(isinstance(m, QuantLinear) and st.get("kernel") == "rows32" for m, st in
+                                  zip(layers, states)):
+        return False
+    first = states[0]
+    return all(m.in_features == layers[0].in_features and st["group"] == first["group"]
+               and (st["perm"] is None) == (first["perm"] is None)
+               and (st["perm"] is None or torch.equal(st["perm"], first["perm"])) for m, st in zip(layers, states))
+
+
+def fuse_siblings(model: nn.Module) -> int:
+    """Fuse the AVX2-kernel linears that share an input, per the model's architecture (its
+    ``sequential`` groups); returns how many groups were fused. Unknown families: none."""
+    from .architectures import UnsupportedModelError, for_config, get_module
+
+    try:
+        arch = for_config(model.config)
+    except (UnsupportedModelError, AttributeError):
+        return 0
+    try:
+        blocks = get_module(model, arch.blocks)
+    except AttributeError:
+        return 0
+    fused = 0
+    for block in blocks:
+        for group in arch.sequential:
+            if arch.routed(group):
+                continue
+            try:
+                layers = [get_module(block, name) for name in group]
+            except AttributeError:
+                continue
+            if _fusable(layers):
+                siblings = FusedSiblings(layers)
+                for i, layer in enumerate(layers):
+                    layer._state["fused"] = (siblings, *siblings.cols[i])
+                fused += 1
+    return fused
 
 
 class HalfHead(nn.Module):
@@ -222,6 +304,11 @@ class QuantLinear(nn.Module):
         return backend
 
     def _prepare_int4_cpu(self, perm, G) -> str:
+        from .cpu import fast_dtype
+        from .kernels import cpu_int4
+
+        if fast_dtype() == torch.float32 and G % 32 == 0 and G <= 32768 and cpu_int4.available():
+            return self._prepare_rows32(perm, G)
         sub = next((s for s in INT4_CPU_GROUPS if G % s == 0 and self.in_features % s == 0), None)
         if sub is None:
             return "dense"
@@ -246,12 +333,34 @@ class QuantLinear(nn.Module):
             # the layout lets long prompts dequantize the int4 weight (None: always the kernel)
             "layout": layout if layout is not None and self.out_features % layout[0] == 0 else None,
         }
-        # the int4 layout now holds the same codes: release the GPTQ-layout copies (they stay on
+        self._release_gptq_tensors()
+        return "cpu"
+
+    def _prepare_rows32(self, perm, G) -> str:
+        """CPUs without fast bf16: our AVX2 kernel (kernels/cpu_int4.c) on fp32 activations, the
+        codes one row per output, the checkpoint's fp16 scales and integer zeros per group."""
+        from .kernels.cpu_int4 import Int4Rows, pack_rows32
+
+        codes = unpack_qweight(self.qweight, 4)  # [in, out]
+        if perm is not None:
+            codes = codes[perm]
+        st = {
+            "perm": perm, "kernel": "rows32", "group": G,
+            "w": pack_rows32(codes.T),
+            "scale": self.scales.T.contiguous(),  # [out, ng]; sorted inputs: group i is rows iG..(i+1)G
+            "zero": unpack_qzeros(self.qzeros, 4, self.checkpoint_format).T.to(torch.uint8).contiguous(),
+        }
+        st["matmul"] = Int4Rows(st["w"], st["scale"], st["zero"], G)
+        self._state = st
+        self._release_gptq_tensors()
+        return "cpu"
+
+    def _release_gptq_tensors(self) -> None:
+        # the CPU layout now holds the same codes: release the GPTQ-layout copies (they stay on
         # disk) so the layer is resident at ~28 % of its bf16 size instead of ~55 %
         for name in ("qweight", "qzeros", "scales"):
             t = getattr(self, name)
             setattr(self, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
-        return "cpu"
 
     def _dequantized_t(self, dtype: torch.dtype) -> torch.Tensor:
         """cpu backend: Ŵᵀ [in, out] (sorted input order) from the int4 weight, in a shared buffer."""
@@ -271,16 +380,47 @@ class QuantLinear(nn.Module):
             return buf
         return st["buffers"].fill((K, N), dtype, self, write)
 
+    def _permuted(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """x2 ([M, in] view of the module input x) in g_idx order where act-order needs it."""
+        st = self._state
+        if st.get("perm") is None:
+            return x2
+        return st["permute"](x, x2) if "permute" in st else x2.index_select(-1, st["perm"])
+
+    def _forward_rows32(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        from .kernels import cpu_int4
+
+        st = self._state
+        xs = self._permuted(x, x2)
+        if xs.shape[0] < ROWS32_MAX_ROWS:
+            if "fused" in st:
+                siblings, start, end = st["fused"]
+                y = siblings.outputs(x, xs)[:, start:end]
+                return (y if y.shape[0] == 1 else y.contiguous()).to(x2.dtype)
+            return st["matmul"](xs).to(x2.dtype)
+
+        def write(buf):
+            cpu_int4.int4_dequantize(st["w"], st["scale"], st["zero"], st["group"], out=buf)
+
+        shape = (self.out_features, self.in_features)
+        if "buffers" in st:
+            w = st["buffers"].fill(shape, torch.float32, self, write)
+        else:
+            w = torch.empty(shape)
+            write(w)
+        return nn.functional.linear(xs.float(), w).to(x2.dtype)
+
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, in]
-        if self.backend == "cpu":
+        if self.backend == "cpu" and self._state.get("kernel") == "rows32":
+            y = self._forward_rows32(x, x2)
+        elif self.backend == "cpu":
             st = self._state
             dense = x2.shape[0] >= DEQUANT_MIN_ROWS and st["layout"] is not None
-            xb = x2 if dense else x2.to(torch.bfloat16)
-            if st["perm"] is not None:
-                xb = st["permute"](xb) if "permute" in st else xb.index_select(-1, st["perm"])
+            xp = self._permuted(x, x2)
+            xb = xp if dense else xp.to(torch.bfloat16)
             if dense:
                 y = xb @ self._dequantized_t(xb.dtype)
             else:
@@ -290,7 +430,7 @@ class QuantLinear(nn.Module):
             from .kernels.triton_dequant import dequant_matmul
 
             st = self._state
-            xs = x2 if st["perm"] is None else (st["permute"](x2) if "permute" in st else x2.index_select(-1, st["perm"]))
+            xs = self._permuted(x, x2)
             y = dequant_matmul(xs, st["qweight"], self.qzeros, self.scales, self.group_size, self.bits,
                                self._zero_offset)
         elif self.backend == "dense":

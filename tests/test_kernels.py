@@ -36,6 +36,15 @@ def make_layer(K, N, bits, group_size, act_order, sym=False, fmt="gptq", bias=Tr
     return layer
 
 
+@pytest.fixture
+def fast_bf16(monkeypatch):
+    """This CPU as one with native bf16, whatever it is: the cpu backend takes torch's int4 kernel
+    (tests/test_cpu_kernel.py covers the AVX2 kernel that CPUs without it get)."""
+    from gptq import cpu
+
+    monkeypatch.setattr(cpu, "fast_dtype", lambda: torch.bfloat16)
+
+
 def reference(layer, x):
     return dequant_matmul_reference(x.float(), layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
                                     layer.checkpoint_format, layer.bias)
@@ -96,7 +105,7 @@ def test_triton_rejects_bad_shapes():
 
 @pytest.mark.parametrize("group_size,act_order", [(32, False), (64, True), (128, False), (-1, True)])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_cpu_int4_matches_reference(group_size, act_order, batch):
+def test_cpu_int4_matches_reference(fast_bf16, group_size, act_order, batch):
     layer = make_layer(576, 96, 4, group_size, act_order, seed=3)  # 576: group 128 leaves a 64-row tail
     x = torch.randn(batch, 576)
     ref = reference(layer, x)
@@ -108,7 +117,7 @@ def test_cpu_int4_matches_reference(group_size, act_order, batch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_cpu_int4_long_prompts_dequantize_the_same_weight(dtype, act_order):
+def test_cpu_int4_long_prompts_dequantize_the_same_weight(fast_bf16, dtype, act_order):
     """From DEQUANT_MIN_ROWS rows on, the cpu backend multiplies a dequantized copy of its own int4
     weight: the same weight the kernel uses, so both paths agree with the reference and each other."""
     from gptq.cpu import int4pack_layout

@@ -1,0 +1,179 @@
+"""4-bit × fp32 matmul for x86 CPUs without native bf16 (AVX2 + FMA): ``cpu_int4.c``, compiled once.
+
+Why: torch's packed-int4 CPU kernel computes in bf16, which CPUs without AVX-512 BF16 emulate,
+so there it decodes no faster than a dense bf16 matrix-vector product (issue #10). This kernel
+converts the codes to fp32 and multiplies with FMA, so a decoding step reads ¼ of a bf16 weight's
+bytes at memory speed.
+
+Build: the C source is compiled with the system's C compiler (``$CC`` or ``cc``; ``-O3 -mavx2
+-mfma -mf16c -fopenmp``) into ``$GPTQ_CACHE`` (default ``~/.cache/gptq``)/kernels/<hash>/ on first use,
+a second or two, written under a temporary name and renamed, then loaded with ctypes. No compiler,
+no AVX2/FMA, or a failed build: ``available()`` is False, the reason is in ``unavailable_reason()``
+and callers keep torch's kernel. ``GPTQ_CPU_KERNEL=0`` turns it off.
+
+Layout: ``pack_rows32(codes)`` turns [N, K] codes (0..15) into [N, K/2] bytes, each 32-column chunk
+as 16 bytes holding column j (low nibble) and j + 16 (high nibble). Reference:
+``kernels.reference.int4_rows_matmul_reference``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_int4.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+_reason: list[str] = []
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GPTQ_CACHE", Path.home() / ".cache" / "gptq")) / "kernels"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC", "cc")
+    return shutil.which(cc) or shutil.which("gcc")
+
+
+def _build() -> Path:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC or install gcc)")
+    src = SOURCE.read_bytes()
+    tag = hashlib.sha256(src + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    lib = cache_dir() / tag / "libgptq_int4.so"
+    if lib.is_file():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-500:]}")
+        os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _library():
+    if os.environ.get("GPTQ_CPU_KERNEL", "1") == "0":
+        _reason.append("turned off by GPTQ_CPU_KERNEL=0")
+        return None
+    from ..cpu import cpu_flags
+
+    flags = set(cpu_flags())
+    if not {"avx2", "fma", "f16c"} <= flags:
+        _reason.append(f"this CPU lacks AVX2/FMA/F16C (flags: {sorted(flags)})")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError) as e:
+        _reason.append(f"build failed: {e}")
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.gptq_int4_matmul.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i32]
+    lib.gptq_int4_dequant.argtypes = [p, p, p, p, i64, i64, i64, i32]
+    lib.gptq_int4_matmul.restype = lib.gptq_int4_dequant.restype = None
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def unavailable_reason() -> str:
+    _library()
+    return _reason[0] if _reason else ""
+
+
+def pack_rows32(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes (0..15, K a multiple of 32) → [N, K/2] uint8 in the kernel's chunk layout."""
+    N, K = codes.shape
+    c = codes.to(torch.uint8).view(N, K // 32, 2, 16)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+
+
+def unpack_rows32(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_rows32``: [N, K/2] uint8 → [N, K] codes (uint8)."""
+    N, half = packed.shape
+    p = packed.view(N, half // 16, 16)
+    return torch.stack([p & 15, p >> 4], dim=2).reshape(N, 2 * half)
+
+
+def _check(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> None:
+    N, half = packed.shape
+    K = 2 * half
+    if packed.dtype != torch.uint8 or scale.dtype != torch.float16 or zero.dtype != torch.uint8:
+        raise ValueError(f"int4 kernel: packed uint8, scale float16, zero uint8 expected; got {packed.dtype}, "
+                         f"{scale.dtype}, {zero.dtype}")
+    if group % 32 or K % group or scale.shape != (N, K // group) or zero.shape != scale.shape:
+        raise ValueError(f"int4 kernel: group {group} must be a multiple of 32 dividing K={K}, and scale/zero "
+                         f"shaped [N, K/group] = {(N, K // max(group, 1))}; got {tuple(scale.shape)}")
+    for t in (packed, scale, zero):
+        if not t.is_contiguous():
+            raise ValueError("int4 kernel: packed, scale and zero must be contiguous")
+
+
+def _fn(name: str):
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the AVX2 int4 kernel is unavailable: {unavailable_reason()}")
+    return getattr(lib, name)
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                group: int) -> torch.Tensor:
+    """y = x̂ Ŵᵀ with Ŵ[n, k] = scale[n, k/group]·(code[n, k] − zero[n, k/group]) and x̂ the
+    activations rounded to int16 per group (see cpu_int4.c).
+
+    x [M, K] float; packed [N, K/2] from ``pack_rows32``; scale [N, K/group] float16; zero
+    [N, K/group] uint8; group a multiple of 32 dividing K. Returns [M, N] float32."""
+    return Int4Rows(packed, scale, zero, group)(x)
+
+
+class Int4Rows:
+    """One layer's packed codes, scales and zeros, checked once; calling it multiplies (the
+    decoding path: no per-call validation, pointers bound at construction)."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int):
+        _check(packed, scale, zero, group)
+        self.packed, self.scale, self.zero, self.group = packed, scale, zero, group
+        self.N, self.K = packed.shape[0], packed.shape[1] * 2
+        self._fn = _fn("gptq_int4_matmul")
+        self._ptrs = (packed.data_ptr(), scale.data_ptr(), zero.data_ptr())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] (any float dtype) → [M, N] float32."""
+        x = x.float().contiguous()
+        if x.dim() != 2 or x.shape[1] != self.K:
+            raise ValueError(f"expected activations [M, {self.K}], got {tuple(x.shape)}")
+        y = torch.empty(x.shape[0], self.N, dtype=torch.float32)
+        self._fn(x.data_ptr(), *self._ptrs, y.data_ptr(), x.shape[0], self.K, self.N, self.group,
+                 torch.get_num_threads())
+        return y
+
+
+def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Ŵ [N, K] float32 (into ``out`` if given), for long prompts: one dense matmul after it."""
+    _check(packed, scale, zero, group)
+    N, K = packed.shape[0], packed.shape[1] * 2
+    if out is None:
+        out = torch.empty(N, K, dtype=torch.float32)
+    elif out.shape != (N, K) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"int4_dequantize: out must be a contiguous float32 [{N}, {K}]")
+    _fn("gptq_int4_dequant")(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(), K, N, group,
+                             torch.get_num_threads())
+    return out

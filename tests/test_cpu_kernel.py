@@ -1,0 +1,173 @@
+"""The AVX2 int4 kernel (gptq/kernels/cpu_int4.c) and the cpu backend's path on CPUs without fast
+bf16: against the fp64 reference, exact dequantization, fused siblings, the fallback."""
+
+import pytest
+import torch
+
+from gptq import cpu
+from gptq.kernels import cpu_int4
+from gptq.kernels.reference import int16_group_round, int4_rows_matmul_reference
+from gptq.qlinear import ROWS32_MAX_ROWS, QuantLinear
+
+from test_kernels import make_layer, reference
+
+needs_kernel = pytest.mark.skipif(not cpu_int4.available(), reason=f"AVX2 kernel: {cpu_int4.unavailable_reason()}")
+
+
+@pytest.fixture
+def no_fast_bf16(monkeypatch):
+    """This CPU as one without native bf16: the cpu backend takes the AVX2 kernel."""
+    monkeypatch.setattr(cpu, "fast_dtype", lambda: torch.float32)
+
+
+def random_rows(N, K, G, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(N, K // G, generator=g) * 0.02 + 0.001).half()
+    zero = torch.randint(0, 16, (N, K // G), generator=g, dtype=torch.uint8)
+    return codes, scale, zero
+
+
+def test_rows32_packing_round_trips_and_puts_column_j_beside_j_plus_16():
+    codes, _, _ = random_rows(5, 96, 32)
+    packed = cpu_int4.pack_rows32(codes)
+    assert packed.shape == (5, 48) and packed.dtype == torch.uint8
+    assert torch.equal(cpu_int4.unpack_rows32(packed), codes)
+    assert int(packed[2, 3]) == int(codes[2, 3]) | int(codes[2, 19]) << 4  # chunk 0, byte 3
+    assert int(packed[4, 16 + 7]) == int(codes[4, 32 + 7]) | int(codes[4, 48 + 7]) << 4  # chunk 1, byte 7
+
+
+def test_activations_round_to_int16_per_group():
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1)) * torch.tensor([1e-3, 1.0, 50.0])[:, None]
+    xr = int16_group_round(x, 64)
+    err = (xr - x.double()).abs().view(3, 2, 64).amax(-1)
+    amax = x.double().abs().view(3, 2, 64).amax(-1)
+    assert (err <= amax / 32767 / 2 * 1.01).all()  # half a step of absmax / 32767 (fp32 scale)
+
+
+@needs_kernel
+@pytest.mark.parametrize("K,N,G", [(64, 8, 32), (576, 96, 64), (576, 200, 192), (1024, 64, 1024), (256, 3, 128)])
+@pytest.mark.parametrize("M", [1, 3, 7])
+def test_kernel_matches_the_fp64_reference(K, N, G, M):
+    codes, scale, zero = random_rows(N, K, G, seed=K + N)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+    y = cpu_int4.int4_matmul(x, cpu_int4.pack_rows32(codes), scale, zero, G)
+    ref = int4_rows_matmul_reference(x, codes, scale, zero, G)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    assert ((y - ref).abs().max() / ref.abs().max()) < 2e-6  # only the fp32 accumulation differs
+    W = scale.double().repeat_interleave(G, 1) * (codes.double() - zero.double().repeat_interleave(G, 1))
+    exact = x.double() @ W.T  # unrounded activations: the int16 rounding costs ~1e-5, bf16 ~3e-3
+    assert ((y.double() - exact).norm() / exact.norm()) < 1e-4
+
+
+@needs_kernel
+def test_kernel_dequantizes_exactly_and_rejects_bad_shapes():
+    codes, scale, zero = random_rows(40, 256, 64, seed=5)
+    packed = cpu_int4.pack_rows32(codes)
+    W = scale.float().repeat_interleave(64, 1) * (codes.float() - zero.float().repeat_interleave(64, 1))
+    assert torch.equal(cpu_int4.int4_dequantize(packed, scale, zero, 64), W)
+    out = torch.empty(40, 256)
+    assert cpu_int4.int4_dequantize(packed, scale, zero, 64, out=out).data_ptr() == out.data_ptr()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cpu_int4.int4_matmul(torch.randn(1, 256), packed, scale, zero, 48)
+    with pytest.raises(ValueError, match="float16"):
+        cpu_int4.int4_matmul(torch.randn(1, 256), packed, scale.float(), zero, 64)
+    with pytest.raises(ValueError, match=r"activations \[M, 256\]"):
+        cpu_int4.int4_matmul(torch.randn(1, 128), packed, scale, zero, 64)
+
+
+@needs_kernel
+@pytest.mark.parametrize("group_size,act_order,fmt", [(32, False, "gptq"), (64, True, "gptq"),
+                                                      (-1, True, "gptq_v2"), (128, False, "gptq_v2")])
+def test_cpu_backend_without_fast_bf16_takes_the_kernel(no_fast_bf16, group_size, act_order, fmt):
+    from gptq.qlinear import SharedBuffers
+
+    layer = make_layer(512, 96, 4, group_size, act_order, fmt=fmt, seed=7)
+    xs = torch.randn(ROWS32_MAX_ROWS + 5, 512, generator=torch.Generator().manual_seed(2))
+    ref = reference(layer, xs)
+    assert layer.prepare("cpu", torch.float32) == "cpu" and layer._state["kernel"] == "rows32"
+    assert layer.qweight.is_meta  # the GPTQ-layout copies are released
+    layer._state["buffers"] = SharedBuffers()
+    for rows in (1, 3, ROWS32_MAX_ROWS - 1):  # the kernel
+        y = layer(xs[:rows])
+        assert ((y - ref[:rows]).norm() / ref[:rows].norm()) < 1e-4
+    long = layer(xs)  # dequantize + fp32 matmul: the reference's own arithmetic
+    assert ((long - ref).norm() / ref.norm()) < 1e-6
+    assert layer(xs.bfloat16()[:1]).dtype == torch.bfloat16  # output in the activations' dtype
+
+
+@needs_kernel
+def test_groups_the_kernel_cannot_serve_stay_on_torch_int4(no_fast_bf16):
+    layer = make_layer(576, 64, 4, 16, False, seed=1)  # groups of 16
+    assert layer.prepare("cpu", torch.float32) in ("cpu", "dense")
+    assert layer._state.get("kernel") != "rows32"
+
+
+@needs_kernel
+def test_fused_siblings_equal_separate_layers_and_never_reuse_a_stale_input(no_fast_bf16, tmp_path):
+    from test_load import build_checkpoint
+
+    from gptq import load
+    from gptq.qlinear import fuse_siblings
+
+    d, _ = build_checkpoint(tmp_path, 4, 32, False, False, "gptq")  # (its act-order perms differ per layer)
+    fused, _ = load(d, device="cpu", backend="cpu", dtype="float32")
+    attn = fused.model.layers[0].self_attn
+    assert attn.q_proj._state["kernel"] == "rows32" and "fused" in attn.q_proj._state
+    assert attn.k_proj._state["w"].data_ptr() != attn.q_proj._state["w"].data_ptr()
+    assert attn.k_proj._state["w"].untyped_storage().data_ptr() == attn.q_proj._state["w"].untyped_storage().data_ptr()
+    assert "fused" in fused.model.layers[1].mlp.up_proj._state and "fused" not in attn.o_proj._state
+    plain, _ = load(d, device="cpu", backend="cpu", dtype="float32")
+    for m in plain.modules():
+        if isinstance(m, QuantLinear):
+            m._state.pop("fused", None)
+    assert fuse_siblings(fused) == 2 * len(fused.model.layers)  # q/k/v and up/gate (again: rebuilt the same)
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = fused(ids).logits
+        b = plain(ids).logits
+        assert torch.allclose(a, b, rtol=0, atol=1e-5)
+        out_f = fused.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        out_p = plain.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out_f, out_p)
+    # a new input at the same address as a freed one is recomputed, not served from the cache
+    x = torch.randn(1, 1, 64)
+    q1 = attn.q_proj(x).clone()
+    x.copy_(torch.randn(1, 1, 64))  # same tensor, new version
+    assert not torch.allclose(attn.q_proj(x), q1)
+    assert torch.allclose(attn.k_proj(x), plain.model.layers[0].self_attn.k_proj(x), atol=1e-6)
+
+
+def test_kernel_off_or_unbuildable_leaves_torch_int4(monkeypatch):
+    cpu_int4._library.cache_clear()
+    cpu_int4._reason.clear()
+    try:
+        monkeypatch.setenv("GPTQ_CPU_KERNEL", "0")
+        assert not cpu_int4.available() and "GPTQ_CPU_KERNEL=0" in cpu_int4.unavailable_reason()
+        cpu_int4._library.cache_clear()
+        cpu_int4._reason.clear()
+        monkeypatch.delenv("GPTQ_CPU_KERNEL")
+        monkeypatch.setattr(cpu_int4, "_compiler", lambda: None)
+        monkeypatch.setattr(cpu_int4, "cache_dir", lambda: __import__("pathlib").Path("/nonexistent-gptq-cache"))
+        assert not cpu_int4.available()
+        reason = cpu_int4.unavailable_reason()
+        assert "compiler" in reason or "AVX2" in reason
+        monkeypatch.setattr(cpu, "fast_dtype", lambda: torch.float32)
+        layer = make_layer(256, 64, 4, 64, False, seed=2)
+        x = torch.randn(2, 256)
+        ref = reference(layer, x)
+        assert layer.prepare("cpu", torch.float32) == "cpu" and layer._state.get("kernel") != "rows32"
+        assert ((layer(x) - ref).norm() / ref.norm()) < 1e-2  # torch's int4 kernel: bf16 activations
+    finally:
+        cpu_int4._library.cache_clear()
+        cpu_int4._reason.clear()
+
+
+@needs_kernel
+def test_the_library_is_built_once_under_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTQ_CACHE", str(tmp_path))
+    lib = cpu_int4._build()
+    assert lib.is_file() and lib.parent.parent == tmp_path / "kernels"
+    mtime = lib.stat().st_mtime_ns
+    assert cpu_int4._build() == lib and lib.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert [p.name for p in lib.parent.iterdir()] == ["libgptq_int4.so"]  # no temporary left behind

@@ -589,7 +589,8 @@ def decode(out: Path, eval_windows_n: int = 3) -> dict:
         print(name, rows[name])
         del m
     q, _ = load(ckpt, device="cpu")
-    qlin = sum(resident_bytes(mod) for mod in q.modules() if isinstance(mod, QuantLinear))
+    # one ModuleList, so storages shared by fused siblings (q/k/v, up/gate) are counted once
+    qlin = resident_bytes(torch.nn.ModuleList([mod for mod in q.modules() if isinstance(mod, QuantLinear)]))
     qname = "gptq-4bit-g64 (cpu backend)"
     rows[qname] = {
         "tokens_per_s": round(_decode_tps(q, tok), 2), "weights_gb": round(resident_bytes(q) / 1e9, 3),

@@ -64,8 +64,12 @@ def _fits(t: str, cols: int) -> str:
     return t
 
 
-def layer_type(ftype: str, role: str, i: int, n_layers: int, cols: int) -> str:
-    """The GGML type llama.cpp gives a decoder linear (role: the GGUF name, e.g. "attn_v") of layer i."""
+def layer_type(ftype: str, role: str, i: int, n_layers: int, cols: int, calibrated: bool = True) -> str:
+    """The GGML type llama.cpp gives a decoder linear (role: the GGUF name, e.g. "attn_v") of layer i.
+
+    calibrated: llama-quantize's choices when it has an importance matrix (``has_imatrix``), as
+    every GPTQ file is calibrated: the first eighth of the ffn_down tensors of a Q4_0 / Q5_0 file
+    get Q4_1 / Q5_1 ("guard against craziness in the first few ffn_down layers", llama-quant.cpp)."""
     t = FILE_TYPES[ftype][1]
     if role == "attn_v":
         if ftype in ("q4_k_m", "q5_k_m") and _more_bits(i, n_layers):
@@ -77,6 +81,8 @@ def layer_type(ftype: str, role: str, i: int, n_layers: int, cols: int) -> str:
             t = "q6_k"
         elif ftype == "q4_k_s" and i < n_layers // 8:
             t = "q5_k"
+        elif ftype in ("q4_0", "q5_0") and calibrated and i < n_layers // 8:
+            t = {"q4_0": "q4_1", "q5_0": "q5_1"}[ftype]
     return _fits(t, cols)
 
 

@@ -10,6 +10,11 @@ Backends (``prepare(backend)`` picks one; ``load`` chooses automatically):
           (≥ DEQUANT_MIN_ROWS rows) the int4 weight is dequantized into a buffer shared by the
           layers of one shape, then multiplied densely in the activation dtype: on CPUs without
           native bf16 the int4 kernel's bf16 arithmetic is slower than the fp32 dense matmul.
+          CPUs without fast bf16 (cpu.fast_dtype() is fp32; AVX2 + FMA + F16C and a C compiler):
+          our kernel instead (kernels/cpu_int4.c): codes one row per output, the checkpoint's fp16
+          scales and integer zeros, activations rounded to int16 per group, exact int32 dot
+          products; siblings reading one input (q/k/v, up/gate) fused into one call; from
+          ROWS32_MAX_ROWS rows on, an exact fp32 dequantization into the shared buffer + matmul.
   dense   keeps a dequantized copy in the activation dtype (asked for explicitly, or on CPU for
           2/3/8 bits where no packed CPU kernel exists).
 

@@ -108,9 +108,15 @@ def test_types_follow_llama_quantize_for_smollm2_shapes():
     more = [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
     assert [i for i in range(30) if types[f"model.layers.{i}.mlp.down_proj"] == "q6_k"] == more
     assert [i for i in range(30) if types[f"model.layers.{i}.self_attn.v_proj"] == "q8_0"] == more
+    # Q4_0: a calibrated file takes llama-quantize's importance-matrix choice (read from its imatrix
+    # file of SmolLM2): Q4_1 for the first 30 // 8 = 3 ffn_down tensors; uncalibrated, all Q4_0
+    default, per = plan("q4_0", "llama", linears)
+    assert default == "q4_0" and dict(per) == {f"model.layers.{i}.mlp.down_proj": "q4_1" for i in range(3)}
+    assert layer_type("q4_0", "ffn_down", 0, 30, 1536, calibrated=False) == "q4_0"
+    assert layer_type("q5_0", "ffn_down", 2, 30, 1536) == "q5_1" and layer_type("q5_0", "ffn_down", 3, 30, 1536) == "q5_0"
     assert output_type("q4_k_m", 576) == "q8_0" and output_type("q4_k_m", 512) == "q6_k"
     assert output_type("q8_0", 512) == "q8_0"
-    assert plan("q4_0", "llama", linears) == ("q4_0", ())
+    assert plan("q8_0", "llama", linears) == ("q8_0", ())  # no per-layer types: every linear Q8_0
     assert layer_type("q4_k_s", "attn_v", 3, 30, 512) == "q5_k" and layer_type("q4_k_s", "attn_v", 4, 30, 512) == "q4_k"
     with pytest.raises(ValueError, match="families"):
         plan("q4_0", "gpt2", linears)

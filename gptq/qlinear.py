@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -71,17 +72,18 @@ class SharedBuffers:
 class InputCache:
     """A value computed from one input tensor, reused while the same tensor object (unchanged)
     comes back: q/k/v (up/gate) are called one after another with the module input itself. The
-    cache holds that tensor, so its memory cannot be reused by a new tensor meanwhile."""
+    input is held by a weak reference: once it is freed the entry can never match again, even if
+    a new tensor takes its memory (a data_ptr key could), and the input is not kept alive."""
 
     def __init__(self):
-        self._x = None
+        self._ref = None
         self._version = -1
         self._value = None
 
     def __call__(self, x: torch.Tensor, compute):
-        if x is not self._x or x._version != self._version:
+        if self._ref is None or self._ref() is not x or x._version != self._version:
             self._value = compute()
-            self._x, self._version = x, x._version
+            self._ref, self._version = weakref.ref(x), x._version
         return self._value
 
 

@@ -136,6 +136,12 @@ def test_fused_siblings_equal_separate_layers_and_never_reuse_a_stale_input(no_f
     x.copy_(torch.randn(1, 1, 64))  # same tensor, new version
     assert not torch.allclose(attn.q_proj(x), q1)
     assert torch.allclose(attn.k_proj(x), plain.model.layers[0].self_attn.k_proj(x), atol=1e-6)
+    siblings = attn.q_proj._state["fused"][0]
+    assert siblings._cache._ref() is x
+    del x  # the cache does not keep its input alive, so a freed input can never match again
+    assert siblings._cache._ref() is None
+    x2 = torch.randn(1, 1, 64)
+    assert torch.allclose(attn.v_proj(x2), plain.model.layers[0].self_attn.v_proj(x2), atol=1e-6)
 
 
 def test_kernel_off_or_unbuildable_leaves_torch_int4(monkeypatch):

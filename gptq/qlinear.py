@@ -112,16 +112,15 @@ class FusedSiblings:
 
         self.tensors = {k: torch.cat([st[k] for st in states]) for k in ("w", "scale", "zero")}
         self.matmul = Int4Rows(self.tensors["w"], self.tensors["scale"], self.tensors["zero"], self.group)
-        self.cols = []
+        self._cache = InputCache()
         start = 0
         for layer, st in zip(layers, states):
             end = start + layer.out_features
-            self.cols.append((start, end))
             for k, t in self.tensors.items():
                 st[k] = t[start:end]  # a view: no second copy
             st["matmul"] = Int4Rows(st["w"], st["scale"], st["zero"], self.group)
+            st["fused"] = (self, start, end)  # this layer's columns of ``outputs``
             start = end
-        self._cache = InputCache()
 
     def outputs(self, x: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         return self._cache(x, lambda: self.matmul(xs))
@@ -143,11 +142,10 @@ def share_permutations(layers: list["QuantLinear"]) -> None:
         layer._state["permute"] = shared[key]
 
 
-def _fusable(layers: list["QuantLinear"]) -> bool:
-    states = [getattr(m, "_state", {}) for m in layers]
-    if len(layers) < 2 or not all(isinstance(m, QuantLinear) and st.get("kernel") == "rows32" for m, st in
-                                  zip(layers, states)):
+def _fusable(layers: list) -> bool:
+    if len(layers) < 2 or not all(isinstance(m, QuantLinear) and m._state.get("kernel") == "rows32" for m in layers):
         return False
+    states = [m._state for m in layers]
     first = states[0]
     return all(m.in_features == layers[0].in_features and st["group"] == first["group"]
                and (st["perm"] is None) == (first["perm"] is None)
@@ -177,9 +175,7 @@ def fuse_siblings(model: nn.Module) -> int:
             except AttributeError:
                 continue
             if _fusable(layers):
-                siblings = FusedSiblings(layers)
-                for i, layer in enumerate(layers):
-                    layer._state["fused"] = (siblings, *siblings.cols[i])
+                FusedSiblings(layers)
                 fused += 1
     return fused
 
@@ -381,11 +377,16 @@ class QuantLinear(nn.Module):
         def write(buf):
             int4pack_dequantize_t(st["w"], N, K, st["layout"], st["sub"], s.to(dtype), off.to(dtype), buf)
 
-        if "buffers" not in st:
-            buf = torch.empty(K, N, dtype=dtype)
-            write(buf)
-            return buf
-        return st["buffers"].fill((K, N), dtype, self, write)
+        return self._scratch((K, N), dtype, write)
+
+    def _scratch(self, shape: tuple[int, int], dtype: torch.dtype, write) -> torch.Tensor:
+        """The model's shared buffer of this shape holding this layer's ``write`` (a fresh tensor
+        for a layer prepared on its own, outside ``load``)."""
+        if "buffers" in self._state:
+            return self._state["buffers"].fill(shape, dtype, self, write)
+        buf = torch.empty(shape, dtype=dtype)
+        write(buf)
+        return buf
 
     def _permuted(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """x2 ([M, in] view of the module input x) in g_idx order where act-order needs it."""
@@ -402,19 +403,14 @@ class QuantLinear(nn.Module):
         if xs.shape[0] < ROWS32_MAX_ROWS:
             if "fused" in st:
                 siblings, start, end = st["fused"]
-                y = siblings.outputs(x, xs)[:, start:end]
-                return (y if y.shape[0] == 1 else y.contiguous()).to(x2.dtype)
+                # a column slice; contiguous (a no-op for one row) so callers can .view() it
+                return siblings.outputs(x, xs)[:, start:end].contiguous().to(x2.dtype)
             return st["matmul"](xs).to(x2.dtype)
 
         def write(buf):
             cpu_int4.int4_dequantize(st["w"], st["scale"], st["zero"], st["group"], out=buf)
 
-        shape = (self.out_features, self.in_features)
-        if "buffers" in st:
-            w = st["buffers"].fill(shape, torch.float32, self, write)
-        else:
-            w = torch.empty(shape)
-            write(w)
+        w = self._scratch((self.out_features, self.in_features), torch.float32, write)
         return nn.functional.linear(xs.float(), w).to(x2.dtype)
 
     # -- forward ---------------------------------------------------------------------------

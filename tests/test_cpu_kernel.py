@@ -145,13 +145,11 @@ def test_fused_siblings_equal_separate_layers_and_never_reuse_a_stale_input(no_f
 
 
 def test_kernel_off_or_unbuildable_leaves_torch_int4(monkeypatch):
-    cpu_int4._library.cache_clear()
-    cpu_int4._reason.clear()
+    cpu_int4._load.cache_clear()
     try:
         monkeypatch.setenv("GPTQ_CPU_KERNEL", "0")
         assert not cpu_int4.available() and "GPTQ_CPU_KERNEL=0" in cpu_int4.unavailable_reason()
-        cpu_int4._library.cache_clear()
-        cpu_int4._reason.clear()
+        cpu_int4._load.cache_clear()
         monkeypatch.delenv("GPTQ_CPU_KERNEL")
         monkeypatch.setattr(cpu_int4, "_compiler", lambda: None)
         monkeypatch.setattr(cpu_int4, "cache_dir", lambda: __import__("pathlib").Path("/nonexistent-gptq-cache"))
@@ -165,8 +163,7 @@ def test_kernel_off_or_unbuildable_leaves_torch_int4(monkeypatch):
         assert layer.prepare("cpu", torch.float32) == "cpu" and layer._state.get("kernel") != "rows32"
         assert ((layer(x) - ref).norm() / ref.norm()) < 1e-2  # torch's int4 kernel: bf16 activations
     finally:
-        cpu_int4._library.cache_clear()
-        cpu_int4._reason.clear()
+        cpu_int4._load.cache_clear()
 
 
 @needs_kernel

@@ -31,7 +31,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_int4.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-_reason: list[str] = []
+LIBS = ("-lm",)  # after the source: linkers that drop unneeded libraries resolve it in order
 
 
 def cache_dir() -> Path:
@@ -48,7 +48,7 @@ def _build() -> Path:
     if cc is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
     src = SOURCE.read_bytes()
-    tag = hashlib.sha256(src + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(src + " ".join((cc, *FLAGS, *LIBS)).encode()).hexdigest()[:16]
     lib = cache_dir() / tag / "libgptq_int4.so"
     if lib.is_file():
         return lib
@@ -56,7 +56,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, *LIBS], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-500:]}")
         os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
@@ -67,35 +67,32 @@ def _build() -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def _library():
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(the library, "") or (None, why not): decided once per process."""
     if os.environ.get("GPTQ_CPU_KERNEL", "1") == "0":
-        _reason.append("turned off by GPTQ_CPU_KERNEL=0")
-        return None
+        return None, "turned off by GPTQ_CPU_KERNEL=0"
     from ..cpu import cpu_flags
 
     flags = set(cpu_flags())
     if not {"avx2", "fma", "f16c"} <= flags:
-        _reason.append(f"this CPU lacks AVX2/FMA/F16C (flags: {sorted(flags)})")
-        return None
+        return None, f"this CPU lacks AVX2/FMA/F16C (flags: {sorted(flags)})"
     try:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, RuntimeError) as e:
-        _reason.append(f"build failed: {e}")
-        return None
+        return None, f"build failed: {e}"
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.gptq_int4_matmul.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i32]
     lib.gptq_int4_dequant.argtypes = [p, p, p, p, i64, i64, i64, i32]
     lib.gptq_int4_matmul.restype = lib.gptq_int4_dequant.restype = None
-    return lib
+    return lib, ""
 
 
 def available() -> bool:
-    return _library() is not None
+    return _load()[0] is not None
 
 
 def unavailable_reason() -> str:
-    _library()
-    return _reason[0] if _reason else ""
+    return _load()[1]
 
 
 def pack_rows32(codes: torch.Tensor) -> torch.Tensor:
@@ -127,7 +124,7 @@ def _check(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group:
 
 
 def _fn(name: str):
-    lib = _library()
+    lib = _load()[0]
     if lib is None:
         raise RuntimeError(f"the AVX2 int4 kernel is unavailable: {unavailable_reason()}")
     return getattr(lib, name)

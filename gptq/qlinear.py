@@ -14,7 +14,7 @@ Backends (``prepare(backend)`` picks one; ``load`` chooses automatically):
           our kernel instead (kernels/cpu_int4.c): codes one row per output, the checkpoint's fp16
           scales and integer zeros, activations rounded to int16 per group, exact int32 dot
           products; siblings reading one input (q/k/v, up/gate) fused into one call; from
-          ROWS32_MAX_ROWS rows on, an exact fp32 dequantization into the shared buffer + matmul.
+          ROWS64_MAX_ROWS rows on, an exact fp32 dequantization into the shared buffer + matmul.
   dense   keeps a dequantized copy in the activation dtype (asked for explicitly, or on CPU for
           2/3/8 bits where no packed CPU kernel exists).
 
@@ -36,7 +36,7 @@ from .kernels.reference import dequant_matmul_reference
 
 BACKENDS = ("torch", "triton", "cpu", "dense")
 INT4_CPU_GROUPS = (256, 128, 64, 32)
-ROWS32_MAX_ROWS = 8  # cpu backend, AVX2 kernel: below this many rows the kernel, else dequantize + fp32 matmul
+ROWS64_MAX_ROWS = 8  # cpu backend, AVX2 kernel: below this many rows the kernel, else dequantize + fp32 matmul
 DEQUANT_MIN_ROWS = 256  # cpu backend: from this many rows on, dequantize + dense matmul (bench cpu-kernel)
 HEAD_DENSE_ROWS = 16  # float16 head: below this many rows multiply in fp16, else in the activation dtype
 
@@ -143,7 +143,7 @@ def share_permutations(layers: list["QuantLinear"]) -> None:
 
 
 def _fusable(layers: list) -> bool:
-    if len(layers) < 2 or not all(isinstance(m, QuantLinear) and m._state.get("kernel") == "rows32" for m in layers):
+    if len(layers) < 2 or not all(isinstance(m, QuantLinear) and m._state.get("kernel") == "rows64" for m in layers):
         return False
     states = [m._state for m in layers]
     first = states[0]
@@ -310,8 +310,9 @@ class QuantLinear(nn.Module):
         from .cpu import fast_dtype
         from .kernels import cpu_int4
 
-        if fast_dtype() == torch.float32 and G % 32 == 0 and G <= 32768 and cpu_int4.available():
-            return self._prepare_rows32(perm, G)
+        if (fast_dtype() == torch.float32 and G % 32 == 0 and G <= 32768 and self.in_features % 64 == 0
+                and cpu_int4.available()):
+            return self._prepare_rows64(perm, G)
         sub = next((s for s in INT4_CPU_GROUPS if G % s == 0 and self.in_features % s == 0), None)
         if sub is None:
             return "dense"
@@ -339,17 +340,17 @@ class QuantLinear(nn.Module):
         self._release_gptq_tensors()
         return "cpu"
 
-    def _prepare_rows32(self, perm, G) -> str:
+    def _prepare_rows64(self, perm, G) -> str:
         """CPUs without fast bf16: our AVX2 kernel (kernels/cpu_int4.c) on fp32 activations, the
         codes one row per output, the checkpoint's fp16 scales and integer zeros per group."""
-        from .kernels.cpu_int4 import Int4Rows, pack_rows32
+        from .kernels.cpu_int4 import Int4Rows, pack_rows64
 
         codes = unpack_qweight(self.qweight, 4)  # [in, out]
         if perm is not None:
             codes = codes[perm]
         st = {
-            "perm": perm, "kernel": "rows32", "group": G,
-            "w": pack_rows32(codes.T),
+            "perm": perm, "kernel": "rows64", "group": G,
+            "w": pack_rows64(codes.T),
             "scale": self.scales.T.contiguous(),  # [out, ng]; sorted inputs: group i is rows iG..(i+1)G
             "zero": unpack_qzeros(self.qzeros, 4, self.checkpoint_format).T.to(torch.uint8).contiguous(),
         }
@@ -395,12 +396,12 @@ class QuantLinear(nn.Module):
             return x2
         return st["permute"](x, x2) if "permute" in st else x2.index_select(-1, st["perm"])
 
-    def _forward_rows32(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    def _forward_rows64(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         from .kernels import cpu_int4
 
         st = self._state
         xs = self._permuted(x, x2)
-        if xs.shape[0] < ROWS32_MAX_ROWS:
+        if xs.shape[0] < ROWS64_MAX_ROWS:
             if "fused" in st:
                 siblings, start, end = st["fused"]
                 # a column slice; contiguous (a no-op for one row) so callers can .view() it
@@ -417,8 +418,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, in]
-        if self.backend == "cpu" and self._state.get("kernel") == "rows32":
-            y = self._forward_rows32(x, x2)
+        if self.backend == "cpu" and self._state.get("kernel") == "rows64":
+            y = self._forward_rows64(x, x2)
         elif self.backend == "cpu":
             st = self._state
             dense = x2.shape[0] >= DEQUANT_MIN_ROWS and st["layout"] is not None

@@ -7,7 +7,7 @@ import torch
 from gptq import cpu
 from gptq.kernels import cpu_int4
 from gptq.kernels.reference import int16_group_round, int4_rows_matmul_reference
-from gptq.qlinear import ROWS32_MAX_ROWS, QuantLinear
+from gptq.qlinear import ROWS64_MAX_ROWS, QuantLinear
 
 from test_kernels import make_layer, reference
 
@@ -28,13 +28,15 @@ def random_rows(N, K, G, seed=0):
     return codes, scale, zero
 
 
-def test_rows32_packing_round_trips_and_puts_column_j_beside_j_plus_16():
-    codes, _, _ = random_rows(5, 96, 32)
-    packed = cpu_int4.pack_rows32(codes)
-    assert packed.shape == (5, 48) and packed.dtype == torch.uint8
-    assert torch.equal(cpu_int4.unpack_rows32(packed), codes)
-    assert int(packed[2, 3]) == int(codes[2, 3]) | int(codes[2, 19]) << 4  # chunk 0, byte 3
-    assert int(packed[4, 16 + 7]) == int(codes[4, 32 + 7]) | int(codes[4, 48 + 7]) << 4  # chunk 1, byte 7
+def test_rows64_packing_round_trips_and_puts_columns_j_j16_j32_j48_in_word_j():
+    codes, _, _ = random_rows(5, 128, 32)
+    packed = cpu_int4.pack_rows64(codes)
+    assert packed.shape == (5, 64) and packed.dtype == torch.uint8
+    assert torch.equal(cpu_int4.unpack_rows64(packed), codes)
+    word = packed.view(torch.int16).int() & 0xFFFF  # little-endian 16-bit words, 16 per chunk
+    for r, c, j in ((2, 0, 3), (4, 1, 7), (0, 1, 15)):
+        expect = sum(int(codes[r, 64 * c + 16 * t + j]) << (4 * t) for t in range(4))
+        assert int(word[r, 16 * c + j]) == expect
 
 
 def test_activations_round_to_int16_per_group():
@@ -46,12 +48,13 @@ def test_activations_round_to_int16_per_group():
 
 
 @needs_kernel
-@pytest.mark.parametrize("K,N,G", [(64, 8, 32), (576, 96, 64), (576, 200, 192), (1024, 64, 1024), (256, 3, 128)])
+@pytest.mark.parametrize("K,N,G", [(64, 8, 32), (576, 96, 64), (576, 200, 192), (1024, 64, 1024), (256, 3, 128),
+                                   (192, 10, 96), (576, 20, 32)])  # groups ending mid-chunk: 96, 32
 @pytest.mark.parametrize("M", [1, 3, 7])
 def test_kernel_matches_the_fp64_reference(K, N, G, M):
     codes, scale, zero = random_rows(N, K, G, seed=K + N)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
-    y = cpu_int4.int4_matmul(x, cpu_int4.pack_rows32(codes), scale, zero, G)
+    y = cpu_int4.int4_matmul(x, cpu_int4.pack_rows64(codes), scale, zero, G)
     ref = int4_rows_matmul_reference(x, codes, scale, zero, G)
     assert y.dtype == torch.float32 and y.shape == (M, N)
     assert ((y - ref).abs().max() / ref.abs().max()) < 2e-6  # only the fp32 accumulation differs
@@ -61,15 +64,26 @@ def test_kernel_matches_the_fp64_reference(K, N, G, M):
 
 
 @needs_kernel
+@pytest.mark.parametrize("G", [32, 96, 192])
+def test_dequantization_is_exact_where_groups_end_mid_chunk(G):
+    codes, scale, zero = random_rows(7, 192, G, seed=G)
+    W = scale.float().repeat_interleave(G, 1) * (codes.float() - zero.float().repeat_interleave(G, 1))
+    assert torch.equal(cpu_int4.int4_dequantize(cpu_int4.pack_rows64(codes), scale, zero, G), W)
+
+
+@needs_kernel
 def test_kernel_dequantizes_exactly_and_rejects_bad_shapes():
     codes, scale, zero = random_rows(40, 256, 64, seed=5)
-    packed = cpu_int4.pack_rows32(codes)
+    packed = cpu_int4.pack_rows64(codes)
     W = scale.float().repeat_interleave(64, 1) * (codes.float() - zero.float().repeat_interleave(64, 1))
     assert torch.equal(cpu_int4.int4_dequantize(packed, scale, zero, 64), W)
     out = torch.empty(40, 256)
     assert cpu_int4.int4_dequantize(packed, scale, zero, 64, out=out).data_ptr() == out.data_ptr()
     with pytest.raises(ValueError, match="multiple of 32"):
         cpu_int4.int4_matmul(torch.randn(1, 256), packed, scale, zero, 48)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        cpu_int4.int4_matmul(torch.randn(1, 96), packed[:, :48].contiguous(), scale[:, :3].contiguous(),
+                             zero[:, :3].contiguous(), 32)
     with pytest.raises(ValueError, match="float16"):
         cpu_int4.int4_matmul(torch.randn(1, 256), packed, scale.float(), zero, 64)
     with pytest.raises(ValueError, match=r"activations \[M, 256\]"):
@@ -83,12 +97,12 @@ def test_cpu_backend_without_fast_bf16_takes_the_kernel(no_fast_bf16, group_size
     from gptq.qlinear import SharedBuffers
 
     layer = make_layer(512, 96, 4, group_size, act_order, fmt=fmt, seed=7)
-    xs = torch.randn(ROWS32_MAX_ROWS + 5, 512, generator=torch.Generator().manual_seed(2))
+    xs = torch.randn(ROWS64_MAX_ROWS + 5, 512, generator=torch.Generator().manual_seed(2))
     ref = reference(layer, xs)
-    assert layer.prepare("cpu", torch.float32) == "cpu" and layer._state["kernel"] == "rows32"
+    assert layer.prepare("cpu", torch.float32) == "cpu" and layer._state["kernel"] == "rows64"
     assert layer.qweight.is_meta  # the GPTQ-layout copies are released
     layer._state["buffers"] = SharedBuffers()
-    for rows in (1, 3, ROWS32_MAX_ROWS - 1):  # the kernel
+    for rows in (1, 3, ROWS64_MAX_ROWS - 1):  # the kernel
         y = layer(xs[:rows])
         assert ((y - ref[:rows]).norm() / ref[:rows].norm()) < 1e-4
     long = layer(xs)  # dequantize + fp32 matmul: the reference's own arithmetic
@@ -100,7 +114,7 @@ def test_cpu_backend_without_fast_bf16_takes_the_kernel(no_fast_bf16, group_size
 def test_groups_the_kernel_cannot_serve_stay_on_torch_int4(no_fast_bf16):
     layer = make_layer(576, 64, 4, 16, False, seed=1)  # groups of 16
     assert layer.prepare("cpu", torch.float32) in ("cpu", "dense")
-    assert layer._state.get("kernel") != "rows32"
+    assert layer._state.get("kernel") != "rows64"
 
 
 @needs_kernel
@@ -113,7 +127,7 @@ def test_fused_siblings_equal_separate_layers_and_never_reuse_a_stale_input(no_f
     d, _ = build_checkpoint(tmp_path, 4, 32, False, False, "gptq")  # (its act-order perms differ per layer)
     fused, _ = load(d, device="cpu", backend="cpu", dtype="float32")
     attn = fused.model.layers[0].self_attn
-    assert attn.q_proj._state["kernel"] == "rows32" and "fused" in attn.q_proj._state
+    assert attn.q_proj._state["kernel"] == "rows64" and "fused" in attn.q_proj._state
     assert attn.k_proj._state["w"].data_ptr() != attn.q_proj._state["w"].data_ptr()
     assert attn.k_proj._state["w"].untyped_storage().data_ptr() == attn.q_proj._state["w"].untyped_storage().data_ptr()
     assert "fused" in fused.model.layers[1].mlp.up_proj._state and "fused" not in attn.o_proj._state
@@ -160,7 +174,7 @@ def test_kernel_off_or_unbuildable_leaves_torch_int4(monkeypatch):
         layer = make_layer(256, 64, 4, 64, False, seed=2)
         x = torch.randn(2, 256)
         ref = reference(layer, x)
-        assert layer.prepare("cpu", torch.float32) == "cpu" and layer._state.get("kernel") != "rows32"
+        assert layer.prepare("cpu", torch.float32) == "cpu" and layer._state.get("kernel") != "rows64"
         assert ((layer(x) - ref).norm() / ref.norm()) < 1e-2  # torch's int4 kernel: bf16 activations
     finally:
         cpu_int4._load.cache_clear()

@@ -11,8 +11,9 @@ a second or two, written under a temporary name and renamed, then loaded with ct
 no AVX2/FMA, or a failed build: ``available()`` is False, the reason is in ``unavailable_reason()``
 and callers keep torch's kernel. ``GPTQ_CPU_KERNEL=0`` turns it off.
 
-Layout: ``pack_rows32(codes)`` turns [N, K] codes (0..15) into [N, K/2] bytes, each 32-column chunk
-as 16 bytes holding column j (low nibble) and j + 16 (high nibble). Reference:
+Layout: ``pack_rows64(codes)`` turns [N, K] codes (0..15) into [N, K/2] bytes, each 64-column chunk
+as 16 little-endian 16-bit words, word j holding columns j, j + 16, j + 32, j + 48 in its four
+nibbles (so a shift and a mask give 16 codes in column order). Reference:
 ``kernels.reference.int4_rows_matmul_reference``.
 """
 
@@ -95,18 +96,20 @@ def unavailable_reason() -> str:
     return _load()[1]
 
 
-def pack_rows32(codes: torch.Tensor) -> torch.Tensor:
-    """[N, K] codes (0..15, K a multiple of 32) → [N, K/2] uint8 in the kernel's chunk layout."""
+def pack_rows64(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes (0..15, K a multiple of 64) → [N, K/2] uint8 in the kernel's chunk layout."""
     N, K = codes.shape
-    c = codes.to(torch.uint8).view(N, K // 32, 2, 16)
-    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+    c = codes.to(torch.uint8).view(N, K // 64, 4, 16)  # [row, chunk, nibble t, word j]
+    low, high = c[:, :, 0] | (c[:, :, 1] << 4), c[:, :, 2] | (c[:, :, 3] << 4)  # bytes of word j
+    return torch.stack([low, high], dim=-1).reshape(N, K // 2).contiguous()
 
 
-def unpack_rows32(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``pack_rows32``: [N, K/2] uint8 → [N, K] codes (uint8)."""
+def unpack_rows64(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_rows64``: [N, K/2] uint8 → [N, K] codes (uint8)."""
     N, half = packed.shape
-    p = packed.view(N, half // 16, 16)
-    return torch.stack([p & 15, p >> 4], dim=2).reshape(N, 2 * half)
+    b = packed.view(N, half // 32, 16, 2)  # [row, chunk, word j, byte]
+    nibbles = torch.stack([b[..., 0] & 15, b[..., 0] >> 4, b[..., 1] & 15, b[..., 1] >> 4], dim=2)
+    return nibbles.reshape(N, 2 * half)
 
 
 def _check(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> None:
@@ -115,9 +118,9 @@ def _check(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group:
     if packed.dtype != torch.uint8 or scale.dtype != torch.float16 or zero.dtype != torch.uint8:
         raise ValueError(f"int4 kernel: packed uint8, scale float16, zero uint8 expected; got {packed.dtype}, "
                          f"{scale.dtype}, {zero.dtype}")
-    if group % 32 or K % group or scale.shape != (N, K // group) or zero.shape != scale.shape:
-        raise ValueError(f"int4 kernel: group {group} must be a multiple of 32 dividing K={K}, and scale/zero "
-                         f"shaped [N, K/group] = {(N, K // max(group, 1))}; got {tuple(scale.shape)}")
+    if group % 32 or K % 64 or K % group or scale.shape != (N, K // group) or zero.shape != scale.shape:
+        raise ValueError(f"int4 kernel: K={K} must be a multiple of 64, group {group} a multiple of 32 dividing "
+                         f"K, and scale/zero shaped [N, K/group] = {(N, K // max(group, 1))}; got {tuple(scale.shape)}")
     for t in (packed, scale, zero):
         if not t.is_contiguous():
             raise ValueError("int4 kernel: packed, scale and zero must be contiguous")
@@ -135,8 +138,8 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     """y = x̂ Ŵᵀ with Ŵ[n, k] = scale[n, k/group]·(code[n, k] − zero[n, k/group]) and x̂ the
     activations rounded to int16 per group (see cpu_int4.c).
 
-    x [M, K] float; packed [N, K/2] from ``pack_rows32``; scale [N, K/group] float16; zero
-    [N, K/group] uint8; group a multiple of 32 dividing K. Returns [M, N] float32."""
+    x [M, K] float; packed [N, K/2] from ``pack_rows64``; scale [N, K/group] float16; zero
+    [N, K/group] uint8; group a multiple of 32 dividing K, K a multiple of 64. Returns [M, N] float32."""
     return Int4Rows(packed, scale, zero, group)(x)
 
 

@@ -103,7 +103,7 @@ class PermutedInput:
 class FusedSiblings:
     """Linears that read the same input (q/k/v; up/gate) on the cpu backend's AVX2 kernel: their
     codes, scales and zeros live in one tensor each (the layers keep views of their rows), and a
-    small batch runs all of them in one kernel call; each layer takes its columns of the result."""
+    small batch runs all of them in one kernel call, which writes each layer's own output."""
 
     def __init__(self, layers: list["QuantLinear"]):
         states = [layer._state for layer in layers]
@@ -111,18 +111,20 @@ class FusedSiblings:
         from .kernels.cpu_int4 import Int4Rows
 
         self.tensors = {k: torch.cat([st[k] for st in states]) for k in ("w", "scale", "zero")}
-        self.matmul = Int4Rows(self.tensors["w"], self.tensors["scale"], self.tensors["zero"], self.group)
+        widths = tuple(layer.out_features for layer in layers)
+        self.matmul = Int4Rows(self.tensors["w"], self.tensors["scale"], self.tensors["zero"], self.group, widths)
         self._cache = InputCache()
         start = 0
-        for layer, st in zip(layers, states):
+        for index, (layer, st) in enumerate(zip(layers, states)):
             end = start + layer.out_features
             for k, t in self.tensors.items():
                 st[k] = t[start:end]  # a view: no second copy
             st["matmul"] = Int4Rows(st["w"], st["scale"], st["zero"], self.group)
-            st["fused"] = (self, start, end)  # this layer's columns of ``outputs``
+            st["fused"] = (self, index)  # this layer's entry of ``outputs``
             start = end
 
-    def outputs(self, x: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    def outputs(self, x: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every sibling's output for the module input x (the cache key), computed from xs."""
         return self._cache(x, lambda: self.matmul(xs))
 
 
@@ -143,7 +145,9 @@ def share_permutations(layers: list["QuantLinear"]) -> None:
 
 
 def _fusable(layers: list) -> bool:
-    if len(layers) < 2 or not all(isinstance(m, QuantLinear) and m._state.get("kernel") == "rows64" for m in layers):
+    from .kernels.cpu_int4 import MAX_OUTPUTS
+
+    if not 2 <= len(layers) <= MAX_OUTPUTS or not all(isinstance(m, QuantLinear) and m._state.get("kernel") == "rows64" for m in layers):
         return False
     states = [m._state for m in layers]
     first = states[0]
@@ -248,6 +252,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
         self.backend = "torch"
         self._state: dict = {}
+        self._decode_below = 0  # AVX2 kernel: inputs of fewer elements take ``_decode_rows64``
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
@@ -281,6 +286,7 @@ class QuantLinear(nn.Module):
             raise RuntimeError("this layer was prepared for the cpu backend, which releases the GPTQ-layout "
                                "tensors; load the checkpoint again to use another backend")
         self._state = {}
+        self._decode_below = 0
         layout = self._sorted_layout()
         if backend in ("triton", "cpu") and layout is None:
             warnings.warn(f"{backend} backend needs equal-size groups in g_idx; using torch for this layer")
@@ -356,6 +362,7 @@ class QuantLinear(nn.Module):
         }
         st["matmul"] = Int4Rows(st["w"], st["scale"], st["zero"], G)
         self._state = st
+        self._decode_below = ROWS64_MAX_ROWS * self.in_features
         self._release_gptq_tensors()
         return "cpu"
 
@@ -396,17 +403,23 @@ class QuantLinear(nn.Module):
             return x2
         return st["permute"](x, x2) if "permute" in st else x2.index_select(-1, st["perm"])
 
-    def _forward_rows64(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    def _decode_rows64(self, x: torch.Tensor) -> torch.Tensor:
+        """AVX2 kernel, fewer than ROWS64_MAX_ROWS rows (decoding): the per-token path, kept short
+        (the kernel writes the output in its final shape; fused siblings each get their own)."""
+        st = self._state
+        xs = x if st["perm"] is None else self._permuted(x, x.reshape(-1, self.in_features)).view(x.shape)
+        fused = st.get("fused")
+        y = st["matmul"](xs)[0] if fused is None else fused[0].outputs(x, xs)[fused[1]]
+        if self.bias is not None:
+            y = y + self.bias
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _prompt_rows64(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """AVX2 kernel's layer, many rows: exact dequantization into the shared buffer, fp32 matmul."""
         from .kernels import cpu_int4
 
         st = self._state
         xs = self._permuted(x, x2)
-        if xs.shape[0] < ROWS64_MAX_ROWS:
-            if "fused" in st:
-                siblings, start, end = st["fused"]
-                # a column slice; contiguous (a no-op for one row) so callers can .view() it
-                return siblings.outputs(x, xs)[:, start:end].contiguous().to(x2.dtype)
-            return st["matmul"](xs).to(x2.dtype)
 
         def write(buf):
             cpu_int4.int4_dequantize(st["w"], st["scale"], st["zero"], st["group"], out=buf)
@@ -416,10 +429,12 @@ class QuantLinear(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() < self._decode_below:
+            return self._decode_rows64(x)
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         if self.backend == "cpu" and self._state.get("kernel") == "rows64":
-            y = self._forward_rows64(x, x2)
+            y = self._prompt_rows64(x, x2)
         elif self.backend == "cpu":
             st = self._state
             dense = x2.shape[0] >= DEQUANT_MIN_ROWS and st["layout"] is not None

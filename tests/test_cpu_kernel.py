@@ -64,6 +64,22 @@ def test_kernel_matches_the_fp64_reference(K, N, G, M):
 
 
 @needs_kernel
+@pytest.mark.parametrize("lead", [(1, 1), (3,), (2, 3)])
+def test_one_call_writes_each_stacked_layers_output_in_its_final_shape(lead):
+    codes, scale, zero = random_rows(70, 192, 64, seed=3)
+    packed = cpu_int4.pack_rows64(codes)
+    x = torch.randn(*lead, 192, generator=torch.Generator().manual_seed(4))
+    whole = cpu_int4.int4_matmul(x.reshape(-1, 192), packed, scale, zero, 64)
+    outs = cpu_int4.Int4Rows(packed, scale, zero, 64, widths=(40, 24, 6))(x)
+    assert [tuple(y.shape) for y in outs] == [(*lead, 40), (*lead, 24), (*lead, 6)]
+    assert all(y.is_contiguous() for y in outs)
+    assert torch.equal(torch.cat([y.reshape(-1, y.shape[-1]) for y in outs], 1), whole)  # same rows, same sums
+    for bad in ((40, 24), (70, 0), (10,) * 7):
+        with pytest.raises(ValueError, match="widths"):
+            cpu_int4.Int4Rows(packed, scale, zero, 64, widths=bad)
+
+
+@needs_kernel
 @pytest.mark.parametrize("G", [32, 96, 192])
 def test_dequantization_is_exact_where_groups_end_mid_chunk(G):
     codes, scale, zero = random_rows(7, 192, G, seed=G)
@@ -86,7 +102,7 @@ def test_kernel_dequantizes_exactly_and_rejects_bad_shapes():
                              zero[:, :3].contiguous(), 32)
     with pytest.raises(ValueError, match="float16"):
         cpu_int4.int4_matmul(torch.randn(1, 256), packed, scale.float(), zero, 64)
-    with pytest.raises(ValueError, match=r"activations \[M, 256\]"):
+    with pytest.raises(ValueError, match=r"activations \[\.\.\., 256\]"):
         cpu_int4.int4_matmul(torch.randn(1, 128), packed, scale, zero, 64)
 
 

@@ -113,23 +113,45 @@ static void quantize_x(const float *x, int64_t K, int64_t G, int16_t *xq, float 
     }
 }
 
-/* y [M, N] = x [M, K] · Ŵᵀ; w [N, K/2], scale [N, K/G] fp16 bits, zero [N, K/G] */
-void gptq_int4_matmul(const float *x, const uint8_t *w, const uint16_t *scale, const uint8_t *zero, float *y,
-                      int64_t M, int64_t K, int64_t N, int64_t G, int threads) {
-    const int64_t ng = K / G;
-    int16_t *xq = (int16_t *)malloc(sizeof(int16_t) * (size_t)(M * K));
-    float *xs = (float *)malloc(sizeof(float) * (size_t)(M * ng));
-    int32_t *xqsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)(M * ng));
+/* One layer (or several layers reading the same input, their rows stacked): bound once, so a
+ * decoding step passes four pointers, not eleven arguments. Output j holds rows ends[j-1]..ends[j]. */
+#define GPTQ_MAX_OUTPUTS 4
+typedef struct {
+    const uint8_t *w;      /* [N, K/2] codes, rows of 64-code chunks */
+    const uint16_t *scale; /* [N, K/G] fp16 bits */
+    const uint8_t *zero;   /* [N, K/G] */
+    int64_t K, N, G, nout;
+    int64_t ends[GPTQ_MAX_OUTPUTS];
+} gptq_int4_plan;
+
+/* y_j [M, n_j] = x [M, K] · Ŵ[rows of output j]ᵀ for j < nout (y1..y3 unused beyond nout) */
+void gptq_int4_matmul(const gptq_int4_plan *p, const float *x, int64_t M, int threads,
+                      float *y0, float *y1, float *y2, float *y3) {
+    const int64_t K = p->K, N = p->N, G = p->G, ng = K / G;
+    float *ys[GPTQ_MAX_OUTPUTS] = {y0, y1, y2, y3};
+    int16_t stack_q[8192];
+    float stack_s[256];
+    int32_t stack_sum[256];
+    const int small = M * K <= 8192 && M * ng <= 256;
+    int16_t *xq = small ? stack_q : (int16_t *)malloc(sizeof(int16_t) * (size_t)(M * K));
+    float *xs = small ? stack_s : (float *)malloc(sizeof(float) * (size_t)(M * ng));
+    int32_t *xqsum = small ? stack_sum : (int32_t *)malloc(sizeof(int32_t) * (size_t)(M * ng));
     for (int64_t m = 0; m < M; m++) quantize_x(x + m * K, K, G, xq + m * K, xs + m * ng, xqsum + m * ng);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
-        const uint8_t *wn = w + n * (K / 2);
+        int j = 0;
+        while (n >= p->ends[j]) j++;
+        const int64_t start = j ? p->ends[j - 1] : 0, width = p->ends[j] - start;
+        const uint8_t *wn = p->w + n * (K / 2);
         for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = row_dot(xq + m * K, xs + m * ng, xqsum + m * ng, wn, scale + n * ng, zero + n * ng, K, G);
+            ys[j][m * width + n - start] = row_dot(xq + m * K, xs + m * ng, xqsum + m * ng, wn, p->scale + n * ng,
+                                                   p->zero + n * ng, K, G);
     }
-    free(xq);
-    free(xs);
-    free(xqsum);
+    if (!small) {
+        free(xq);
+        free(xs);
+        free(xqsum);
+    }
 }
 
 /* Ŵ [N, K] fp32 (nn.Linear's layout) for long prompts, which then run one dense matmul */

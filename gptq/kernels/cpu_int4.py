@@ -82,7 +82,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, RuntimeError) as e:
         return None, f"build failed: {e}"
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.gptq_int4_matmul.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i32]
+    lib.gptq_int4_matmul.argtypes = [p, p, i64, i32, p, p, p, p]
     lib.gptq_int4_dequant.argtypes = [p, p, p, p, i64, i64, i64, i32]
     lib.gptq_int4_matmul.restype = lib.gptq_int4_dequant.restype = None
     return lib, ""
@@ -140,29 +140,49 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
 
     x [M, K] float; packed [N, K/2] from ``pack_rows64``; scale [N, K/group] float16; zero
     [N, K/group] uint8; group a multiple of 32 dividing K, K a multiple of 64. Returns [M, N] float32."""
-    return Int4Rows(packed, scale, zero, group)(x)
+    return Int4Rows(packed, scale, zero, group)(x)[0]
+
+
+MAX_OUTPUTS = 4  # GPTQ_MAX_OUTPUTS in cpu_int4.c
+
+
+class _Plan(ctypes.Structure):  # gptq_int4_plan in cpu_int4.c
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+                ("K", ctypes.c_int64), ("N", ctypes.c_int64), ("G", ctypes.c_int64), ("nout", ctypes.c_int64),
+                ("ends", ctypes.c_int64 * MAX_OUTPUTS)]
 
 
 class Int4Rows:
-    """One layer's packed codes, scales and zeros, checked once; calling it multiplies (the
-    decoding path: no per-call validation, pointers bound at construction)."""
+    """Packed codes, scales and zeros of one layer, or of up to MAX_OUTPUTS layers reading the same
+    input with their rows stacked (``widths``: each layer's rows). Checked and bound once; calling
+    it multiplies and returns one output per layer (the decoding path: no per-call validation)."""
 
-    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int):
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                 widths: tuple[int, ...] | None = None):
         _check(packed, scale, zero, group)
         self.packed, self.scale, self.zero, self.group = packed, scale, zero, group
         self.N, self.K = packed.shape[0], packed.shape[1] * 2
+        self.widths = tuple(widths) if widths is not None else (self.N,)
+        if sum(self.widths) != self.N or not 1 <= len(self.widths) <= MAX_OUTPUTS or min(self.widths) < 1:
+            raise ValueError(f"widths {self.widths}: 1 to {MAX_OUTPUTS} positive row counts summing to N={self.N}")
+        ends = [sum(self.widths[: i + 1]) for i in range(len(self.widths))]
+        ends += [self.N] * (MAX_OUTPUTS - len(ends))
+        self._plan = _Plan(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), self.K, self.N, group,
+                           len(self.widths), (ctypes.c_int64 * MAX_OUTPUTS)(*ends))
+        self._plan_ref = ctypes.byref(self._plan)
         self._fn = _fn("gptq_int4_matmul")
-        self._ptrs = (packed.data_ptr(), scale.data_ptr(), zero.data_ptr())
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] (any float dtype) → [M, N] float32."""
-        x = x.float().contiguous()
-        if x.dim() != 2 or x.shape[1] != self.K:
-            raise ValueError(f"expected activations [M, {self.K}], got {tuple(x.shape)}")
-        y = torch.empty(x.shape[0], self.N, dtype=torch.float32)
-        self._fn(x.data_ptr(), *self._ptrs, y.data_ptr(), x.shape[0], self.K, self.N, self.group,
-                 torch.get_num_threads())
-        return y
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [..., K] (any float dtype) → one float32 [..., width] per layer."""
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        if x.shape[-1] != self.K:
+            raise ValueError(f"expected activations [..., {self.K}], got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        ys = [torch.empty(*lead, w, dtype=torch.float32) for w in self.widths]
+        ptrs = [y.data_ptr() for y in ys] + [None] * (MAX_OUTPUTS - len(ys))
+        self._fn(self._plan_ref, x.data_ptr(), x.numel() // self.K, torch.get_num_threads(), *ptrs)
+        return tuple(ys)
 
 
 def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,

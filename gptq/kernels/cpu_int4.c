@@ -47,24 +47,29 @@ static inline void decode64(const uint8_t *p, __m256 out[8]) {
     }
 }
 
+/* [Σ a[0], Σ a[1], ..., Σ a[7]]: eight int32 vectors summed across lanes, exactly */
+static inline __m256i hsum8_epi32(const __m256i *a) {
+    const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+    const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
 /* one output row against one activation row, quantized to int16 per group: codes and
- * activations meet in _mm256_madd_epi16 (16 products per instruction, exact in int32). Each half
- * chunk (32 codes) may end a group: then its exact sum is scaled into the fp32 total. */
-static inline float row_dot(const int16_t *xq, const float *xs, const int32_t *xqsum, const uint8_t *w,
-                            const uint16_t *sc, const uint8_t *zr, int64_t K, int64_t G) {
-    __m256 total = _mm256_setzero_ps();
-    __m256i acc = _mm256_setzero_si256();
-    float zterm = 0.f;
-    int64_t g = 0, left = G;
+ * activations meet in _mm256_madd_epi16 (16 products per instruction, exact in int32). A group
+ * may end after any half chunk (32 codes); its int32 lanes are set aside in gacc, and the groups
+ * are scaled eight at a time at the end (one vector of scales, zeros and activation sums),
+ * instead of one broadcast and scalar zero term per group. gacc holds ng + 8 vectors. */
+static inline float row_dot(const int16_t *xq, const float *xs, const float *xqsum, const uint8_t *w,
+                            const uint16_t *sc, const uint8_t *zr, int64_t K, int64_t G, __m256i *gacc) {
     const __m256i mask = _mm256_set1_epi16(0x000F);
-#define GPTQ_END_OF_HALF                                                                             \
-    if ((left -= 32) == 0) {                                                                         \
-        const float s = _cvtsh_ss(sc[g]) * xs[g];                                                    \
-        total = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(acc), total);                  \
-        zterm += s * (float)zr[g] * (float)xqsum[g];                                                 \
-        acc = _mm256_setzero_si256();                                                                \
-        g++;                                                                                         \
-        left = G;                                                                                    \
+    const int64_t ng = K / G;
+    __m256i acc = _mm256_setzero_si256();
+    int64_t g = 0, left = G;
+#define GPTQ_END_OF_HALF                 \
+    if ((left -= 32) == 0) {             \
+        gacc[g++] = acc;                 \
+        acc = _mm256_setzero_si256();    \
+        left = G;                        \
     }
     for (int64_t k = 0; k < K; k += 64) {
         const __m256i v = _mm256_loadu_si256((const __m256i *)(w + k / 2));
@@ -79,11 +84,30 @@ static inline float row_dot(const int16_t *xq, const float *xs, const int32_t *x
         GPTQ_END_OF_HALF
     }
 #undef GPTQ_END_OF_HALF
-    return hsum(total) - zterm;
+    /* Σ_g scale[g]·xs[g]·(dot[g] − zero[g]·xqsum[g]) */
+    __m256 total = _mm256_setzero_ps();
+    int64_t g0 = 0;
+    for (; g0 + 8 <= ng; g0 += 8) {
+        const __m256 dot = _mm256_cvtepi32_ps(hsum8_epi32(gacc + g0));
+        const __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g0))),
+                                       _mm256_loadu_ps(xs + g0));
+        const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zr + g0))));
+        total = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, _mm256_loadu_ps(xqsum + g0), dot), total);
+    }
+    float tail = 0.f;
+    for (; g0 < ng; g0++) {
+        const __m256i a = gacc[g0];
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        tail += _cvtsh_ss(sc[g0]) * xs[g0] * ((float)_mm_cvtsi128_si32(s4) - (float)zr[g0] * xqsum[g0]);
+    }
+    return hsum(total) + tail;
 }
+
 /* activations per group of G: x ≈ xs[g]·xq with xq = round(x / xs[g]) ∈ [−32767, 32767]
- * (relative error ≤ 2^-16 of the group's largest |x|); xqsum[g] = Σ xq over the group */
-static void quantize_x(const float *x, int64_t K, int64_t G, int16_t *xq, float *xs, int32_t *xqsum) {
+ * (relative error ≤ 2^-16 of the group's largest |x|); xqsum[g] = Σ xq over the group (as float) */
+static void quantize_x(const float *x, int64_t K, int64_t G, int16_t *xq, float *xs, float *xqsum) {
     const __m256 sign = _mm256_set1_ps(-0.f);
     for (int64_t g = 0; g < K / G; g++) {
         __m256 m = _mm256_setzero_ps();
@@ -109,7 +133,7 @@ static void quantize_x(const float *x, int64_t K, int64_t G, int16_t *xq, float 
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
         xs[g] = scale;
-        xqsum[g] = _mm_cvtsi128_si32(s4);
+        xqsum[g] = (float)_mm_cvtsi128_si32(s4);
     }
 }
 
@@ -130,22 +154,25 @@ void gptq_int4_matmul(const gptq_int4_plan *p, const float *x, int64_t M, int th
     const int64_t K = p->K, N = p->N, G = p->G, ng = K / G;
     float *ys[GPTQ_MAX_OUTPUTS] = {y0, y1, y2, y3};
     int16_t stack_q[8192];
-    float stack_s[256];
-    int32_t stack_sum[256];
+    float stack_s[256], stack_sum[256];
     const int small = M * K <= 8192 && M * ng <= 256;
     int16_t *xq = small ? stack_q : (int16_t *)malloc(sizeof(int16_t) * (size_t)(M * K));
     float *xs = small ? stack_s : (float *)malloc(sizeof(float) * (size_t)(M * ng));
-    int32_t *xqsum = small ? stack_sum : (int32_t *)malloc(sizeof(int32_t) * (size_t)(M * ng));
+    float *xqsum = small ? stack_sum : (float *)malloc(sizeof(float) * (size_t)(M * ng));
     for (int64_t m = 0; m < M; m++) quantize_x(x + m * K, K, G, xq + m * K, xs + m * ng, xqsum + m * ng);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        int j = 0;
-        while (n >= p->ends[j]) j++;
-        const int64_t start = j ? p->ends[j - 1] : 0, width = p->ends[j] - start;
-        const uint8_t *wn = p->w + n * (K / 2);
-        for (int64_t m = 0; m < M; m++)
-            ys[j][m * width + n - start] = row_dot(xq + m * K, xs + m * ng, xqsum + m * ng, wn, p->scale + n * ng,
-                                                   p->zero + n * ng, K, G);
+#pragma omp parallel num_threads(threads)
+    {
+        __m256i gacc[ng + 8]; /* per thread: one int32 vector per group of the row at hand */
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            int j = 0;
+            while (n >= p->ends[j]) j++;
+            const int64_t start = j ? p->ends[j - 1] : 0, width = p->ends[j] - start;
+            const uint8_t *wn = p->w + n * (K / 2);
+            for (int64_t m = 0; m < M; m++)
+                ys[j][m * width + n - start] = row_dot(xq + m * K, xs + m * ng, xqsum + m * ng, wn,
+                                                       p->scale + n * ng, p->zero + n * ng, K, G, gacc);
+        }
     }
     if (!small) {
         free(xq);

@@ -171,7 +171,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, backend: str) 
 
 def prepare_model(model: nn.Module, backend: str, act_dtype: torch.dtype, dev: torch.device) -> None:
     """Make a model whose linears are QuantLinear ready to run: each layer's backend, shared
-    permutations and buffers, fused siblings (AVX2 kernel), the float16 head on CPU."""
+    permutations and buffers, fused siblings (AVX2 kernel), the float16 head on CPU, and on CPUs
+    decoding in fp32 with the AVX2 kernels, RMSNorms in one C call."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for m in layers:
         m.prepare(backend, act_dtype)
@@ -179,6 +180,10 @@ def prepare_model(model: nn.Module, backend: str, act_dtype: torch.dtype, dev: t
     fuse_siblings(model)
     if backend == "cpu" and dev.type == "cpu":
         half_head_for_cpu(model)
+        if act_dtype == torch.float32 and any(m._state.get("kernel") == "rows64" for m in layers):
+            from .kernels.cpu_rmsnorm import replace_rms_norms
+
+            replace_rms_norms(model)
     model.eval()
 
 

@@ -1,11 +1,14 @@
-"""The AVX2 int4 kernel (gptq/kernels/cpu_int4.c) and the cpu backend's path on CPUs without fast
-bf16: against the fp64 reference, exact dequantization, fused siblings, the fallback."""
+"""The AVX2 kernels (gptq/kernels/cpu_int4.c, cpu_rmsnorm.c) and the cpu backend's path on CPUs
+without fast bf16: against the fp64 reference, exact dequantization, fused siblings, RMSNorm rows,
+the fallback."""
+
+import warnings
 
 import pytest
 import torch
 
 from gptq import cpu
-from gptq.kernels import cpu_int4
+from gptq.kernels import cpu_build, cpu_int4, cpu_rmsnorm
 from gptq.kernels.reference import int16_group_round, int4_rows_matmul_reference
 from gptq.qlinear import ROWS64_MAX_ROWS, QuantLinear
 
@@ -147,6 +150,7 @@ def test_fused_siblings_equal_separate_layers_and_never_reuse_a_stale_input(no_f
     assert attn.k_proj._state["w"].data_ptr() != attn.q_proj._state["w"].data_ptr()
     assert attn.k_proj._state["w"].untyped_storage().data_ptr() == attn.q_proj._state["w"].untyped_storage().data_ptr()
     assert "fused" in fused.model.layers[1].mlp.up_proj._state and "fused" not in attn.o_proj._state
+    assert isinstance(fused.model.layers[0].input_layernorm, cpu_rmsnorm.RMSNormRows)
     plain, _ = load(d, device="cpu", backend="cpu", dtype="float32")
     for m in plain.modules():
         if isinstance(m, QuantLinear):
@@ -174,33 +178,93 @@ def test_fused_siblings_equal_separate_layers_and_never_reuse_a_stale_input(no_f
     assert torch.allclose(attn.v_proj(x2), plain.model.layers[0].self_attn.v_proj(x2), atol=1e-6)
 
 
-def test_kernel_off_or_unbuildable_leaves_torch_int4(monkeypatch):
-    cpu_int4._load.cache_clear()
+def test_kernel_off_or_unbuildable_leaves_torch_int4_and_says_so_once(monkeypatch):
+    cpu_build.library.cache_clear()
     try:
         monkeypatch.setenv("GPTQ_CPU_KERNEL", "0")
         assert not cpu_int4.available() and "GPTQ_CPU_KERNEL=0" in cpu_int4.unavailable_reason()
-        cpu_int4._load.cache_clear()
+        cpu_build.library.cache_clear()
         monkeypatch.delenv("GPTQ_CPU_KERNEL")
-        monkeypatch.setattr(cpu_int4, "_compiler", lambda: None)
-        monkeypatch.setattr(cpu_int4, "cache_dir", lambda: __import__("pathlib").Path("/nonexistent-gptq-cache"))
-        assert not cpu_int4.available()
+        monkeypatch.setattr(cpu_build, "_compiler", lambda: None)
+        monkeypatch.setattr(cpu_build, "cache_dir", lambda: __import__("pathlib").Path("/nonexistent-gptq-cache"))
+        monkeypatch.setattr(cpu, "fast_dtype", lambda: torch.float32)
+        if {"avx2", "fma", "f16c"} <= set(cpu.cpu_flags()):
+            with pytest.warns(RuntimeWarning, match="AVX2 CPU kernels are unavailable.*no C compiler"):
+                assert not cpu_int4.available()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert not cpu_int4.available()
+        assert not seen  # decided once per process: no second warning
         reason = cpu_int4.unavailable_reason()
         assert "compiler" in reason or "AVX2" in reason
-        monkeypatch.setattr(cpu, "fast_dtype", lambda: torch.float32)
         layer = make_layer(256, 64, 4, 64, False, seed=2)
         x = torch.randn(2, 256)
         ref = reference(layer, x)
         assert layer.prepare("cpu", torch.float32) == "cpu" and layer._state.get("kernel") != "rows64"
         assert ((layer(x) - ref).norm() / ref.norm()) < 1e-2  # torch's int4 kernel: bf16 activations
+        assert cpu_rmsnorm.replace_rms_norms(torch.nn.Sequential()) == 0
     finally:
-        cpu_int4._load.cache_clear()
+        cpu_build.library.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("D", [576, 100, 2048])
+@pytest.mark.parametrize("M", [1, 3, 70])
+def test_rms_norm_rows_match_the_fp64_formula(D, M):
+    g = torch.Generator().manual_seed(D + M)
+    x = torch.randn(M, D, generator=g) * torch.logspace(-3, 2, M)[:, None]
+    w = torch.randn(D, generator=g)
+    y = cpu_rmsnorm.rms_norm(x, w, 1e-5)
+    xd = x.double()
+    ref = w.double() * xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert ((y.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+    assert torch.equal(cpu_rmsnorm.rms_norm(x.view(M, 1, D), w, 1e-5).view(M, D), y)
+    with pytest.raises(ValueError, match="fp32"):
+        cpu_rmsnorm.rms_norm(x.bfloat16(), w, 1e-5)
+
+
+class OnePlusWeightRMSNorm(torch.nn.Module):  # Gemma's variant: must not be taken for Llama's
+    def __init__(self, d):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(d))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+
+@needs_kernel
+def test_rms_norms_are_swapped_only_where_they_compute_llamas_formula():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)
+    model = LlamaForCausalLM(cfg).eval()
+    for m in model.modules():
+        if type(m).__name__ == "LlamaRMSNorm":
+            m.weight.data.normal_()
+    model.model.layers[1].post_attention_layernorm = OnePlusWeightRMSNorm(64)
+    names = list(model.state_dict())
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+        assert cpu_rmsnorm.replace_rms_norms(model) == 2 * 2  # the Gemma-style norm stays
+        assert isinstance(model.model.norm, cpu_rmsnorm.RMSNormRows)
+        assert isinstance(model.model.layers[1].post_attention_layernorm, OnePlusWeightRMSNorm)
+        assert list(model.state_dict()) == names  # parameter names unchanged
+        after = model(ids).logits
+        assert ((after - before).abs().max() / before.abs().max()) < 1e-5
+        x = torch.randn(1, 3, 64).bfloat16()  # other dtypes: the original module
+        norm = model.model.norm
+        assert torch.equal(norm(x), norm._original[0](x))
 
 
 @needs_kernel
 def test_the_library_is_built_once_under_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTQ_CACHE", str(tmp_path))
-    lib = cpu_int4._build()
+    lib = cpu_build.build()
     assert lib.is_file() and lib.parent.parent == tmp_path / "kernels"
     mtime = lib.stat().st_mtime_ns
-    assert cpu_int4._build() == lib and lib.stat().st_mtime_ns == mtime  # reused, not rebuilt
-    assert [p.name for p in lib.parent.iterdir()] == ["libgptq_int4.so"]  # no temporary left behind
+    assert cpu_build.build() == lib and lib.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert [p.name for p in lib.parent.iterdir()] == [cpu_build.LIBRARY]  # no temporary left behind

@@ -1,15 +1,9 @@
-"""4-bit × fp32 matmul for x86 CPUs without native bf16 (AVX2 + FMA): ``cpu_int4.c``, compiled once.
+"""4-bit × fp32 matmul for x86 CPUs without native bf16 (AVX2 + FMA): ``cpu_int4.c``.
 
 Why: torch's packed-int4 CPU kernel computes in bf16, which CPUs without AVX-512 BF16 emulate,
 so there it decodes no faster than a dense bf16 matrix-vector product (issue #10). This kernel
-converts the codes to fp32 and multiplies with FMA, so a decoding step reads ¼ of a bf16 weight's
-bytes at memory speed.
-
-Build: the C source is compiled with the system's C compiler (``$CC`` or ``cc``; ``-O3 -mavx2
--mfma -mf16c -fopenmp``) into ``$GPTQ_CACHE`` (default ``~/.cache/gptq``)/kernels/<hash>/ on first use,
-a second or two, written under a temporary name and renamed, then loaded with ctypes. No compiler,
-no AVX2/FMA, or a failed build: ``available()`` is False, the reason is in ``unavailable_reason()``
-and callers keep torch's kernel. ``GPTQ_CPU_KERNEL=0`` turns it off.
+multiplies the 4-bit codes with int16-rounded activations in exact integer arithmetic. Built and
+loaded by ``cpu_build`` (``available()`` / ``unavailable_reason()`` say whether it can run).
 
 Layout: ``pack_rows64(codes)`` turns [N, K] codes (0..15) into [N, K/2] bytes, each 64-column chunk
 as 16 little-endian 16-bit words, word j holding columns j, j + 16, j + 32, j + 48 in its four
@@ -20,80 +14,13 @@ nibbles (so a shift and a mask give 16 codes in column order). Reference:
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_int4.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-LIBS = ("-lm",)  # after the source: linkers that drop unneeded libraries resolve it in order
+from .cpu_build import available, function, unavailable_reason
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GPTQ_CACHE", Path.home() / ".cache" / "gptq")) / "kernels"
-
-
-def _compiler() -> str | None:
-    cc = os.environ.get("CC", "cc")
-    return shutil.which(cc) or shutil.which("gcc")
-
-
-def _build() -> Path:
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC or install gcc)")
-    src = SOURCE.read_bytes()
-    tag = hashlib.sha256(src + " ".join((cc, *FLAGS, *LIBS)).encode()).hexdigest()[:16]
-    lib = cache_dir() / tag / "libgptq_int4.so"
-    if lib.is_file():
-        return lib
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
-    os.close(fd)
-    try:
-        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, *LIBS], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-500:]}")
-        os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
-
-
-@functools.lru_cache(maxsize=1)
-def _load() -> tuple[ctypes.CDLL | None, str]:
-    """(the library, "") or (None, why not): decided once per process."""
-    if os.environ.get("GPTQ_CPU_KERNEL", "1") == "0":
-        return None, "turned off by GPTQ_CPU_KERNEL=0"
-    from ..cpu import cpu_flags
-
-    flags = set(cpu_flags())
-    if not {"avx2", "fma", "f16c"} <= flags:
-        return None, f"this CPU lacks AVX2/FMA/F16C (flags: {sorted(flags)})"
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, RuntimeError) as e:
-        return None, f"build failed: {e}"
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.gptq_int4_matmul.argtypes = [p, p, i64, i32, p, p, p, p]
-    lib.gptq_int4_dequant.argtypes = [p, p, p, p, i64, i64, i64, i32]
-    lib.gptq_int4_matmul.restype = lib.gptq_int4_dequant.restype = None
-    return lib, ""
-
-
-def available() -> bool:
-    return _load()[0] is not None
-
-
-def unavailable_reason() -> str:
-    return _load()[1]
+__all__ = ["available", "unavailable_reason", "pack_rows64", "unpack_rows64", "int4_matmul", "Int4Rows",
+           "int4_dequantize", "MAX_OUTPUTS"]
 
 
 def pack_rows64(codes: torch.Tensor) -> torch.Tensor:
@@ -124,13 +51,6 @@ def _check(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group:
     for t in (packed, scale, zero):
         if not t.is_contiguous():
             raise ValueError("int4 kernel: packed, scale and zero must be contiguous")
-
-
-def _fn(name: str):
-    lib = _load()[0]
-    if lib is None:
-        raise RuntimeError(f"the AVX2 int4 kernel is unavailable: {unavailable_reason()}")
-    return getattr(lib, name)
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -170,7 +90,7 @@ class Int4Rows:
         self._plan = _Plan(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), self.K, self.N, group,
                            len(self.widths), (ctypes.c_int64 * MAX_OUTPUTS)(*ends))
         self._plan_ref = ctypes.byref(self._plan)
-        self._fn = _fn("gptq_int4_matmul")
+        self._fn = function("gptq_int4_matmul")
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [..., K] (any float dtype) → one float32 [..., width] per layer."""
@@ -194,6 +114,6 @@ def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
         out = torch.empty(N, K, dtype=torch.float32)
     elif out.shape != (N, K) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"int4_dequantize: out must be a contiguous float32 [{N}, {K}]")
-    _fn("gptq_int4_dequant")(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(), K, N, group,
+    function("gptq_int4_dequant")(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), out.data_ptr(), K, N, group,
                              torch.get_num_threads())
     return out

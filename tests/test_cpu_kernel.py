@@ -268,3 +268,38 @@ def test_the_library_is_built_once_under_the_cache(tmp_path, monkeypatch):
     mtime = lib.stat().st_mtime_ns
     assert cpu_build.build() == lib and lib.stat().st_mtime_ns == mtime  # reused, not rebuilt
     assert [p.name for p in lib.parent.iterdir()] == [cpu_build.LIBRARY]  # no temporary left behind
+
+
+@needs_kernel
+@pytest.mark.parametrize("K", [64, 100, 576])
+@pytest.mark.parametrize("M", [1, 3])
+def test_f16_weights_times_fp32_rows_match_fp64(K, M):
+    from gptq.kernels.cpu_f16 import f16_matmul
+
+    g = torch.Generator().manual_seed(K + M)
+    w = torch.randn(300, K, generator=g).half()
+    x = torch.randn(1, M, K, generator=g)
+    y = f16_matmul(x, w)
+    ref = x.double() @ w.double().T
+    assert y.shape == (1, M, 300) and y.dtype == torch.float32
+    assert ((y.double() - ref).abs().max() / ref.abs().max()) < 1e-6  # fp16 rounding of x would be ~1e-4
+    with pytest.raises(ValueError, match="float16"):
+        f16_matmul(x, w.float())
+
+
+@needs_kernel
+def test_half_head_decodes_with_fp32_activations_and_keeps_torch_as_fallback():
+    from gptq.qlinear import HalfHead
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(500, 96, generator=g).half()
+    bias = torch.randn(500, generator=g).half()
+    head = HalfHead(torch.nn.Parameter(w, requires_grad=False), bias)
+    x = torch.randn(1, 2, 96, generator=g)
+    ref = x.double() @ w.double().T + bias.double()
+    assert head._f16_matmul is not None
+    y = head(x)
+    assert y.shape == (1, 2, 500) and ((y.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+    head._f16_matmul = None  # no kernel: torch's fp16 matmul, fp16-rounded activations
+    y16 = head(x)
+    assert 1e-6 < ((y16.double() - ref).abs().max() / ref.abs().max()) < 5e-3

@@ -3,7 +3,8 @@
 Why C: torch's CPU kernels for packed int4 compute in bf16, which such CPUs emulate (issue #10);
 and a decoding step of a small model spends much of its time in per-operation overhead, which a
 single C call per layer (or per norm) avoids. Sources: ``cpu_int4.c`` (4-bit weights × fp32
-activations, exact dequantization) and ``cpu_rmsnorm.c`` (RMSNorm rows).
+activations, exact dequantization), ``cpu_rmsnorm.c`` (RMSNorm rows) and ``cpu_f16.c`` (float16
+weights × fp32 activations: the output head while decoding).
 
 Build: the sources are compiled with the system's C compiler (``$CC`` or ``cc``; ``-O3 -mavx2
 -mfma -mf16c -fopenmp``) into ``$GPTQ_CACHE`` (default ``~/.cache/gptq``)/kernels/<hash>/ on first
@@ -25,7 +26,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_int4.c", "cpu_rmsnorm.c"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_int4.c", "cpu_rmsnorm.c", "cpu_f16.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 LIBS = ("-lm",)  # after the sources: linkers that drop unneeded libraries resolve it in order
 LIBRARY = "libgptq_cpu.so"
@@ -69,6 +70,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "gptq_int4_matmul": [p, p, i64, i32, p, p, p, p],
         "gptq_int4_dequant": [p, p, p, p, i64, i64, i64, i32],
         "gptq_rms_norm": [p, p, p, i64, i64, f32, i32],
+        "gptq_f16_matmul": [p, p, p, i64, i64, i64, i32],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)

@@ -30,6 +30,7 @@ Figures are printed and written as JSON under --out (default bench-results/).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -464,7 +465,7 @@ def codebooks(out: Path) -> dict:
 
 
 CPU_KERNEL_SHAPES = {"SmolLM2 up/gate": (576, 1536), "SmolLM2 down": (1536, 576), "1.3B up/gate": (2048, 5632)}
-CPU_KERNEL_ROWS = (1, 16, 256, 2048)
+CPU_KERNEL_ROWS = (1, 4, 8, 16, 256, 2048)
 
 
 def _median_ms(fn, repeats: int = 5) -> float:
@@ -482,21 +483,28 @@ def cpu_kernel(out: Path) -> dict:
     backend's choices (activation dtype, kernel vs dequantize-then-matmul, the fp16 head) rest on."""
     from .cpu import cpu_info, fast_dtype
     from .pack import pack_qweight, pack_qzeros
-    from .qlinear import DEQUANT_MIN_ROWS, HEAD_DENSE_ROWS, HalfHead, QuantLinear, SharedBuffers
+    from .qlinear import DEQUANT_MIN_ROWS, HEAD_DENSE_ROWS, ROWS64_MAX_ROWS, HalfHead, QuantLinear, SharedBuffers
 
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)
     act = fast_dtype()
     rows = []
+    from .kernels import cpu_int4
+
+    avx2 = cpu_int4.available()
     for label, (K, N) in CPU_KERNEL_SHAPES.items():
-        layer = QuantLinear(K, N, 4, 64, False)
-        layer.qweight = pack_qweight(torch.randint(0, 16, (N, K), generator=g, dtype=torch.int32), 4)
-        layer.qzeros = pack_qzeros(torch.full((K // 64, N), 8, dtype=torch.int32), 4)
-        layer.scales = (torch.rand(K // 64, N, generator=g) * 0.01).half()
-        layer.g_idx = (torch.arange(K) // 64).to(torch.int32)
-        assert layer.prepare("cpu") == "cpu"
-        layer._state["buffers"] = SharedBuffers()
-        st = layer._state
+        codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.int32)
+        scales = (torch.rand(K // 64, N, generator=g) * 0.01).half()
+        layers = {}
+        for kernel in ("torch", "avx2") if avx2 else ("torch",):
+            layer = QuantLinear(K, N, 4, 64, False)
+            layer.qweight = pack_qweight(codes, 4)
+            layer.qzeros = pack_qzeros(torch.full((K // 64, N), 8, dtype=torch.int32), 4)
+            layer.scales, layer.g_idx = scales, (torch.arange(K) // 64).to(torch.int32)
+            assert layer.prepare("cpu", act, cpu_kernel=kernel) == "cpu"
+            layer._state["buffers"] = SharedBuffers()
+            layers[kernel] = layer
+        st = layers["torch"]._state
         W = torch.randn(N, K, generator=g)
         for M in CPU_KERNEL_ROWS:
             x = torch.randn(M, K, generator=g)
@@ -504,14 +512,23 @@ def cpu_kernel(out: Path) -> dict:
             row = {"shape": label, "K": K, "N": N, "rows": M,
                    "int4_kernel_bf16_ms": _median_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
                        xb, st["w"], st["sub"], st["sz"])),
-                   "int4_dequant_fp32_ms": _median_ms(lambda: x @ layer._dequantized_t(torch.float32)),
+                   "int4_dequant_fp32_ms": _median_ms(lambda: x @ layers["torch"]._dequantized_t(torch.float32)),
                    # bf16 dequantization only where bf16 is the activation dtype (minutes per row elsewhere)
-                   "int4_dequant_bf16_ms": (_median_ms(lambda: xb @ layer._dequantized_t(torch.bfloat16))
+                   "int4_dequant_bf16_ms": (_median_ms(lambda: xb @ layers["torch"]._dequantized_t(torch.bfloat16))
                                             if act == torch.bfloat16 else None),
                    "dense_fp32_ms": _median_ms(lambda: x @ W.T), "dense_bf16_ms": _median_ms(lambda: xb @ Wb.T)}
+            if avx2:  # our kernel and our exact dequantization + fp32 matmul, whichever CPU this is
+                st64 = layers["avx2"]._state
+                row["avx2_kernel_ms"] = _median_ms(lambda: st64["matmul"](x))
+                row["avx2_dequant_fp32_ms"] = _median_ms(lambda: layers["avx2"]._prompt_rows64(x, x))
+            chosen = layers["avx2" if avx2 and act == torch.float32 else "torch"]
             xa = x.to(act)
-            row["backend_ms"] = _median_ms(lambda: layer(xa))
-            row["backend_path"] = "dequantize + dense" if M >= DEQUANT_MIN_ROWS else "int4 kernel"
+            row["backend_ms"] = _median_ms(lambda: chosen(xa))
+            ours = chosen is layers.get("avx2")
+            if M >= (ROWS64_MAX_ROWS if ours else DEQUANT_MIN_ROWS):
+                row["backend_path"] = "dequantize + dense"
+            else:
+                row["backend_path"] = "avx2 kernel" if ours else "int4 kernel"
             rows.append(row)
             print(row)
     V, K = 49152, 576
@@ -525,36 +542,55 @@ def cpu_kernel(out: Path) -> dict:
             row[f"dense_{str(dt)[6:]}_ms"] = _median_ms(lambda: xd @ w.T, 3)
         xa = x.to(act)
         row["backend_ms"] = _median_ms(lambda: head(xa), 3)
-        row["backend_path"] = "float16" if M < HEAD_DENSE_ROWS else f"float16 → {str(act)[6:]} buffer"
+        short = "fp16 weights × fp32 (AVX2)" if head._f16_matmul is not None else "float16"
+        row["backend_path"] = short if M < HEAD_DENSE_ROWS else f"float16 → {str(act)[6:]} buffer"
         rows.append(row)
         print(row)
     result = {"cpu": cpu_info(), "activation_dtype": str(act)[6:], "dequant_min_rows": DEQUANT_MIN_ROWS,
+              "avx2_kernel_max_rows": ROWS64_MAX_ROWS - 1,
               "setup": "2 threads, median of 5 (head: 3); int4 g64 symmetric", "rows": rows}
     _write(out, "cpu_kernel", result)
     return result
 
 
-def _decode_tps(model, tok, n_new: int = 64, repeats: int = 3) -> float:
-    ids = tok("The capital of France is", return_tensors="pt").input_ids
-    kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=tok.eos_token_id)
+def _side_by_side_rates(runs: dict, n_new: int, rounds: int = 3) -> dict[str, float]:
+    """Tokens per second of each ``runs[name]()`` (one generate call of ``n_new`` tokens), measured
+    in interleaved rounds (one warm-up call each first) so that a noisy machine slows every model
+    alike; the median per name."""
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id)
-        rates = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model.generate(ids, **kw)
-            rates.append(n_new / (time.perf_counter() - t0))
-    return statistics.median(rates)
+        for run in runs.values():
+            run(warm=True)
+        rates = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                rates[name].append(n_new / (time.perf_counter() - t0))
+    return {name: round(statistics.median(r), 2) for name, r in rates.items()}
 
 
-def _eval_seconds_per_window(model, windows: torch.Tensor) -> float:
-    """Prompt processing: seconds per 2048-token perplexity window (the first window warms up)."""
+def _generate_run(model, ids: torch.Tensor, n_new: int, **kw):
+    def run(warm: bool = False):
+        n = 4 if warm else n_new
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
+
+    return run
+
+
+def _eval_seconds_per_window(models: dict, windows: torch.Tensor) -> dict[str, float]:
+    """Prompt processing: seconds per 2048-token perplexity window of each model, side by side
+    (each window runs on every model in turn; the first window warms up)."""
     from .eval import perplexity
 
-    perplexity(model, windows[:1])
-    t0 = time.perf_counter()
-    perplexity(model, windows[1:])
-    return round((time.perf_counter() - t0) / (len(windows) - 1), 2)
+    for m in models.values():
+        perplexity(m, windows[:1])
+    seconds = {name: 0.0 for name in models}
+    for i in range(1, len(windows)):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            perplexity(m, windows[i:i + 1])
+            seconds[name] += time.perf_counter() - t0
+    return {name: round(t / (len(windows) - 1), 2) for name, t in seconds.items()}
 
 
 def decode(out: Path, eval_windows_n: int = 3) -> dict:
@@ -577,31 +613,34 @@ def decode(out: Path, eval_windows_n: int = 3) -> dict:
     tok = AutoTokenizer.from_pretrained(model_dir)
     windows = eval_windows(tok, str(_wiki("wiki.test.raw")), 2048, eval_windows_n)
     rows = {}
-    dense_linear_bytes = {}
+    models = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         lin = sum(mod.weight.numel() * mod.weight.element_size() for n, mod in m.named_modules()
                   if isinstance(mod, torch.nn.Linear) and ".layers." in n)
-        dense_linear_bytes[name] = lin
-        rows[name] = {"tokens_per_s": round(_decode_tps(m, tok), 2), "weights_gb": round(resident_bytes(m) / 1e9, 3),
-                      "decoder_linears_mb": round(lin / 1e6, 1),
-                      "eval_s_per_2048_window": _eval_seconds_per_window(m, windows)}
-        print(name, rows[name])
-        del m
+        rows[name] = {"weights_gb": round(resident_bytes(m) / 1e9, 3), "decoder_linears_mb": round(lin / 1e6, 1)}
+        models[name] = m
     q, _ = load(ckpt, device="cpu")
     # one ModuleList, so storages shared by fused siblings (q/k/v, up/gate) are counted once
     qlin = resident_bytes(torch.nn.ModuleList([mod for mod in q.modules() if isinstance(mod, QuantLinear)]))
     qname = "gptq-4bit-g64 (cpu backend)"
     rows[qname] = {
-        "tokens_per_s": round(_decode_tps(q, tok), 2), "weights_gb": round(resident_bytes(q) / 1e9, 3),
-        "decoder_linears_mb": round(qlin / 1e6, 1),
-        "linears_vs_bf16": round(qlin / dense_linear_bytes["bf16"], 3),
-        "eval_s_per_2048_window": _eval_seconds_per_window(q, windows),
+        "weights_gb": round(resident_bytes(q) / 1e9, 3), "decoder_linears_mb": round(qlin / 1e6, 1),
+        "linears_vs_bf16": round(qlin / (rows["bf16"]["decoder_linears_mb"] * 1e6), 3),
         "activation_dtype": str(q.get_input_embeddings()(torch.zeros(1, 1, dtype=torch.long)).dtype)[6:],
     }
-    print(qname, rows[qname])
-    result = {"setup": "greedy, 64 new tokens, batch 1, 2 threads, median of 3; eval: perplexity windows of 2048 "
-                       "tokens, first one as warm-up", "cpu": cpu_info(), "rows": rows,
+    models[qname] = q
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    rates = _side_by_side_rates({name: _generate_run(m, ids, 64, pad_token_id=tok.eos_token_id)
+                                 for name, m in models.items()}, 64)
+    evals = _eval_seconds_per_window(models, windows)
+    for name, rate in rates.items():
+        rows[name]["tokens_per_s"] = rate
+        rows[name]["eval_s_per_2048_window"] = evals[name]
+        print(name, rows[name])
+    result = {"setup": "greedy, 64 new tokens, batch 1, 2 threads, median of 3 interleaved rounds; eval: "
+                       "perplexity windows of 2048 tokens, each on every model in turn, first one as warm-up",
+              "cpu": cpu_info(), "rows": rows,
               "decode_speedup_vs_bf16": round(rows[qname]["tokens_per_s"] / rows["bf16"]["tokens_per_s"], 2),
               "decode_speedup_vs_fp32": round(rows[qname]["tokens_per_s"] / rows["fp32"]["tokens_per_s"], 2),
               "eval_time_vs_fp32": round(rows[qname]["eval_s_per_2048_window"] / rows["fp32"]["eval_s_per_2048_window"], 3)}
@@ -649,33 +688,26 @@ def decode_synthetic(out: Path, n_new: int = 32) -> dict:
     torch.manual_seed(0)
     base = LlamaForCausalLM(cfg).eval()
 
-    def tps(model) -> float:
-        ids = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
-        kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0, eos_token_id=None)
-        with torch.no_grad():
-            model.generate(ids, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
-            rates = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                model.generate(ids, **kw)
-                rates.append(n_new / (time.perf_counter() - t0))
-        return round(statistics.median(rates), 2)
-
-    rows = {}
+    rows, models = {}, {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        m = base.to(dtype)
-        rows[name] = {"tokens_per_s": tps(m), "weights_gb": round(resident_bytes(m) / 1e9, 3)}
-        print(name, rows[name], flush=True)
+        models[name] = copy.deepcopy(base).to(dtype)
+        rows[name] = {"weights_gb": round(resident_bytes(models[name]) / 1e9, 3)}
     act = resolve_dtype("auto", torch.device("cpu"), "cpu")
     q = random_packed(base.to(act))
     prepare_model(q, "cpu", act, torch.device("cpu"))
     qname = "gptq-4bit-g128 (cpu backend)"
     kernel = next(m._state.get("kernel", "torch int4") for m in q.modules() if hasattr(m, "_state"))
-    rows[qname] = {"tokens_per_s": tps(q), "weights_gb": round(resident_bytes(q) / 1e9, 3),
+    rows[qname] = {"weights_gb": round(resident_bytes(q) / 1e9, 3),
                    "activation_dtype": str(act).removeprefix("torch."), "kernel": kernel}
-    print(qname, rows[qname], flush=True)
+    models[qname] = q
+    ids = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+    rates = _side_by_side_rates({name: _generate_run(m, ids, n_new, pad_token_id=0, eos_token_id=None)
+                                 for name, m in models.items()}, n_new)
+    for name, rate in rates.items():
+        rows[name]["tokens_per_s"] = rate
+        print(name, rows[name], flush=True)
     result = {"setup": f"TinyLlama-1.1B shape, random weights; greedy, {n_new} new tokens after 8, batch 1, "
-                       "2 threads, median of 3", "cpu": cpu_info(), "rows": rows,
+                       "2 threads, median of 3 interleaved rounds", "cpu": cpu_info(), "rows": rows,
               "decode_speedup_vs_bf16": round(rows[qname]["tokens_per_s"] / rows["bf16"]["tokens_per_s"], 2),
               "decode_speedup_vs_fp32": round(rows[qname]["tokens_per_s"] / rows["fp32"]["tokens_per_s"], 2)}
     print(json.dumps(result, indent=2))

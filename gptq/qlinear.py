@@ -287,7 +287,7 @@ class QuantLinear(nn.Module):
         perm = None if monotonic else torch.argsort(g, stable=True)
         return perm, G
 
-    def prepare(self, backend: str, dtype: torch.dtype = torch.float32) -> str:
+    def prepare(self, backend: str, dtype: torch.dtype = torch.float32, cpu_kernel: str = "auto") -> str:
         """Build what ``backend`` needs; returns the backend actually used (with a warning if
         the requested one cannot serve this layer)."""
         if backend not in BACKENDS:
@@ -304,7 +304,7 @@ class QuantLinear(nn.Module):
         if backend == "cpu" and self.bits != 4:
             backend = "dense"
         if backend == "cpu":
-            backend = self._prepare_int4_cpu(*layout)
+            backend = self._prepare_int4_cpu(*layout, cpu_kernel)
         elif backend == "triton":
             perm, G = layout
             if self.bits not in (2, 4, 8) or (self.group_size != -1 and G % 16):
@@ -322,12 +322,19 @@ class QuantLinear(nn.Module):
         self.backend = backend
         return backend
 
-    def _prepare_int4_cpu(self, perm, G) -> str:
+    def _prepare_int4_cpu(self, perm, G, cpu_kernel: str = "auto") -> str:
+        """cpu_kernel "auto": our AVX2 kernel where the CPU has no fast bf16 and it can serve this
+        layer, else torch's int4 kernel; "avx2" / "torch" ask for one (benchmarks compare them)."""
         from .cpu import fast_dtype
         from .kernels import cpu_int4
 
-        if (fast_dtype() == torch.float32 and G % 32 == 0 and G <= 32768 and self.in_features % 64 == 0
-                and cpu_int4.available()):
+        if cpu_kernel not in ("auto", "avx2", "torch"):
+            raise ValueError(f"cpu_kernel must be 'auto', 'avx2' or 'torch', not {cpu_kernel!r}")
+        fits = G % 32 == 0 and G <= 32768 and self.in_features % 64 == 0 and cpu_int4.available()
+        if cpu_kernel == "avx2" and not fits:
+            raise ValueError(f"the AVX2 kernel cannot serve this layer (group {G}, {self.in_features} inputs; "
+                             f"kernel: {cpu_int4.unavailable_reason() or 'available'})")
+        if fits and (cpu_kernel == "avx2" or (cpu_kernel == "auto" and fast_dtype() == torch.float32)):
             return self._prepare_rows64(perm, G)
         sub = next((s for s in INT4_CPU_GROUPS if G % s == 0 and self.in_features % s == 0), None)
         if sub is None:

@@ -303,3 +303,19 @@ def test_half_head_decodes_with_fp32_activations_and_keeps_torch_as_fallback():
     head._f16_matmul = None  # no kernel: torch's fp16 matmul, fp16-rounded activations
     y16 = head(x)
     assert 1e-6 < ((y16.double() - ref).abs().max() / ref.abs().max()) < 5e-3
+
+
+@needs_kernel
+def test_cpu_kernel_can_be_asked_for_by_name():
+    layer = make_layer(256, 64, 4, 64, False, seed=4)
+    x = torch.randn(3, 256)
+    ref = reference(layer, x)
+    assert layer.prepare("cpu", torch.float32, cpu_kernel="avx2") == "cpu" and layer._state["kernel"] == "rows64"
+    assert ((layer(x) - ref).norm() / ref.norm()) < 1e-4
+    layer = make_layer(256, 64, 4, 64, False, seed=4)
+    layer.prepare("cpu", torch.float32, cpu_kernel="torch")
+    assert layer._state.get("kernel") != "rows64" and "sub" in layer._state
+    with pytest.raises(ValueError, match="cpu_kernel must be"):
+        make_layer(256, 64, 4, 64, False).prepare("cpu", torch.float32, cpu_kernel="fast")
+    with pytest.raises(ValueError, match="cannot serve this layer"):
+        make_layer(96, 64, 4, 32, False).prepare("cpu", torch.float32, cpu_kernel="avx2")  # 96 inputs: not 64k

@@ -11,7 +11,11 @@ with the ``gguf`` package's writer:
   block type, so permuting the blocks' rows is exact) and for Qwen2 (q/k/v biases in F32) and
   Qwen3 (per-head q/k norms in F32), which keep Hugging Face's row order;
 - norms in F32; token embeddings (and an untied output head) quantized by rounding to the type
-  llama.cpp picks for them (they are not decoder linears), with the same fallbacks.
+  llama.cpp picks for them (they are not decoder linears), with the same fallbacks;
+- mixture-of-experts (Mixtral as the llama architecture, Qwen3-MoE as qwen3moe): each expert is
+  solved on its own, and a layer's experts are written as one 3-D tensor per role
+  (``blk.N.ffn_gate_exps`` / ``ffn_up_exps`` / ``ffn_down_exps``: [n_expert, rows, blocks], as the
+  converter merges them), the router (``ffn_gate_inp``) in F32, with the expert counts.
 
 The per-layer types follow llama.cpp's ``src/llama-quant.cpp`` (``llama_tensor_get_type_impl`` and
 ``tensor_type_fallback``, llama.cpp as vendored in llama-cpp-python 0.3.36) for dense models.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,9 +46,16 @@ BLOCK_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self
                "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}  # (Qwen3's per-head norms)
 TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-# HF model_type → GGUF architecture, as convert_hf_to_gguf.py maps them (conversion/__init__.py:
-# MistralForCausalLM → the llama converter; conversion/qwen.py: Qwen2Model, Qwen3Model)
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+BLOCK_NAMES.update({"mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp"})  # MoE routers
+# a routed expert's linear (our names or Mixtral's on disk) → the role of its layer's merged 3-D tensor
+EXPERT_ROLES = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps", "w3": "ffn_up_exps",
+                "down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
+EXPERT_NAME = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)$")
+# HF model_type → GGUF architecture, as convert_hf_to_gguf.py maps them (conversion/llama.py:
+# Mistral and Mixtral → the llama converter, which merges Mixtral's experts; conversion/qwen.py:
+# Qwen2Model, Qwen3Model, Qwen3MoeModel)
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "llama",
+                 "qwen3_moe": "qwen3moe"}
 # llama.cpp runs the llama architecture's rotary embedding on interleaved pairs, so its converter
 # permutes q/k rows (LlamaModel.permute); qwen2/qwen3 use the NEOX layout (halves), as Hugging Face
 ROPE_PERMUTED = {"llama"}
@@ -64,19 +76,36 @@ def _fits(t: str, cols: int) -> str:
     return t
 
 
-def layer_type(ftype: str, role: str, i: int, n_layers: int, cols: int, calibrated: bool = True) -> str:
-    """The GGML type llama.cpp gives a decoder linear (role: the GGUF name, e.g. "attn_v") of layer i.
+def role_of(rest: str) -> str:
+    """The GGUF role of a block's linear (``self_attn.v_proj`` → attn_v; a routed expert's linear →
+    ffn_gate_exps / ffn_up_exps / ffn_down_exps)."""
+    m = EXPERT_NAME.match(rest)
+    return EXPERT_ROLES[m.group(2)] if m else BLOCK_NAMES[rest]
+
+
+def layer_type(ftype: str, role: str, i: int, n_layers: int, cols: int, calibrated: bool = True,
+               n_expert: int = 0) -> str:
+    """The GGML type llama.cpp gives a decoder linear (role: the GGUF name, e.g. "attn_v", or a
+    merged expert tensor, e.g. "ffn_down_exps") of layer i.
 
     calibrated: llama-quantize's choices when it has an importance matrix (``has_imatrix``), as
     every GPTQ file is calibrated: the first eighth of the ffn_down tensors of a Q4_0 / Q5_0 file
-    get Q4_1 / Q5_1 ("guard against craziness in the first few ffn_down layers", llama-quant.cpp)."""
+    get Q4_1 / Q5_1 ("guard against craziness in the first few ffn_down layers", llama-quant.cpp).
+    n_expert: llama-quant.cpp gives 8-expert models (Mixtral-8x7B's kind) Q8_0 attn_k / attn_v
+    ("bumping this to Q8_0 trades just ~128MB") and Q5_K attn_output in the K-quant mixes."""
     t = FILE_TYPES[ftype][1]
     if role == "attn_v":
         if ftype in ("q4_k_m", "q5_k_m") and _more_bits(i, n_layers):
             t = "q6_k"
         elif ftype == "q4_k_s" and i < 4:
             t = "q5_k"
-    elif role == "ffn_down":
+        if n_expert == 8:
+            t = "q8_0"
+    elif role == "attn_k" and n_expert == 8:
+        t = "q8_0"
+    elif role == "attn_output" and n_expert == 8 and ftype in ("q4_k_s", "q4_k_m"):
+        t = "q5_k"
+    elif role.startswith("ffn_down"):  # llama.cpp matches the name: ffn_down and ffn_down_exps alike
         if ftype in ("q4_k_m", "q5_k_m") and _more_bits(i, n_layers):
             t = "q6_k"
         elif ftype == "q4_k_s" and i < n_layers // 8:
@@ -94,8 +123,10 @@ def output_type(ftype: str, cols: int) -> str:
     return _fits("q6_k", cols)
 
 
-def plan(ftype: str, model_type: str, linears: dict[str, int], blocks: str = "model.layers") -> tuple[str, tuple]:
-    """(default type, ((linear, type), ...)) for the decoder linears {full name: input size}."""
+def plan(ftype: str, model_type: str, linears: dict[str, int], blocks: str = "model.layers",
+         n_expert: int = 0) -> tuple[str, tuple]:
+    """(default type, ((linear, type), ...)) for the decoder linears {full name: input size}
+    (routed experts by their own names, ``mlp.experts.3.down_proj``; n_expert routed per block)."""
     if ftype not in FILE_TYPES:
         raise ValueError(f"unknown GGUF type {ftype!r}; choose one of {sorted(FILE_TYPES)}")
     if model_type not in ARCHITECTURES:
@@ -105,10 +136,24 @@ def plan(ftype: str, model_type: str, linears: dict[str, int], blocks: str = "mo
     per = []
     for name, cols in sorted(linears.items()):
         i, rest = name[len(blocks) + 1:].split(".", 1)
-        t = layer_type(ftype, BLOCK_NAMES[rest], int(i), n_layers, cols)
+        t = layer_type(ftype, role_of(rest), int(i), n_layers, cols, n_expert=n_expert)
         if t != default:
             per.append((name, t))
     return default, tuple(per)
+
+
+def check_moe(hf: dict) -> None:
+    """Refuse mixture-of-experts models llama.cpp would run differently, or whose layout the GGUF
+    writer does not handle yet (dense MLP layers between sparse ones)."""
+    if hf.get("model_type") != "qwen3_moe":
+        return
+    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+        raise ValueError("GGUF output: Qwen3-MoE models with dense MLP layers (mlp_only_layers / "
+                         "decoder_sparse_step) are not supported yet")
+    if not hf.get("norm_topk_prob", False):  # llama.cpp's qwen3moe graph renormalises (build_moe_ffn norm_w)
+        raise ValueError("GGUF output: this Qwen3-MoE model does not renormalise its top-k router weights "
+                         "(norm_topk_prob false), but llama.cpp's qwen3moe always does, so the file would compute "
+                         "a different model; released Qwen3-MoE models set norm_topk_prob true")
 
 
 @dataclass(frozen=True)
@@ -229,6 +274,8 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
     arch = ARCHITECTURES.get(hf.get("model_type"))
     if arch is None:
         raise ValueError(f"GGUF output supports the {sorted(ARCHITECTURES)} families so far, not {hf.get('model_type')!r}")
+    check_moe(hf)
+    n_expert = hf.get("num_local_experts") or hf.get("num_experts") or 0
     tmp = path.with_name(path.name + ".partial")
     w = gguf.GGUFWriter(tmp, arch)
     w.add_name(Path(source or stage).name)
@@ -240,6 +287,11 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
     w.add_feed_forward_length(hf["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
+    if n_expert:
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(hf["num_experts_per_tok"])
+        if hf.get("moe_intermediate_size"):
+            w.add_expert_feed_forward_length(hf["moe_intermediate_size"])
     rope = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta"))
     if rope is not None:
         w.add_rope_freq_base(rope)
@@ -260,6 +312,7 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
     tied = "lm_head.weight" not in where and "lm_head.weight.ggml_q8_0" not in where
     counts: dict[str, int] = {}
     n_params = n_bytes = 0
+    experts: dict[tuple[str, str], dict[int, tuple[str, torch.Tensor]]] = {}  # (layer, role) → {e: blocks}
 
     def add(name: str, data: np.ndarray, t: str | None, params: int):
         nonlocal n_params, n_bytes
@@ -278,6 +331,14 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
         suffix = "bias" if key.endswith(".bias") else "weight"
         if base.startswith("model.layers."):
             i, rest = base[len("model.layers."):].split(".", 1)
+            expert = EXPERT_NAME.match(rest)
+            if expert:
+                staged = key.rsplit(".ggml_", 1)
+                if suffix != "weight" or len(staged) != 2:
+                    raise ValueError(f"{key}: expert tensors are written as solved GGML blocks only")
+                experts.setdefault((i, EXPERT_ROLES[expert.group(2)]), {})[int(expert.group(1))] = (
+                    staged[1], where[key].get_tensor(key))
+                continue
             name = f"blk.{i}.{BLOCK_NAMES[rest]}.{suffix}"
         elif base in TOP_NAMES:
             name = f"{TOP_NAMES[base]}.{suffix}"
@@ -293,12 +354,21 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
                 x = rope_permute(x, kv)
             params = x.shape[0] * x.shape[1] // TYPES[t].block_bytes * TYPES[t].block_weights
             add(name, x.numpy(), t, params)
-        elif x.dim() == 1:  # norms (and Qwen2's q/k/v biases)
+        elif x.dim() == 1 or name.endswith("ffn_gate_inp.weight"):  # norms, Qwen2's q/k/v biases, MoE routers
             add(name, x.float().numpy(), None, x.numel())
         else:  # token embeddings / untied head: rounded, as llama.cpp would type them
             t = output_type(ftype, x.shape[1]) if (name == "output.weight" or tied) else \
                 layer_type(ftype, "token_embd", 0, n_layers, x.shape[1])
             add(name, round_tensor(x, t).numpy(), t, x.numel())
+    for (i, role), by_expert in sorted(experts.items(), key=lambda kv: (int(kv[0][0]), kv[0][1])):
+        types = {t for t, _ in by_expert.values()}
+        if sorted(by_expert) != list(range(n_expert)) or len(types) != 1:
+            raise ValueError(f"layer {i} {role}: experts {sorted(by_expert)} of types {sorted(types)}; expected "
+                             f"all {n_expert} in one type")
+        t = types.pop()
+        x = torch.stack([by_expert[e][1] for e in range(n_expert)])  # [n_expert, rows, bytes per row]
+        add(f"blk.{i}.{role}.weight", x.numpy(), t, x.shape[0] * x.shape[1] * x.shape[2] // TYPES[t].block_bytes
+            * TYPES[t].block_weights)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)

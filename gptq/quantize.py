@@ -142,10 +142,10 @@ def check_model_dir(path: str, fmt: str = "gptq"):
         raise FileNotFoundError(f"'{path}' has no config.json; it is not a Hugging Face model directory")
     config = AutoConfig.from_pretrained(p)
     arch = for_config(config)  # unsupported families fail here, before any weight is read
-    if arch.experts is not None and fmt not in ("gptq", "gptq_v2"):
+    if arch.experts is not None and fmt not in ("gptq", "gptq_v2") and not fmt.startswith("gguf:"):
         raise ConfigError(f"'{path}' is a mixture-of-experts model ({config.model_type}): it is written in the GPTQ "
-                          f"format only (per-expert qweight/scales, as vLLM and GPTQModel load them), not {fmt}; "
-                          "drop --format or use --format gptq / gptq_v2")
+                          f"format (per-expert qweight/scales, as vLLM and GPTQModel load them) or as GGUF, not {fmt}; "
+                          "drop --format or use --format gptq / gptq_v2 / gguf:TYPE")
     if getattr(config, "quantization_config", None):
         qc = config.quantization_config
         method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
@@ -354,9 +354,13 @@ def gguf_config(args, ftype: str) -> QuantConfig:
     arch = for_config(model.config)
     blocks = get_module(model, arch.blocks)
     linears = {f"{arch.blocks}.{i}.{n}": in_features(get_module(b, n)) for i, b in enumerate(blocks)
-               for n in arch.linears}
+               for n in arch.block_linears(b)}
+    n_expert = getattr(model.config, arch.experts.count) if arch.experts is not None else 0
     try:
-        default, per_layer = plan(ftype, model.config.model_type, linears, arch.blocks)
+        from .gguf_file import check_moe
+
+        check_moe(model.config.to_dict())
+        default, per_layer = plan(ftype, model.config.model_type, linears, arch.blocks, n_expert)
         from transformers import AutoTokenizer
 
         from .gguf_file import pre_tokenizer

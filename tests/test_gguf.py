@@ -243,3 +243,73 @@ def test_cli_gguf_writes_one_file_and_the_report(tmp_path, tiny_model_dir, monke
     r = run(quantize_cmd(d, tmp_path / "u", "--format", "gguf:q4_0"), text)
     assert r.returncode == 2 and "GPTQ_GGUF_PRE" in r.stderr
     assert not any(p.name.startswith("u") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_experts_are_merged_per_layer_into_3d_tensors_of_the_solved_weights(tmp_path, smollm2_dir, family):
+    """Mixtral (llama architecture) and Qwen3-MoE (qwen3moe), as convert_hf_to_gguf merges them: one
+    [n_expert, rows, cols] tensor per layer and role whose expert e dequantizes to expert e's solved
+    weight, the router in F32, the expert counts in the metadata; 8-expert models take llama.cpp's
+    Q8_0 attn_k / attn_v."""
+    from gguf import GGUFReader, quants
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import moe_config
+    from gptq.architectures import for_config, get_module
+    from gptq.gguf_file import plan as gguf_plan
+    from gptq.moe import unfuse
+
+    cfg = moe_config(family, experts=4, hidden=64, inter=64)
+    cfg.vocab_size, cfg.norm_topk_prob = 49152, True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    d = tmp_path / family
+    model.save_pretrained(d)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(d)
+    arch = for_config(model.config)
+    unfuse(model, arch)
+    linears = {f"model.layers.{i}.{n}": get_module(b, n).in_features for i, b in enumerate(model.model.layers)
+               for n in arch.block_linears(b)}
+    default, per = gguf_plan("q4_0", family, linears, n_expert=4)
+    assert default == "q4_0" and per == ()  # 2 layers: n_layers // 8 == 0 calibrated ffn_down upgrades
+    _, per8 = gguf_plan("q4_k_m", family, {k: 256 for k in linears}, n_expert=8)
+    assert {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1]: t for n, t in per8
+            if "self_attn" in n} == {"self_attn.k_proj": "q8_0", "self_attn.v_proj": "q8_0", "self_attn.o_proj": "q5_k"}
+    cfgq = QuantConfig(bits=4, group_size=32, grid=default, layer_grids=per, gguf="q4_0")
+    ids = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(1))
+    packed, _ = quantize_model(model, ids, cfgq, device="cpu", progress=False)
+    stage = save_checkpoint(tmp_path / "stage", model, packed, cfgq, source_dir=d)
+    info = write_gguf(stage, tmp_path / "m.gguf", "q4_0", d)
+    # per layer q, k, v, o and three merged expert tensors; the untied token embeddings (the head: Q8_0)
+    assert info["tensor_types"]["q4_0"] == 2 * (4 + 3) + 1 and info["tensor_types"]["q8_0"] == 1
+    reader = GGUFReader(tmp_path / "m.gguf")
+    got = {t.name: t for t in reader.tensors}
+    gguf_arch = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}[family]
+    assert reader.fields["general.architecture"].contents() == gguf_arch
+    assert reader.fields[f"{gguf_arch}.expert_count"].contents() == 4
+    assert reader.fields[f"{gguf_arch}.expert_used_count"].contents() == 2
+    if family == "qwen3_moe":
+        assert reader.fields["qwen3moe.expert_feed_forward_length"].contents() == 64
+    for i in range(2):
+        router = got[f"blk.{i}.ffn_gate_inp.weight"]
+        assert router.tensor_type.name == "F32"
+        assert torch.equal(torch.from_numpy(np.array(router.data)).reshape(4, 64),
+                           model.get_parameter(f"model.layers.{i}.mlp.gate.weight").float())
+        for role, hf in (("ffn_gate_exps", "gate_proj"), ("ffn_up_exps", "up_proj"), ("ffn_down_exps", "down_proj")):
+            t = got[f"blk.{i}.{role}.weight"]
+            assert list(t.shape) == [64, 64, 4]  # ggml order: cols, rows, experts
+            w = torch.from_numpy(np.ascontiguousarray(quants.dequantize(t.data, t.tensor_type))).reshape(4, 64, 64)
+            for e in range(4):
+                ref = model.get_submodule(f"model.layers.{i}.mlp.experts.{e}.{hf}").weight.float()
+                assert torch.equal(w[e], ref), (i, role, e)
+
+
+def test_moe_models_llama_cpp_would_run_differently_are_refused():
+    from gptq.gguf_file import check_moe
+
+    check_moe({"model_type": "qwen3_moe", "norm_topk_prob": True})
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        check_moe({"model_type": "qwen3_moe", "norm_topk_prob": False})
+    with pytest.raises(ValueError, match="mlp_only_layers"):
+        check_moe({"model_type": "qwen3_moe", "norm_topk_prob": True, "mlp_only_layers": [0]})
+    check_moe({"model_type": "mixtral"})  # Hugging Face's Mixtral always renormalises, as llama.cpp

@@ -141,3 +141,61 @@ def test_llama_cpp_runs_our_qwen_gguf(reference, tmp_path, family):
                             "--chunks", "2", "-t", "2"], capture_output=True, text=True, timeout=600)
         m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
         assert r.returncode == 0 and m and float(m.group(1)) > 1, (r.stdout + r.stderr)[-3000:]
+
+
+def smollm2_as_mixtral(tmp_path, experts: int = 4):
+    """SmolLM2 re-labelled as Mixtral: every expert a copy of SmolLM2's MLP and a random router. With
+    top-2 routing and the top-2 weights renormalised (Mixtral's rule, and llama.cpp's), the model
+    computes SmolLM2's function whatever the router picks."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    src = ROOT / ".cache" / "smollm2"
+    smol = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    c = smol.config
+    cfg = MixtralConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                        num_key_value_heads=c.num_key_value_heads, head_dim=c.hidden_size // c.num_attention_heads,
+                        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+                        rope_parameters=c.rope_parameters, tie_word_embeddings=True, bos_token_id=c.bos_token_id,
+                        eos_token_id=c.eos_token_id, num_local_experts=experts, num_experts_per_tok=2,
+                        sliding_window=None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    sd = smol.state_dict()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in sd:
+                p.copy_(sd[name])
+        for i, layer in enumerate(model.model.layers):
+            mlp = f"model.layers.{i}.mlp."
+            gate_up = torch.cat([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]])
+            layer.mlp.experts.gate_up_proj.copy_(gate_up.expand(experts, -1, -1))
+            layer.mlp.experts.down_proj.copy_(sd[mlp + "down_proj.weight"].expand(experts, -1, -1))
+            layer.mlp.gate.weight.normal_(0, 0.5)
+    d = tmp_path / "smol-mixtral"
+    model.save_pretrained(d)
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, d / f.name)
+    (d / "generation_config.json").unlink(missing_ok=True)
+    return d
+
+
+def test_llama_cpp_runs_our_mixtral_gguf_as_the_model_it_is(reference, tmp_path):
+    """SmolLM2 as a 4-expert Mixtral (identical experts, random router): our Q8_0 file, each expert
+    solved on the tokens routed to it and the experts merged per layer, must score what llama.cpp's
+    own F16 file of dense SmolLM2 scores (within 1 %). A wrong expert order, a lost router or
+    unnormalised routing weights would not."""
+    _, f16, _ = reference
+    d = smollm2_as_mixtral(tmp_path)
+    out = tmp_path / "ours"
+    subprocess.run([sys.executable, "-m", "gptq.quantize", str(d), "--dataset", str(WIKI / "valid.tokens.txt"),
+                    "--nsamples", "8", "--seqlen", "512", "--format", "gguf:q8_0", "--out", str(out), "--quiet"],
+                   check=True, cwd=ROOT)
+    ours = next(out.glob("*.gguf"))
+    mine, ref = perplexity(ours), perplexity(f16)
+    print(f"\nSmolLM2 as a 4-expert Mixtral: llama.cpp's F16 (dense) {ref:.4f}, our Q8_0 (MoE) {mine:.4f}")
+    assert abs(mine - ref) / ref < 0.01

@@ -213,30 +213,53 @@ def round_tensor(w: torch.Tensor, t: str) -> torch.Tensor:
 
 
 def _vocab(writer, source: Path, hf: dict) -> None:
-    """The tokenizer as convert_hf_to_gguf writes a BPE (gpt2-style) one, or a SentencePiece one."""
+    """The tokenizer as convert_hf_to_gguf writes it: a byte-level BPE one as ``gpt2``, a
+    SentencePiece-style one (BPE on ▁-joined text with byte-fallback tokens, as transformers
+    converts Llama 2 / Mistral / Mixtral / Phi-3 tokenizers) as ``llama``."""
     import gguf
     from transformers import AutoTokenizer
 
+    spm = check_tokenizer(source) == "llama"
     tok = AutoTokenizer.from_pretrained(source)
+    model = json.loads((source / "tokenizer.json").read_text())["model"]
     vocab_size = hf.get("vocab_size", len(tok.get_vocab()))
-    if not (source / "tokenizer.json").is_file():
-        raise ValueError(f"{source}: GGUF output needs a fast tokenizer (tokenizer.json)")
-    model = json.loads((source / "tokenizer.json").read_text())["model"]["type"]
-    if model != "BPE":
-        raise ValueError(f"{source}: tokenizer model {model!r}; GGUF output supports BPE tokenizers so far")
     reverse = {i: t for t, i in tok.get_vocab().items()}
     added = tok.added_tokens_decoder
-    tokens, types = [], []
+    if spm:  # merge order as scores: llama.cpp's SentencePiece tokenizer merges the best-scored pair first
+        rank: dict[str, int] = {}
+        for r, m in enumerate(model.get("merges", [])):
+            a, b = m.split(" ", 1) if isinstance(m, str) else m
+            rank.setdefault(a + b, r)
+    tokens, types, scores = [], [], []
     for i in range(vocab_size):
-        if i not in reverse:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
+        text = reverse.get(i)
+        score = 0.0
+        if text is None:
+            text, kind = f"[PAD{i}]", gguf.TokenType.UNUSED
+        elif spm and i == tok.unk_token_id:
+            kind = gguf.TokenType.UNKNOWN
         elif i in added:
-            tokens.append(reverse[i])
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+            kind = gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED
+        elif spm and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            kind = gguf.TokenType.BYTE
         else:
-            tokens.append(reverse[i])
-            types.append(gguf.TokenType.NORMAL)
+            kind = gguf.TokenType.NORMAL
+            if spm:
+                score = -float(rank.get(text, len(rank) + i))
+        tokens.append(text)
+        types.append(kind)
+        scores.append(score)
+    if spm:
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        first = tok.tokenize("a")
+        writer.add_add_space_prefix(bool(first) and first[0].startswith("\u2581"))
+        special = gguf.SpecialVocab(source, load_merges=False, n_vocab=len(tokens))
+        special.add_to_gguf(writer)
+        return
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer(tok, source))
     writer.add_token_list(tokens)
@@ -245,6 +268,23 @@ def _vocab(writer, source: Path, hf: dict) -> None:
     special.add_to_gguf(writer)
     if "bos" not in special.add_special_token:  # convert_hf_to_gguf writes it even when false
         writer.add_add_bos_token(False)
+
+
+def check_tokenizer(source: Path) -> str:
+    """Refuse a tokenizer the GGUF writer cannot express, before any work; returns the GGUF
+    tokenizer model ("gpt2" or "llama")."""
+    from transformers import AutoTokenizer
+
+    if not (source / "tokenizer.json").is_file():
+        raise ValueError(f"{source}: GGUF output needs a fast tokenizer (tokenizer.json)")
+    model = json.loads((source / "tokenizer.json").read_text())["model"]
+    if model["type"] != "BPE":
+        raise ValueError(f"{source}: tokenizer model {model['type']!r}; GGUF output supports BPE tokenizers "
+                         "(byte-level, or SentencePiece-style with byte fallback) so far")
+    if model.get("byte_fallback"):
+        return "llama"
+    pre_tokenizer(AutoTokenizer.from_pretrained(source), source)
+    return "gpt2"
 
 
 def pre_tokenizer(tok, source: Path) -> str:

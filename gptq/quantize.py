@@ -361,11 +361,9 @@ def gguf_config(args, ftype: str) -> QuantConfig:
 
         check_moe(model.config.to_dict())
         default, per_layer = plan(ftype, model.config.model_type, linears, arch.blocks, n_expert)
-        from transformers import AutoTokenizer
+        from .gguf_file import check_tokenizer
 
-        from .gguf_file import pre_tokenizer
-
-        pre_tokenizer(AutoTokenizer.from_pretrained(args.model), Path(args.model))  # refuse now, not after the solve
+        check_tokenizer(Path(args.model))  # refuse now, not after the solve
     except ValueError as e:
         raise ConfigError(str(e)) from None
     from .ggml import TYPES

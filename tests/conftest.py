@@ -132,3 +132,30 @@ def wikitext():
     if not (valid.is_file() and test.is_file()):
         pytest.skip("../shared/data/wikitext2 not present")
     return valid, test
+
+
+def spm_style_tokenizer(text: str, out, vocab_size: int = 400):
+    """A Llama-2-style tokenizer as transformers converts SentencePiece BPE ones (▁ for spaces,
+    <unk> <s> </s>, byte-fallback tokens <0x00>..<0xFF>, merges in training order), trained on
+    ``text`` and saved to ``out``; returns the transformers tokenizer."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import LlamaTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    t.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False))
+    trained = json.loads(t.to_str())["model"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [k for k, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]) if k not in tokens]
+    bpe = models.BPE(vocab={k: i for i, k in enumerate(tokens)}, merges=[tuple(m) for m in trained["merges"]],
+                     unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    tk = Tokenizer(bpe)
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    hf = LlamaTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            add_bos_token=True, add_eos_token=False)
+    hf.save_pretrained(out)
+    return hf

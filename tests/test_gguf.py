@@ -313,3 +313,53 @@ def test_moe_models_llama_cpp_would_run_differently_are_refused():
     with pytest.raises(ValueError, match="mlp_only_layers"):
         check_moe({"model_type": "qwen3_moe", "norm_topk_prob": True, "mlp_only_layers": [0]})
     check_moe({"model_type": "mixtral"})  # Hugging Face's Mixtral always renormalises, as llama.cpp
+
+
+def test_sentencepiece_style_tokenizers_are_written_as_llamas(tmp_path):
+    """A SentencePiece-style BPE tokenizer (byte fallback, ▁ for spaces: Llama 2, Mistral, Mixtral,
+    Phi-3 as transformers converts them) is written as convert_hf_to_gguf writes a llama vocabulary:
+    model "llama", every token in id order, byte / control / unknown types, merge order as scores
+    (llama.cpp's tokenizer merges the best-scored pair first), a space prefix."""
+    from gguf import GGUFReader
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import spm_style_tokenizer
+    from test_stream import SAMPLE_TEXT
+
+    d = tmp_path / "spm-llama"
+    tok = spm_style_tokenizer(SAMPLE_TEXT * 3, d)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                         bos_token_id=1, eos_token_id=2)).eval()
+    model.save_pretrained(d)
+    cfg = QuantConfig(bits=8, group_size=32, grid="q8_0", gguf="q8_0")
+    packed, _ = quantize_model(model, torch.randint(0, len(tok), (2, 32)), cfg, device="cpu", progress=False)
+    stage = save_checkpoint(tmp_path / "stage", model, packed, cfg, source_dir=d)
+    write_gguf(stage, tmp_path / "m.gguf", "q8_0", d)
+    f = GGUFReader(tmp_path / "m.gguf").fields
+    assert f["tokenizer.ggml.model"].contents() == "llama" and f["tokenizer.ggml.pre"].contents() == "default"
+    tokens, types, scores = (f[k].contents() for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                                                        "tokenizer.ggml.scores"))
+    vocab = tok.get_vocab()
+    assert tokens == sorted(vocab, key=vocab.get)
+    assert (types[0], types[1], types[2], types[3 + 0x41]) == (2, 3, 3, 6)  # UNKNOWN, CONTROL x2, BYTE
+    merges = json.loads((d / "tokenizer.json").read_text())["model"]["merges"]
+    first, later = ("".join(m) if isinstance(m, list) else m.replace(" ", "") for m in (merges[0], merges[-1]))
+    assert scores[vocab[first]] == 0.0 and scores[vocab[later]] == -(len(merges) - 1)
+    assert f["tokenizer.ggml.add_space_prefix"].contents() is True
+    assert f["tokenizer.ggml.bos_token_id"].contents() == 1
+
+
+def test_tokenizers_gguf_cannot_express_are_refused_before_any_work(tmp_path, tiny_model_dir):
+    from tokenizers import Tokenizer, models
+
+    from gptq.gguf_file import check_tokenizer
+
+    d = tiny_model_dir("llama")
+    Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0)], unk_id=0)).save(str(d / "tokenizer.json"))
+    with pytest.raises(ValueError, match="Unigram"):
+        check_tokenizer(d)
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        check_tokenizer(d)

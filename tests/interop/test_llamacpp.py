@@ -199,3 +199,34 @@ def test_llama_cpp_runs_our_mixtral_gguf_as_the_model_it_is(reference, tmp_path)
     mine, ref = perplexity(ours), perplexity(f16)
     print(f"\nSmolLM2 as a 4-expert Mixtral: llama.cpp's F16 (dense) {ref:.4f}, our Q8_0 (MoE) {mine:.4f}")
     assert abs(mine - ref) / ref < 0.01
+
+
+def test_llama_cpp_tokenizes_our_sentencepiece_style_vocabulary_as_transformers_does(tmp_path):
+    """A Llama-2-style tokenizer (SentencePiece BPE with byte fallback, trained here on WikiText-2
+    valid) written by us as a llama vocabulary: llama.cpp's tokenizer gives the token ids
+    transformers gives, byte fallback and the leading space included."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import spm_style_tokenizer
+
+    d = tmp_path / "spm-llama"
+    tok = spm_style_tokenizer((WIKI / "valid.tokens.txt").read_text()[:300000], d, vocab_size=800)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                 bos_token_id=1, eos_token_id=2)).save_pretrained(d)
+    out = tmp_path / "ours"
+    subprocess.run([sys.executable, "-m", "gptq.quantize", str(d), "--dataset", str(WIKI / "valid.tokens.txt"),
+                    "--nsamples", "4", "--seqlen", "64", "--format", "gguf:q8_0", "--out", str(out), "--quiet"],
+                   check=True, cwd=ROOT)
+    ours = next(out.glob("*.gguf"))
+    for text in ("Hello world, the quick brown fox.", "naïve café ☃ 123 — déjà vu", "  two  spaces\tand a tab"):
+        r = subprocess.run([tool("llama-completion"), "-m", str(ours), "-p", text, "-n", "1", "--verbose-prompt",
+                            "--no-warmup", "-t", "2"], capture_output=True, text=True, errors="replace",
+                           timeout=300)
+        log = r.stdout + r.stderr
+        assert r.returncode == 0, log[-3000:]
+        block = log[log.index("number of tokens in prompt"):]
+        ids = [int(m) for m in re.findall(r"^\S*\s+I\s+(\d+) -> '", block, flags=re.M)]
+        assert ids == tok(text).input_ids, (text, ids, tok(text).input_ids)

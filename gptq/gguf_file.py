@@ -5,13 +5,14 @@ as an ordinary checkpoint whose linears hold their GGML blocks (``<m>.weight.ggm
 [out, bytes per row]). ``write_gguf`` then writes one ``.gguf`` from that stage, tensor by tensor,
 with the ``gguf`` package's writer:
 
-- names, metadata and tokenizer as llama.cpp's ``convert_hf_to_gguf.py`` writes them for the
-  Llama family (Llama, Mistral: ``blk.N.attn_q.weight`` …; q/k rows permuted to llama.cpp's
+- names, metadata and tokenizer (byte-level BPE as ``gpt2``, SentencePiece-style BPE as ``llama``)
+  as llama.cpp's ``convert_hf_to_gguf.py`` writes them for the Llama family (Llama, Mistral: ``blk.N.attn_q.weight`` …; q/k rows permuted to llama.cpp's
   rotary layout: within each head the two halves are interleaved. Rows are independent in every
   block type, so permuting the blocks' rows is exact) and for Qwen2 (q/k/v biases in F32) and
   Qwen3 (per-head q/k norms in F32), which keep Hugging Face's row order;
 - norms in F32; token embeddings (and an untied output head) quantized by rounding to the type
   llama.cpp picks for them (they are not decoder linears), with the same fallbacks;
+- Phi-3 (phi3): fused qkv_proj / gate_up_proj as attn_qkv / ffn_up in Hugging Face's row order;
 - mixture-of-experts (Mixtral as the llama architecture, Qwen3-MoE as qwen3moe): each expert is
   solved on its own, and a layer's experts are written as one 3-D tensor per role
   (``blk.N.ffn_gate_exps`` / ``ffn_up_exps`` / ``ffn_down_exps``: [n_expert, rows, blocks], as the
@@ -46,7 +47,8 @@ BLOCK_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self
                "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}  # (Qwen3's per-head norms)
 TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-BLOCK_NAMES.update({"mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp"})  # MoE routers
+BLOCK_NAMES.update({"mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp",  # MoE routers
+                    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"})  # Phi-3's fused linears
 # a routed expert's linear (our names or Mixtral's on disk) → the role of its layer's merged 3-D tensor
 EXPERT_ROLES = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps", "w3": "ffn_up_exps",
                 "down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
@@ -55,7 +57,7 @@ EXPERT_NAME = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj
 # Mistral and Mixtral → the llama converter, which merges Mixtral's experts; conversion/qwen.py:
 # Qwen2Model, Qwen3Model, Qwen3MoeModel)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "llama",
-                 "qwen3_moe": "qwen3moe"}
+                 "qwen3_moe": "qwen3moe", "phi3": "phi3"}
 # llama.cpp runs the llama architecture's rotary embedding on interleaved pairs, so its converter
 # permutes q/k rows (LlamaModel.permute); qwen2/qwen3 use the NEOX layout (halves), as Hugging Face
 ROPE_PERMUTED = {"llama"}
@@ -101,6 +103,8 @@ def layer_type(ftype: str, role: str, i: int, n_layers: int, cols: int, calibrat
             t = "q5_k"
         if n_expert == 8:
             t = "q8_0"
+    elif role == "attn_qkv" and ftype in ("q4_k_m", "q5_k_m"):  # fused q/k/v (Phi-3)
+        t = {"q4_k_m": "q5_k", "q5_k_m": "q6_k"}[ftype]
     elif role == "attn_k" and n_expert == 8:
         t = "q8_0"
     elif role == "attn_output" and n_expert == 8 and ftype in ("q4_k_s", "q4_k_m"):
@@ -303,6 +307,31 @@ def pre_tokenizer(tok, source: Path) -> str:
                      "to the name convert_hf_to_gguf.py would write (e.g. llama-bpe, smollm, qwen2)")
 
 
+def _phi3_rope(w, hf: dict, rope: dict, rope_dims: int) -> None:
+    """Phi-3's rotary metadata as conversion/phi.py writes it: the original context, the sliding
+    window (0: none), and for the long-context (longrope / su) variants the attention factor and the
+    long / short frequency factors, as F32 tensors ``rope_factors_long`` / ``rope_factors_short``."""
+    import math
+
+    max_pos = hf["max_position_embeddings"]
+    orig = rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings") or max_pos
+    w.add_rope_scaling_orig_ctx_len(orig)
+    w.add_sliding_window(hf.get("sliding_window") or 0)
+    long, short = rope.get("long_factor"), rope.get("short_factor")
+    if not long:
+        return
+    kind = str(rope.get("rope_type", rope.get("type", ""))).lower()
+    scale = max_pos / orig
+    if kind in ("su", "longrope"):
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0)
+    else:
+        raise ValueError(f"GGUF output: Phi-3 rope scaling {kind!r} is not supported (longrope / su are)")
+    if not short or len(long) != len(short) or len(long) != rope_dims // 2:
+        raise ValueError(f"GGUF output: Phi-3 rope long/short factors must both have {rope_dims // 2} entries")
+    w.add_tensor("rope_factors_long.weight", np.asarray(long, dtype=np.float32))
+    w.add_tensor("rope_factors_short.weight", np.asarray(short, dtype=np.float32))
+
+
 def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) -> dict:
     """Write the GGUF file ``path`` from a staged checkpoint (``stage``: config.json, tokenizer,
     safetensors with GGML blocks); written to a temporary name and renamed when complete.
@@ -339,8 +368,12 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
     w.add_file_type(FILE_TYPES[ftype][0])
     w.add_vocab_size(hf["vocab_size"])
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    rope_params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    partial = rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     w.add_type("model")
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(int(partial * hf["hidden_size"]) // heads if arch == "phi3" else int(head_dim * partial))
+    if arch == "phi3":
+        _phi3_rope(w, hf, rope_params, int(partial * hf["hidden_size"]) // heads)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -130,12 +130,12 @@ def test_rope_permutation_interleaves_the_halves_of_each_head():
 def synthetic_llama(tmp_path, tokenizer_dir, family="llama"):
     """A small Llama (or Qwen2 / Qwen3) whose rows are multiples of 256 (real K-quants everywhere)
     with SmolLM2's tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     torch.manual_seed(0)
     kw = dict(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
-    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family](**kw)
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "phi3": Phi3Config}[family](**kw)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     for name, p in model.named_parameters():  # random biases and norms, so that a lost one shows
         if name.endswith("bias") or name.endswith("_norm.weight"):
@@ -363,3 +363,38 @@ def test_tokenizers_gguf_cannot_express_are_refused_before_any_work(tmp_path, ti
     (d / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match="tokenizer.json"):
         check_tokenizer(d)
+
+
+def test_phi3_keeps_its_fused_linears_in_hf_row_order(tmp_path, smollm2_dir):
+    """Phi-3 as conversion/phi.py writes it: architecture phi3, fused qkv_proj as attn_qkv (Q5_K in
+    Q4_K_M, llama-quantize's ATTENTION_QKV rule) and gate_up_proj as ffn_up, both in Hugging Face's
+    row order (NEOX rotary; llama.cpp's SwiGLU takes the first half as the gate, as Phi-3 does),
+    every block equal to the solved weight; the original context and the sliding window written."""
+    from gguf import GGUFReader, quants
+
+    from gptq.gguf_file import plan as gguf_plan
+
+    model, d = synthetic_llama(tmp_path, smollm2_dir, "phi3")
+    linears = {f"model.layers.{i}.{n}": m.in_features for i, layer in enumerate(model.model.layers)
+               for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    default, per = gguf_plan("q4_k_m", "phi3", linears)
+    assert {n: t for n, t in per if "qkv" in n} == {f"model.layers.{i}.self_attn.qkv_proj": "q5_k" for i in range(2)}
+    cfg = QuantConfig(bits=4, group_size=32, grid=default, layer_grids=per, gguf="q4_k_m")
+    ids = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(1))
+    packed, _ = quantize_model(model, ids, cfg, device="cpu", progress=False)
+    stage = save_checkpoint(tmp_path / "stage", model, packed, cfg, source_dir=d)
+    write_gguf(stage, tmp_path / "m.gguf", "q4_k_m", d)
+    reader = GGUFReader(tmp_path / "m.gguf")
+    got = {t.name: t for t in reader.tensors}
+    assert reader.fields["general.architecture"].contents() == "phi3"
+    orig = model.config.original_max_position_embeddings  # (what conversion/phi.py reads too)
+    assert reader.fields["phi3.rope.scaling.original_context_length"].contents() == orig
+    assert reader.fields["phi3.attention.sliding_window"].contents() == 0
+    assert reader.fields["phi3.rope.dimension_count"].contents() == 64
+    for i in range(2):
+        for hf, gg, t in (("self_attn.qkv_proj", "attn_qkv", "Q5_K"), ("mlp.gate_up_proj", "ffn_up", "Q4_K")):
+            g = got[f"blk.{i}.{gg}.weight"]
+            assert g.tensor_type.name == t
+            w = torch.from_numpy(np.ascontiguousarray(quants.dequantize(g.data, g.tensor_type)))
+            ref = model.get_submodule(f"model.layers.{i}.{hf}").weight.float()
+            assert torch.equal(w.reshape(ref.shape), ref), (i, hf)

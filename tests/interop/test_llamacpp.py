@@ -230,3 +230,58 @@ def test_llama_cpp_tokenizes_our_sentencepiece_style_vocabulary_as_transformers_
         block = log[log.index("number of tokens in prompt"):]
         ids = [int(m) for m in re.findall(r"^\S*\s+I\s+(\d+) -> '", block, flags=re.M)]
         assert ids == tok(text).input_ids, (text, ids, tok(text).input_ids)
+
+
+def smollm2_as_phi3(tmp_path):
+    """SmolLM2 re-labelled as Phi-3: q/k/v fused into qkv_proj and gate/up into gate_up_proj (Phi-3's
+    only differences from Llama), so the same function."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    src = ROOT / ".cache" / "smollm2"
+    smol = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    c = smol.config
+    cfg = Phi3Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                     num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                     num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+                     original_max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+                     rope_parameters=c.rope_parameters, tie_word_embeddings=True, bos_token_id=c.bos_token_id,
+                     eos_token_id=c.eos_token_id, pad_token_id=None, sliding_window=None)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    sd = smol.state_dict()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in sd:
+                p.copy_(sd[name])
+        for i, layer in enumerate(model.model.layers):
+            pre = f"model.layers.{i}."
+            layer.self_attn.qkv_proj.weight.copy_(torch.cat([sd[pre + f"self_attn.{x}_proj.weight"] for x in "qkv"]))
+            layer.mlp.gate_up_proj.weight.copy_(torch.cat([sd[pre + "mlp.gate_proj.weight"],
+                                                           sd[pre + "mlp.up_proj.weight"]]))
+    # not named "phi3": llama.cpp marks Phi-3's </s>, <unk>, <s> tokens when the model's name says
+    # phi-3 / phi3 (llama-vocab.cpp), and SmolLM2's vocabulary has none of them
+    d = tmp_path / "smol-fused"
+    model.save_pretrained(d)
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, d / f.name)
+    (d / "generation_config.json").unlink(missing_ok=True)
+    return d
+
+
+def test_llama_cpp_runs_our_phi3_gguf_as_the_model_it_is(reference, tmp_path):
+    """SmolLM2 as Phi-3 (fused qkv and gate/up): our Q8_0 file, written with the phi3 architecture,
+    must score what llama.cpp's own F16 file of SmolLM2 scores (within 1 %): a wrong row order in a
+    fused tensor, or gate and up swapped, would not."""
+    _, f16, _ = reference
+    d = smollm2_as_phi3(tmp_path)
+    out = tmp_path / "ours"
+    subprocess.run([sys.executable, "-m", "gptq.quantize", str(d), "--dataset", str(WIKI / "valid.tokens.txt"),
+                    "--nsamples", "8", "--seqlen", "512", "--format", "gguf:q8_0", "--out", str(out), "--quiet"],
+                   check=True, cwd=ROOT)
+    ours = next(out.glob("*.gguf"))
+    mine, ref = perplexity(ours), perplexity(f16)
+    print(f"\nSmolLM2 as Phi-3: llama.cpp's F16 (llama) {ref:.4f}, our Q8_0 (phi3) {mine:.4f}")
+    assert abs(mine - ref) / ref < 0.01

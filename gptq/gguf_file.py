@@ -6,10 +6,11 @@ as an ordinary checkpoint whose linears hold their GGML blocks (``<m>.weight.ggm
 with the ``gguf`` package's writer:
 
 - names, metadata and tokenizer (byte-level BPE as ``gpt2``, SentencePiece-style BPE as ``llama``)
-  as llama.cpp's ``convert_hf_to_gguf.py`` writes them for the Llama family (Llama, Mistral: ``blk.N.attn_q.weight`` …; q/k rows permuted to llama.cpp's
-  rotary layout: within each head the two halves are interleaved. Rows are independent in every
-  block type, so permuting the blocks' rows is exact) and for Qwen2 (q/k/v biases in F32) and
-  Qwen3 (per-head q/k norms in F32), which keep Hugging Face's row order;
+  as llama.cpp's ``convert_hf_to_gguf.py`` writes them for the Llama family (Llama, Mistral:
+  ``blk.N.attn_q.weight`` …; q/k rows permuted to llama.cpp's rotary layout: within each head the
+  two halves are interleaved. Rows are independent in every block type, so permuting the blocks'
+  rows is exact) and for Qwen2 (q/k/v biases in F32) and Qwen3 (per-head q/k norms in F32), which
+  keep Hugging Face's row order;
 - norms in F32; token embeddings (and an untied output head) quantized by rounding to the type
   llama.cpp picks for them (they are not decoder linears), with the same fallbacks;
 - Phi-3 (phi3): fused qkv_proj / gate_up_proj as attn_qkv / ffn_up in Hugging Face's row order;
@@ -19,7 +20,7 @@ with the ``gguf`` package's writer:
   converter merges them), the router (``ffn_gate_inp``) in F32, with the expert counts.
 
 The per-layer types follow llama.cpp's ``src/llama-quant.cpp`` (``llama_tensor_get_type_impl`` and
-``tensor_type_fallback``, llama.cpp as vendored in llama-cpp-python 0.3.36) for dense models.
+``tensor_type_fallback``, llama.cpp as vendored in llama-cpp-python 0.3.36), its 8-expert rules included.
 """
 
 from __future__ import annotations

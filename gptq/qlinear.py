@@ -148,7 +148,8 @@ def share_permutations(layers: list["QuantLinear"]) -> None:
 def _fusable(layers: list) -> bool:
     from .kernels.cpu_int4 import MAX_OUTPUTS
 
-    if not 2 <= len(layers) <= MAX_OUTPUTS or not all(isinstance(m, QuantLinear) and m._state.get("kernel") == "rows64" for m in layers):
+    if not 2 <= len(layers) <= MAX_OUTPUTS or not all(
+            isinstance(m, QuantLinear) and m._state.get("kernel") == "rows64" for m in layers):
         return False
     states = [m._state for m in layers]
     first = states[0]

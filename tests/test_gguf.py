@@ -146,6 +146,28 @@ def synthetic_llama(tmp_path, tokenizer_dir, family="llama"):
     return model, d
 
 
+def solved_gguf(tmp_path, model, d, family, ftype="q4_k_m", n_expert=0):
+    """Quantize ``model`` (saved at ``d``) with llama.cpp's type mix for ``ftype``, stage it, write
+    the .gguf; returns (the plan's per-layer types, the file's reader, its tensors by name)."""
+    from gguf import GGUFReader
+
+    from gptq.architectures import for_config, get_module
+    from gptq.gguf_file import plan as gguf_plan
+
+    arch = for_config(model.config)
+    linears = {f"model.layers.{i}.{n}": get_module(b, n).in_features for i, b in enumerate(model.model.layers)
+               for n in arch.block_linears(b)}
+    default, per = gguf_plan(ftype, family, linears, n_expert=n_expert)
+    t = TYPES[default]
+    cfg = QuantConfig(bits=t.bits, group_size=t.group, grid=default, layer_grids=per, gguf=ftype)
+    ids = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
+    packed, _ = quantize_model(model, ids, cfg, device="cpu", progress=False)
+    stage = save_checkpoint(tmp_path / "stage", model, packed, cfg, source_dir=d)
+    write_gguf(stage, tmp_path / "m.gguf", ftype, d)
+    reader = GGUFReader(tmp_path / "m.gguf")
+    return dict(per), reader, {x.name: x for x in reader.tensors}
+
+
 def test_gguf_file_holds_exactly_the_solved_weights(tmp_path, smollm2_dir):
     """In memory: quantize with the q4_k_m mix, stage, write the .gguf; every decoder linear read
     back through gguf's reader and dequantizer equals the solved weight (q/k after llama.cpp's
@@ -188,21 +210,10 @@ def test_qwen_families_keep_hf_row_order_with_their_biases_and_norms(tmp_path, s
     """Qwen2 / Qwen3 as convert_hf_to_gguf writes them: architecture qwen2 / qwen3, q/k rows in
     Hugging Face's order (NEOX rotary: no permutation), Qwen2's q/k/v biases and Qwen3's per-head
     q/k norms in F32, every solved block equal to the solved weight."""
-    from gguf import GGUFReader, quants
-
-    from gptq.gguf_file import plan as gguf_plan
+    from gguf import quants
 
     model, d = synthetic_llama(tmp_path, smollm2_dir, family)
-    linears = {f"model.layers.{i}.{n}": m.in_features for i, layer in enumerate(model.model.layers)
-               for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    default, per = gguf_plan("q4_k_m", family, linears)
-    cfg = QuantConfig(bits=4, group_size=32, grid=default, layer_grids=per, gguf="q4_k_m")
-    ids = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(1))
-    packed, _ = quantize_model(model, ids, cfg, device="cpu", progress=False)
-    stage = save_checkpoint(tmp_path / "stage", model, packed, cfg, source_dir=d)
-    write_gguf(stage, tmp_path / "m.gguf", "q4_k_m", d)
-    reader = GGUFReader(tmp_path / "m.gguf")
-    got = {t.name: t for t in reader.tensors}
+    _, reader, got = solved_gguf(tmp_path, model, d, family)
     assert reader.fields["general.architecture"].contents() == family
     assert reader.fields[f"{family}.attention.head_count_kv"].contents() == 2
     for i in range(2):
@@ -370,22 +381,12 @@ def test_phi3_keeps_its_fused_linears_in_hf_row_order(tmp_path, smollm2_dir):
     Q4_K_M, llama-quantize's ATTENTION_QKV rule) and gate_up_proj as ffn_up, both in Hugging Face's
     row order (NEOX rotary; llama.cpp's SwiGLU takes the first half as the gate, as Phi-3 does),
     every block equal to the solved weight; the original context and the sliding window written."""
-    from gguf import GGUFReader, quants
-
-    from gptq.gguf_file import plan as gguf_plan
+    from gguf import quants
 
     model, d = synthetic_llama(tmp_path, smollm2_dir, "phi3")
-    linears = {f"model.layers.{i}.{n}": m.in_features for i, layer in enumerate(model.model.layers)
-               for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    default, per = gguf_plan("q4_k_m", "phi3", linears)
-    assert {n: t for n, t in per if "qkv" in n} == {f"model.layers.{i}.self_attn.qkv_proj": "q5_k" for i in range(2)}
-    cfg = QuantConfig(bits=4, group_size=32, grid=default, layer_grids=per, gguf="q4_k_m")
-    ids = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(1))
-    packed, _ = quantize_model(model, ids, cfg, device="cpu", progress=False)
-    stage = save_checkpoint(tmp_path / "stage", model, packed, cfg, source_dir=d)
-    write_gguf(stage, tmp_path / "m.gguf", "q4_k_m", d)
-    reader = GGUFReader(tmp_path / "m.gguf")
-    got = {t.name: t for t in reader.tensors}
+    per, reader, got = solved_gguf(tmp_path, model, d, "phi3")
+    assert {n: t for n, t in per.items() if "qkv" in n} == {f"model.layers.{i}.self_attn.qkv_proj": "q5_k"
+                                                            for i in range(2)}
     assert reader.fields["general.architecture"].contents() == "phi3"
     orig = model.config.original_max_position_embeddings  # (what conversion/phi.py reads too)
     assert reader.fields["phi3.rope.scaling.original_context_length"].contents() == orig

@@ -81,101 +81,33 @@ def test_llama_cpp_runs_our_gguf_below_its_own_imatrix_quantization(reference, t
         assert mine < theirs["imatrix"][0] * 1.015 and mine < theirs["plain"][0]
 
 
-def qwen_models(tmp_path):
-    """SmolLM2 re-labelled as Qwen2 (the same function: zero q/k/v biases) and a random Qwen3 of the
-    same widths with SmolLM2's tokenizer (per-head q/k norms), as Hugging Face directories."""
+def relabelled_smollm2(tmp_path, name: str, config_cls, fill=None, **overrides):
+    """SmolLM2's weights under another family's config (``config_cls``, SmolLM2's sizes unless
+    ``overrides``): parameters of the same name copied, then ``fill(model, smollm2_state)`` for the
+    family's own ones; saved with SmolLM2's tokenizer as ``tmp_path / name``."""
     import shutil
 
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM
 
     src = ROOT / ".cache" / "smollm2"
     smol = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
     c = smol.config
     kw = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-              num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-              max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-              rope_parameters=c.rope_parameters, tie_word_embeddings=True, bos_token_id=c.bos_token_id,
-              eos_token_id=c.eos_token_id)
-    out = {}
-    for family, cfg in (("qwen2", Qwen2Config(**kw, num_hidden_layers=c.num_hidden_layers, use_sliding_window=False)),
-                        ("qwen3", Qwen3Config(**kw, num_hidden_layers=4, head_dim=64))):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-        if family == "qwen2":
-            sd = smol.state_dict() | {k: torch.zeros_like(v) for k, v in model.state_dict().items() if k.endswith("bias")}
-            model.load_state_dict(sd)
-        else:
-            for name, p in model.named_parameters():
-                if name.endswith("_norm.weight"):
-                    p.data.normal_(1.0, 0.2)
-        d = tmp_path / f"smol-{family}"
-        model.save_pretrained(d)
-        for f in src.iterdir():
-            if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
-                shutil.copy(f, d / f.name)
-        (d / "generation_config.json").unlink(missing_ok=True)
-        out[family] = d
-    return out
-
-
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_llama_cpp_runs_our_qwen_gguf(reference, tmp_path, family):
-    """Qwen2: SmolLM2 re-labelled as Qwen2 computes SmolLM2's function; our Q8_0 file of it, written
-    with the qwen2 architecture (no rotary permutation, q/k/v biases), must score what llama.cpp's
-    own F16 file of SmolLM2 scores (within 1 %): a wrong row order or a lost bias would not.
-    Qwen3 (random, with per-head q/k norms): llama.cpp loads and runs our file."""
-    _, f16, _ = reference
-    d = qwen_models(tmp_path)[family]
-    out = tmp_path / "ours"
-    subprocess.run([sys.executable, "-m", "gptq.quantize", str(d), "--dataset", str(WIKI / "valid.tokens.txt"),
-                    "--nsamples", "8", "--seqlen", "512", "--format", "gguf:q8_0", "--out", str(out), "--quiet"],
-                   check=True, cwd=ROOT)
-    ours = next(out.glob("*.gguf"))
-    if family == "qwen2":
-        mine, ref = perplexity(ours), perplexity(f16)
-        print(f"\nSmolLM2 as qwen2: llama.cpp's F16 (llama) {ref:.4f}, our Q8_0 (qwen2) {mine:.4f}")
-        assert abs(mine - ref) / ref < 0.01
-    else:
-        r = subprocess.run([tool("llama-perplexity"), "-m", str(ours), "-f", str(WIKI / "wiki.test.raw"), "-c", "128",
-                            "--chunks", "2", "-t", "2"], capture_output=True, text=True, timeout=600)
-        m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
-        assert r.returncode == 0 and m and float(m.group(1)) > 1, (r.stdout + r.stderr)[-3000:]
-
-
-def smollm2_as_mixtral(tmp_path, experts: int = 4):
-    """SmolLM2 re-labelled as Mixtral: every expert a copy of SmolLM2's MLP and a random router. With
-    top-2 routing and the top-2 weights renormalised (Mixtral's rule, and llama.cpp's), the model
-    computes SmolLM2's function whatever the router picks."""
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM, MixtralConfig
-
-    src = ROOT / ".cache" / "smollm2"
-    smol = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
-    c = smol.config
-    cfg = MixtralConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                        num_key_value_heads=c.num_key_value_heads, head_dim=c.hidden_size // c.num_attention_heads,
-                        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-                        rope_parameters=c.rope_parameters, tie_word_embeddings=True, bos_token_id=c.bos_token_id,
-                        eos_token_id=c.eos_token_id, num_local_experts=experts, num_experts_per_tok=2,
-                        sliding_window=None)
+              num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+              num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+              rms_norm_eps=c.rms_norm_eps, rope_parameters=c.rope_parameters, tie_word_embeddings=True,
+              bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config_cls(**(kw | overrides)), dtype=torch.bfloat16)
     sd = smol.state_dict()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in sd:
-                p.copy_(sd[name])
-        for i, layer in enumerate(model.model.layers):
-            mlp = f"model.layers.{i}.mlp."
-            gate_up = torch.cat([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]])
-            layer.mlp.experts.gate_up_proj.copy_(gate_up.expand(experts, -1, -1))
-            layer.mlp.experts.down_proj.copy_(sd[mlp + "down_proj.weight"].expand(experts, -1, -1))
-            layer.mlp.gate.weight.normal_(0, 0.5)
-    d = tmp_path / "smol-mixtral"
+        for key, p in model.named_parameters():
+            if key in sd and sd[key].shape == p.shape:
+                p.copy_(sd[key])
+        if fill is not None:
+            fill(model, sd)
+    d = tmp_path / name
     model.save_pretrained(d)
     for f in src.iterdir():
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
@@ -184,24 +116,103 @@ def smollm2_as_mixtral(tmp_path, experts: int = 4):
     return d
 
 
-def test_llama_cpp_runs_our_mixtral_gguf_as_the_model_it_is(reference, tmp_path):
-    """SmolLM2 as a 4-expert Mixtral (identical experts, random router): our Q8_0 file, each expert
-    solved on the tokens routed to it and the experts merged per layer, must score what llama.cpp's
-    own F16 file of dense SmolLM2 scores (within 1 %). A wrong expert order, a lost router or
-    unnormalised routing weights would not."""
-    _, f16, _ = reference
-    d = smollm2_as_mixtral(tmp_path)
+def our_gguf(d, tmp_path, ftype: str = "q8_0"):
+    """Our GGUF file of the model directory ``d`` (8 x 512 WikiText-2 valid calibration tokens)."""
     out = tmp_path / "ours"
     subprocess.run([sys.executable, "-m", "gptq.quantize", str(d), "--dataset", str(WIKI / "valid.tokens.txt"),
-                    "--nsamples", "8", "--seqlen", "512", "--format", "gguf:q8_0", "--out", str(out), "--quiet"],
+                    "--nsamples", "8", "--seqlen", "512", "--format", f"gguf:{ftype}", "--out", str(out), "--quiet"],
                    check=True, cwd=ROOT)
-    ours = next(out.glob("*.gguf"))
+    return next(out.glob("*.gguf"))
+
+
+def assert_scores_like_smollm2(ours, f16, label: str):
+    """A file of SmolLM2's function in another family's form must score what llama.cpp's own F16
+    file of SmolLM2 scores, within 1 %: a wrong row order, a lost tensor or a wrong graph would not."""
     mine, ref = perplexity(ours), perplexity(f16)
-    print(f"\nSmolLM2 as a 4-expert Mixtral: llama.cpp's F16 (dense) {ref:.4f}, our Q8_0 (MoE) {mine:.4f}")
+    print(f"\nSmolLM2 as {label}: llama.cpp's F16 (llama) {ref:.4f}, our Q8_0 {mine:.4f}")
     assert abs(mine - ref) / ref < 0.01
 
 
-def test_llama_cpp_tokenizes_our_sentencepiece_style_vocabulary_as_transformers_does(tmp_path):
+def test_llama_cpp_runs_our_qwen2_gguf_as_the_model_it_is(reference, tmp_path):
+    """SmolLM2 re-labelled as Qwen2 (zero q/k/v biases: the same function), written with the qwen2
+    architecture (no rotary permutation, the biases in F32)."""
+    from transformers import Qwen2Config
+
+    def zero_biases(model, sd):
+        for key, p in model.named_parameters():
+            if key.endswith("bias"):
+                p.zero_()
+
+    d = relabelled_smollm2(tmp_path, "smol-qwen2", Qwen2Config, zero_biases, use_sliding_window=False)
+    assert_scores_like_smollm2(our_gguf(d, tmp_path), reference[1], "Qwen2")
+
+
+def test_llama_cpp_runs_our_qwen3_gguf(reference, tmp_path):
+    """A random Qwen3 of SmolLM2's widths (per-head q/k norms): llama.cpp loads and runs our file."""
+    from transformers import Qwen3Config
+
+    def random_norms(model, sd):
+        for key, p in model.named_parameters():
+            if key.endswith("_norm.weight"):
+                p.normal_(1.0, 0.2)
+
+    d = relabelled_smollm2(tmp_path, "smol-qwen3", Qwen3Config, random_norms, num_hidden_layers=4, head_dim=64)
+    r = subprocess.run([tool("llama-perplexity"), "-m", str(our_gguf(d, tmp_path)), "-f", str(WIKI / "wiki.test.raw"),
+                        "-c", "128", "--chunks", "2", "-t", "2"], capture_output=True, text=True, timeout=600)
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
+    assert r.returncode == 0 and m and float(m.group(1)) > 1, (r.stdout + r.stderr)[-3000:]
+
+
+def test_llama_cpp_runs_our_mixtral_gguf_as_the_model_it_is(reference, tmp_path):
+    """SmolLM2 as a 4-expert Mixtral: every expert a copy of its MLP, a random router. With top-2
+    routing and the top-2 weights renormalised (Mixtral's rule, and llama.cpp's) that is SmolLM2's
+    function whatever the router picks; our file solves each expert on the tokens routed to it and
+    merges a layer's experts. A wrong expert order, a lost router or unnormalised routing would not
+    score like SmolLM2."""
+    from transformers import MixtralConfig
+
+    experts = 4
+
+    def copies_of_the_mlp(model, sd):
+        import torch
+
+        for i, layer in enumerate(model.model.layers):
+            mlp = f"model.layers.{i}.mlp."
+            gate_up = torch.cat([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]])
+            layer.mlp.experts.gate_up_proj.copy_(gate_up.expand(experts, -1, -1))
+            layer.mlp.experts.down_proj.copy_(sd[mlp + "down_proj.weight"].expand(experts, -1, -1))
+            layer.mlp.gate.weight.normal_(0, 0.5)
+
+    d = relabelled_smollm2(tmp_path, "smol-mixtral", MixtralConfig, copies_of_the_mlp, num_local_experts=experts,
+                           num_experts_per_tok=2, head_dim=64, sliding_window=None)
+    assert_scores_like_smollm2(our_gguf(d, tmp_path), reference[1], "a 4-expert Mixtral")
+
+
+def test_llama_cpp_runs_our_phi3_gguf_as_the_model_it_is(reference, tmp_path):
+    """SmolLM2 as Phi-3: q/k/v fused into qkv_proj and gate/up into gate_up_proj (Phi-3's only
+    differences from Llama), written with the phi3 architecture; a wrong row order in a fused
+    tensor, or gate and up swapped, would not score like SmolLM2."""
+    import torch
+    from transformers import Phi3Config
+
+    def fused(model, sd):
+        for i, layer in enumerate(model.model.layers):
+            pre = f"model.layers.{i}."
+            layer.self_attn.qkv_proj.weight.copy_(torch.cat([sd[pre + f"self_attn.{x}_proj.weight"] for x in "qkv"]))
+            layer.mlp.gate_up_proj.weight.copy_(torch.cat([sd[pre + "mlp.gate_proj.weight"],
+                                                           sd[pre + "mlp.up_proj.weight"]]))
+
+    # not named "phi3": llama.cpp marks Phi-3's </s>, <unk>, <s> tokens when the model's name says
+    # phi-3 / phi3 (llama-vocab.cpp), and SmolLM2's vocabulary has none of them
+    from transformers import AutoConfig
+
+    context = AutoConfig.from_pretrained(ROOT / ".cache" / "smollm2").max_position_embeddings
+    d = relabelled_smollm2(tmp_path, "smol-fused", Phi3Config, fused, pad_token_id=None, sliding_window=None,
+                           original_max_position_embeddings=context)
+    assert_scores_like_smollm2(our_gguf(d, tmp_path), reference[1], "Phi-3")
+
+
+def test_llama_cpp_tokenizes_our_sentencepiece_style_vocabulary_as_transformers_does(reference, tmp_path):
     """A Llama-2-style tokenizer (SentencePiece BPE with byte fallback, trained here on WikiText-2
     valid) written by us as a llama vocabulary: llama.cpp's tokenizer gives the token ids
     transformers gives, byte fallback and the leading space included."""
@@ -230,58 +241,3 @@ def test_llama_cpp_tokenizes_our_sentencepiece_style_vocabulary_as_transformers_
         block = log[log.index("number of tokens in prompt"):]
         ids = [int(m) for m in re.findall(r"^\S*\s+I\s+(\d+) -> '", block, flags=re.M)]
         assert ids == tok(text).input_ids, (text, ids, tok(text).input_ids)
-
-
-def smollm2_as_phi3(tmp_path):
-    """SmolLM2 re-labelled as Phi-3: q/k/v fused into qkv_proj and gate/up into gate_up_proj (Phi-3's
-    only differences from Llama), so the same function."""
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM, Phi3Config
-
-    src = ROOT / ".cache" / "smollm2"
-    smol = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
-    c = smol.config
-    cfg = Phi3Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                     num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                     num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
-                     original_max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-                     rope_parameters=c.rope_parameters, tie_word_embeddings=True, bos_token_id=c.bos_token_id,
-                     eos_token_id=c.eos_token_id, pad_token_id=None, sliding_window=None)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    sd = smol.state_dict()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in sd:
-                p.copy_(sd[name])
-        for i, layer in enumerate(model.model.layers):
-            pre = f"model.layers.{i}."
-            layer.self_attn.qkv_proj.weight.copy_(torch.cat([sd[pre + f"self_attn.{x}_proj.weight"] for x in "qkv"]))
-            layer.mlp.gate_up_proj.weight.copy_(torch.cat([sd[pre + "mlp.gate_proj.weight"],
-                                                           sd[pre + "mlp.up_proj.weight"]]))
-    # not named "phi3": llama.cpp marks Phi-3's </s>, <unk>, <s> tokens when the model's name says
-    # phi-3 / phi3 (llama-vocab.cpp), and SmolLM2's vocabulary has none of them
-    d = tmp_path / "smol-fused"
-    model.save_pretrained(d)
-    for f in src.iterdir():
-        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
-            shutil.copy(f, d / f.name)
-    (d / "generation_config.json").unlink(missing_ok=True)
-    return d
-
-
-def test_llama_cpp_runs_our_phi3_gguf_as_the_model_it_is(reference, tmp_path):
-    """SmolLM2 as Phi-3 (fused qkv and gate/up): our Q8_0 file, written with the phi3 architecture,
-    must score what llama.cpp's own F16 file of SmolLM2 scores (within 1 %): a wrong row order in a
-    fused tensor, or gate and up swapped, would not."""
-    _, f16, _ = reference
-    d = smollm2_as_phi3(tmp_path)
-    out = tmp_path / "ours"
-    subprocess.run([sys.executable, "-m", "gptq.quantize", str(d), "--dataset", str(WIKI / "valid.tokens.txt"),
-                    "--nsamples", "8", "--seqlen", "512", "--format", "gguf:q8_0", "--out", str(out), "--quiet"],
-                   check=True, cwd=ROOT)
-    ours = next(out.glob("*.gguf"))
-    mine, ref = perplexity(ours), perplexity(f16)
-    print(f"\nSmolLM2 as Phi-3: llama.cpp's F16 (llama) {ref:.4f}, our Q8_0 (phi3) {mine:.4f}")
-    assert abs(mine - ref) / ref < 0.01

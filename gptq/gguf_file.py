@@ -14,6 +14,7 @@ with the ``gguf`` package's writer:
 - norms in F32; token embeddings (and an untied output head) quantized by rounding to the type
   llama.cpp picks for them (they are not decoder linears), with the same fallbacks;
 - Phi-3 (phi3): fused qkv_proj / gate_up_proj as attn_qkv / ffn_up in Hugging Face's row order;
+  Phi-1/2 (phi2): biases and LayerNorm biases in F32, an untied head with a bias, partial rotary;
 - mixture-of-experts (Mixtral as the llama architecture, Qwen3-MoE as qwen3moe): each expert is
   solved on its own, and a layer's experts are written as one 3-D tensor per role
   (``blk.N.ffn_gate_exps`` / ``ffn_up_exps`` / ``ffn_down_exps``: [n_expert, rows, blocks], as the
@@ -47,9 +48,11 @@ BLOCK_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self
                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}  # (Qwen3's per-head norms)
-TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+             "model.final_layernorm": "output_norm"}  # (Phi-1/2's final LayerNorm)
 BLOCK_NAMES.update({"mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp",  # MoE routers
-                    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"})  # Phi-3's fused linears
+                    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",  # Phi-3's fused linears
+                    "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"})  # Phi-1/2
 # a routed expert's linear (our names or Mixtral's on disk) → the role of its layer's merged 3-D tensor
 EXPERT_ROLES = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps", "w3": "ffn_up_exps",
                 "down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
@@ -58,7 +61,8 @@ EXPERT_NAME = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj
 # Mistral and Mixtral → the llama converter, which merges Mixtral's experts; conversion/qwen.py:
 # Qwen2Model, Qwen3Model, Qwen3MoeModel)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "llama",
-                 "qwen3_moe": "qwen3moe", "phi3": "phi3"}
+                 "qwen3_moe": "qwen3moe", "phi3": "phi3", "phi": "phi2"}
+BIASED = {"qwen2", "phi2"}  # architectures whose linears (and LayerNorms) carry biases, written in F32
 # llama.cpp runs the llama architecture's rotary embedding on interleaved pairs, so its converter
 # permutes q/k rows (LlamaModel.permute); qwen2/qwen3 use the NEOX layout (halves), as Hugging Face
 ROPE_PERMUTED = {"llama"}
@@ -217,7 +221,7 @@ def round_tensor(w: torch.Tensor, t: str) -> torch.Tensor:
     return pack_blocks(t, r.codes, r.scales, r.zeros, r.scale_state)
 
 
-def _vocab(writer, source: Path, hf: dict) -> None:
+def _vocab(writer, source: Path, hf: dict, add_bos: bool | None = None) -> None:
     """The tokenizer as convert_hf_to_gguf writes it: a byte-level BPE one as ``gpt2``, a
     SentencePiece-style one (BPE on ▁-joined text with byte-fallback tokens, as transformers
     converts Llama 2 / Mistral / Mixtral / Phi-3 tokenizers) as ``llama``."""
@@ -270,6 +274,8 @@ def _vocab(writer, source: Path, hf: dict) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(source, load_merges=True, n_vocab=len(tokens))
+    if add_bos is not None:  # the converter's choice for the family (Phi-2: no BOS)
+        special.add_special_token["bos"] = add_bos
     special.add_to_gguf(writer)
     if "bos" not in special.add_special_token:  # convert_hf_to_gguf writes it even when false
         writer.add_add_bos_token(False)
@@ -365,20 +371,24 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
     rope = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta"))
     if rope is not None:
         w.add_rope_freq_base(rope)
-    w.add_layer_norm_rms_eps(hf["rms_norm_eps"])
+    if arch == "phi2":  # LayerNorm
+        w.add_layer_norm_eps(hf.get("layer_norm_eps", hf.get("layer_norm_epsilon")))
+    else:
+        w.add_layer_norm_rms_eps(hf["rms_norm_eps"])
     w.add_file_type(FILE_TYPES[ftype][0])
     w.add_vocab_size(hf["vocab_size"])
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     rope_params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     partial = rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     w.add_type("model")
-    w.add_rope_dimension_count(int(partial * hf["hidden_size"]) // heads if arch == "phi3" else int(head_dim * partial))
+    w.add_rope_dimension_count(int(partial * hf["hidden_size"]) // heads if arch in ("phi2", "phi3")
+                               else int(head_dim * partial))
     if arch == "phi3":
         _phi3_rope(w, hf, rope_params, int(partial * hf["hidden_size"]) // heads)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _vocab(w, stage, hf)
+    _vocab(w, stage, hf, add_bos=False if arch == "phi2" else None)  # conversion/phi.py: Phi2Model, no BOS
 
     files = sorted(stage.glob("*.safetensors"))
     handles = [safe_open(f, "pt") for f in files]
@@ -399,7 +409,7 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
         n_bytes += data.nbytes
 
     for key in sorted(where):
-        if key.endswith(".bias") and arch != "qwen2":
+        if key.endswith(".bias") and arch not in BIASED:
             raise ValueError(f"{key}: biases are not written to GGUF for the {arch} architecture")
         base = key.split(".weight")[0].removesuffix(".bias")
         suffix = "bias" if key.endswith(".bias") else "weight"

@@ -75,6 +75,9 @@ def pack_result(r: SolveResult, module: nn.Module, config: QuantConfig):
     """The layer as its checkpoint format stores it: GPTQ's packed tensors (integer grids) or the
     bitsandbytes 4-bit layout (codebook grids, ``bnb.py``)."""
     bias = getattr(module, "bias", None)
+    # a copy, never a view of the module's bias: sort_channels later permutes the module's bias in
+    # place *and* the packed layer's rows, which on a shared tensor permuted the stored bias twice
+    bias = None if bias is None else bias.detach().to("cpu", copy=True)
     if config.gguf:
         from .gguf_file import GgmlLinear
 
@@ -87,14 +90,14 @@ def pack_result(r: SolveResult, module: nn.Module, config: QuantConfig):
             raise ValueError(f"bitsandbytes blocks of {config.group_size} must not straddle rows: an input size of "
                              f"{cols} is not a multiple; choose a --group-size that divides every layer's input")
         return Bnb4bitLinear(r.codes.cpu().contiguous(), r.scales.T.cpu().float().contiguous(), config.grid,
-                             None if bias is None else bias.detach().to("cpu").contiguous(),
+                             None if bias is None else bias.contiguous(),
                              nested=None if r.scale_state is None else r.scale_state.to("cpu"))
     return PackedLinear(
         qweight=pack_qweight(r.codes.cpu(), config.bits),
         qzeros=pack_qzeros(r.zeros.cpu(), config.bits, config.checkpoint_format),
         scales=r.scales.cpu().contiguous(),
         g_idx=r.g_idx.cpu().clone(),  # own storage: linears solved together share one g_idx
-        bias=None if bias is None else bias.detach().to("cpu", torch.float16).contiguous(),
+        bias=None if bias is None else bias.to(torch.float16).contiguous(),
     )
 
 

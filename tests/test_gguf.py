@@ -130,15 +130,19 @@ def test_rope_permutation_interleaves_the_halves_of_each_head():
 def synthetic_llama(tmp_path, tokenizer_dir, family="llama"):
     """A small Llama (or Qwen2 / Qwen3) whose rows are multiples of 256 (real K-quants everywhere)
     with SmolLM2's tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Phi3Config, PhiConfig, Qwen2Config,
+                              Qwen3Config)
 
     torch.manual_seed(0)
     kw = dict(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
-    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "phi3": Phi3Config}[family](**kw)
+    if family == "phi":  # Phi-1/2: LayerNorms, biases everywhere, partial rotary, an untied head with a bias
+        kw.update(tie_word_embeddings=False, partial_rotary_factor=0.5, num_key_value_heads=4)
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "phi3": Phi3Config,
+           "phi": PhiConfig}[family](**kw)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     for name, p in model.named_parameters():  # random biases and norms, so that a lost one shows
-        if name.endswith("bias") or name.endswith("_norm.weight"):
+        if name.endswith("bias") or name.endswith("norm.weight"):
             p.data.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.1)
     d = tmp_path / f"synth-{family}"
     model.save_pretrained(d)
@@ -399,3 +403,34 @@ def test_phi3_keeps_its_fused_linears_in_hf_row_order(tmp_path, smollm2_dir):
             w = torch.from_numpy(np.ascontiguousarray(quants.dequantize(g.data, g.tensor_type)))
             ref = model.get_submodule(f"model.layers.{i}.{hf}").weight.float()
             assert torch.equal(w.reshape(ref.shape), ref), (i, hf)
+
+
+def test_phi2_writes_its_biases_layernorms_and_partial_rotary(tmp_path, smollm2_dir):
+    """Phi-1/2 as conversion/phi.py writes them (architecture phi2): q/k/v, dense, fc1, fc2 as attn_q/
+    k/v, attn_output, ffn_up, ffn_down with their biases in F32, LayerNorm weights and biases, the
+    untied head with its bias, the rotary dimensions of the partial rotary factor, no BOS."""
+    from gguf import quants
+
+    model, d = synthetic_llama(tmp_path, smollm2_dir, "phi")
+    _, reader, got = solved_gguf(tmp_path, model, d, "phi")
+    f = reader.fields
+    assert f["general.architecture"].contents() == "phi2"
+    assert f["phi2.rope.dimension_count"].contents() == 32  # 0.5 x 256 / 4 heads
+    assert abs(f["phi2.attention.layer_norm_epsilon"].contents() - model.config.layer_norm_eps) < 1e-12
+    assert f["tokenizer.ggml.add_bos_token"].contents() is False
+    for i in range(2):
+        for hf, gg in (("self_attn.q_proj", "attn_q"), ("self_attn.dense", "attn_output"), ("mlp.fc1", "ffn_up"),
+                       ("mlp.fc2", "ffn_down")):
+            t = got[f"blk.{i}.{gg}.weight"]
+            w = torch.from_numpy(np.ascontiguousarray(quants.dequantize(t.data, t.tensor_type)))
+            ref = model.get_submodule(f"model.layers.{i}.{hf}")
+            assert torch.equal(w.reshape(ref.weight.shape), ref.weight.float()), (i, hf)
+            b = got[f"blk.{i}.{gg}.bias"]
+            assert b.tensor_type.name == "F32" and torch.equal(torch.from_numpy(np.array(b.data)), ref.bias.float())
+        for suffix in ("weight", "bias"):
+            t = got[f"blk.{i}.attn_norm.{suffix}"]
+            ref = model.get_parameter(f"model.layers.{i}.input_layernorm.{suffix}").float()
+            assert t.tensor_type.name == "F32" and torch.equal(torch.from_numpy(np.array(t.data)), ref)
+    for name in ("output_norm.weight", "output_norm.bias", "output.bias"):
+        assert got[name].tensor_type.name == "F32"
+    assert got["output.weight"].tensor_type.name == "Q6_K"

@@ -178,3 +178,20 @@ def test_sorting_mlp_channels_keeps_the_function_and_gives_act_order_with_trivia
     assert torch.equal(sorted_solve.weight, dynamic.weight[:, perm])
     assert sort_channels(block, arch, consumer, H, packed, "b", QuantConfig(act_order="static")) is None
     assert sort_channels(block, arch, consumer, H, packed, "b", QuantConfig(sort_channels=False)) is None
+
+
+@pytest.mark.parametrize("grid,dtype", [("nf4", torch.float32), ("int", torch.float16), ("q4_0", torch.float32)])
+def test_a_sorted_producers_stored_bias_is_the_modules_own(grid, dtype):
+    """sort_channels permutes a producer's rows (fc1 of OPT here) in the module and in the packed
+    layer; the packed bias must be a copy, or the in-place permutation of the module's bias is
+    applied to it a second time (it was, for bitsandbytes and GGUF layers and fp16 CPU models)."""
+    model = tiny_model("opt").to(dtype)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            m.bias.data.normal_()
+    gguf = {"q4_0": "q4_0"}.get(grid, "")
+    cfg = QuantConfig(bits=4, group_size=32 if gguf else 64, grid=grid, gguf=gguf)
+    packed, _ = quantize_model(model, windows(n=2), cfg, device="cpu", progress=False)
+    name = "model.decoder.layers.0.fc1"
+    stored, own = packed[name].bias, model.get_submodule(name).bias.detach()
+    assert torch.equal(stored.float(), own.to(stored.dtype).float())

@@ -147,16 +147,22 @@ def test_llama_cpp_runs_our_qwen2_gguf_as_the_model_it_is(reference, tmp_path):
     assert_scores_like_smollm2(our_gguf(d, tmp_path), reference[1], "Qwen2")
 
 
-def test_llama_cpp_runs_our_qwen3_gguf(reference, tmp_path):
-    """A random Qwen3 of SmolLM2's widths (per-head q/k norms): llama.cpp loads and runs our file."""
-    from transformers import Qwen3Config
+@pytest.mark.parametrize("family", ["qwen3", "phi"])
+def test_llama_cpp_runs_our_gguf_of_families_smollm2_cannot_become(reference, tmp_path, family):
+    """Qwen3 (per-head q/k norms) and Phi-2 (LayerNorms, biases, partial rotary, a parallel block)
+    of SmolLM2's widths, partly random: llama.cpp loads and runs our files."""
+    from transformers import PhiConfig, Qwen3Config
 
     def random_norms(model, sd):
         for key, p in model.named_parameters():
-            if key.endswith("_norm.weight"):
+            if key.endswith("norm.weight"):
                 p.normal_(1.0, 0.2)
 
-    d = relabelled_smollm2(tmp_path, "smol-qwen3", Qwen3Config, random_norms, num_hidden_layers=4, head_dim=64)
+    if family == "qwen3":
+        d = relabelled_smollm2(tmp_path, "smol-qwen3", Qwen3Config, random_norms, num_hidden_layers=4, head_dim=64)
+    else:
+        d = relabelled_smollm2(tmp_path, "smol-phi", PhiConfig, random_norms, num_hidden_layers=4,
+                               partial_rotary_factor=0.5, tie_word_embeddings=False)
     r = subprocess.run([tool("llama-perplexity"), "-m", str(our_gguf(d, tmp_path)), "-f", str(WIKI / "wiki.test.raw"),
                         "-c", "128", "--chunks", "2", "-t", "2"], capture_output=True, text=True, timeout=600)
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)

@@ -15,6 +15,7 @@ with the ``gguf`` package's writer:
   llama.cpp picks for them (they are not decoder linears), with the same fallbacks;
 - Phi-3 (phi3): fused qkv_proj / gate_up_proj as attn_qkv / ffn_up in Hugging Face's row order;
   Phi-1/2 (phi2): biases and LayerNorm biases in F32, an untied head with a bias, partial rotary;
+  GPT-2 (gpt2): Conv1D linears as rows per output, biases, LayerNorms and position embeddings in F32;
 - mixture-of-experts (Mixtral as the llama architecture, Qwen3-MoE as qwen3moe): each expert is
   solved on its own, and a layer's experts are written as one 3-D tensor per role
   (``blk.N.ffn_gate_exps`` / ``ffn_up_exps`` / ``ffn_down_exps``: [n_expert, rows, blocks], as the
@@ -49,10 +50,17 @@ BLOCK_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self
                "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}  # (Qwen3's per-head norms)
 TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
-             "model.final_layernorm": "output_norm"}  # (Phi-1/2's final LayerNorm)
+             "model.final_layernorm": "output_norm",  # (Phi-1/2's final LayerNorm)
+             "transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm"}
+BLOCK_PREFIX = {"gpt2": "transformer.h."}  # where the decoder blocks are (default: model.layers.)
+# GPT-2's config.json names → the usual ones
+STANDARD_NAMES = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
+                  "n_positions": "max_position_embeddings", "n_inner": "intermediate_size"}
 BLOCK_NAMES.update({"mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp",  # MoE routers
                     "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",  # Phi-3's fused linears
-                    "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"})  # Phi-1/2
+                    "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down",  # Phi-1/2
+                    "ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",  # GPT-2
+                    "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"})
 # a routed expert's linear (our names or Mixtral's on disk) → the role of its layer's merged 3-D tensor
 EXPERT_ROLES = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps", "w3": "ffn_up_exps",
                 "down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
@@ -61,8 +69,9 @@ EXPERT_NAME = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj
 # Mistral and Mixtral → the llama converter, which merges Mixtral's experts; conversion/qwen.py:
 # Qwen2Model, Qwen3Model, Qwen3MoeModel)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "llama",
-                 "qwen3_moe": "qwen3moe", "phi3": "phi3", "phi": "phi2"}
-BIASED = {"qwen2", "phi2"}  # architectures whose linears (and LayerNorms) carry biases, written in F32
+                 "qwen3_moe": "qwen3moe", "phi3": "phi3", "phi": "phi2", "gpt2": "gpt2"}
+BIASED = {"qwen2", "phi2", "gpt2"}  # architectures whose linears (and LayerNorms) carry biases, written in F32
+LAYER_NORM = {"phi2", "gpt2"}  # LayerNorm (epsilon key layer_norm_epsilon), not RMSNorm
 # llama.cpp runs the llama architecture's rotary embedding on interleaved pairs, so its converter
 # permutes q/k rows (LlamaModel.permute); qwen2/qwen3 use the NEOX layout (halves), as Hugging Face
 ROPE_PERMUTED = {"llama"}
@@ -308,6 +317,8 @@ def pre_tokenizer(tok, source: Path) -> str:
         return "smollm"  # SmolLM / SmolLM2 (HuggingFaceTB)
     if "<|begin_of_text|>" in v:
         return "llama-bpe"  # Llama 3
+    if len(v) == 50257 and "<|endoftext|>" in v:
+        return "gpt-2"  # GPT-2's own vocabulary
     if len(v) >= 151000 and "<|endoftext|>" in v and "<|im_start|>" in v:
         return "qwen2"  # Qwen2, Qwen2.5, Qwen3 (the same BPE and pre-tokenizer)
     raise ValueError(f"{source}: cannot tell llama.cpp's pre-tokenizer for this BPE vocabulary; set GPTQ_GGUF_PRE "
@@ -351,6 +362,10 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
     if arch is None:
         raise ValueError(f"GGUF output supports the {sorted(ARCHITECTURES)} families so far, not {hf.get('model_type')!r}")
     check_moe(hf)
+    hf = {**{std: hf[k] for k, std in STANDARD_NAMES.items() if hf.get(k) is not None}, **hf}
+    if arch == "gpt2":  # n_inner None means 4 x n_embd (what GPT2MLP builds, whatever else config.json holds)
+        hf["intermediate_size"] = hf.get("n_inner") or 4 * hf["hidden_size"]
+    blocks = BLOCK_PREFIX.get(arch, "model.layers.")
     n_expert = hf.get("num_local_experts") or hf.get("num_experts") or 0
     tmp = path.with_name(path.name + ".partial")
     w = gguf.GGUFWriter(tmp, arch)
@@ -371,7 +386,7 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
     rope = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta"))
     if rope is not None:
         w.add_rope_freq_base(rope)
-    if arch == "phi2":  # LayerNorm
+    if arch in LAYER_NORM:
         w.add_layer_norm_eps(hf.get("layer_norm_eps", hf.get("layer_norm_epsilon")))
     else:
         w.add_layer_norm_rms_eps(hf["rms_norm_eps"])
@@ -381,8 +396,9 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
     rope_params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     partial = rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     w.add_type("model")
-    w.add_rope_dimension_count(int(partial * hf["hidden_size"]) // heads if arch in ("phi2", "phi3")
-                               else int(head_dim * partial))
+    if arch != "gpt2":  # (learned position embeddings: no rotary)
+        w.add_rope_dimension_count(int(partial * hf["hidden_size"]) // heads if arch in ("phi2", "phi3")
+                                   else int(head_dim * partial))
     if arch == "phi3":
         _phi3_rope(w, hf, rope_params, int(partial * hf["hidden_size"]) // heads)
     w.add_key_length(head_dim)
@@ -413,8 +429,8 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
             raise ValueError(f"{key}: biases are not written to GGUF for the {arch} architecture")
         base = key.split(".weight")[0].removesuffix(".bias")
         suffix = "bias" if key.endswith(".bias") else "weight"
-        if base.startswith("model.layers."):
-            i, rest = base[len("model.layers."):].split(".", 1)
+        if base.startswith(blocks):
+            i, rest = base[len(blocks):].split(".", 1)
             expert = EXPERT_NAME.match(rest)
             if expert:
                 staged = key.rsplit(".ggml_", 1)
@@ -438,7 +454,8 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
                 x = rope_permute(x, kv)
             params = x.shape[0] * x.shape[1] // TYPES[t].block_bytes * TYPES[t].block_weights
             add(name, x.numpy(), t, params)
-        elif x.dim() == 1 or name.endswith("ffn_gate_inp.weight"):  # norms, Qwen2's q/k/v biases, MoE routers
+        elif x.dim() == 1 or name.endswith(("ffn_gate_inp.weight", "position_embd.weight")):
+            # norms, biases, MoE routers, GPT-2's position embeddings: F32, as the converter keeps them
             add(name, x.float().numpy(), None, x.numel())
         else:  # token embeddings / untied head: rounded, as llama.cpp would type them
             t = output_type(ftype, x.shape[1]) if (name == "output.weight" or tied) else \

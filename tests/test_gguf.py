@@ -158,10 +158,12 @@ def solved_gguf(tmp_path, model, d, family, ftype="q4_k_m", n_expert=0):
     from gptq.architectures import for_config, get_module
     from gptq.gguf_file import plan as gguf_plan
 
+    from gptq.capture import in_features
+
     arch = for_config(model.config)
-    linears = {f"model.layers.{i}.{n}": get_module(b, n).in_features for i, b in enumerate(model.model.layers)
-               for n in arch.block_linears(b)}
-    default, per = gguf_plan(ftype, family, linears, n_expert=n_expert)
+    linears = {f"{arch.blocks}.{i}.{n}": in_features(get_module(b, n))
+               for i, b in enumerate(get_module(model, arch.blocks)) for n in arch.block_linears(b)}
+    default, per = gguf_plan(ftype, family, linears, arch.blocks, n_expert=n_expert)
     t = TYPES[default]
     cfg = QuantConfig(bits=t.bits, group_size=t.group, grid=default, layer_grids=per, gguf=ftype)
     ids = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
@@ -434,3 +436,43 @@ def test_phi2_writes_its_biases_layernorms_and_partial_rotary(tmp_path, smollm2_
     for name in ("output_norm.weight", "output_norm.bias", "output.bias"):
         assert got[name].tensor_type.name == "F32"
     assert got["output.weight"].tensor_type.name == "Q6_K"
+
+
+def test_gpt2_writes_its_fused_conv1d_linears_biases_and_position_embeddings(tmp_path, smollm2_dir):
+    """GPT-2 as convert_hf_to_gguf writes it (architecture gpt2): its blocks under transformer.h,
+    c_attn / c_proj / c_fc / mlp.c_proj as attn_qkv / attn_output / ffn_up / ffn_down (Conv1D
+    weights stored [in, out]: the blocks hold their transpose, one row per output), biases and
+    LayerNorms in F32, the learned position embeddings in F32, the hyperparameters from GPT-2's own
+    config names (n_layer, n_positions, ...)."""
+    from gguf import quants
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_embd=256, n_layer=2, n_head=4, n_positions=256)).eval()
+    for name, p in model.named_parameters():
+        if name.endswith("bias") or ".ln_" in name:
+            p.data.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    d = tmp_path / "synth-gpt2"
+    model.save_pretrained(d)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(d)
+    per, reader, got = solved_gguf(tmp_path, model, d, "gpt2")
+    assert {n for n, t in per.items() if t == "q5_k"} == {f"transformer.h.{i}.attn.c_attn" for i in range(2)}
+    f = reader.fields
+    assert f["general.architecture"].contents() == "gpt2"
+    assert f["gpt2.block_count"].contents() == 2 and f["gpt2.context_length"].contents() == 256
+    assert f["gpt2.feed_forward_length"].contents() == 1024  # n_inner None: 4 x n_embd
+    for i in range(2):
+        for hf, gg in (("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"), ("mlp.c_fc", "ffn_up"),
+                       ("mlp.c_proj", "ffn_down")):
+            t = got[f"blk.{i}.{gg}.weight"]
+            w = torch.from_numpy(np.ascontiguousarray(quants.dequantize(t.data, t.tensor_type)))
+            conv = model.get_submodule(f"transformer.h.{i}.{hf}")
+            assert torch.equal(w.reshape(conv.weight.shape[1], -1), conv.weight.float().T), (i, hf)
+            b = got[f"blk.{i}.{gg}.bias"]
+            assert b.tensor_type.name == "F32" and torch.equal(torch.from_numpy(np.array(b.data)), conv.bias.float())
+        assert torch.equal(torch.from_numpy(np.array(got[f"blk.{i}.attn_norm.bias"].data)),
+                           model.get_parameter(f"transformer.h.{i}.ln_1.bias").float())
+    pos = got["position_embd.weight"]
+    assert pos.tensor_type.name == "F32"
+    assert torch.equal(torch.from_numpy(np.array(pos.data)).reshape(256, 256), model.transformer.wpe.weight.float())
+    assert got["output_norm.bias"].tensor_type.name == "F32"

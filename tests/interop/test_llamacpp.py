@@ -147,11 +147,12 @@ def test_llama_cpp_runs_our_qwen2_gguf_as_the_model_it_is(reference, tmp_path):
     assert_scores_like_smollm2(our_gguf(d, tmp_path), reference[1], "Qwen2")
 
 
-@pytest.mark.parametrize("family", ["qwen3", "phi"])
+@pytest.mark.parametrize("family", ["qwen3", "phi", "gpt2"])
 def test_llama_cpp_runs_our_gguf_of_families_smollm2_cannot_become(reference, tmp_path, family):
-    """Qwen3 (per-head q/k norms) and Phi-2 (LayerNorms, biases, partial rotary, a parallel block)
-    of SmolLM2's widths, partly random: llama.cpp loads and runs our files."""
-    from transformers import PhiConfig, Qwen3Config
+    """Qwen3 (per-head q/k norms), Phi-2 (LayerNorms, biases, partial rotary, a parallel block) and
+    GPT-2 (Conv1D linears, learned positions) of SmolLM2's widths, partly random: llama.cpp loads
+    and runs our files."""
+    from transformers import GPT2Config, PhiConfig, Qwen3Config
 
     def random_norms(model, sd):
         for key, p in model.named_parameters():
@@ -160,9 +161,18 @@ def test_llama_cpp_runs_our_gguf_of_families_smollm2_cannot_become(reference, tm
 
     if family == "qwen3":
         d = relabelled_smollm2(tmp_path, "smol-qwen3", Qwen3Config, random_norms, num_hidden_layers=4, head_dim=64)
-    else:
+    elif family == "phi":
         d = relabelled_smollm2(tmp_path, "smol-phi", PhiConfig, random_norms, num_hidden_layers=4,
                                partial_rotary_factor=0.5, tie_word_embeddings=False)
+    else:  # GPT-2's own config names; nothing of SmolLM2's but its tokenizer and widths
+        import torch
+        from transformers import AutoTokenizer, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        d = tmp_path / "smol-gpt2"
+        GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_embd=576, n_layer=4, n_head=9, n_positions=2048,
+                                   bos_token_id=0, eos_token_id=0)).save_pretrained(d)
+        AutoTokenizer.from_pretrained(ROOT / ".cache" / "smollm2").save_pretrained(d)
     r = subprocess.run([tool("llama-perplexity"), "-m", str(our_gguf(d, tmp_path)), "-f", str(WIKI / "wiki.test.raw"),
                         "-c", "128", "--chunks", "2", "-t", "2"], capture_output=True, text=True, timeout=600)
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)

@@ -119,7 +119,7 @@ def test_types_follow_llama_quantize_for_smollm2_shapes():
     assert plan("q8_0", "llama", linears) == ("q8_0", ())  # no per-layer types: every linear Q8_0
     assert layer_type("q4_k_s", "attn_v", 3, 30, 512) == "q5_k" and layer_type("q4_k_s", "attn_v", 4, 30, 512) == "q4_k"
     with pytest.raises(ValueError, match="families"):
-        plan("q4_0", "gpt2", linears)
+        plan("q4_0", "opt", linears)  # (llama.cpp has no OPT architecture)
 
 
 def test_rope_permutation_interleaves_the_halves_of_each_head():

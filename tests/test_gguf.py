@@ -407,12 +407,22 @@ def test_phi3_keeps_its_fused_linears_in_hf_row_order(tmp_path, smollm2_dir):
             assert torch.equal(w.reshape(ref.shape), ref), (i, hf)
 
 
+def assert_stored_linear(got, name: str, weight: torch.Tensor, bias: torch.Tensor):
+    """GGUF tensor ``name`` (blk.N.role) dequantizes to ``weight`` [out, in] exactly, and its bias is
+    ``bias`` in F32."""
+    from gguf import quants
+
+    t = got[f"{name}.weight"]
+    w = torch.from_numpy(np.ascontiguousarray(quants.dequantize(t.data, t.tensor_type)))
+    assert torch.equal(w.reshape(weight.shape), weight.float()), name
+    b = got[f"{name}.bias"]
+    assert b.tensor_type.name == "F32" and torch.equal(torch.from_numpy(np.array(b.data)), bias.float()), name
+
+
 def test_phi2_writes_its_biases_layernorms_and_partial_rotary(tmp_path, smollm2_dir):
     """Phi-1/2 as conversion/phi.py writes them (architecture phi2): q/k/v, dense, fc1, fc2 as attn_q/
     k/v, attn_output, ffn_up, ffn_down with their biases in F32, LayerNorm weights and biases, the
     untied head with its bias, the rotary dimensions of the partial rotary factor, no BOS."""
-    from gguf import quants
-
     model, d = synthetic_llama(tmp_path, smollm2_dir, "phi")
     _, reader, got = solved_gguf(tmp_path, model, d, "phi")
     f = reader.fields
@@ -423,12 +433,8 @@ def test_phi2_writes_its_biases_layernorms_and_partial_rotary(tmp_path, smollm2_
     for i in range(2):
         for hf, gg in (("self_attn.q_proj", "attn_q"), ("self_attn.dense", "attn_output"), ("mlp.fc1", "ffn_up"),
                        ("mlp.fc2", "ffn_down")):
-            t = got[f"blk.{i}.{gg}.weight"]
-            w = torch.from_numpy(np.ascontiguousarray(quants.dequantize(t.data, t.tensor_type)))
             ref = model.get_submodule(f"model.layers.{i}.{hf}")
-            assert torch.equal(w.reshape(ref.weight.shape), ref.weight.float()), (i, hf)
-            b = got[f"blk.{i}.{gg}.bias"]
-            assert b.tensor_type.name == "F32" and torch.equal(torch.from_numpy(np.array(b.data)), ref.bias.float())
+            assert_stored_linear(got, f"blk.{i}.{gg}", ref.weight, ref.bias)
         for suffix in ("weight", "bias"):
             t = got[f"blk.{i}.attn_norm.{suffix}"]
             ref = model.get_parameter(f"model.layers.{i}.input_layernorm.{suffix}").float()
@@ -444,7 +450,6 @@ def test_gpt2_writes_its_fused_conv1d_linears_biases_and_position_embeddings(tmp
     weights stored [in, out]: the blocks hold their transpose, one row per output), biases and
     LayerNorms in F32, the learned position embeddings in F32, the hyperparameters from GPT-2's own
     config names (n_layer, n_positions, ...)."""
-    from gguf import quants
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -464,12 +469,8 @@ def test_gpt2_writes_its_fused_conv1d_linears_biases_and_position_embeddings(tmp
     for i in range(2):
         for hf, gg in (("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"), ("mlp.c_fc", "ffn_up"),
                        ("mlp.c_proj", "ffn_down")):
-            t = got[f"blk.{i}.{gg}.weight"]
-            w = torch.from_numpy(np.ascontiguousarray(quants.dequantize(t.data, t.tensor_type)))
             conv = model.get_submodule(f"transformer.h.{i}.{hf}")
-            assert torch.equal(w.reshape(conv.weight.shape[1], -1), conv.weight.float().T), (i, hf)
-            b = got[f"blk.{i}.{gg}.bias"]
-            assert b.tensor_type.name == "F32" and torch.equal(torch.from_numpy(np.array(b.data)), conv.bias.float())
+            assert_stored_linear(got, f"blk.{i}.{gg}", conv.weight.T, conv.bias)  # Conv1D: [in, out]
         assert torch.equal(torch.from_numpy(np.array(got[f"blk.{i}.attn_norm.bias"].data)),
                            model.get_parameter(f"transformer.h.{i}.ln_1.bias").float())
     pos = got["position_embd.weight"]

@@ -16,6 +16,8 @@ with the ``gguf`` package's writer:
 - Phi-3 (phi3): fused qkv_proj / gate_up_proj as attn_qkv / ffn_up in Hugging Face's row order;
   Phi-1/2 (phi2): biases and LayerNorm biases in F32, an untied head with a bias, partial rotary;
   GPT-2 (gpt2): Conv1D linears as rows per output, biases, LayerNorms and position embeddings in F32;
+  GPT-NeoX (gptneox): fused query_key_value rows (and bias) reordered from per-head [q, k, v] to
+  q, k, v as conversion/gptneox.py does (rows are independent: exact for blocks), parallel residual;
 - mixture-of-experts (Mixtral as the llama architecture, Qwen3-MoE as qwen3moe): each expert is
   solved on its own, and a layer's experts are written as one 3-D tensor per role
   (``blk.N.ffn_gate_exps`` / ``ffn_up_exps`` / ``ffn_down_exps``: [n_expert, rows, blocks], as the
@@ -51,8 +53,9 @@ BLOCK_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self
                "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}  # (Qwen3's per-head norms)
 TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
              "model.final_layernorm": "output_norm",  # (Phi-1/2's final LayerNorm)
-             "transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm"}
-BLOCK_PREFIX = {"gpt2": "transformer.h."}  # where the decoder blocks are (default: model.layers.)
+             "transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm",
+             "gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm", "embed_out": "output"}
+BLOCK_PREFIX = {"gpt2": "transformer.h.", "gptneox": "gpt_neox.layers."}  # where the blocks are (else model.layers.)
 # GPT-2's config.json names → the usual ones
 STANDARD_NAMES = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
                   "n_positions": "max_position_embeddings", "n_inner": "intermediate_size"}
@@ -60,7 +63,9 @@ BLOCK_NAMES.update({"mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_ga
                     "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",  # Phi-3's fused linears
                     "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down",  # Phi-1/2
                     "ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",  # GPT-2
-                    "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"})
+                    "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down",
+                    "attention.query_key_value": "attn_qkv", "attention.dense": "attn_output",  # GPT-NeoX
+                    "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"})
 # a routed expert's linear (our names or Mixtral's on disk) → the role of its layer's merged 3-D tensor
 EXPERT_ROLES = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps", "w3": "ffn_up_exps",
                 "down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
@@ -69,9 +74,9 @@ EXPERT_NAME = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj
 # Mistral and Mixtral → the llama converter, which merges Mixtral's experts; conversion/qwen.py:
 # Qwen2Model, Qwen3Model, Qwen3MoeModel)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "llama",
-                 "qwen3_moe": "qwen3moe", "phi3": "phi3", "phi": "phi2", "gpt2": "gpt2"}
-BIASED = {"qwen2", "phi2", "gpt2"}  # architectures whose linears (and LayerNorms) carry biases, written in F32
-LAYER_NORM = {"phi2", "gpt2"}  # LayerNorm (epsilon key layer_norm_epsilon), not RMSNorm
+                 "qwen3_moe": "qwen3moe", "phi3": "phi3", "phi": "phi2", "gpt2": "gpt2", "gpt_neox": "gptneox"}
+BIASED = {"qwen2", "phi2", "gpt2", "gptneox"}  # architectures whose linears (and LayerNorms) carry biases (F32)
+LAYER_NORM = {"phi2", "gpt2", "gptneox"}  # LayerNorm (epsilon key layer_norm_epsilon), not RMSNorm
 # llama.cpp runs the llama architecture's rotary embedding on interleaved pairs, so its converter
 # permutes q/k rows (LlamaModel.permute); qwen2/qwen3 use the NEOX layout (halves), as Hugging Face
 ROPE_PERMUTED = {"llama"}
@@ -211,6 +216,12 @@ def dequantize_staged(t: str, blocks: torch.Tensor) -> torch.Tensor:
     """[out, in] float32 weight of staged blocks (the gguf package's dequantizer)."""
     tt = TYPES[t]
     return dequantize_blocks(t, blocks, blocks.shape[1] // tt.block_bytes * tt.block_weights)
+
+
+def neox_qkv_rows(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """GPT-NeoX's fused query_key_value rows (or bias) from Hugging Face's per-head [q, k, v] order
+    to all q rows, then all k, then all v, as conversion/gptneox.py reorders them for llama.cpp."""
+    return x.reshape(heads, 3, x.shape[0] // heads // 3, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
 
 
 def rope_permute(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -371,7 +382,9 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
     w = gguf.GGUFWriter(tmp, arch)
     w.add_name(Path(source or stage).name)
     n_layers = hf["num_hidden_layers"]
-    heads, kv = hf["num_attention_heads"], hf.get("num_key_value_heads", hf["num_attention_heads"])
+    heads, kv = hf["num_attention_heads"], hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    if arch in ("gpt2", "gptneox"):  # no grouped-query attention in these families (a stray config key aside)
+        kv = heads
     w.add_block_count(n_layers)
     w.add_context_length(hf["max_position_embeddings"])
     w.add_embedding_length(hf["hidden_size"])
@@ -390,11 +403,13 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
         w.add_layer_norm_eps(hf.get("layer_norm_eps", hf.get("layer_norm_epsilon")))
     else:
         w.add_layer_norm_rms_eps(hf["rms_norm_eps"])
+    if arch == "gptneox":
+        w.add_parallel_residual(hf.get("use_parallel_residual", True))
     w.add_file_type(FILE_TYPES[ftype][0])
     w.add_vocab_size(hf["vocab_size"])
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     rope_params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    partial = rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    partial = rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
     w.add_type("model")
     if arch != "gpt2":  # (learned position embeddings: no rotary)
         w.add_rope_dimension_count(int(partial * hf["hidden_size"]) // heads if arch in ("phi2", "phi3")
@@ -452,10 +467,14 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
                 x = rope_permute(x, heads)
             elif arch in ROPE_PERMUTED and name.endswith("attn_k.weight"):
                 x = rope_permute(x, kv)
+            elif arch == "gptneox" and name.endswith("attn_qkv.weight"):
+                x = neox_qkv_rows(x, heads)
             params = x.shape[0] * x.shape[1] // TYPES[t].block_bytes * TYPES[t].block_weights
             add(name, x.numpy(), t, params)
         elif x.dim() == 1 or name.endswith(("ffn_gate_inp.weight", "position_embd.weight")):
             # norms, biases, MoE routers, GPT-2's position embeddings: F32, as the converter keeps them
+            if arch == "gptneox" and name.endswith("attn_qkv.bias"):
+                x = neox_qkv_rows(x, heads)
             add(name, x.float().numpy(), None, x.numel())
         else:  # token embeddings / untied head: rounded, as llama.cpp would type them
             t = output_type(ftype, x.shape[1]) if (name == "output.weight" or tied) else \

@@ -477,3 +477,37 @@ def test_gpt2_writes_its_fused_conv1d_linears_biases_and_position_embeddings(tmp
     assert pos.tensor_type.name == "F32"
     assert torch.equal(torch.from_numpy(np.array(pos.data)).reshape(256, 256), model.transformer.wpe.weight.float())
     assert got["output_norm.bias"].tensor_type.name == "F32"
+
+
+def test_gpt_neox_reorders_its_fused_qkv_rows_as_the_converter_does(tmp_path, smollm2_dir):
+    """GPT-NeoX (architecture gptneox): query_key_value's rows and bias go from Hugging Face's
+    per-head [q, k, v] to all q, all k, all v (conversion/gptneox.py), exactly, since block rows are
+    independent; dense / dense_h_to_4h / dense_4h_to_h with their biases; the rotary fraction and
+    the parallel residual in the metadata."""
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from gptq.gguf_file import neox_qkv_rows
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=49152, hidden_size=256, num_attention_heads=4,
+                                             num_hidden_layers=2, intermediate_size=1024,
+                                             max_position_embeddings=256)).eval()
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.data.normal_(0.0, 0.1)
+    d = tmp_path / "synth-neox"
+    model.save_pretrained(d)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(d)
+    assert torch.equal(neox_qkv_rows(torch.arange(12), 2), torch.tensor([0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]))
+    _, reader, got = solved_gguf(tmp_path, model, d, "gpt_neox")
+    f = reader.fields
+    assert f["general.architecture"].contents() == "gptneox"
+    assert f["gptneox.rope.dimension_count"].contents() == 16  # 0.25 x 64
+    assert f["gptneox.use_parallel_residual"].contents() is True
+    for i in range(2):
+        qkv = model.get_submodule(f"gpt_neox.layers.{i}.attention.query_key_value")
+        assert_stored_linear(got, f"blk.{i}.attn_qkv", neox_qkv_rows(qkv.weight, 4), neox_qkv_rows(qkv.bias, 4))
+        for hf, gg in (("attention.dense", "attn_output"), ("mlp.dense_h_to_4h", "ffn_up"),
+                       ("mlp.dense_4h_to_h", "ffn_down")):
+            ref = model.get_submodule(f"gpt_neox.layers.{i}.{hf}")
+            assert_stored_linear(got, f"blk.{i}.{gg}", ref.weight, ref.bias)

@@ -147,12 +147,12 @@ def test_llama_cpp_runs_our_qwen2_gguf_as_the_model_it_is(reference, tmp_path):
     assert_scores_like_smollm2(our_gguf(d, tmp_path), reference[1], "Qwen2")
 
 
-@pytest.mark.parametrize("family", ["qwen3", "phi", "gpt2"])
+@pytest.mark.parametrize("family", ["qwen3", "phi", "gpt2", "gpt_neox"])
 def test_llama_cpp_runs_our_gguf_of_families_smollm2_cannot_become(reference, tmp_path, family):
-    """Qwen3 (per-head q/k norms), Phi-2 (LayerNorms, biases, partial rotary, a parallel block) and
-    GPT-2 (Conv1D linears, learned positions) of SmolLM2's widths, partly random: llama.cpp loads
-    and runs our files."""
-    from transformers import GPT2Config, PhiConfig, Qwen3Config
+    """Qwen3 (per-head q/k norms), Phi-2 (LayerNorms, biases, partial rotary, a parallel block),
+    GPT-2 (Conv1D linears, learned positions) and GPT-NeoX (fused q/k/v reordered) of SmolLM2's
+    widths, partly random: llama.cpp loads and runs our files."""
+    from transformers import GPT2Config, GPTNeoXConfig, PhiConfig, Qwen3Config
 
     def random_norms(model, sd):
         for key, p in model.named_parameters():
@@ -164,6 +164,9 @@ def test_llama_cpp_runs_our_gguf_of_families_smollm2_cannot_become(reference, tm
     elif family == "phi":
         d = relabelled_smollm2(tmp_path, "smol-phi", PhiConfig, random_norms, num_hidden_layers=4,
                                partial_rotary_factor=0.5, tie_word_embeddings=False)
+    elif family == "gpt_neox":
+        d = relabelled_smollm2(tmp_path, "smol-neox", GPTNeoXConfig, random_norms, num_hidden_layers=4,
+                               tie_word_embeddings=False)
     else:  # GPT-2's own config names; nothing of SmolLM2's but its tokenizer and widths
         import torch
         from transformers import AutoTokenizer, GPT2LMHeadModel

@@ -248,9 +248,9 @@ def _vocab(writer, source: Path, hf: dict, add_bos: bool | None = None) -> None:
     import gguf
     from transformers import AutoTokenizer
 
-    spm = check_tokenizer(source) == "llama"
+    model = _tokenizer_model(source)
+    spm = bool(model.get("byte_fallback"))
     tok = AutoTokenizer.from_pretrained(source)
-    model = json.loads((source / "tokenizer.json").read_text())["model"]
     vocab_size = hf.get("vocab_size", len(tok.get_vocab()))
     reverse = {i: t for t, i in tok.get_vocab().items()}
     added = tok.added_tokens_decoder
@@ -301,18 +301,23 @@ def _vocab(writer, source: Path, hf: dict, add_bos: bool | None = None) -> None:
         writer.add_add_bos_token(False)
 
 
-def check_tokenizer(source: Path) -> str:
-    """Refuse a tokenizer the GGUF writer cannot express, before any work; returns the GGUF
-    tokenizer model ("gpt2" or "llama")."""
-    from transformers import AutoTokenizer
-
+def _tokenizer_model(source: Path) -> dict:
+    """The ``model`` entry of ``tokenizer.json``, refused unless GGUF can express it (BPE)."""
     if not (source / "tokenizer.json").is_file():
         raise ValueError(f"{source}: GGUF output needs a fast tokenizer (tokenizer.json)")
     model = json.loads((source / "tokenizer.json").read_text())["model"]
     if model["type"] != "BPE":
         raise ValueError(f"{source}: tokenizer model {model['type']!r}; GGUF output supports BPE tokenizers "
                          "(byte-level, or SentencePiece-style with byte fallback) so far")
-    if model.get("byte_fallback"):
+    return model
+
+
+def check_tokenizer(source: Path) -> str:
+    """Refuse a tokenizer the GGUF writer cannot express, before any work; returns the GGUF
+    tokenizer model ("gpt2" or "llama")."""
+    from transformers import AutoTokenizer
+
+    if _tokenizer_model(source).get("byte_fallback"):
         return "llama"
     pre_tokenizer(AutoTokenizer.from_pretrained(source), source)
     return "gpt2"
@@ -396,9 +401,10 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
         w.add_expert_used_count(hf["num_experts_per_tok"])
         if hf.get("moe_intermediate_size"):
             w.add_expert_feed_forward_length(hf["moe_intermediate_size"])
-    rope = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta"))
-    if rope is not None:
-        w.add_rope_freq_base(rope)
+    rope_params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_theta = rope_params.get("rope_theta", hf.get("rope_theta"))
+    if rope_theta is not None:
+        w.add_rope_freq_base(rope_theta)
     if arch in LAYER_NORM:
         w.add_layer_norm_eps(hf.get("layer_norm_eps", hf.get("layer_norm_epsilon")))
     else:
@@ -408,14 +414,14 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
     w.add_file_type(FILE_TYPES[ftype][0])
     w.add_vocab_size(hf["vocab_size"])
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    rope_params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     partial = rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
+    # conversion/phi.py rounds the rotary width over the whole embedding, the others per head
+    rope_dims = int(partial * hf["hidden_size"]) // heads if arch in ("phi2", "phi3") else int(head_dim * partial)
     w.add_type("model")
     if arch != "gpt2":  # (learned position embeddings: no rotary)
-        w.add_rope_dimension_count(int(partial * hf["hidden_size"]) // heads if arch in ("phi2", "phi3")
-                                   else int(head_dim * partial))
+        w.add_rope_dimension_count(rope_dims)
     if arch == "phi3":
-        _phi3_rope(w, hf, rope_params, int(partial * hf["hidden_size"]) // heads)
+        _phi3_rope(w, hf, rope_params, rope_dims)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -14,17 +14,20 @@ from torch import nn
 from .cpu_build import available, function
 
 
+def _rows(fn, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    fn(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // weight.shape[0], weight.shape[0], eps,
+       torch.get_num_threads())
+    return y
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight ⊙ x / sqrt(mean(x², -1) + eps), x [..., D] fp32, weight [D] fp32."""
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"rms_norm: fp32 x [..., D] and weight [D] expected; got {x.dtype} {tuple(x.shape)}, "
                          f"{weight.dtype} {tuple(weight.shape)}")
-    x = x.contiguous()
-    y = torch.empty_like(x)
-    D = weight.shape[0]
-    function("gptq_rms_norm")(x.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(), x.numel() // D, D,
-                              eps, torch.get_num_threads())
-    return y
+    return _rows(function("gptq_rms_norm"), x, weight.contiguous(), eps)
 
 
 class RMSNormRows(nn.Module):
@@ -42,11 +45,7 @@ class RMSNormRows(nn.Module):
         w = self.weight
         if x.dtype != torch.float32 or w.dtype != torch.float32 or x.shape[-1] != w.shape[0]:
             return self._original[0](x)
-        x = x.contiguous()
-        y = torch.empty_like(x)
-        self._fn(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.numel() // w.shape[0], w.shape[0], self.eps,
-                 torch.get_num_threads())
-        return y
+        return _rows(self._fn, x, w, self.eps)
 
 
 def _eps(module: nn.Module) -> float | None:

@@ -190,8 +190,8 @@ class HalfHead(nn.Module):
     """Output head (and its tied embedding) stored once in float16 for CPU inference. bf16 → fp16
     is exact for weights in the normal range; fp32 → fp16 rounds (relative 2^-11). Decoding
     (fewer than HEAD_DENSE_ROWS rows): on x86 CPUs with AVX2/FMA/F16C our C loop (kernels/cpu_f16.c)
-    multiplies the fp16 weights with fp32 activations (no fp16 rounding of x; ~1.5x faster than
-    torch's fp16 matmul here); elsewhere torch's fp16 matmul, about as fast as bf16 where bf16 is
+    multiplies the fp16 weights with fp32 activations (no fp16 rounding of x; faster than torch's
+    fp16 matmul here: bench cpu-kernel); elsewhere torch's fp16 matmul, about as fast as bf16 where bf16 is
     native and ~6x faster than fp32 where it is not. A long prompt converts the weight into a
     reused buffer of the activation dtype first, because fp16 matmuls of many rows are slow on
     every CPU (bench cpu-kernel)."""

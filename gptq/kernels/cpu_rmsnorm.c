@@ -4,7 +4,7 @@
  *
  * the formula of Llama's RMSNorm (and its relatives) in fp32, in one pass over a row for the
  * sum of squares and one for the output. Why: a decoding step's norm is a 576..8192-element row,
- * where torch's five separate operations cost ~10 µs of dispatch against ~1 µs of arithmetic.
+ * where torch's five separate operations each pay a dispatch cost larger than the arithmetic.
  * cpu_rmsnorm.py checks a model's norm against this formula before it replaces it.
  */
 #include <immintrin.h>

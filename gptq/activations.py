@@ -141,14 +141,16 @@ class Activations:
         return [BlockInputs(h, args, kwargs) for h, (args, kwargs) in zip(hidden, rest, strict=True)]
 
 
-def activation_bytes(config, nsamples: int, seqlen: int, dtype: torch.dtype) -> int:
+def activation_bytes(config, nsamples: int, seqlen: int, dtype: torch.dtype, fp_target: bool = False) -> int:
     """Upper estimate of the activations held in memory while one block is solved: its inputs,
     outputs and two recorded sub-module outputs (4 × hidden) plus one linear's inputs (up to the
-    MLP width), for every calibration token."""
+    MLP width), for every calibration token; with asymmetric calibration also the full-precision
+    stream's inputs and outputs (2 × hidden)."""
     hidden = config.hidden_size
     inter = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
              or getattr(config, "n_inner", None) or 4 * hidden)
-    return nsamples * seqlen * (4 * hidden + inter) * torch.empty((), dtype=dtype).element_size()
+    per_token = (6 if fp_target else 4) * hidden + inter
+    return nsamples * seqlen * per_token * torch.empty((), dtype=dtype).element_size()
 
 
 def available_memory(device: torch.device | str = "cpu") -> int:

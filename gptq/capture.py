@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .hessian import HessianAccumulator
+from .hessian import CrossAccumulator, HessianAccumulator
 
 
 class StopForward(Exception):
@@ -92,16 +92,22 @@ def first_block_inputs(block: nn.Module):
 
 
 @contextmanager
-def hessians(groups: list[dict[str, nn.Module]], stop: bool = True, staged: bool = False):
+def hessians(groups: list[dict[str, nn.Module]], stop: bool = True, staged: bool = False,
+             reference: dict[str, torch.Tensor] | None = None):
     """Accumulate one H per group of linears that share an input (e.g. q/k/v) from what the
     group's first linear receives, and cut the forward pass short (StopForward) as soon as
     every group has been seen. Yields {linear name: accumulator} (shared within a group).
-    ``staged``: each batch's partial is kept for ``distributed.exchange`` instead of summed."""
+    ``staged``: each batch's partial is kept for ``distributed.exchange`` instead of summed.
+    ``reference`` (asymmetric calibration): a dict the caller fills, before each batch, with what
+    the full-precision model feeds each group's first linear for that batch (``fp_inputs``); the
+    accumulators then also sum the cross term Σ(x̃ − x)ᵀx (``acc.cross``)."""
     accs: dict[str, HessianAccumulator] = {}
     firsts: dict[str, HessianAccumulator] = {}
     for group in groups:
         first_name, first = next(iter(group.items()))
         acc = HessianAccumulator(in_features(first), first.weight.device, staged)
+        if reference is not None:
+            acc.cross = CrossAccumulator(acc.columns, acc.device, staged)
         firsts[first_name] = acc
         accs.update({name: acc for name in group})
     pending: set[str] = set(firsts)
@@ -109,6 +115,8 @@ def hessians(groups: list[dict[str, nn.Module]], stop: bool = True, staged: bool
     def make_hook(name):
         def hook(_module, args):
             firsts[name].add(args[0].detach())
+            if reference is not None:
+                firsts[name].cross.add(reference.pop(name), args[0].detach())
             pending.discard(name)
             if stop and not pending:
                 pending.update(firsts)
@@ -121,6 +129,28 @@ def hessians(groups: list[dict[str, nn.Module]], stop: bool = True, staged: bool
             name, module = next(iter(group.items()))
             stack.enter_context(hooked(module, make_hook(name), pre=True))
         yield accs
+
+
+@contextmanager
+def fp_inputs(block: nn.Module, names: list[str], into: dict):
+    """While active, a run of ``block`` stores each named linear's first input in ``into[name]``
+    and is cut short (StopForward) once ``into`` holds them all: the full-precision inputs that
+    ``hessians(reference=into)`` pairs with the quantized block's, one batch at a time (it takes
+    them out of ``into`` again)."""
+    from .architectures import get_module  # (architectures imports moe, which imports this module)
+
+    def make_hook(name):
+        def hook(_module, args):
+            into[name] = args[0].detach()
+            if all(n in into for n in names):
+                raise StopForward
+
+        return hook
+
+    with ExitStack() as stack:
+        for name in names:
+            stack.enter_context(hooked(get_module(block, name), make_hook(name), pre=True))
+        yield into
 
 
 @contextmanager

@@ -55,6 +55,10 @@ class QuantConfig:
                      is starved; "routed" uses only the tokens the router sends it.
     expert_min_tokens: an expert whose Hessian would rest on fewer rows is solved against the identity
                      Hessian (round-to-nearest on MSE-fitted grids, no error feedback) and named in the report.
+    fp_target:       GPTAQ's asymmetric calibration (``solver.solve``): fit each linear to the full-precision
+                     model's output rather than to its own on already-quantized inputs, the target
+                     shifted by this fraction (α) of the exact correction; 0 = plain GPTQ. Routed experts
+                     are solved plainly either way.
     batch_experts:   solve same-shape experts together (one column loop for many experts; speed only,
                      the results agree with one-by-one solves up to float rounding).
     """
@@ -76,6 +80,7 @@ class QuantConfig:
     expert_tokens: str = "all"
     expert_min_tokens: int = 32
     batch_experts: bool = True
+    fp_target: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.act_order, bool):
@@ -84,6 +89,9 @@ class QuantConfig:
             raise ConfigError(f"act_order={self.act_order!r}; choose one of {ACT_ORDERS}")
         if self.expert_tokens not in EXPERT_TOKENS:
             raise ConfigError(f"expert_tokens={self.expert_tokens!r}; choose one of {EXPERT_TOKENS}")
+        if not 0.0 <= self.fp_target <= 1.0:
+            raise ConfigError(f"fp_target={self.fp_target} must be in [0, 1]: the fraction of the full-precision "
+                              "correction applied (0.25 as GPTAQ; 0 = plain GPTQ)")
         if self.expert_min_tokens < 0:
             raise ConfigError(f"expert_min_tokens={self.expert_min_tokens} must be 0 or more")
         if self.grid not in GRIDS:

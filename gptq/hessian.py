@@ -36,6 +36,7 @@ class HessianAccumulator:
         self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # [in, in] upper blocks
         self.count = 0
         self._staged: tuple[torch.Tensor, int] | None = None
+        self.cross: CrossAccumulator | None = None  # asymmetric calibration: filled beside H (capture.hessians)
         nchunks = max(1, round(columns / self.CHUNK))
         bounds = [round(k * columns / nchunks) for k in range(nchunks + 1)]
         self.chunks = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -79,6 +80,48 @@ class HessianAccumulator:
             for cj in self.chunks[i + 1 :]:
                 H[cj, ci] = H[ci, cj].T
         return H
+
+
+class CrossAccumulator:
+    """Σ (x̃ − x)ᵀ x over calibration rows, for asymmetric calibration (GPTAQ): x̃ is what the
+    full-precision model feeds the linear, x what the partly quantized model feeds it, row for row.
+    ``matrix()`` returns 2·Σ(x̃ − x)ᵀx/n, scaled as ``HessianAccumulator.hessian`` scales H: the
+    pair (H, C) then gives the corrected target of ``solver.solve``. Not symmetric, so
+    it is summed whole. Same staged / ``add_partial`` protocol as H for ``distributed.exchange``."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu", staged: bool = False):
+        self.columns, self.device, self.staged = columns, device, staged
+        self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # [in, in]
+        self.count = 0
+        self._staged: tuple[torch.Tensor, int] | None = None
+
+    def add(self, x_ref: torch.Tensor, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.sum.device, torch.float32)  # [n, in]
+        x_ref = x_ref.reshape(-1, x_ref.shape[-1])
+        if x_ref.shape != x.shape:
+            raise ValueError(f"the full-precision input has shape {tuple(x_ref.shape)}, the quantized one "
+                             f"{tuple(x.shape)}: the two streams must see the same batches")
+        dx = x_ref.to(self.sum.device, torch.float32) - x  # [n, in] a new tensor: x_ref is left alone
+        if self.staged:
+            self._staged = (dx.T @ x, x.shape[0])
+            return
+        self.sum.addmm_(dx.T, x)
+        self.count += x.shape[0]
+
+    def take_staged(self) -> tuple[torch.Tensor | None, int]:
+        staged, self._staged = self._staged, None
+        return staged if staged is not None else (None, 0)
+
+    def add_partial(self, part: torch.Tensor, rows: int) -> None:
+        self.sum += part
+        self.count += rows
+
+    def matrix(self) -> torch.Tensor:
+        """2·Σ(x̃ − x)ᵀx/n, in place (the accumulator is used up)."""
+        if self.count == 0:
+            raise RuntimeError("no calibration rows reached this layer")
+        C, self.sum = self.sum.mul_(2.0 / self.count), None
+        return C
 
 
 def all_finite(x: torch.Tensor) -> bool:

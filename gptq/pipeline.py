@@ -12,6 +12,7 @@ Only the block being solved sits on the compute device. Per-architecture knowled
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from collections.abc import Sequence
@@ -24,8 +25,9 @@ from tqdm.auto import tqdm
 
 from .activations import Activations, activation_bytes, block_args, return_free_memory, should_spill
 from .architectures import for_config, get_module
-from .capture import (BlockInputs, StopForward, first_block_inputs, hessians, in_features, move, record_io,
-                      record_outputs, replay_outputs, run_block, set_weight_matrix, stop_after, weight_matrix)
+from .capture import (BlockInputs, StopForward, first_block_inputs, fp_inputs, hessians, in_features, move,
+                      record_io, record_outputs, replay_outputs, run_block, set_weight_matrix, stop_after,
+                      weight_matrix)
 from .distributed import SINGLE, World, all_gather, broadcast, exchange, owners, solve_cost
 from .hessian import HessianAccumulator
 from .moe import expert_rows, record_routing, routed_counts
@@ -134,13 +136,14 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
 
 
 def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantConfig, prefix: str,
-                world: World = SINGLE, owner: int = 0):
+                world: World = SINGLE, owner: int = 0, C: torch.Tensor | None = None):
     """Solve linears that share one input (and so one H) as a single stacked matrix, then split
     the rows back: identical to solving each alone, with one Cholesky and one column loop.
-    With several ranks (each holding H) the stacked rows are shared out (``_solve_distributed``)."""
+    With several ranks (each holding H) the stacked rows are shared out (``_solve_distributed``).
+    ``C``: the asymmetric-calibration cross term of that input (``solver.solve``), or None."""
     if config.double_quant and len(modules) > 1:  # double-quantized scales are per matrix: no stacking
         for name, module in modules.items():
-            yield from solve_group({name: module}, H, config, prefix, world, owner)
+            yield from solve_group({name: module}, H, config, prefix, world, owner, C)
         return
     if config.layer_grids:  # a GGUF mix: stack only the linears of one type
         kinds: dict[QuantConfig, dict] = {}
@@ -148,7 +151,7 @@ def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantCon
             kinds.setdefault(config.for_layer(f"{prefix}.{name}"), {})[name] = module
         if len(kinds) > 1 or next(iter(kinds)) is not config:
             for cfg, group in kinds.items():
-                yield from solve_group(group, H, replace(cfg, layer_grids=()), prefix, world, owner)
+                yield from solve_group(group, H, replace(cfg, layer_grids=()), prefix, world, owner, C)
             return
     Ws = [weight_matrix(m) for m in modules.values()]  # each [out_i, in], the modules' own dtype
     sizes = [W.shape[0] for W in Ws]
@@ -156,7 +159,7 @@ def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantCon
     del Ws
     t0 = time.perf_counter()
     name = f"{prefix}.{'/'.join(modules)}"
-    r = solve(W, H, config, name=name) if world.single else _solve_distributed(W, H, config, name, world, owner)
+    r = solve(W, H, config, name, C) if world.single else _solve_distributed(W, H, config, name, world, owner, C)
     del W
     seconds = (time.perf_counter() - t0) / len(sizes)
     start = 0
@@ -166,16 +169,16 @@ def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantCon
 
 
 def _solve_distributed(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str, world: World,
-                       owner: int) -> SolveResult:
+                       owner: int, C: torch.Tensor | None = None) -> SolveResult:
     """One solve shared by the ranks. Rows are independent, so with uniform integer grids each rank
     solves a contiguous slice of the rows against the same H (its own Cholesky of it) and the
     slices are gathered: bit-identical to the whole solve where the matrix products give the same
     values for any row count (checked for the CPU's BLAS by the tests). Grids whose state spans the
     rows (double-quantized absmax, GGML types) are solved whole by ``owner`` and broadcast."""
     if config.grid != "int":
-        return broadcast(solve(W, H, config, name=name) if world.rank == owner else None, owner, world)
+        return broadcast(solve(W, H, config, name, C) if world.rank == owner else None, owner, world)
     bounds = [round(k * W.shape[0] / world.size) for k in range(world.size + 1)]
-    mine = solve(W[bounds[world.rank] : bounds[world.rank + 1]], H, config, name=name)
+    mine = solve(W[bounds[world.rank] : bounds[world.rank + 1]], H, config, name, C)
     return concat_rows(all_gather(mine, world))
 
 
@@ -227,13 +230,15 @@ def _closing_linear(arch, solved: set[str], groups) -> tuple[str, str] | None:
 
 
 def _run_pass(block, inputs, arch, solved, recorded, store, groups=(), closing=None, routing=None,
-              world: World = SINGLE, n_rounds: int = 0):
+              world: World = SINGLE, n_rounds: int = 0, reference=None):
     """One pass of the calibration batches through ``block``: replays the finished children,
     records newly finished ones, accumulates H for ``groups``. With ``closing`` = (child, linear)
     the pass runs to the end of the child, recording the child's outputs and the linear's
     inputs and outputs. With ``routing`` (a list) the routed experts' inputs are recorded into it.
     With several ranks the batches go in ``n_rounds`` rounds, after each of which the Hessian
-    partials are exchanged (``distributed.exchange``).
+    partials are exchanged (``distributed.exchange``). With ``reference`` = (full-precision copy
+    of the block, its inputs) each batch first runs through the copy up to the groups' linears,
+    and the accumulators also sum the asymmetric cross terms (``capture.hessians``).
     Returns (accumulators, outputs, closing records)."""
     with ExitStack() as stack:
         for child, outs in recorded.items():
@@ -249,17 +254,28 @@ def _run_pass(block, inputs, arch, solved, recorded, store, groups=(), closing=N
         if routing is not None:
             stack.enter_context(record_routing(get_module(block, arch.experts.path), routing,
                                                stop=not groups and closing is None))
-        accs = (stack.enter_context(hessians(groups, stop=closing is None and routing is None, staged=not world.single))
+        current = None  # the full-precision inputs of the batch being run, by linear
+        if reference is not None and groups:
+            current = stack.enter_context(fp_inputs(reference[0], [next(iter(g)) for g in groups], {}))
+        accs = (stack.enter_context(hessians(groups, stop=closing is None and routing is None, staged=not world.single,
+                                             reference=current))
                 if groups else {})
         outputs = store.new()
+
+        def run(j):
+            if current is not None:
+                run_block(reference[0], reference[1][j])  # stops once it has fed every group's linear
+            outputs.append(run_block(block, inputs[j]))
+
         if world.single:
-            for inp in inputs:
-                outputs.append(run_block(block, inp))
+            for j in range(len(inputs)):
+                run(j)
         else:
             firsts = [accs[next(iter(g))] for g in groups]
+            firsts += [a.cross for a in firsts if a.cross is not None]
             for j in range(n_rounds):
                 if j < len(inputs):
-                    outputs.append(run_block(block, inputs[j]))
+                    run(j)
                 if groups:
                     exchange(firsts, world)
     recorded.update({c: outs for c, outs in new.items() if len(outs) == len(inputs)})
@@ -434,11 +450,12 @@ def quantize_model(
     dev = resolve_device(device)
     model.eval()
     dtype = next(model.parameters()).dtype
-    spill = should_spill(activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype), max_memory, dev)
+    spill = should_spill(activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype,
+                                          bool(config.fp_target)), max_memory, dev)
     packed: dict[str, PackedLinear] = {}
     report: list[LayerReport] = []
 
-    def keep(i, block, packed_i, report_i, next_inputs):
+    def keep(i, block, packed_i, report_i, next_inputs, next_reference):
         packed.update(packed_i)
         report.extend(report_i)
 
@@ -453,15 +470,23 @@ def quantize_model(
 @torch.no_grad()
 def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: QuantConfig, dev: torch.device,
                     first: int = 0, progress: bool = True, before_block=None, after_block=None,
-                    store: Activations | None = None, world: World = SINGLE) -> None:
+                    store: Activations | None = None, world: World = SINGLE,
+                    reference: Sequence[BlockInputs] | None = None) -> None:
     """The block loop from block ``first`` on, given that block's inputs.
 
     before_block(i, block) runs before a block is used (streaming loads its weights there);
-    after_block(i, block, packed_i, report_i, next_inputs) gets the block's results.
+    after_block(i, block, packed_i, report_i, next_inputs, next_reference) gets the block's results.
     ``store`` decides where the per-batch activations live (memory, or spilled to disk).
     With several ranks (``world``), ``inputs`` are this rank's batches (``distributed.my_batches``).
+    With asymmetric calibration (``config.fp_target``) a second stream runs beside the quantized
+    one: the full-precision model's inputs of each block (``reference``; at block 0 the same as
+    ``inputs``, so only a resumed run passes it), carried through an unquantized copy of each block.
     """
     store = store or Activations()
+    if config.fp_target and reference is None:
+        if first:
+            raise ValueError("asymmetric calibration resumed past block 0 needs the full-precision stream's inputs")
+        reference = inputs
     n_rounds = broadcast(len(inputs), 0, world)  # rank 0 holds the most batches
     arch = for_config(model.config)
     blocks = get_module(model, arch.blocks)
@@ -476,6 +501,7 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
             before_block(i, block)
         home = next(block.parameters()).device
         block.to(dev)
+        fp_block = copy.deepcopy(block) if config.fp_target else None  # stays unquantized
         solved: set[str] = set()
         recorded: dict[str, list] = {}
         packed_i: dict[str, PackedLinear] = {}
@@ -496,18 +522,20 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
             owner_of = owners([solve_cost(sum(weight_matrix(m).shape[0] for m in g.values()),
                                           weight_matrix(next(iter(g.values()))).shape[1]) for g in modules], world.size)
             accs, _, records = _run_pass(block, inputs, arch, solved, recorded, store, modules, closing, routing,
-                                         world, n_rounds)
+                                         world, n_rounds, None if fp_block is None else (fp_block, reference))
             perm = None
             for group, owner in zip(modules, owner_of):
                 lead = next(iter(group))  # the linear whose input H was captured
                 H = accs[lead].hessian()  # every rank holds the whole H (distributed.exchange)
+                C = None if accs[lead].cross is None else accs[lead].cross.matrix()
                 perm = (sort_channels(block, arch, lead, H, packed_i, prefix, config)
                         if len(group) == 1 else None)  # a consumer whose input channels may be put in act-order
                 if perm is not None:
                     H = H[perm[:, None], perm[None, :]]
-                for name, module, r, seconds in solve_group(group, H, config, prefix, world, owner):
+                    C = None if C is None else C[perm[:, None], perm[None, :]]
+                for name, module, r, seconds in solve_group(group, H, config, prefix, world, owner, C):
                     keep(name, module, r, seconds)
-                del H
+                del H, C
                 solved.update(group)
             del accs
             if experts:
@@ -527,11 +555,18 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
                 del records
         if i + 1 < len(blocks):
             _, outputs, _ = _run_pass(block, inputs, arch, solved, recorded, store)
+            if fp_block is not None:  # the full-precision stream moves on through the unquantized copy
+                fp_outputs = store.new()
+                for inp in reference:
+                    fp_outputs.append(run_block(fp_block, inp))
+                reference = store.inputs(fp_outputs, block_args(reference))
             inputs = store.inputs(outputs, block_args(inputs))
-        del recorded
+        del recorded, fp_block
         block.to(home)
+        last = i + 1 == len(blocks)
         if after_block is not None:
-            after_block(i, block, packed_i, report_i, inputs if i + 1 < len(blocks) else None)
+            after_block(i, block, packed_i, report_i, None if last else inputs,
+                        None if last or not config.fp_target else reference)
         del packed_i, report_i
         if store.spilling:  # batches read back from disk fragment the heap: ~30 MB per block otherwise
             return_free_memory()

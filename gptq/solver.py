@@ -140,8 +140,22 @@ def _group_ends(group_of: torch.Tensor) -> dict[int, int]:
 
 
 @torch.no_grad()
-def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "layer") -> SolveResult:
+def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "layer",
+          C: torch.Tensor | None = None) -> SolveResult:
     """Quantize ``W`` [out, in] against the Hessian ``H`` [in, in]. Pure: inputs are not modified.
+
+    Asymmetric calibration (GPTAQ: Li et al., 2025): with ``C`` [in, in] = 2·Σ(x̃ − x)ᵀx/n, x̃ the
+    full-precision model's inputs to this linear and x the partly quantized model's, the objective
+    becomes ‖WX̃ − ŴX‖² (the quantized layer answers what the full-precision one would have, not
+    what it would compute on inputs that already carry the earlier layers' errors). Writing
+    X̃ = X + ΔX, it equals ‖(W′ − Ŵ)X‖² plus a constant, with the shifted target
+
+        W′ = W + W·ΔXXᵀ·(XXᵀ)⁻¹ = W + W·C·H⁻¹
+
+    (the residual WX̃ − W′X is orthogonal to the rows of X), so GPTQ solved on W′ against the
+    same H minimises it. H⁻¹ is the damped inverse the solve uses anyway, and the shift is scaled
+    by ``config.fp_target`` (GPTAQ's α, 0.25: the full shift fits the calibration tokens' ΔX too
+    closely). ``row_loss`` is then measured from W′.
 
     Memory beyond the inputs: two [in, in] matrices (the permuted H, then its factor) and about
     three [out, in] ones (Wᵀ being updated, Ŵᵀ, the result in input order) plus the uint8 codes."""
@@ -163,21 +177,9 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
                          "multiple and act-order none or group-aware")
 
     dead = dead_columns(H)  # always-zero inputs: H = 1 and W = 0 there
-    family.prepare(W.to(dtype).masked_fill(dead, 0), gs)
     diag = torch.diag(H).to(dtype).masked_fill(dead, 1)
     perm, unit_of = (t.to(W.device) for t in solve_order(diag, unit, config.act_order))  # [n], [n] solve order
     group_of = unit_of if per_fit == 1 else perm // gs  # [n] the grid of each solved column
-    static = config.act_order == "static" or config.group_size == -1  # grids fixed before solving
-    scales = torch.zeros(ng, rows, dtype=dtype, device=W.device)
-    zeros = torch.zeros(ng, rows, dtype=dtype, device=W.device)
-    if static:
-        W0 = W.to(dtype).masked_fill(dead, 0)
-        for g in range(ng):
-            grid = family.fit(W0[:, g * gs : (g + 1) * gs], None, group=g)
-            scales[g], zeros[g] = grid.scale, grid.zero
-        del W0
-    group_end = _group_ends(unit_of)  # {solve position where a fitted unit starts: where it ends}
-
     Hp = H[perm[:, None], perm[None, :]].to(dtype)  # [n, n] solve order, our own copy
     dead_p = dead[perm]
     Hp[dead_p, dead_p] = 1
@@ -188,6 +190,24 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
     # work on Wᵀ so that every column of W is a contiguous row in the inner loop
     WT = W.T.index_select(0, perm).to(dtype).contiguous()  # [n, out] solve order, our own copy
     WT[dead_p] = 0
+    if C is not None and config.fp_target:  # W′ᵀ = Wᵀ + α·H⁻¹·Cᵀ·Wᵀ, H⁻¹ = UᵀU (solve order)
+        Cp = C[perm[:, None], perm[None, :]].to(dtype)
+        WT += config.fp_target * (U.T @ (U @ (Cp.T @ WT)))
+        del Cp
+        WT[dead_p] = 0
+    inv = torch.argsort(perm)
+    W0 = WT.index_select(0, inv).T  # [out, n] the target in input order (a view)
+    family.prepare(W0, gs)
+    static = config.act_order == "static" or config.group_size == -1  # grids fixed before solving
+    scales = torch.zeros(ng, rows, dtype=dtype, device=W.device)
+    zeros = torch.zeros(ng, rows, dtype=dtype, device=W.device)
+    if static:
+        for g in range(ng):
+            grid = family.fit(W0[:, g * gs : (g + 1) * gs], None, group=g)
+            scales[g], zeros[g] = grid.scale, grid.zero
+    del W0
+    group_end = _group_ends(unit_of)  # {solve position where a fitted unit starts: where it ends}
+
     QT = torch.empty_like(WT)  # [n, out] dequantized Ŵᵀ, solve order
     CT = torch.empty(n, rows, dtype=torch.uint8, device=W.device)  # [n, out] integer codes
     losses = torch.zeros(rows, dtype=dtype, device=W.device)
@@ -228,7 +248,6 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
         WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
     del WT, U
 
-    inv = torch.argsort(perm)
     g_idx = group_of[inv].to(torch.int32)  # [in] group of each original column
     return SolveResult(
         weight=QT.index_select(0, inv).T,  # [out, in]

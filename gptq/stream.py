@@ -166,10 +166,11 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _save_inputs(inputs, partial: Path, block: int, mine: list[int], world: World = SINGLE) -> str:
+def _save_inputs(inputs, partial: Path, block: int, mine: list[int], world: World = SINGLE, reference=None) -> str:
     """Block ``block``'s input hidden states, one file per batch named by its global index (so
     a run resumes with any number of ranks), as a folder that appears whole (renamed into place
-    by rank 0 once every rank has written its batches); spilled batches are hard-linked."""
+    by rank 0 once every rank has written its batches); spilled batches are hard-linked. With
+    asymmetric calibration the full-precision stream's inputs go beside them (``fp-`` files)."""
     name = f"activations-{block:05d}"
     tmp = partial / (name + ".tmp")
     if world.main:
@@ -177,31 +178,34 @@ def _save_inputs(inputs, partial: Path, block: int, mine: list[int], world: Worl
         shutil.rmtree(partial / name, ignore_errors=True)
         tmp.mkdir()
     barrier(world)
-    if isinstance(inputs, SpilledInputs):
-        for k, f in zip(mine, inputs.hidden.files(), strict=True):
-            try:
-                os.link(f, tmp / f"{k:06d}.safetensors")
-            except OSError:
-                shutil.copyfile(f, tmp / f"{k:06d}.safetensors")
-    else:
-        for k, x in zip(mine, inputs, strict=True):
-            save_item(x.hidden, tmp / f"{k:06d}.safetensors")
+    for stream, tag in ((inputs, ""), (reference, "fp-")):
+        if stream is None:
+            continue
+        if isinstance(stream, SpilledInputs):
+            for k, f in zip(mine, stream.hidden.files(), strict=True):
+                try:
+                    os.link(f, tmp / f"{tag}{k:06d}.safetensors")
+                except OSError:
+                    shutil.copyfile(f, tmp / f"{tag}{k:06d}.safetensors")
+        else:
+            for k, x in zip(mine, stream, strict=True):
+                save_item(x.hidden, tmp / f"{tag}{k:06d}.safetensors")
     barrier(world)
     if world.main:
         os.replace(tmp, partial / name)
     return name
 
 
-def _restore_inputs(folder: Path, inputs, store: Activations, mine: list[int], n_batches: int):
+def _restore_inputs(folder: Path, inputs, store: Activations, mine: list[int], n_batches: int, tag: str = ""):
     """The saved hidden states (this rank's batches) of the block to resume from, with the freshly
-    captured other arguments."""
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    captured other arguments; ``tag`` "fp-": the full-precision stream's."""
+    files = sorted(folder.glob(f"{tag}[0-9]*.safetensors")) if folder.is_dir() else []
     if len(files) != n_batches:
         raise ResumeError(f"{folder}: the saved activations are missing or incomplete ({len(files)} of "
                           f"{n_batches} batches); pass --overwrite to start over")
     hidden = store.new()
     for k in mine:
-        hidden.append(load_item(folder / f"{k:06d}.safetensors", store.device))
+        hidden.append(load_item(folder / f"{tag}{k:06d}.safetensors", store.device))
     return store.inputs(hidden, block_args(inputs))
 
 
@@ -261,7 +265,8 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         else:
             raise ResumeError(f"an interrupted run left {partial}; rerun the same command with --resume to continue "
                               "it, or pass --overwrite to start over")
-    act_bytes = activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype) // world.size
+    act_bytes = activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype,
+                                 bool(qcfg.fp_target)) // world.size
     spill = should_spill(act_bytes, max_memory, dev)
     barrier(world)
     if state is None and world.main:
@@ -291,7 +296,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     mat.load("", exclude=blocks_prefix)  # embeddings (and whatever else precedes block 0)
     inputs = capture_block_inputs(model, torch.cat([batches[k] for k in mine]), batch_size, dev, store)
     mat.release("", exclude=blocks_prefix)
-    first, report = 0, []
+    first, report, reference = 0, [], None
     if state is not None:
         first = state["completed"] + 1
         report = state["report"]
@@ -299,12 +304,15 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         if missing:
             raise ResumeError(f"{partial}: shard(s) {missing} of completed blocks are missing; pass --overwrite")
         if first < nblocks:
-            inputs = _restore_inputs(partial / state.get("activations", "?"), inputs, store, mine, len(batches))
+            folder = partial / state.get("activations", "?")
+            if qcfg.fp_target:
+                reference = _restore_inputs(folder, inputs, store, mine, len(batches), "fp-")
+            inputs = _restore_inputs(folder, inputs, store, mine, len(batches))
 
     def before(i, block):
         mat.load(f"{blocks_prefix}.{i}")
 
-    def after(i, block, packed_i: dict[str, PackedLinear], report_i, next_inputs):
+    def after(i, block, packed_i: dict[str, PackedLinear], report_i, next_inputs, next_reference):
         prefix = f"{blocks_prefix}.{i}"
         tensors = {}
         for name, t in block.state_dict().items():
@@ -318,7 +326,8 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
             tensors.update((arch.checkpoint_name(k), t) for k, t in p.tensors(p_name).items())
         if world.main:
             _atomic_save(dict(sorted(tensors.items())), partial / shard_name(i + 1))
-        saved = _save_inputs(next_inputs, partial, i + 1, mine, world) if next_inputs is not None else None
+        saved = (_save_inputs(next_inputs, partial, i + 1, mine, world, next_reference)
+                 if next_inputs is not None else None)
         report.extend(asdict(r) for r in report_i)
         if world.main:
             _atomic_write_text(partial / STATE, json.dumps({"fingerprint": fp, "completed": i, "report": report,
@@ -335,7 +344,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
             raise KeyboardInterrupt  # as Ctrl-C would, right after block i was saved
 
     quantize_blocks(model, inputs, qcfg, dev, first=first, progress=progress and world.main, before_block=before,
-                    after_block=after, store=store, world=world)
+                    after_block=after, store=store, world=world, reference=reference)
     del inputs
     if not world.main:  # rank 0 assembles the checkpoint
         return final, report, mat

@@ -19,6 +19,7 @@ distributed the streaming CLI as one process and under torchrun with 2 ranks (1 
          seconds per block, identical checkpoints.
 ablation the quality benchmark with act-order, MSE clipping or true-sequential switched off.
 act-order the quality benchmark under each --act-order mode (none, static, group-aware, dynamic).
+fp-target the quality benchmark under --fp-target 0 (plain GPTQ), 0.1, 0.25 (default), 0.5, 1.
 codebooks GPTQ on bitsandbytes' NF4/FP4 grids vs plain rounding to them (in memory; issue #13).
 cpu-kernel the CPU matmul paths (int4 kernel, dequantize-then-matmul, dense fp32/bf16, the head)
          per shape and row count, with the CPU's capability: what the cpu backend's choices rest on.
@@ -115,9 +116,11 @@ ABLATIONS = {  # each row: our defaults with one setting switched off
     "no act-order": ["--act-order", "none"],
     "no MSE clipping": ["--no-mse"],
     "no true-sequential": ["--no-true-sequential"],
+    "no full-precision targets": ["--fp-target", "0"],
 }
 ACT_ORDER_ROWS = {f"--act-order {m}": ["--act-order", m] for m in ("none", "static", "group-aware", "dynamic")}
 ACT_ORDER_ROWS["--act-order group-aware --no-sort-channels"] = ["--act-order", "group-aware", "--no-sort-channels"]
+FP_TARGET_ROWS = {f"--fp-target {a}": ["--fp-target", a] for a in ("0", "0.1", "0.25", "0.5", "1")}
 
 
 def ablation(out: Path, rows_flags: dict[str, list[str]] = ABLATIONS, name: str = "ablation") -> dict:
@@ -815,7 +818,7 @@ def notebook(quick: bool = False):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gptq.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["quality", "decode", "decode-synthetic", "kernel", "cpu-kernel", "ablation", "act-order", "codebooks",
+    p.add_argument("what", choices=["quality", "decode", "decode-synthetic", "kernel", "cpu-kernel", "ablation", "act-order", "fp-target", "codebooks",
                                     "scale", "spill", "moe", "distributed", "notebook", "all"])
     p.add_argument("--13b", dest="with_13b", action="store_true",
                    help="scale: also the 13B-shaped model (about 26 GB on disk, hours on 2 cores)")
@@ -852,6 +855,8 @@ def main(argv: list[str] | None = None) -> int:
         ablation(out)
     if a.what == "act-order":
         ablation(out, ACT_ORDER_ROWS, "act_order")
+    if a.what == "fp-target":
+        ablation(out, FP_TARGET_ROWS, "fp_target")
     if a.what == "notebook":
         notebook()
     return 0

@@ -57,7 +57,8 @@ class QuantConfig:
                      Hessian (round-to-nearest on MSE-fitted grids, no error feedback) and named in the report.
     fp_target:       GPTAQ's asymmetric calibration (``solver.solve``): fit each linear to the full-precision
                      model's output rather than to its own on already-quantized inputs, the target
-                     shifted by this fraction (α) of the exact correction; 0 = plain GPTQ. Routed experts
+                     shifted by this fraction (α) of the exact correction; 0 = plain GPTQ (0.25, GPTAQ's
+                     own choice, took SmolLM2's 4-bit g64 perplexity from 22.82 to 21.39). Routed experts
                      are solved plainly either way.
     batch_experts:   solve same-shape experts together (one column loop for many experts; speed only,
                      the results agree with one-by-one solves up to float rounding).
@@ -80,7 +81,7 @@ class QuantConfig:
     expert_tokens: str = "all"
     expert_min_tokens: int = 32
     batch_experts: bool = True
-    fp_target: float = 0.0
+    fp_target: float = 0.25
 
     def __post_init__(self) -> None:
         if isinstance(self.act_order, bool):

@@ -105,7 +105,7 @@ class CrossAccumulator:
         if self.staged:
             self._staged = (dx.T @ x, x.shape[0])
             return
-        self.sum.addmm_(dx.T, x)
+        self.sum += dx.T @ x  # not fused: the same sums as the staged partials added by ``add_partial``
         self.count += x.shape[0]
 
     def take_staged(self) -> tuple[torch.Tensor | None, int]:

@@ -483,13 +483,13 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
     ``inputs``, so only a resumed run passes it), carried through an unquantized copy of each block.
     """
     store = store or Activations()
-    if config.fp_target and reference is None:
-        if first:
-            raise ValueError("asymmetric calibration resumed past block 0 needs the full-precision stream's inputs")
-        reference = inputs
     n_rounds = broadcast(len(inputs), 0, world)  # rank 0 holds the most batches
     arch = for_config(model.config)
     blocks = get_module(model, arch.blocks)
+    if config.fp_target and reference is None and first < len(blocks):
+        if first:
+            raise ValueError("full-precision targets resumed past block 0 need the full-precision stream's inputs")
+        reference = inputs
     # true-sequential: one capture pass per group, each after the groups before it are quantized;
     # otherwise one pass captures every group from the unquantized block
     passes = _passes(arch, config.true_sequential)

@@ -79,11 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search each grid's clipping range for the least weighted error (default: %(default)s)")
     q.add_argument("--damp", type=float, default=d.damp,
                    help="Hessian damping as a fraction of mean(diag H) (default: %(default)s)")
-    q.add_argument("--fp-target", type=float, default=None, metavar="ALPHA",
+    q.add_argument("--fp-target", type=float, default=d.fp_target, metavar="ALPHA",
                    help="full-precision targets (GPTAQ's asymmetric calibration): fit each linear to what the full-precision model computes "
                         "(its output on full-precision inputs) instead of to its own output on the already "
                         "quantized inputs, the weight target shifted by ALPHA times the exact correction; costs a "
-                        "second, full-precision forward stream. 0 = plain GPTQ (default: 0.25 with gguf:*, else 0)")
+                        "second, full-precision forward stream. 0 = plain GPTQ (default: %(default)s)")
     q.add_argument("--block-size", type=int, default=d.block_size,
                    help="columns per lazy-batch block; speed only (default: %(default)s)")
     q.add_argument("--format", dest="checkpoint_format", default=d.checkpoint_format,
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                                checkpoint_format="gptq" if bnb else args.checkpoint_format,
                                grid=args.checkpoint_format[4:] if bnb else "int", double_quant=args.double_quant,
                                expert_tokens=args.expert_tokens, expert_min_tokens=args.expert_min_tokens,
-                               fp_target=0.0 if args.fp_target is None else args.fp_target)
+                               fp_target=args.fp_target)
         ccfg = CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
@@ -342,11 +342,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# GGUF files are fitted to full-precision targets by default: on SmolLM2 Q4_0 it took llama.cpp's perplexity
-# from 18.87 / 18.85 / 18.64 (three calibration seeds) to 18.07 / 17.98 / 18.15 (README, GGUF section)
-GGUF_FP_TARGET = 0.25
-
-
 def gguf_config(args, ftype: str) -> QuantConfig:
     """The run's config for a GGUF file type: each decoder linear's GGML type as llama.cpp picks it
     (the caller has checked the model directory)."""
@@ -383,7 +378,7 @@ def gguf_config(args, ftype: str) -> QuantConfig:
     return QuantConfig(bits=t.bits, group_size=t.group, sym=True, act_order=args.act_order,
                        true_sequential=args.true_sequential, damp=args.damp, sort_channels=args.sort_channels,
                        block_size=args.block_size, mse=args.mse, grid=default, layer_grids=per_layer, gguf=ftype,
-                       fp_target=GGUF_FP_TARGET if args.fp_target is None else args.fp_target)
+                       fp_target=args.fp_target)
 
 
 def finish_gguf(stage: Path, out: Path, ftype: str, source: str, overwrite: bool) -> Path:

@@ -150,3 +150,13 @@ def test_moe_models_under_torchrun_write_the_same_bytes(tmp_path, tiny_tokenizer
         r = torchrun(2, *args(d, text, tmp_path / out, "--expert-tokens", "routed", "--expert-min-tokens", "4", *extra))
         assert r.returncode == 0, r.stderr[-3000:]
         same_checkpoint(tmp_path / "one", tmp_path / out)
+
+
+def test_fp_target_under_torchrun_writes_the_bytes_one_process_writes(tmp_path, calib):
+    """The cross terms are exchanged like the Hessians (partials added in batch order)."""
+    model, text = calib
+    r = single(*args(model, text, tmp_path / "one", "--fp-target", "0.25"))
+    assert r.returncode == 0, r.stderr
+    r = torchrun(2, *args(model, text, tmp_path / "n2", "--fp-target", "0.25"), env={"GPTQ_DISTRIBUTED": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    same_checkpoint(tmp_path / "one", tmp_path / "n2")

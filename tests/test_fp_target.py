@@ -39,7 +39,8 @@ def test_solve_with_the_cross_term_is_gptq_on_the_shifted_target(act_order, alph
     W, _, _, H, C = problem()
     cfg = QuantConfig(bits=4, group_size=16, act_order=act_order, fp_target=alpha)
     got = solve(W, H, cfg, C=C)
-    ref = solve(shifted_target(W, H, C, alpha, cfg.damp), H, QuantConfig(bits=4, group_size=16, act_order=act_order))
+    ref = solve(shifted_target(W, H, C, alpha, cfg.damp), H,
+                QuantConfig(bits=4, group_size=16, act_order=act_order, fp_target=0.0))
     assert torch.equal(got.codes, ref.codes)
     torch.testing.assert_close(got.weight, ref.weight, rtol=0, atol=1e-12)
     torch.testing.assert_close(got.row_loss, ref.row_loss, rtol=1e-10, atol=0)
@@ -47,9 +48,9 @@ def test_solve_with_the_cross_term_is_gptq_on_the_shifted_target(act_order, alph
 
 def test_without_a_cross_term_or_with_alpha_zero_it_is_plain_gptq():
     W, _, _, H, C = problem(seed=1)
-    plain = solve(W, H, QuantConfig(bits=4, group_size=16))
+    plain = solve(W, H, QuantConfig(bits=4, group_size=16, fp_target=0.0))
     for got in (solve(W, H, QuantConfig(bits=4, group_size=16, fp_target=0.25)),
-                solve(W, H, QuantConfig(bits=4, group_size=16), C=C)):
+                solve(W, H, QuantConfig(bits=4, group_size=16, fp_target=0.0), C=C)):
         assert torch.equal(got.codes, plain.codes) and torch.equal(got.weight, plain.weight)
 
 
@@ -63,8 +64,7 @@ def test_the_shifted_target_is_the_least_squares_answer_to_the_full_precision_ou
     def err(Wq):  # the full-precision objective per row, relative to the unquantized layer's own
         return float(((Xf @ W.T - X @ Wq.T) ** 2).sum() / ((Xf @ W.T) ** 2).sum())
 
-    cfg = QuantConfig(bits=8, group_size=16, damp=1e-6)
-    plain = solve(W, H, cfg)
+    plain = solve(W, H, QuantConfig(bits=8, group_size=16, damp=1e-6, fp_target=0.0))
     ours = solve(W, H, QuantConfig(bits=8, group_size=16, damp=1e-6, fp_target=1.0), C=C)
     assert err(ours.weight) < 1.5 * err(best)  # 8-bit rounding on top of the optimum
     assert err(plain.weight) > 5 * err(ours.weight)
@@ -151,3 +151,7 @@ def test_fp_target_brings_the_quantized_model_closer_to_the_full_precision_one()
 def test_fp_target_out_of_range_is_refused(bad):
     with pytest.raises(ConfigError, match="fp_target"):
         QuantConfig(fp_target=bad)
+
+
+def test_fp_target_is_on_by_default_and_recorded():
+    assert QuantConfig().fp_target == 0.25 and QuantConfig().as_dict()["fp_target"] == 0.25

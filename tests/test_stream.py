@@ -193,7 +193,8 @@ def test_spilled_streaming_and_resume_across_modes(tmp_path, tiny_tokenizer_dir)
     partial = tmp_path / "resumed.partial"
     state = sorted(p.name for p in partial.iterdir() if p.name.startswith("activations"))
     assert state == ["activations-00002"]  # inputs of block 2 only; older ones removed
-    assert len(list((partial / "activations-00002").glob("*.safetensors"))) == 2  # one per batch
+    assert len(list((partial / "activations-00002").glob("0*.safetensors"))) == 2  # one per batch
+    assert len(list((partial / "activations-00002").glob("fp-*.safetensors"))) == 2  # the full-precision stream
     assert (partial / "spill").is_dir()  # what the killed run had spilled (cleared on resume)
     r = run(quantize_cmd(d, tmp_path / "resumed", "--batch-size", "2", "--resume"), text)
     assert r.returncode == 0, r.stderr
@@ -263,3 +264,34 @@ def test_calibrating_in_fp32_keeps_the_source_dtype_on_disk(tmp_path, tiny_token
         assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
         report = json.loads((out / "quantize_report.json").read_text())
         assert report["compute"]["dtype"] == "float32" and "capability" in report["compute"]["cpu"]
+
+
+def test_fp_target_spills_resumes_and_streams_to_the_in_memory_bytes(tmp_path, tiny_tokenizer_dir):
+    """--fp-target carries a second (full-precision) stream: it is saved beside the quantized one
+    (fp- files) so a killed run resumes to the same bytes, spilled or not; and it changes the result."""
+    d = sharded_tiny(tmp_path, tiny_tokenizer_dir)
+    text = calib_text(tmp_path)
+    fp = ["--fp-target", "0.25", "--batch-size", "2"]
+    for out, extra in (("plain", ["--fp-target", "0", "--batch-size", "2"]), ("full", fp),
+                       ("spilled", [*fp, "--max-memory", "0"])):
+        r = run(quantize_cmd(d, tmp_path / out, *extra), text)
+        assert r.returncode == 0, r.stderr
+    killed = run(quantize_cmd(d, tmp_path / "resumed", *fp, "--max-memory", "0"), text, env={KILL_HOOK: "1"})
+    assert killed.returncode == -9
+    saved = tmp_path / "resumed.partial" / "activations-00002"
+    assert sorted(p.name for p in saved.iterdir()) == ["000000.safetensors", "000001.safetensors",
+                                                       "fp-000000.safetensors", "fp-000001.safetensors"]
+    # the two streams differ after two quantized blocks
+    assert not torch.equal(load_file(saved / "000000.safetensors")["0"], load_file(saved / "fp-000000.safetensors")["0"])
+    r = run(quantize_cmd(d, tmp_path / "resumed", *fp, "--resume"), text)  # resumed in memory
+    assert r.returncode == 0, r.stderr
+    full = tmp_path / "full"
+    for other in (tmp_path / "spilled", tmp_path / "resumed"):
+        for n in sorted(p.name for p in full.iterdir()):
+            if n != "quantize_report.json":
+                assert (full / n).read_bytes() == (other / n).read_bytes(), (other.name, n)
+    plain, ours = all_tensors(tmp_path / "plain"), all_tensors(full)
+    assert torch.equal(plain["model.layers.0.self_attn.q_proj.qweight"], ours["model.layers.0.self_attn.q_proj.qweight"])
+    assert not torch.equal(plain["model.layers.2.mlp.down_proj.qweight"], ours["model.layers.2.mlp.down_proj.qweight"])
+    report = json.loads((full / "quantize_report.json").read_text())
+    assert report["quant_config"]["fp_target"] == 0.25

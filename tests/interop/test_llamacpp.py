@@ -58,6 +58,8 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("ftype", ["q4_0", "q4_k_m"])
 def test_llama_cpp_runs_our_gguf_below_its_own_imatrix_quantization(reference, tmp_path, ftype):
+    """Q4_0 over three calibration draws (GPTQ's rounding cascades: one draw moves the score by
+    about 1 %): every one below llama.cpp's importance-matrix file, and their mean by more than 2 %."""
     d, f16, imatrix = reference
     theirs = {}
     for label, extra in (("plain", []), ("imatrix", ["--imatrix", str(imatrix)])):
@@ -65,20 +67,21 @@ def test_llama_cpp_runs_our_gguf_below_its_own_imatrix_quantization(reference, t
         subprocess.run([tool("llama-quantize"), *extra, str(f16), str(path), ftype.upper(), "2"], check=True,
                        capture_output=True)
         theirs[label] = (perplexity(path), path.stat().st_size)
-    out = tmp_path / "ours"
-    subprocess.run([sys.executable, "-m", "gptq.quantize", str(ROOT / ".cache" / "smollm2"), "--dataset",
-                    str(WIKI / "valid.tokens.txt"), "--nsamples", "32", "--seqlen", "512", "--format", f"gguf:{ftype}",
-                    "--out", str(out), "--quiet"], check=True, cwd=ROOT)
-    g = json.loads((out / "quantize_report.json").read_text())["gguf"]
-    mine = perplexity(out / g["file"])
     f16_ppl = perplexity(f16) if ftype == "q4_0" else None
+    mine = []
+    for seed in (0, 1, 2) if ftype == "q4_0" else (0,):
+        out = tmp_path / f"ours-{seed}"
+        subprocess.run([sys.executable, "-m", "gptq.quantize", str(ROOT / ".cache" / "smollm2"), "--dataset",
+                        str(WIKI / "valid.tokens.txt"), "--nsamples", "32", "--seqlen", "512", "--seed", str(seed),
+                        "--format", f"gguf:{ftype}", "--out", str(out), "--quiet"], check=True, cwd=ROOT)
+        g = json.loads((out / "quantize_report.json").read_text())["gguf"]
+        mine.append(perplexity(out / g["file"]))
+        assert abs(g["bytes"] - theirs["imatrix"][1]) / theirs["imatrix"][1] < 0.01
     print(f"\n{ftype}: f16 {f16_ppl}; llama.cpp {theirs['plain'][0]:.4f} ({theirs['plain'][1]} B), with imatrix "
-          f"{theirs['imatrix'][0]:.4f} ({theirs['imatrix'][1]} B); ours {mine:.4f} ({g['bytes']} B)")
-    assert abs(g["bytes"] - theirs["imatrix"][1]) / theirs["imatrix"][1] < 0.01
-    if ftype == "q4_k_m":
-        assert mine < theirs["imatrix"][0]
-    else:  # Q4_0 is at parity (README: three seeds 18.71-18.99 around 18.84): within GPTQ's ±1 % rounding spread
-        assert mine < theirs["imatrix"][0] * 1.015 and mine < theirs["plain"][0]
+          f"{theirs['imatrix'][0]:.4f} ({theirs['imatrix'][1]} B); ours {[round(m, 4) for m in mine]} ({g['bytes']} B)")
+    assert max(mine) < theirs["imatrix"][0]
+    if ftype == "q4_0":
+        assert sum(mine) / len(mine) < 0.98 * theirs["imatrix"][0]
 
 
 def relabelled_smollm2(tmp_path, name: str, config_cls, fill=None, **overrides):

@@ -144,12 +144,13 @@ class Activations:
 def activation_bytes(config, nsamples: int, seqlen: int, dtype: torch.dtype, fp_target: bool = False) -> int:
     """Upper estimate of the activations held in memory while one block is solved: its inputs,
     outputs and two recorded sub-module outputs (4 × hidden) plus one linear's inputs (up to the
-    MLP width), for every calibration token; with asymmetric calibration also the full-precision
-    stream's inputs and outputs (2 × hidden)."""
+    MLP width), for every calibration token; with full-precision targets also that stream's
+    inputs and outputs (2 × hidden) and its recorded inputs of the linears that open a group
+    (about 3 × hidden + the MLP width)."""
     hidden = config.hidden_size
     inter = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
              or getattr(config, "n_inner", None) or 4 * hidden)
-    per_token = (6 if fp_target else 4) * hidden + inter
+    per_token = 4 * hidden + inter + (5 * hidden + inter if fp_target else 0)
     return nsamples * seqlen * per_token * torch.empty((), dtype=dtype).element_size()
 
 

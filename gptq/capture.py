@@ -98,9 +98,9 @@ def hessians(groups: list[dict[str, nn.Module]], stop: bool = True, staged: bool
     group's first linear receives, and cut the forward pass short (StopForward) as soon as
     every group has been seen. Yields {linear name: accumulator} (shared within a group).
     ``staged``: each batch's partial is kept for ``distributed.exchange`` instead of summed.
-    ``reference`` (asymmetric calibration): a dict the caller fills, before each batch, with what
-    the full-precision model feeds each group's first linear for that batch (``fp_inputs``); the
-    accumulators then also sum the cross term Σ(x̃ − x)ᵀx (``acc.cross``)."""
+    ``reference`` (full-precision targets): a dict the caller fills, before each batch, with what
+    the full-precision model feeds each group's first linear for that batch (``record_inputs``);
+    the accumulators then also sum the cross term Σ(x̃ − x)ᵀx (``acc.cross``)."""
     accs: dict[str, HessianAccumulator] = {}
     firsts: dict[str, HessianAccumulator] = {}
     for group in groups:
@@ -132,24 +132,15 @@ def hessians(groups: list[dict[str, nn.Module]], stop: bool = True, staged: bool
 
 
 @contextmanager
-def fp_inputs(block: nn.Module, names: list[str], into: dict):
-    """While active, a run of ``block`` stores each named linear's first input in ``into[name]``
-    and is cut short (StopForward) once ``into`` holds them all: the full-precision inputs that
-    ``hessians(reference=into)`` pairs with the quantized block's, one batch at a time (it takes
-    them out of ``into`` again)."""
+def record_inputs(block: nn.Module, into: dict[str, list]):
+    """Keep every first input each named linear of ``block`` receives (``into``: {name: list}), in
+    call order: the full-precision model's inputs, recorded in one run of the unquantized block."""
     from .architectures import get_module  # (architectures imports moe, which imports this module)
 
-    def make_hook(name):
-        def hook(_module, args):
-            into[name] = args[0].detach()
-            if all(n in into for n in names):
-                raise StopForward
-
-        return hook
-
     with ExitStack() as stack:
-        for name in names:
-            stack.enter_context(hooked(get_module(block, name), make_hook(name), pre=True))
+        for name, seen in into.items():
+            stack.enter_context(hooked(get_module(block, name), lambda _m, args, seen=seen: seen.append(args[0].detach()),
+                                       pre=True))
         yield into
 
 

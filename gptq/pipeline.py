@@ -6,13 +6,16 @@
                                                capture inputs → H per linear → solve → write Ŵ back
                            run the quantized block → next block's inputs ─► move back
 
+With full-precision targets (``config.fp_target``, on by default) a second stream of activations
+runs beside the first through an unquantized copy of each block: what the full-precision model
+feeds every linear, paired batch by batch with what the quantized one feeds it (``solver.solve``).
+
 Only the block being solved sits on the compute device. Per-architecture knowledge comes from
 ``architectures.py``; the maths from ``solver.solve``; packing from ``pack.py``.
 """
 
 from __future__ import annotations
 
-import copy
 import tempfile
 import time
 from collections.abc import Sequence
@@ -25,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .activations import Activations, activation_bytes, block_args, return_free_memory, should_spill
 from .architectures import for_config, get_module
-from .capture import (BlockInputs, StopForward, first_block_inputs, fp_inputs, hessians, in_features, move,
+from .capture import (BlockInputs, StopForward, first_block_inputs, hessians, in_features, move, record_inputs,
                       record_io, record_outputs, replay_outputs, run_block, set_weight_matrix, stop_after,
                       weight_matrix)
 from .distributed import SINGLE, World, all_gather, broadcast, exchange, owners, solve_cost
@@ -140,7 +143,7 @@ def solve_group(modules: dict[str, nn.Module], H: torch.Tensor, config: QuantCon
     """Solve linears that share one input (and so one H) as a single stacked matrix, then split
     the rows back: identical to solving each alone, with one Cholesky and one column loop.
     With several ranks (each holding H) the stacked rows are shared out (``_solve_distributed``).
-    ``C``: the asymmetric-calibration cross term of that input (``solver.solve``), or None."""
+    ``C``: the full-precision targets' cross term of that input (``solver.solve``), or None."""
     if config.double_quant and len(modules) > 1:  # double-quantized scales are per matrix: no stacking
         for name, module in modules.items():
             yield from solve_group({name: module}, H, config, prefix, world, owner, C)
@@ -236,9 +239,9 @@ def _run_pass(block, inputs, arch, solved, recorded, store, groups=(), closing=N
     the pass runs to the end of the child, recording the child's outputs and the linear's
     inputs and outputs. With ``routing`` (a list) the routed experts' inputs are recorded into it.
     With several ranks the batches go in ``n_rounds`` rounds, after each of which the Hessian
-    partials are exchanged (``distributed.exchange``). With ``reference`` = (full-precision copy
-    of the block, its inputs) each batch first runs through the copy up to the groups' linears,
-    and the accumulators also sum the asymmetric cross terms (``capture.hessians``).
+    partials are exchanged (``distributed.exchange``). With ``reference`` ({linear: per-batch
+    inputs} recorded from the full-precision model) the accumulators also sum the full-precision
+    targets' cross terms, batch by batch (``capture.hessians``).
     Returns (accumulators, outputs, closing records)."""
     with ExitStack() as stack:
         for child, outs in recorded.items():
@@ -254,9 +257,7 @@ def _run_pass(block, inputs, arch, solved, recorded, store, groups=(), closing=N
         if routing is not None:
             stack.enter_context(record_routing(get_module(block, arch.experts.path), routing,
                                                stop=not groups and closing is None))
-        current = None  # the full-precision inputs of the batch being run, by linear
-        if reference is not None and groups:
-            current = stack.enter_context(fp_inputs(reference[0], [next(iter(g)) for g in groups], {}))
+        current = None if reference is None or not groups else {}  # the batch's full-precision inputs
         accs = (stack.enter_context(hessians(groups, stop=closing is None and routing is None, staged=not world.single,
                                              reference=current))
                 if groups else {})
@@ -264,7 +265,7 @@ def _run_pass(block, inputs, arch, solved, recorded, store, groups=(), closing=N
 
         def run(j):
             if current is not None:
-                run_block(reference[0], reference[1][j])  # stops once it has fed every group's linear
+                current.update((n, reference[n][j]) for n in (next(iter(g)) for g in groups))
             outputs.append(run_block(block, inputs[j]))
 
         if world.single:
@@ -478,9 +479,10 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
     after_block(i, block, packed_i, report_i, next_inputs, next_reference) gets the block's results.
     ``store`` decides where the per-batch activations live (memory, or spilled to disk).
     With several ranks (``world``), ``inputs`` are this rank's batches (``distributed.my_batches``).
-    With asymmetric calibration (``config.fp_target``) a second stream runs beside the quantized
+    With full-precision targets (``config.fp_target``) a second stream runs beside the quantized
     one: the full-precision model's inputs of each block (``reference``; at block 0 the same as
-    ``inputs``, so only a resumed run passes it), carried through an unquantized copy of each block.
+    ``inputs``, so only a resumed run passes it), run through each block once before the block is
+    quantized, recording what it feeds every linear that opens a group.
     """
     store = store or Activations()
     n_rounds = broadcast(len(inputs), 0, world)  # rank 0 holds the most batches
@@ -501,7 +503,13 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
             before_block(i, block)
         home = next(block.parameters()).device
         block.to(dev)
-        fp_block = copy.deepcopy(block) if config.fp_target else None  # stays unquantized
+        fp_x, fp_outputs = None, None
+        if config.fp_target:  # the full-precision stream, through the block before anything in it changes
+            fp_x = {next(iter(g)): store.new() for groups, _ in passes for g in groups}
+            fp_outputs = store.new()
+            with record_inputs(block, fp_x):
+                for inp in reference:
+                    fp_outputs.append(run_block(block, inp))
         solved: set[str] = set()
         recorded: dict[str, list] = {}
         packed_i: dict[str, PackedLinear] = {}
@@ -522,7 +530,7 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
             owner_of = owners([solve_cost(sum(weight_matrix(m).shape[0] for m in g.values()),
                                           weight_matrix(next(iter(g.values()))).shape[1]) for g in modules], world.size)
             accs, _, records = _run_pass(block, inputs, arch, solved, recorded, store, modules, closing, routing,
-                                         world, n_rounds, None if fp_block is None else (fp_block, reference))
+                                         world, n_rounds, fp_x)
             perm = None
             for group, owner in zip(modules, owner_of):
                 lead = next(iter(group))  # the linear whose input H was captured
@@ -555,13 +563,10 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
                 del records
         if i + 1 < len(blocks):
             _, outputs, _ = _run_pass(block, inputs, arch, solved, recorded, store)
-            if fp_block is not None:  # the full-precision stream moves on through the unquantized copy
-                fp_outputs = store.new()
-                for inp in reference:
-                    fp_outputs.append(run_block(fp_block, inp))
+            if fp_outputs is not None:
                 reference = store.inputs(fp_outputs, block_args(reference))
             inputs = store.inputs(outputs, block_args(inputs))
-        del recorded, fp_block
+        del recorded, fp_x, fp_outputs
         block.to(home)
         last = i + 1 == len(blocks)
         if after_block is not None:

@@ -87,6 +87,12 @@ def test_cross_accumulator_is_2_dx_x_over_n_also_when_staged():
     with pytest.raises(ValueError, match="same batches"):
         CrossAccumulator(12).add(torch.zeros(3, 12), torch.zeros(4, 12))
     assert HessianAccumulator(12).cross is None
+    bf = CrossAccumulator(12)  # bfloat16 activations: multiplied in bf16, summed in fp32
+    for r, x in zip(refs, xs):
+        bf.add(r.bfloat16(), x.bfloat16())
+    Xb, Xfb = X.bfloat16().double(), Xf.bfloat16().double()
+    ref = 2 * (Xfb - Xb).T @ Xb / X.shape[0]
+    assert float((bf.matrix().double() - ref).norm() / ref.norm()) < 4e-3  # bf16's 8-bit mantissa on each product
 
 
 def windows(n=8, seqlen=32, seed=0):

@@ -36,7 +36,7 @@ class HessianAccumulator:
         self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # [in, in] upper blocks
         self.count = 0
         self._staged: tuple[torch.Tensor, int] | None = None
-        self.cross: CrossAccumulator | None = None  # asymmetric calibration: filled beside H (capture.hessians)
+        self.cross: CrossAccumulator | None = None  # full-precision targets: summed beside H (capture.hessians)
         nchunks = max(1, round(columns / self.CHUNK))
         bounds = [round(k * columns / nchunks) for k in range(nchunks + 1)]
         self.chunks = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -83,7 +83,7 @@ class HessianAccumulator:
 
 
 class CrossAccumulator:
-    """Σ (x̃ − x)ᵀ x over calibration rows, for asymmetric calibration (GPTAQ): x̃ is what the
+    """Σ (x̃ − x)ᵀ x over calibration rows, for full-precision targets (GPTAQ): x̃ is what the
     full-precision model feeds the linear, x what the partly quantized model feeds it, row for row.
     ``matrix()`` returns 2·Σ(x̃ − x)ᵀx/n, scaled as ``HessianAccumulator.hessian`` scales H: the
     pair (H, C) then gives the corrected target of ``solver.solve``. Not symmetric, so

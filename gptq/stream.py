@@ -170,7 +170,7 @@ def _save_inputs(inputs, partial: Path, block: int, mine: list[int], world: Worl
     """Block ``block``'s input hidden states, one file per batch named by its global index (so
     a run resumes with any number of ranks), as a folder that appears whole (renamed into place
     by rank 0 once every rank has written its batches); spilled batches are hard-linked. With
-    asymmetric calibration the full-precision stream's inputs go beside them (``fp-`` files)."""
+    full-precision targets that stream's inputs go beside them (``fp-`` files)."""
     name = f"activations-{block:05d}"
     tmp = partial / (name + ".tmp")
     if world.main:
@@ -273,7 +273,8 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         # the block shards plus their regrouped copy at the end
-        need = (2 * _estimate_output_bytes(source, arch, qcfg) + windows.numel() * model.config.hidden_size * 2
+        streams = 2 if qcfg.fp_target else 1  # the saved block inputs: one or two streams
+        need = (2 * _estimate_output_bytes(source, arch, qcfg) + streams * windows.numel() * model.config.hidden_size * 2
                 + (act_bytes if spill else 0))
         free = shutil.disk_usage(partial).free
         if free < need:

@@ -58,7 +58,7 @@ class QuantConfig:
     fp_target:       GPTAQ's asymmetric calibration (``solver.solve``): fit each linear to the full-precision
                      model's output rather than to its own on already-quantized inputs, the target
                      shifted by this fraction (α) of the exact correction; 0 = plain GPTQ (0.25, GPTAQ's
-                     own choice, took SmolLM2's 4-bit g64 perplexity from 22.82 to 21.39). Routed experts
+                     own choice, took SmolLM2's 4-bit g64 perplexity from 22.82 to 21.29: bench fp-target). Routed experts
                      are solved plainly either way.
     batch_experts:   solve same-shape experts together (one column loop for many experts; speed only,
                      the results agree with one-by-one solves up to float rounding).

@@ -7,8 +7,9 @@
                            run the quantized block → next block's inputs ─► move back
 
 With full-precision targets (``config.fp_target``, on by default) a second stream of activations
-runs beside the first through an unquantized copy of each block: what the full-precision model
-feeds every linear, paired batch by batch with what the quantized one feeds it (``solver.solve``).
+runs beside the first, through each block once before it is quantized: what the full-precision
+model feeds every linear, paired batch by batch with what the quantized one feeds it
+(``solver.solve``).
 
 Only the block being solved sits on the compute device. Per-architecture knowledge comes from
 ``architectures.py``; the maths from ``solver.solve``; packing from ``pack.py``.
@@ -570,8 +571,7 @@ def quantize_blocks(model: nn.Module, inputs: Sequence[BlockInputs], config: Qua
         block.to(home)
         last = i + 1 == len(blocks)
         if after_block is not None:
-            after_block(i, block, packed_i, report_i, None if last else inputs,
-                        None if last or not config.fp_target else reference)
+            after_block(i, block, packed_i, report_i, None if last else inputs, None if last else reference)
         del packed_i, report_i
         if store.spilling:  # batches read back from disk fragment the heap: ~30 MB per block otherwise
             return_free_memory()

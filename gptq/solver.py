@@ -144,7 +144,7 @@ def solve(W: torch.Tensor, H: torch.Tensor, config: QuantConfig, name: str = "la
           C: torch.Tensor | None = None) -> SolveResult:
     """Quantize ``W`` [out, in] against the Hessian ``H`` [in, in]. Pure: inputs are not modified.
 
-    Asymmetric calibration (GPTAQ: Li et al., 2025): with ``C`` [in, in] = 2·Σ(x̃ − x)ᵀx/n, x̃ the
+    Full-precision targets (GPTAQ's asymmetric calibration, Li et al., 2025): with ``C`` [in, in] = 2·Σ(x̃ − x)ᵀx/n, x̃ the
     full-precision model's inputs to this linear and x the partly quantized model's, the objective
     becomes ‖WX̃ − ŴX‖² (the quantized layer answers what the full-precision one would have, not
     what it would compute on inputs that already carry the earlier layers' errors). Writing

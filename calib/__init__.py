@@ -7,7 +7,7 @@ Local files: ``.txt`` (the whole file), ``.jsonl`` / ``.json`` (a ``text`` field
 ``.parquet`` (a ``text`` column) and directories written by ``datasets.save_to_disk``.
 """
 
-from .sources import CalibrationDataError, NAMED, load_documents
+from .sources import NAMED, CalibrationDataError, load_documents
 from .windows import eval_tokens, sample_windows
 
 __all__ = ["CalibrationDataError", "NAMED", "load_documents", "sample_windows", "eval_tokens"]

@@ -7,11 +7,11 @@ The data's path through the modules:
     → solver.solve (GPTQ) → pack (int32 words) → save (safetensors) → load → qlinear → kernels
 """
 
-from .config import CalibConfig, ConfigError, QuantConfig
-from .load import CheckpointError, load, load_any
-from .pipeline import quantize_model
-from .save import save_checkpoint
-from .solver import round_to_nearest, solve
+from gptq.core.config import CalibConfig, ConfigError, QuantConfig
+from gptq.core.solver import round_to_nearest, solve
+from gptq.io.checkpoint import save_checkpoint
+from gptq.pipeline.loop import quantize_model
+from gptq.runtime.load import CheckpointError, load, load_any
 
 __all__ = ["CalibConfig", "CheckpointError", "ConfigError", "QuantConfig", "load", "load_any", "quantize_model",
            "round_to_nearest", "save_checkpoint", "solve"]

@@ -73,11 +73,11 @@ def _run_timed(cmd: list[str]) -> tuple[float, float]:
 def quality(out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .assets import smollm2
-    from .config import QuantConfig
-    from .eval import eval_windows, perplexity
-    from .load import load
-    from .pipeline import round_to_nearest_model
+    from gptq.assets import smollm2
+    from gptq.core.config import QuantConfig
+    from gptq.eval import eval_windows, perplexity
+    from gptq.pipeline.loop import round_to_nearest_model
+    from gptq.runtime.load import load
 
     torch.set_num_threads(2)
     model_dir = smollm2(MODEL)
@@ -127,9 +127,9 @@ def ablation(out: Path, rows_flags: dict[str, list[str]] = ABLATIONS, name: str 
     """Why the defaults are what they are: the quality benchmark with one setting changed at a time."""
     from transformers import AutoTokenizer
 
-    from .assets import smollm2
-    from .eval import eval_windows, perplexity
-    from .load import load
+    from gptq.assets import smollm2
+    from gptq.eval import eval_windows, perplexity
+    from gptq.runtime.load import load
 
     torch.set_num_threads(2)
     model_dir = smollm2(MODEL)
@@ -202,8 +202,8 @@ def _scale_one(model_dir: str, out_dir: str, nsamples: int = 8, seqlen: int = 12
                max_memory: int | None = None, quant: dict | None = None, device: str = "cpu") -> None:
     """Child process: stream-quantize one synthetic model, print one JSON line with its own peak RSS
     (``quant``: QuantConfig settings beside 4-bit g128)."""
-    from .config import QuantConfig
-    from .stream import quantize_streaming
+    from gptq.core.config import QuantConfig
+    from gptq.pipeline.streaming import quantize_streaming
 
     torch.set_num_threads(2)
     windows = torch.randint(0, 32000, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
@@ -253,7 +253,7 @@ def spill(out: Path) -> dict:
 
     from transformers import AutoConfig
 
-    from .activations import activation_bytes
+    from gptq.pipeline.activations import activation_bytes
 
     h, f, nh, kv, L = SPILL_SHAPE
     d = synthetic_llama(out / "synthetic" / "spill", h, f, nh, kv, L)
@@ -297,8 +297,8 @@ def synthetic_moe(d: Path, hidden: int, moe_inter: int, experts: int, active: in
 def _solver_batch_rows(hidden: int, moe_inter: int, experts: int, device: str) -> dict:
     """Seconds to solve every expert's gate/up (stacked, one H each) and down of one layer, one by
     one (``solve``) and as one batch (``solve_batch``), random weights and Hessians."""
-    from .config import QuantConfig
-    from .solver import solve, solve_batch
+    from gptq.core.config import QuantConfig
+    from gptq.core.solver import solve, solve_batch
 
     g = torch.Generator().manual_seed(0)
     cfg = QuantConfig(bits=4, group_size=128)
@@ -354,7 +354,7 @@ def moe(out: Path, device: str = "cpu") -> dict:
             rows[f"expert_tokens={tokens}, one by one"]["seconds_per_block"]
             / rows[f"expert_tokens={tokens}, batched"]["seconds_per_block"], 2)
     shutil.rmtree(out / "synthetic", ignore_errors=True)
-    from .cpu import cpu_info
+    from gptq.runtime.cpu import cpu_info
 
     solver = _solver_batch_rows(MOE_SHAPE["hidden"], MOE_SHAPE["moe_inter"], MOE_SHAPE["experts"], device)
     result = {"setup": f"random Qwen3-MoE-shaped bf16 model: {MOE_SHAPE}; {n} x {seq}-token random windows; "
@@ -379,7 +379,7 @@ def distributed(out: Path, ranks: tuple[int, ...] = (1, 2), threads: int = 1,
     not a speed-up."""
     import shutil
 
-    from .cpu import cpu_info
+    from gptq.runtime.cpu import cpu_info
 
     h, f, nh, kv, L = DIST_SHAPE
     d = synthetic_llama(out / "synthetic" / "dist", h, f, nh, kv, L)
@@ -434,11 +434,11 @@ def codebooks(out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from calib import load_documents, sample_windows
-    from .assets import smollm2
-    from .config import QuantConfig
-    from .cpu import cpu_info
-    from .eval import eval_windows, perplexity
-    from .pipeline import quantize_model, round_to_nearest_model
+    from gptq.assets import smollm2
+    from gptq.core.config import QuantConfig
+    from gptq.eval import eval_windows, perplexity
+    from gptq.pipeline.loop import quantize_model, round_to_nearest_model
+    from gptq.runtime.cpu import cpu_info
 
     torch.set_num_threads(2)
     model_dir = smollm2(MODEL)
@@ -484,15 +484,22 @@ def _median_ms(fn, repeats: int = 5) -> float:
 def cpu_kernel(out: Path) -> dict:
     """The CPU matmul paths side by side, per shape and row count, on this CPU: what the cpu
     backend's choices (activation dtype, kernel vs dequantize-then-matmul, the fp16 head) rest on."""
-    from .cpu import cpu_info, fast_dtype
-    from .pack import pack_qweight, pack_qzeros
-    from .qlinear import DEQUANT_MIN_ROWS, HEAD_DENSE_ROWS, ROWS64_MAX_ROWS, HalfHead, QuantLinear, SharedBuffers
+    from gptq.core.pack import pack_qweight, pack_qzeros
+    from gptq.runtime.cpu import cpu_info, fast_dtype
+    from gptq.runtime.qlinear import (
+        DEQUANT_MIN_ROWS,
+        HEAD_DENSE_ROWS,
+        ROWS64_MAX_ROWS,
+        HalfHead,
+        QuantLinear,
+        SharedBuffers,
+    )
 
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)
     act = fast_dtype()
     rows = []
-    from .kernels import cpu_int4
+    from gptq.runtime.kernels import cpu_int4
 
     avx2 = cpu_int4.available()
     for label, (K, N) in CPU_KERNEL_SHAPES.items():
@@ -583,7 +590,7 @@ def _generate_run(model, ids: torch.Tensor, n_new: int, **kw):
 def _eval_seconds_per_window(models: dict, windows: torch.Tensor) -> dict[str, float]:
     """Prompt processing: seconds per 2048-token perplexity window of each model, side by side
     (each window runs on every model in turn; the first window warms up)."""
-    from .eval import perplexity
+    from gptq.eval import perplexity
 
     for m in models.values():
         perplexity(m, windows[:1])
@@ -601,12 +608,12 @@ def decode(out: Path, eval_windows_n: int = 3) -> dict:
     4-bit checkpoint loaded with the defaults (cpu backend, the activation dtype this CPU is fast in)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .assets import smollm2
-    from .cpu import cpu_info
-    from .eval import eval_windows
-    from .generate import resident_bytes
-    from .load import load
-    from .qlinear import QuantLinear
+    from gptq.assets import smollm2
+    from gptq.eval import eval_windows
+    from gptq.generate import resident_bytes
+    from gptq.runtime.cpu import cpu_info
+    from gptq.runtime.load import load
+    from gptq.runtime.qlinear import QuantLinear
 
     torch.set_num_threads(2)
     model_dir = smollm2(MODEL)
@@ -659,8 +666,8 @@ SYNTH_DECODE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=
 def random_packed(model: torch.nn.Module, bits: int = 4, group: int = 128, seed: int = 0) -> torch.nn.Module:
     """Replace every decoder linear of ``model`` by a QuantLinear holding random codes (scales
     ~0.01, zero 8): a packed model of the right shape for speed figures, no solve needed."""
-    from .pack import pack_qweight, pack_qzeros
-    from .qlinear import QuantLinear
+    from gptq.core.pack import pack_qweight, pack_qzeros
+    from gptq.runtime.qlinear import QuantLinear
 
     g = torch.Generator().manual_seed(seed)
     for name, mod in list(model.named_modules()):
@@ -682,9 +689,9 @@ def decode_synthetic(out: Path, n_new: int = 32) -> dict:
     dense bf16, and 4-bit g128 packed with random codes, loaded as ``load`` prepares a checkpoint."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .cpu import cpu_info
-    from .generate import resident_bytes
-    from .load import prepare_model, resolve_dtype
+    from gptq.generate import resident_bytes
+    from gptq.runtime.cpu import cpu_info
+    from gptq.runtime.load import prepare_model, resolve_dtype
 
     torch.set_num_threads(2)
     cfg = LlamaConfig(**SYNTH_DECODE, tie_word_embeddings=False)
@@ -729,8 +736,8 @@ def kernel(out: Path) -> dict | None:
         print("kernel benchmark: no CUDA device here, nothing to time (the Triton kernel is tested on CPU "
               "under TRITON_INTERPRET=1; run this on a GPU machine for figures)")
         return None
-    from .kernels.triton_dequant import dequant_matmul
-    from .pack import pack_qweight, pack_qzeros
+    from gptq.core.pack import pack_qweight, pack_qzeros
+    from gptq.runtime.kernels.triton_dequant import dequant_matmul
 
     dev = torch.device("cuda")
     rows = []

@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_windows is not None and args.max_windows < 1:
         p.error(f"--max-windows {args.max_windows} must be at least 1")
     from calib import CalibrationDataError
-
-    from .load import CheckpointError, load_any
+    from gptq.runtime.load import CheckpointError, load_any
 
     try:
         model, tokenizer = load_any(args.model, device=args.device, backend=args.backend, dtype=args.dtype)

@@ -18,7 +18,7 @@ import torch
 
 def resident_bytes(model: torch.nn.Module) -> int:
     """Bytes held by the model's parameters, buffers and kernel-prepared copies (each storage once)."""
-    from .qlinear import QuantLinear
+    from gptq.runtime.qlinear import QuantLinear
 
     seen, total = set(), 0
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
-    from .load import CheckpointError, load_any
+    from gptq.runtime.load import CheckpointError, load_any
 
     try:
         model, tokenizer = load_any(args.model, device=args.device, backend=args.backend, dtype=args.dtype)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 def describe(ckpt: str | Path) -> dict:
     """The checkpoint's settings, its layers' shapes summary, and the engines' verdicts."""
-    from .compat import is_moe, layer_shapes, verdicts
-    from .load import CheckpointError
+    from gptq.formats.compat import is_moe, layer_shapes, verdicts
+    from gptq.runtime.load import CheckpointError
 
     d = Path(ckpt)
     cfg_path = d / "config.json"
@@ -40,7 +40,7 @@ def describe(ckpt: str | Path) -> dict:
 
 
 def format_description(info: dict) -> str:
-    from .compat import Verdict, format_verdicts
+    from gptq.formats.compat import Verdict, format_verdicts
 
     head = (f"{info['checkpoint']}: {info['bits']}-bit, group {info['group_size']}, "
             f"{'symmetric' if info['sym'] else 'asymmetric'}, act-order {info['act_order']} "
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="a GPTQ checkpoint directory (ours or another tool's)")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     args = p.parse_args(argv)
-    from .load import CheckpointError
+    from gptq.runtime.load import CheckpointError
 
     try:
         info = describe(args.checkpoint)

@@ -16,7 +16,7 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import ACT_ORDERS, EXPERT_TOKENS, CalibConfig, ConfigError, QuantConfig
+from gptq.core.config import ACT_ORDERS, EXPERT_TOKENS, CalibConfig, ConfigError, QuantConfig
 
 GGUF_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 
@@ -135,7 +135,7 @@ def check_model_dir(path: str, fmt: str = "gptq"):
     """A local model directory → its config. Clear errors for the usual mistakes."""
     from transformers import AutoConfig
 
-    from .architectures import for_config
+    from gptq.models.architectures import for_config
 
     p = Path(path)
     if not p.exists():
@@ -160,7 +160,7 @@ def check_model_dir(path: str, fmt: str = "gptq"):
 
 def calib_dtype(config, dtype: str, device: str):
     """auto: the model's own dtype, except on a CPU, where half precision runs in float32 unless the
-    CPU multiplies bf16 natively (measured once, ``gptq.cpu.fast_dtype``); float16 → float32 there too."""
+    CPU multiplies bf16 natively (measured once, ``gptq.runtime.cpu.fast_dtype``); float16 → float32 there too."""
     import torch
 
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
@@ -168,7 +168,7 @@ def calib_dtype(config, dtype: str, device: str):
         own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         own = getattr(torch, own) if isinstance(own, str) else own
         if on_cpu and own in (torch.float16, torch.bfloat16):
-            from .cpu import fast_dtype
+            from gptq.runtime.cpu import fast_dtype
 
             return torch.bfloat16 if (own == torch.bfloat16 and fast_dtype() == torch.bfloat16) else torch.float32
         return own
@@ -179,7 +179,7 @@ def compute_record(dtype, device: str) -> dict:
     """What the forwards ran in, and on which CPU: recorded in quantize_report.json."""
     import torch
 
-    from .cpu import cpu_info
+    from gptq.runtime.cpu import cpu_info
 
     dev = "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
     rec = {"device": dev, "dtype": str(dtype).removeprefix("torch."), "cpu": cpu_info()}
@@ -193,8 +193,8 @@ def load_model(path: str, config, dtype: str, device: str):
     directory's, from ``check_model_dir``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .architectures import for_config
-    from .moe import unfuse
+    from gptq.models.architectures import for_config
+    from gptq.models.moe import unfuse
 
     model = AutoModelForCausalLM.from_pretrained(Path(path), dtype=calib_dtype(config, dtype, device))
     return unfuse(model, for_config(config)), AutoTokenizer.from_pretrained(Path(path))
@@ -212,8 +212,8 @@ def calibration_windows(tokenizer, model_config, calib: CalibConfig):
 
 
 def warn_group_divisibility(model, config: QuantConfig) -> None:
-    from .architectures import for_config, get_module
-    from .capture import in_features
+    from gptq.io.modules import get_module, in_features
+    from gptq.models.architectures import for_config
 
     if config.group_size == -1:
         return
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.warn("--act-order dynamic writes desc_act: true with a permuted g_idx; vLLM >= 0.32 refuses "
                           "such checkpoints (GPTQ group activation ordering). --act-order group-aware, the default, "
                           "keeps g_idx = k // group at nearly the same quality.", stacklevel=1)
-        from .save import parse_size, prepare_output
+        from gptq.io.checkpoint import parse_size, prepare_output
 
         shard_bytes = parse_size(args.max_shard_size)
         try:
@@ -280,10 +280,10 @@ def main(argv: list[str] | None = None) -> int:
                 prepare_output(out, args.overwrite)
         import torch
 
-        from .pipeline import LayerReport, quantize_model, resolve_device
-        from .save import save_checkpoint
-
-        from .distributed import SINGLE, init, launched
+        from gptq.io.checkpoint import save_checkpoint
+        from gptq.io.modules import resolve_device
+        from gptq.pipeline.distributed import SINGLE, init, launched
+        from gptq.pipeline.loop import LayerReport, quantize_model
 
         world = SINGLE
         if launched():  # one of several processes started by torchrun: see gptq/distributed.py
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stream:
             from transformers import AutoTokenizer
 
-            from .stream import quantize_streaming, skeleton
+            from gptq.pipeline.streaming import quantize_streaming, skeleton
 
             summary["compute"] = compute_record(calib_dtype(config, args.dtype, args.device), args.device)
             warn_group_divisibility(skeleton(args.model, torch.float32), qcfg)
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - t0
             summary |= {"seconds": round(seconds, 2), "layers": [asdict(r) for r in report]}
             summary["calibration"]["windows"] = list(windows.shape)
-            from .save import source_dtype_name
+            from gptq.io.checkpoint import source_dtype_name
 
             own = source_dtype_name(args.model)
             final = save_checkpoint(out, model, packed, qcfg, source_dir=args.model, overwrite=args.overwrite,
@@ -345,17 +345,18 @@ def main(argv: list[str] | None = None) -> int:
 def gguf_config(args, ftype: str) -> QuantConfig:
     """The run's config for a GGUF file type: each decoder linear's GGML type as llama.cpp picks it
     (the caller has checked the model directory)."""
-    from .capture import in_features
-    from .gguf_file import plan
-    from .stream import skeleton
-
     import torch
+
+    from gptq.formats.gguf import plan
+    from gptq.io.modules import in_features
+    from gptq.pipeline.streaming import skeleton
 
     if args.double_quant or args.act_order not in ("none", "group-aware"):
         raise ConfigError("--format gguf:* takes --act-order none or group-aware (GGML blocks run along the rows "
                           "in order) and no --double-quant")
     model = skeleton(args.model, torch.float32)
-    from .architectures import for_config, get_module
+    from gptq.io.modules import get_module
+    from gptq.models.architectures import for_config
 
     arch = for_config(model.config)
     blocks = get_module(model, arch.blocks)
@@ -363,16 +364,16 @@ def gguf_config(args, ftype: str) -> QuantConfig:
                for n in arch.block_linears(b)}
     n_expert = getattr(model.config, arch.experts.count) if arch.experts is not None else 0
     try:
-        from .gguf_file import check_moe
+        from gptq.formats.gguf import check_moe
 
         check_moe(model.config.to_dict())
         default, per_layer = plan(ftype, model.config.model_type, linears, arch.blocks, n_expert)
-        from .gguf_file import check_tokenizer
+        from gptq.formats.gguf import check_tokenizer
 
         check_tokenizer(Path(args.model))  # refuse now, not after the solve
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    from .ggml import TYPES
+    from gptq.core.grids.ggml import TYPES
 
     t = TYPES[default]
     return QuantConfig(bits=t.bits, group_size=t.group, sym=True, act_order=args.act_order,
@@ -385,8 +386,8 @@ def finish_gguf(stage: Path, out: Path, ftype: str, source: str, overwrite: bool
     """Write OUT/<name>-<type>.gguf and the report from the staged checkpoint, then remove the stage."""
     import shutil
 
-    from .gguf_file import write_gguf
-    from .save import prepare_output
+    from gptq.formats.gguf import write_gguf
+    from gptq.io.checkpoint import prepare_output
 
     final, tmp = prepare_output(out, overwrite)
     tmp.mkdir()
@@ -421,7 +422,7 @@ def print_summary(report, seconds: float, out: Path) -> None:
             print(f"  ... {len(starved) - 8} more in the report")
     print(f"per-layer report: {out / 'quantize_report.json'}")
     print(f"checkpoint: {out}")
-    from .compat import format_verdicts, is_moe, layer_shapes, verdicts
+    from gptq.formats.compat import format_verdicts, is_moe, layer_shapes, verdicts
 
     if not (out / "config.json").is_file():  # a GGUF file
         g = json.loads((out / "quantize_report.json").read_text())["gguf"]

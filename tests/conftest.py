@@ -19,8 +19,16 @@ TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_h
 
 
 def tiny_config(family: str):
-    from transformers import (GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config,
-                              PhiConfig, Qwen2Config)
+    from transformers import (
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        OPTConfig,
+        Phi3Config,
+        PhiConfig,
+        Qwen2Config,
+    )
 
     if family == "llama":
         return LlamaConfig(**TINY, intermediate_size=128, num_key_value_heads=2)

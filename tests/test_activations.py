@@ -4,11 +4,11 @@ import gc
 
 import pytest
 import torch
-
 from conftest import FAMILIES, tiny_model
+
 from gptq import QuantConfig, quantize_model
-from gptq.activations import (Activations, SpilledInputs, SpillList, activation_bytes, block_args, should_spill)
-from gptq.capture import BlockInputs
+from gptq.io.modules import BlockInputs
+from gptq.pipeline.activations import Activations, SpilledInputs, SpillList, activation_bytes, block_args, should_spill
 
 
 def test_spill_list_round_trips_each_kind(tmp_path):
@@ -85,7 +85,7 @@ def test_spilled_run_is_bit_identical(family, monkeypatch):
 
 
 def test_heap_returned_between_blocks_only_when_spilling(monkeypatch):
-    import gptq.pipeline as pl
+    import gptq.pipeline.loop as pl
 
     calls = []
     monkeypatch.setattr(pl, "return_free_memory", lambda: calls.append(1))

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from gptq import QuantConfig, quantize_model, save_checkpoint
-from gptq.bnb import Bnb4bitLinear, dequantize
-from gptq.codebook import TABLES
 from test_pipeline import tiny_model, windows
 from test_stream import calib_text, quantize_cmd, run
+
+from gptq import QuantConfig, quantize_model, save_checkpoint
+from gptq.core.grids.codebook import TABLES
+from gptq.formats.bnb import Bnb4bitLinear, dequantize
 
 
 def test_layout_round_trips_codes_and_absmax_exactly():
@@ -32,7 +32,7 @@ def test_layout_round_trips_codes_and_absmax_exactly():
 @pytest.mark.parametrize("grid,double_quant", [("nf4", False), ("fp4", False), ("nf4", True)])
 def test_saved_checkpoint_dequantizes_to_the_solved_weights(tmp_path, grid, double_quant):
     """The stored layer is exactly the weight the solver reports (left in the in-memory model)."""
-    from gptq.load import load_any
+    from gptq.runtime.load import load_any
 
     model = tiny_model("llama")
     cfg = QuantConfig(bits=4, group_size=64, grid=grid, double_quant=double_quant)
@@ -79,7 +79,7 @@ def test_bnb_group_that_does_not_divide_the_inputs_is_refused_before_any_work(tm
 def test_dynamic_map_is_bitsandbytes_signed_8bit_map():
     """Values checked against bitsandbytes 0.50 create_dynamic_map() in make interop; here its shape:
     sorted, 0 and ±1-ish ends, 2**e values per decade e and sign."""
-    from gptq.codebook import dynamic_map
+    from gptq.core.grids.codebook import dynamic_map
 
     m = dynamic_map()
     assert m.shape == (256,) and torch.equal(m, m.sort().values)
@@ -89,7 +89,7 @@ def test_dynamic_map_is_bitsandbytes_signed_8bit_map():
 
 
 def test_nested_absmax_codes_store_snapped_values_exactly():
-    from gptq.codebook import CodebookFamily, NestedAbsmax, dynamic_map
+    from gptq.core.grids.codebook import CodebookFamily, NestedAbsmax, dynamic_map
 
     g = torch.Generator().manual_seed(1)
     absmax = torch.rand(40, 9, generator=g) * 0.2 + 0.01  # [out, groups]: 360 values, two 256-blocks
@@ -113,7 +113,7 @@ def test_double_quant_solve_rounds_against_the_stored_absmax(mse):
     """The weight the solver reports is exactly what the double-quantized checkpoint dequantizes to,
     and GPTQ still beats plain rounding on the same (double-quantized) grid."""
     from gptq import solve
-    from gptq.solver import round_to_nearest
+    from gptq.core.solver import round_to_nearest
 
     g = torch.Generator().manual_seed(2)
     X = torch.randn(512, 128, generator=g) @ torch.randn(128, 128, generator=g)
@@ -140,7 +140,7 @@ def test_double_quant_solve_rounds_against_the_stored_absmax(mse):
 
 
 def test_double_quant_needs_a_codebook_grid():
-    from gptq.config import ConfigError
+    from gptq.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="bnb-nf4"):
         QuantConfig(double_quant=True)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import SAMPLE_TEXT
 
 from calib import CalibrationDataError, eval_tokens, load_documents, sample_windows
-from conftest import SAMPLE_TEXT
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, SAMPLE_TEXT
+
 from gptq.quantize import main as quantize_main
 
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
-from gptq.codebook import TABLES, CodebookFamily
-from gptq.config import ConfigError, QuantConfig
-from gptq.solver import round_to_nearest, solve
 from test_solver import correlated, output_error
+
+from gptq.core.config import ConfigError, QuantConfig
+from gptq.core.grids.codebook import TABLES, CodebookFamily
+from gptq.core.solver import round_to_nearest, solve
 
 
 def test_tables_are_bitsandbytes_own():
@@ -63,13 +63,14 @@ def test_codebook_settings_are_checked_and_saved_as_bitsandbytes(tmp_path):
         QuantConfig(bits=3, group_size=64, grid="nf4")
     with pytest.raises(ConfigError, match="grid"):
         QuantConfig(grid="nf8")
-    from gptq import quantize_model, save_checkpoint
     from test_pipeline import tiny_model, windows
+
+    from gptq import quantize_model, save_checkpoint
 
     model = tiny_model("llama")
     cfg = QuantConfig(bits=4, group_size=64, grid="nf4")
     packed, report = quantize_model(model, windows(), cfg, device="cpu", progress=False)
-    from gptq.bnb import Bnb4bitLinear
+    from gptq.formats.bnb import Bnb4bitLinear
 
     assert len(report) == 7 * model.config.num_hidden_layers
     assert all(isinstance(p, Bnb4bitLinear) for p in packed.values())

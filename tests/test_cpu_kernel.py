@@ -6,13 +6,12 @@ import warnings
 
 import pytest
 import torch
-
-from gptq import cpu
-from gptq.kernels import cpu_build, cpu_int4, cpu_rmsnorm
-from gptq.kernels.reference import int16_group_round, int4_rows_matmul_reference
-from gptq.qlinear import ROWS64_MAX_ROWS, QuantLinear
-
 from test_kernels import make_layer, reference
+
+from gptq.runtime import cpu
+from gptq.runtime.kernels import cpu_build, cpu_int4, cpu_rmsnorm
+from gptq.runtime.kernels.reference import int4_rows_matmul_reference, int16_group_round
+from gptq.runtime.qlinear import ROWS64_MAX_ROWS, QuantLinear
 
 needs_kernel = pytest.mark.skipif(not cpu_int4.available(), reason=f"AVX2 kernel: {cpu_int4.unavailable_reason()}")
 
@@ -113,7 +112,7 @@ def test_kernel_dequantizes_exactly_and_rejects_bad_shapes():
 @pytest.mark.parametrize("group_size,act_order,fmt", [(32, False, "gptq"), (64, True, "gptq"),
                                                       (-1, True, "gptq_v2"), (128, False, "gptq_v2")])
 def test_cpu_backend_without_fast_bf16_takes_the_kernel(no_fast_bf16, group_size, act_order, fmt):
-    from gptq.qlinear import SharedBuffers
+    from gptq.runtime.qlinear import SharedBuffers
 
     layer = make_layer(512, 96, 4, group_size, act_order, fmt=fmt, seed=7)
     xs = torch.randn(ROWS64_MAX_ROWS + 5, 512, generator=torch.Generator().manual_seed(2))
@@ -141,7 +140,7 @@ def test_fused_siblings_equal_separate_layers_and_never_reuse_a_stale_input(no_f
     from test_load import build_checkpoint
 
     from gptq import load
-    from gptq.qlinear import fuse_siblings
+    from gptq.runtime.qlinear import fuse_siblings
 
     d, _ = build_checkpoint(tmp_path, 4, 32, False, False, "gptq")  # (its act-order perms differ per layer)
     fused, _ = load(d, device="cpu", backend="cpu", dtype="float32")
@@ -274,7 +273,7 @@ def test_the_library_is_built_once_under_the_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("K", [64, 100, 576])
 @pytest.mark.parametrize("M", [1, 3])
 def test_f16_weights_times_fp32_rows_match_fp64(K, M):
-    from gptq.kernels.cpu_f16 import f16_matmul
+    from gptq.runtime.kernels.cpu_f16 import f16_matmul
 
     g = torch.Generator().manual_seed(K + M)
     w = torch.randn(300, K, generator=g).half()
@@ -289,7 +288,7 @@ def test_f16_weights_times_fp32_rows_match_fp64(K, M):
 
 @needs_kernel
 def test_half_head_decodes_with_fp32_activations_and_keeps_torch_as_fallback():
-    from gptq.qlinear import HalfHead
+    from gptq.runtime.qlinear import HalfHead
 
     g = torch.Generator().manual_seed(3)
     w = torch.randn(500, 96, generator=g).half()

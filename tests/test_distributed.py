@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
-from gptq.distributed import World, my_batches, owners, rounds, solve_cost
-from gptq.hessian import HessianAccumulator
 from test_stream import calib_text, sharded_tiny
+
+from gptq.core.hessian import HessianAccumulator
+from gptq.pipeline.distributed import World, my_batches, owners, rounds, solve_cost
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "GPTQ_DIST_TIMEOUT": "60"}  # the same threads per process in every run
 

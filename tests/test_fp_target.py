@@ -3,12 +3,12 @@ term's accumulation, and the second (full-precision) stream through the block lo
 
 import pytest
 import torch
-
 from conftest import FAMILIES, tiny_model
+
 from gptq import QuantConfig, quantize_model
-from gptq.config import ConfigError
-from gptq.hessian import CrossAccumulator, HessianAccumulator
-from gptq.solver import solve
+from gptq.core.config import ConfigError
+from gptq.core.hessian import CrossAccumulator, HessianAccumulator
+from gptq.core.solver import solve
 
 
 def problem(rows=24, n=64, tokens=512, seed=0):
@@ -104,8 +104,8 @@ def test_the_full_precision_stream_is_the_unquantized_models_own_inputs(family, 
     """Every x̃ the pipeline pairs with a quantized input is what the unquantized model feeds that
     linear on the same batch (recorded from a plain forward of an untouched copy), block after
     block; block 0's first linears get C = 0 (both streams still equal there)."""
-    from gptq.architectures import for_config, get_module
-    from gptq.capture import hooked
+    from gptq.io.modules import get_module, hooked
+    from gptq.models.architectures import for_config
 
     model, untouched = tiny_model(family), tiny_model(family)
     arch = for_config(model.config)

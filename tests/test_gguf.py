@@ -6,13 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_stream import calib_text, quantize_cmd, run
 
 from gptq import QuantConfig, quantize_model, save_checkpoint, solve
-from gptq.ggml import TYPES, dequantize_blocks, pack_blocks
-from gptq.gguf_file import layer_type, output_type, plan, rope_permute, write_gguf
-from gptq.solver import round_to_nearest
-from test_pipeline import windows
-from test_stream import calib_text, quantize_cmd, run
+from gptq.core.grids.ggml import TYPES, dequantize_blocks, pack_blocks
+from gptq.core.solver import round_to_nearest
+from gptq.formats.gguf import layer_type, output_type, plan, rope_permute, write_gguf
 
 
 def problem(out=64, n=512, seed=0):
@@ -130,8 +129,15 @@ def test_rope_permutation_interleaves_the_halves_of_each_head():
 def synthetic_llama(tmp_path, tokenizer_dir, family="llama"):
     """A small Llama (or Qwen2 / Qwen3) whose rows are multiples of 256 (real K-quants everywhere)
     with SmolLM2's tokenizer."""
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Phi3Config, PhiConfig, Qwen2Config,
-                              Qwen3Config)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        Phi3Config,
+        PhiConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     torch.manual_seed(0)
     kw = dict(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -155,10 +161,9 @@ def solved_gguf(tmp_path, model, d, family, ftype="q4_k_m", n_expert=0):
     the .gguf; returns (the plan's per-layer types, the file's reader, its tensors by name)."""
     from gguf import GGUFReader
 
-    from gptq.architectures import for_config, get_module
-    from gptq.gguf_file import plan as gguf_plan
-
-    from gptq.capture import in_features
+    from gptq.formats.gguf import plan as gguf_plan
+    from gptq.io.modules import get_module, in_features
+    from gptq.models.architectures import for_config
 
     arch = for_config(model.config)
     linears = {f"{arch.blocks}.{i}.{n}": in_features(get_module(b, n))
@@ -180,7 +185,7 @@ def test_gguf_file_holds_exactly_the_solved_weights(tmp_path, smollm2_dir):
     rotary permutation); norms are F32; the tied embeddings are Q6_K (rows of 256)."""
     from gguf import GGUFReader, quants
 
-    from gptq.gguf_file import plan as gguf_plan
+    from gptq.formats.gguf import plan as gguf_plan
 
     model, d = synthetic_llama(tmp_path, smollm2_dir)
     linears = {f"model.layers.{i}.{n}": m.in_features for i, layer in enumerate(model.model.layers)
@@ -268,13 +273,14 @@ def test_moe_experts_are_merged_per_layer_into_3d_tensors_of_the_solved_weights(
     [n_expert, rows, cols] tensor per layer and role whose expert e dequantizes to expert e's solved
     weight, the router in F32, the expert counts in the metadata; 8-expert models take llama.cpp's
     Q8_0 attn_k / attn_v."""
+    from conftest import moe_config
     from gguf import GGUFReader, quants
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conftest import moe_config
-    from gptq.architectures import for_config, get_module
-    from gptq.gguf_file import plan as gguf_plan
-    from gptq.moe import unfuse
+    from gptq.formats.gguf import plan as gguf_plan
+    from gptq.io.modules import get_module
+    from gptq.models.architectures import for_config
+    from gptq.models.moe import unfuse
 
     cfg = moe_config(family, experts=4, hidden=64, inter=64)
     cfg.vocab_size, cfg.norm_topk_prob = 49152, True
@@ -322,7 +328,7 @@ def test_moe_experts_are_merged_per_layer_into_3d_tensors_of_the_solved_weights(
 
 
 def test_moe_models_llama_cpp_would_run_differently_are_refused():
-    from gptq.gguf_file import check_moe
+    from gptq.formats.gguf import check_moe
 
     check_moe({"model_type": "qwen3_moe", "norm_topk_prob": True})
     with pytest.raises(ValueError, match="norm_topk_prob"):
@@ -337,11 +343,10 @@ def test_sentencepiece_style_tokenizers_are_written_as_llamas(tmp_path):
     Phi-3 as transformers converts them) is written as convert_hf_to_gguf writes a llama vocabulary:
     model "llama", every token in id order, byte / control / unknown types, merge order as scores
     (llama.cpp's tokenizer merges the best-scored pair first), a space prefix."""
-    from gguf import GGUFReader
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from conftest import spm_style_tokenizer
+    from gguf import GGUFReader
     from test_stream import SAMPLE_TEXT
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     d = tmp_path / "spm-llama"
     tok = spm_style_tokenizer(SAMPLE_TEXT * 3, d)
@@ -371,7 +376,7 @@ def test_sentencepiece_style_tokenizers_are_written_as_llamas(tmp_path):
 def test_tokenizers_gguf_cannot_express_are_refused_before_any_work(tmp_path, tiny_model_dir):
     from tokenizers import Tokenizer, models
 
-    from gptq.gguf_file import check_tokenizer
+    from gptq.formats.gguf import check_tokenizer
 
     d = tiny_model_dir("llama")
     Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0)], unk_id=0)).save(str(d / "tokenizer.json"))
@@ -486,7 +491,7 @@ def test_gpt_neox_reorders_its_fused_qkv_rows_as_the_converter_does(tmp_path, sm
     the parallel residual in the metadata."""
     from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from gptq.gguf_file import neox_qkv_rows
+    from gptq.formats.gguf import neox_qkv_rows
 
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=49152, hidden_size=256, num_attention_heads=4,

@@ -8,9 +8,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_streaming_on_the_gpu_spilled_and_resumed(tmp_path, tiny_tokenizer_dir):
-    from gptq import QuantConfig, load
-    from gptq.stream import quantize_streaming
     from test_stream import all_tensors, sharded_tiny
+
+    from gptq import QuantConfig, load
+    from gptq.pipeline.streaming import quantize_streaming
 
     d = sharded_tiny(tmp_path, tiny_tokenizer_dir)
     windows = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0))

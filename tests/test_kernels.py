@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from gptq.kernels.reference import dequant_matmul_reference
-from gptq.pack import pack_qweight, pack_qzeros
-from gptq.qlinear import QuantLinear
+from gptq.core.pack import pack_qweight, pack_qzeros
+from gptq.runtime.kernels.reference import dequant_matmul_reference
+from gptq.runtime.qlinear import QuantLinear
 
 triton = pytest.importorskip("triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -40,7 +40,7 @@ def make_layer(K, N, bits, group_size, act_order, sym=False, fmt="gptq", bias=Tr
 def fast_bf16(monkeypatch):
     """This CPU as one with native bf16, whatever it is: the cpu backend takes torch's int4 kernel
     (tests/test_cpu_kernel.py covers the AVX2 kernel that CPUs without it get)."""
-    from gptq import cpu
+    from gptq.runtime import cpu
 
     monkeypatch.setattr(cpu, "fast_dtype", lambda: torch.bfloat16)
 
@@ -94,7 +94,7 @@ def test_triton_bf16_activations():
 
 
 def test_triton_rejects_bad_shapes():
-    from gptq.kernels.triton_dequant import dequant_matmul
+    from gptq.runtime.kernels.triton_dequant import dequant_matmul
 
     layer = make_layer(128, 64, 4, 32, False).to(DEVICE)
     with pytest.raises(ValueError, match="qweight has shape"):
@@ -120,8 +120,8 @@ def test_cpu_int4_matches_reference(fast_bf16, group_size, act_order, batch):
 def test_cpu_int4_long_prompts_dequantize_the_same_weight(fast_bf16, dtype, act_order):
     """From DEQUANT_MIN_ROWS rows on, the cpu backend multiplies a dequantized copy of its own int4
     weight: the same weight the kernel uses, so both paths agree with the reference and each other."""
-    from gptq.cpu import int4pack_layout
-    from gptq.qlinear import DEQUANT_MIN_ROWS, SharedBuffers
+    from gptq.runtime.cpu import int4pack_layout
+    from gptq.runtime.qlinear import DEQUANT_MIN_ROWS, SharedBuffers
 
     layer = make_layer(576, 128, 4, 64, act_order, seed=4)
     x = torch.randn(DEQUANT_MIN_ROWS + 3, 576)
@@ -141,7 +141,7 @@ def test_cpu_int4_long_prompts_dequantize_the_same_weight(fast_bf16, dtype, act_
 
 @pytest.mark.parametrize("block,pairing", [(64, "halves"), (32, "halves"), (16, "halves"), (32, "pairs")])
 def test_int4pack_read_back_inverts_each_layout(block, pairing):
-    from gptq.cpu import _pack_guess, int4pack_codes_t
+    from gptq.runtime.cpu import _pack_guess, int4pack_codes_t
 
     codes = torch.randint(0, 16, (128, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(9))
     packed = _pack_guess(codes, block, pairing)
@@ -151,7 +151,7 @@ def test_int4pack_read_back_inverts_each_layout(block, pairing):
 
 
 def test_int4pack_layout_is_recognised_on_this_cpu():
-    from gptq.cpu import int4pack_codes_t, int4pack_layout
+    from gptq.runtime.cpu import int4pack_codes_t, int4pack_layout
 
     layout = int4pack_layout()
     assert layout is not None, f"unknown int4 layout on {torch.backends.cpu.get_cpu_capability()}"
@@ -168,7 +168,7 @@ def test_cpu_backend_falls_back_for_other_bits():
 
 
 def test_shared_buffer_refills_only_for_another_owner():
-    from gptq.qlinear import SharedBuffers
+    from gptq.runtime.qlinear import SharedBuffers
 
     b, calls = SharedBuffers(), []
     a, c = object(), object()
@@ -180,7 +180,7 @@ def test_shared_buffer_refills_only_for_another_owner():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_half_head_matches_a_dense_head_for_short_and_long_inputs(dtype):
-    from gptq.qlinear import HEAD_DENSE_ROWS, HalfHead
+    from gptq.runtime.qlinear import HEAD_DENSE_ROWS, HalfHead
 
     w = torch.randn(300, 64, dtype=dtype)
     head = HalfHead(torch.nn.Parameter(w.half(), requires_grad=False))
@@ -197,7 +197,7 @@ def test_half_head_matches_a_dense_head_for_short_and_long_inputs(dtype):
 def test_autotune_configs_never_straddle_a_group(G):
     """Every config the GPU autotuner may try has K tiles that divide the group size and whole
     tiles per K split (a group of 32 turns 64-wide tiles into 32-wide ones, not into wrong sums)."""
-    from gptq.kernels.triton_dequant import GEMV_CONFIGS, SPLITK_CONFIGS, _prune_k
+    from gptq.runtime.kernels.triton_dequant import GEMV_CONFIGS, SPLITK_CONFIGS, _prune_k
 
     for configs in (GEMV_CONFIGS, SPLITK_CONFIGS):
         kept = _prune_k(configs, {"G": G})

@@ -5,15 +5,15 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_model
 from gptq import CheckpointError, load
-from gptq.qlinear import QuantLinear
+from gptq.runtime.qlinear import QuantLinear
 
 
 def pack_words_by_hand(values, bits):
-    """Independent of gptq.pack: a little-endian bit stream, 32 bits per word, as the format doc says."""
+    """Independent of gptq.core.pack: a little-endian bit stream, 32 bits per word, as the format doc says."""
     stream = 0
     for i, v in enumerate(values):
         stream |= int(v) << (bits * i)

@@ -6,16 +6,17 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import MOE_FAMILIES, moe_config
-from gptq import QuantConfig, quantize_model, save_checkpoint
-from gptq import pipeline
-from gptq.architectures import for_config, get_module
-from gptq.load import load
-from gptq.moe import RoutedExperts, unfuse
-from gptq.solver import round_to_nearest
+from safetensors.torch import load_file
 from test_stream import calib_text, quantize_cmd, run
+
+from gptq import QuantConfig, quantize_model, save_checkpoint
+from gptq.pipeline import loop as pipeline
+from gptq.core.solver import round_to_nearest
+from gptq.io.modules import get_module
+from gptq.models.architectures import for_config
+from gptq.models.moe import RoutedExperts, unfuse
+from gptq.runtime.load import load
 
 
 def moe_model(family: str, seed: int = 0, **kw):
@@ -133,7 +134,7 @@ def test_each_expert_hessian_comes_from_its_own_rows(monkeypatch, mode):
     """Block 0's experts see the block's quantized attention: their inputs (and routing) are
     recorded from the quantized model afterwards and H is rebuilt by hand: 2·XᵀX/n over the
     routed tokens (or all tokens), for gate/up; over act(gate x)·up x for down."""
-    from gptq.moe import record_routing
+    from gptq.models.moe import record_routing
 
     seen = capture_hessians(monkeypatch)
     model = unfuse(moe_model("mixtral"), for_config(moe_config("mixtral")))

@@ -3,8 +3,17 @@
 import pytest
 import torch
 
-from gptq.pack import (dequantize_packed, pack_qweight, pack_qzeros, pack_rows, unpack_qweight, unpack_qzeros,
-                       unpack_rows, _pack_stream, _unpack_stream)
+from gptq.core.pack import (
+    _pack_stream,
+    _unpack_stream,
+    dequantize_packed,
+    pack_qweight,
+    pack_qzeros,
+    pack_rows,
+    unpack_qweight,
+    unpack_qzeros,
+    unpack_rows,
+)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from conftest import FAMILIES, tiny_model
 from safetensors import safe_open
 
-from conftest import FAMILIES, tiny_model
 from gptq import QuantConfig, load, quantize_model, save_checkpoint
-from gptq.architectures import UnsupportedModelError, for_config
+from gptq.models.architectures import UnsupportedModelError, for_config
 
 
 def windows(n=8, seqlen=32, seed=0):
@@ -42,7 +42,7 @@ def test_family_end_to_end(family, tmp_path):
 def test_true_sequential_replay_is_exact(family):
     """Replaying finished sub-modules (and rebuilding them from their last linear's inputs)
     must give exactly the result of recomputing them."""
-    import gptq.pipeline as pl
+    import gptq.pipeline.loop as pl
 
     a, b = tiny_model(family), tiny_model(family)
     cfg = QuantConfig(bits=3, group_size=32)
@@ -60,8 +60,8 @@ def test_true_sequential_replay_is_exact(family):
 
 
 def test_stacked_solve_equals_separate():
-    from gptq.pipeline import solve_group
-    from gptq.solver import solve
+    from gptq.core.solver import solve
+    from gptq.pipeline.loop import solve_group
 
     lin = {n: torch.nn.Linear(64, o, bias=False) for n, o in (("q", 64), ("k", 32), ("v", 32))}
     X = torch.randn(512, 64) @ torch.randn(64, 64)
@@ -123,7 +123,7 @@ def test_unsupported_family_is_named():
 
 
 def test_nan_activation_names_layer():
-    from gptq.hessian import NonFiniteError
+    from gptq.core.hessian import NonFiniteError
 
     model = tiny_model("llama")
     with torch.no_grad():
@@ -138,10 +138,10 @@ def test_sorting_mlp_channels_keeps_the_function_and_gives_act_order_with_trivia
     block computes the same function, the producers' packed tensors follow, and solving the consumer
     on sorted columns (group-aware, g_idx = k // group) equals the dynamic act-order solve of the
     original columns, permuted."""
-    from gptq.capture import weight_matrix
-    from gptq.pack import dequantize_packed
-    from gptq.pipeline import pack_result, sort_channels
-    from gptq.solver import solve
+    from gptq.core.pack import dequantize_packed
+    from gptq.core.solver import solve
+    from gptq.io.modules import weight_matrix
+    from gptq.pipeline.loop import pack_result, sort_channels
 
     model = tiny_model(family)
     arch = for_config(model.config)
@@ -151,7 +151,7 @@ def test_sorting_mlp_channels_keeps_the_function_and_gives_act_order_with_trivia
     packed = {}
     for name in producers:  # stand-ins for the solved producers: their round-to-nearest results
         m = block.get_submodule(name)
-        from gptq.solver import round_to_nearest
+        from gptq.core.solver import round_to_nearest
         packed[f"b.{name}"] = pack_result(round_to_nearest(weight_matrix(m).detach().float(), cfg), m, cfg)
     mlp = block.get_submodule(consumer.rsplit(".", 1)[0]) if "." in consumer else block
     x = torch.randn(2, 5, model.config.hidden_size)

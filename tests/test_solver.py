@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from gptq.config import ConfigError, QuantConfig
-from gptq.grid import dequantize, find_grid, quantize
-from gptq.hessian import CholeskyError, HessianAccumulator, NonFiniteError, inverse_cholesky
-from gptq.solver import round_to_nearest, solve, solve_order
+from gptq.core.config import ConfigError, QuantConfig
+from gptq.core.grids.uniform import dequantize, find_grid, quantize
+from gptq.core.hessian import CholeskyError, HessianAccumulator, NonFiniteError, inverse_cholesky
+from gptq.core.solver import round_to_nearest, solve, solve_order
 
 
 def correlated(n_in=96, n_rows=2048, seed=0):
@@ -242,8 +242,8 @@ def test_docstring_worked_example():
 @pytest.mark.parametrize("sym", [False, True])
 def test_packed_result_dequantizes_to_the_solved_weight(bits, sym):
     """solve → pack (the uint8 codes, every width, the top code included) → dequantize: exact."""
-    from gptq.pack import dequantize_packed
-    from gptq.pipeline import pack_result
+    from gptq.core.pack import dequantize_packed
+    from gptq.pipeline.loop import pack_result
 
     X, H = correlated()
     W = torch.randn(32, 96, generator=torch.Generator().manual_seed(7)) * 3
@@ -260,7 +260,7 @@ def test_packed_result_dequantizes_to_the_solved_weight(bits, sym):
 def test_solve_batch_is_solve_per_matrix(act_order, group_size):
     """Same-shape matrices with their own Hessians (a dead input in one) solved as a batch: the
     same codes, grids and g_idx as solving each alone, up to float rounding of batched products."""
-    from gptq.solver import solve_batch
+    from gptq.core.solver import solve_batch
 
     g = torch.Generator().manual_seed(0)
     B, out, n = 4, 48, 96
@@ -284,7 +284,7 @@ def test_solve_batch_is_solve_per_matrix(act_order, group_size):
 def test_solve_batch_falls_back_where_the_loops_do_not_line_up():
     """Codebook grids (and solve orders that start groups at different positions) are solved one
     by one: then the result is exactly ``solve``'s."""
-    from gptq.solver import solve_batch
+    from gptq.core.solver import solve_batch
 
     g = torch.Generator().manual_seed(1)
     W = torch.randn(2, 16, 64, generator=g)

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, SAMPLE_TEXT, tiny_config
 from safetensors.torch import load_file
 
-from conftest import ROOT, SAMPLE_TEXT, tiny_config
 from gptq import QuantConfig, quantize_model, save_checkpoint
-from gptq.stream import KILL_HOOK, ResumeError, quantize_streaming
+from gptq.pipeline.streaming import KILL_HOOK, ResumeError, quantize_streaming
 
 
 def sharded_tiny(tmp_path, tiny_tokenizer_dir, layers=3):
@@ -165,7 +165,7 @@ def test_corrupt_progress_is_refused(tmp_path, tiny_tokenizer_dir):
 def test_nan_weight_names_layer_when_streaming(tmp_path, tiny_tokenizer_dir):
     from transformers import AutoModelForCausalLM
 
-    from gptq.hessian import NonFiniteError
+    from gptq.core.hessian import NonFiniteError
 
     cfg = tiny_config("llama")
     torch.manual_seed(0)
@@ -219,7 +219,7 @@ def test_not_enough_disk_is_refused_before_any_work(tmp_path, tiny_tokenizer_dir
     import re
     from collections import namedtuple
 
-    import gptq.stream as stream
+    import gptq.pipeline.streaming as stream
 
     d = sharded_tiny(tmp_path, tiny_tokenizer_dir, layers=2)
     windows = torch.randint(0, 256, (4, 32))

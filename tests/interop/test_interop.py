@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
@@ -53,7 +52,7 @@ def default_checkpoint(tmp_path_factory):
 
 def ours(ckpt, windows) -> float:
     from gptq.eval import perplexity
-    from gptq.load import load
+    from gptq.runtime.load import load
 
     model, _ = load(ckpt, device="cpu", backend="torch", dtype="float32")
     return perplexity(model, windows)
@@ -89,7 +88,7 @@ def test_vllm_accepts_and_loads(default_checkpoint):
     mine = ours(ckpt, windows)
     print(f"\nvLLM {theirs['ppl']:.4f} vs ours {mine:.4f}")
     assert abs(theirs["ppl"] - mine) / mine < 0.005
-    from gptq.load import load
+    from gptq.runtime.load import load
 
     model, _ = load(ckpt, device="cpu", backend="torch", dtype="float32")
     greedy = model.generate(windows[0][:64][None], max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 64:]
@@ -106,7 +105,7 @@ def test_bitsandbytes_loads_our_nf4_checkpoint(default_checkpoint, tmp_path, dou
     import sys
 
     from gptq.eval import perplexity
-    from gptq.load import load_any
+    from gptq.runtime.load import load_any
 
     py = client_python("bnb")
     _, windows, path = default_checkpoint

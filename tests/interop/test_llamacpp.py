@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 from test_interop import WIKI
 
@@ -239,9 +238,8 @@ def test_llama_cpp_tokenizes_our_sentencepiece_style_vocabulary_as_transformers_
     valid) written by us as a llama vocabulary: llama.cpp's tokenizer gives the token ids
     transformers gives, byte fallback and the leading space included."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from conftest import spm_style_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     d = tmp_path / "spm-llama"
     tok = spm_style_tokenizer((WIKI / "valid.tokens.txt").read_text()[:300000], d, vocab_size=800)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_build import available, function
+from gptq.runtime.kernels.cpu_build import available, function
 
 __all__ = ["available", "f16_matmul"]
 

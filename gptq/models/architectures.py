@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .moe import ExpertsSpec
+from gptq.io.modules import get_module
+from gptq.models.moe import ExpertsSpec
 
 
 @dataclass(frozen=True)
@@ -175,8 +176,3 @@ def for_config(config) -> Architecture:
         "Adding one is a few lines in gptq/architectures.py (where the blocks are, which linears in which order)."
     )
 
-
-def get_module(root, dotted: str):
-    for part in dotted.split("."):
-        root = getattr(root, part)
-    return root

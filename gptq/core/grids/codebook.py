@@ -25,12 +25,12 @@ is the same interface for the integer grids.
 
 from __future__ import annotations
 
-import torch
-
 import functools
 from dataclasses import dataclass
 
-from .grid import MSE_COARSE, MSE_FINE, Grid
+import torch
+
+from gptq.core.grids.uniform import MSE_COARSE, MSE_FINE, Grid
 
 TABLES = {
     "nf4": (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

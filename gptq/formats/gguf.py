@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .ggml import TYPES, bits_per_weight, dequantize_blocks, pack_blocks
+from gptq.core.grids.ggml import TYPES, bits_per_weight, dequantize_blocks, pack_blocks
 
 # file type → (llama.cpp's LLAMA_FTYPE_MOSTLY_* number, the default block type)
 FILE_TYPES = {"q4_0": (2, "q4_0"), "q4_1": (3, "q4_1"), "q8_0": (7, "q8_0"), "q5_0": (8, "q5_0"),
@@ -232,8 +232,8 @@ def rope_permute(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def round_tensor(w: torch.Tensor, t: str) -> torch.Tensor:
     """A tensor that is not solved (embeddings, untied head) rounded to GGML type t: blocks."""
-    from .config import QuantConfig
-    from .solver import round_to_nearest
+    from gptq.core.config import QuantConfig
+    from gptq.core.solver import round_to_nearest
 
     tt = TYPES[t]
     cfg = QuantConfig(bits=tt.bits, group_size=tt.group, grid=t, act_order="none")

@@ -17,7 +17,7 @@ import ctypes
 
 import torch
 
-from .cpu_build import available, function, unavailable_reason
+from gptq.runtime.kernels.cpu_build import available, function, unavailable_reason
 
 __all__ = ["available", "unavailable_reason", "pack_rows64", "unpack_rows64", "int4_matmul", "Int4Rows",
            "int4_dequantize", "MAX_OUTPUTS"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..pack import dequantize_packed
+from gptq.core.pack import dequantize_packed
 
 
 def dequant_matmul_reference(x: torch.Tensor, qweight, qzeros, scales, g_idx, bits: int,

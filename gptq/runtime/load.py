@@ -1,7 +1,7 @@
 """Load a packed GPTQ checkpoint (ours or any tool's, v1 or v2 format, sharded or not) as a
 transformers model whose quantized linears are ``QuantLinear`` modules.
 
-    model, tokenizer = gptq.load("out/smollm2-gptq", device="cpu")     # backend chosen for you
+    model, tokenizer = gptq.runtime.load("out/smollm2-gptq", device="cpu")     # backend chosen for you
 
 Which linears are quantized is read from the tensors (every ``<m>.qweight``), so checkpoints
 that quantize a different set (e.g. lm_head) load too. Everything is validated — shapes,
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .qlinear import QuantLinear, fuse_siblings, half_head_for_cpu, share_permutations
+from gptq.runtime.qlinear import QuantLinear, fuse_siblings, half_head_for_cpu, share_permutations
 
 
 class CheckpointError(ValueError):
@@ -138,8 +138,8 @@ def _as_our_model(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[st
     """Mixture-of-experts families: split the model's fused experts into per-expert linears
     (``moe.unfuse``) and name the checkpoint's tensors as that model does (Mixtral's w1/w3/w2).
     Other models and families we do not quantize ourselves pass through unchanged."""
-    from .architectures import UnsupportedModelError, for_config
-    from .moe import unfuse
+    from gptq.models.architectures import UnsupportedModelError, for_config
+    from gptq.models.moe import unfuse
 
     try:
         arch = for_config(model.config)
@@ -163,7 +163,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, backend: str) 
     if device.type == "cuda":
         return torch.float16
     if backend == "cpu":  # bf16 activations for the int4 kernel only where the CPU has native bf16
-        from .cpu import fast_dtype
+        from gptq.runtime.cpu import fast_dtype
 
         return fast_dtype()
     return torch.float32
@@ -181,7 +181,7 @@ def prepare_model(model: nn.Module, backend: str, act_dtype: torch.dtype, dev: t
     if backend == "cpu" and dev.type == "cpu":
         half_head_for_cpu(model)
         if act_dtype == torch.float32 and any(m._state.get("kernel") == "rows64" for m in layers):
-            from .kernels.cpu_rmsnorm import replace_rms_norms
+            from gptq.runtime.kernels.cpu_rmsnorm import replace_rms_norms
 
             replace_rms_norms(model)
     model.eval()
@@ -191,8 +191,7 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: s
     """Load a GPTQ checkpoint directory → (model, tokenizer or None)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .capture import in_features
-    from .pipeline import resolve_device
+    from gptq.io.modules import in_features, resolve_device
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -267,8 +266,8 @@ def load_bnb(path: Path, device: str = "auto", dtype: str | torch.dtype = "auto"
     linears hold the dequantized weights (no bitsandbytes needed), and its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .bnb import dequantize
-    from .pipeline import resolve_device
+    from gptq.formats.bnb import dequantize
+    from gptq.io.modules import resolve_device
 
     config = AutoConfig.from_pretrained(path)
     dev = resolve_device(device)
@@ -309,7 +308,7 @@ def load_any(path: str | Path, device: str = "auto", backend: str = "auto", dtyp
     model directory through transformers."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .pipeline import resolve_device
+    from gptq.io.modules import resolve_device
 
     p = Path(path)
     if not (p / "config.json").is_file():

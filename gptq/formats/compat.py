@@ -139,7 +139,7 @@ def layer_shapes(directory, bits: int) -> list[tuple[int, int]]:
 
     from safetensors import safe_open
 
-    from .load import _tensor_files
+    from gptq.runtime.load import _tensor_files
 
     shapes = []
     for f in _tensor_files(Path(directory)):

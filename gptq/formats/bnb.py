@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codebook import NESTED_BLOCK, TABLES, NestedAbsmax, dynamic_map
+from gptq.core.grids.codebook import NESTED_BLOCK, TABLES, NestedAbsmax, dynamic_map
 
 
 @dataclass(frozen=True)

@@ -27,17 +27,32 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .activations import Activations, activation_bytes, block_args, return_free_memory, should_spill
-from .architectures import for_config, get_module
-from .capture import (BlockInputs, StopForward, first_block_inputs, hessians, in_features, move, record_inputs,
-                      record_io, record_outputs, replay_outputs, run_block, set_weight_matrix, stop_after,
-                      weight_matrix)
-from .distributed import SINGLE, World, all_gather, broadcast, exchange, owners, solve_cost
-from .hessian import HessianAccumulator
-from .moe import expert_rows, record_routing, routed_counts
-from .config import QuantConfig
-from .pack import pack_qweight, pack_qzeros, unpack_qzeros
-from .solver import SolveResult, concat_rows, round_to_nearest, solve, solve_batch
+from gptq.core.config import QuantConfig
+from gptq.core.hessian import HessianAccumulator
+from gptq.core.pack import pack_qweight, pack_qzeros, unpack_qzeros
+from gptq.core.solver import SolveResult, concat_rows, round_to_nearest, solve, solve_batch
+from gptq.io.modules import (
+    BlockInputs,
+    StopForward,
+    first_block_inputs,
+    get_module,
+    in_features,
+    move,
+    record_inputs,
+    record_io,
+    record_outputs,
+    replay_outputs,
+    resolve_device,
+    run_block,
+    set_weight_matrix,
+    stop_after,
+    weight_matrix,
+)
+from gptq.models.architectures import for_config
+from gptq.models.moe import expert_rows, record_routing, routed_counts
+from gptq.pipeline.activations import Activations, activation_bytes, block_args, return_free_memory, should_spill
+from gptq.pipeline.capture import hessians
+from gptq.pipeline.distributed import SINGLE, World, all_gather, broadcast, exchange, owners, solve_cost
 
 
 @dataclass(frozen=True)
@@ -85,11 +100,11 @@ def pack_result(r: SolveResult, module: nn.Module, config: QuantConfig):
     # place *and* the packed layer's rows, which on a shared tensor permuted the stored bias twice
     bias = None if bias is None else bias.detach().to("cpu", copy=True)
     if config.gguf:
-        from .gguf_file import GgmlLinear
+        from gptq.formats.gguf import GgmlLinear
 
         return GgmlLinear.from_result(r, config.grid, bias)
     if config.grid != "int":
-        from .bnb import Bnb4bitLinear
+        from gptq.formats.bnb import Bnb4bitLinear
 
         rows, cols = r.codes.shape
         if cols % config.group_size:
@@ -105,14 +120,6 @@ def pack_result(r: SolveResult, module: nn.Module, config: QuantConfig):
         g_idx=r.g_idx.cpu().clone(),  # own storage: linears solved together share one g_idx
         bias=None if bias is None else bias.to(torch.float16).contiguous(),
     )
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} was asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(device)
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
-"""Context managers that watch a model run: the inputs of the first decoder block, and the
-Hessians of chosen linears. Every hook is removed in ``finally``, whatever happens inside."""
+"""Helpers on modules: dotted lookup, the [out, in] weight of a linear, moving nested tensors,
+devices, and context managers that watch a model run (every hook removed in ``finally``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-
-from .hessian import CrossAccumulator, HessianAccumulator
 
 
 class StopForward(Exception):
@@ -23,6 +21,22 @@ class BlockInputs:
     hidden: torch.Tensor  # [batch, seq, hidden]
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+
+
+def get_module(root, dotted: str):
+    """``root.a.b.c`` for ``dotted`` = "a.b.c" (list indices included: "layers.3")."""
+    for part in dotted.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" → cuda when torch sees one, else cpu; a clear error for cuda without CUDA."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} was asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(device)
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -92,51 +106,9 @@ def first_block_inputs(block: nn.Module):
 
 
 @contextmanager
-def hessians(groups: list[dict[str, nn.Module]], stop: bool = True, staged: bool = False,
-             reference: dict[str, torch.Tensor] | None = None):
-    """Accumulate one H per group of linears that share an input (e.g. q/k/v) from what the
-    group's first linear receives, and cut the forward pass short (StopForward) as soon as
-    every group has been seen. Yields {linear name: accumulator} (shared within a group).
-    ``staged``: each batch's partial is kept for ``distributed.exchange`` instead of summed.
-    ``reference`` (full-precision targets): a dict the caller fills, before each batch, with what
-    the full-precision model feeds each group's first linear for that batch (``record_inputs``);
-    the accumulators then also sum the cross term Σ(x̃ − x)ᵀx (``acc.cross``)."""
-    accs: dict[str, HessianAccumulator] = {}
-    firsts: dict[str, HessianAccumulator] = {}
-    for group in groups:
-        first_name, first = next(iter(group.items()))
-        acc = HessianAccumulator(in_features(first), first.weight.device, staged)
-        if reference is not None:
-            acc.cross = CrossAccumulator(acc.columns, acc.device, staged)
-        firsts[first_name] = acc
-        accs.update({name: acc for name in group})
-    pending: set[str] = set(firsts)
-
-    def make_hook(name):
-        def hook(_module, args):
-            firsts[name].add(args[0].detach())
-            if reference is not None:
-                firsts[name].cross.add(reference.pop(name), args[0].detach())
-            pending.discard(name)
-            if stop and not pending:
-                pending.update(firsts)
-                raise StopForward
-
-        return hook
-
-    with ExitStack() as stack:
-        for group in groups:
-            name, module = next(iter(group.items()))
-            stack.enter_context(hooked(module, make_hook(name), pre=True))
-        yield accs
-
-
-@contextmanager
 def record_inputs(block: nn.Module, into: dict[str, list]):
     """Keep every first input each named linear of ``block`` receives (``into``: {name: list}), in
     call order: the full-precision model's inputs, recorded in one run of the unquantized block."""
-    from .architectures import get_module  # (architectures imports moe, which imports this module)
-
     with ExitStack() as stack:
         for name, seen in into.items():
             stack.enter_context(hooked(get_module(block, name), lambda _m, args, seen=seen: seen.append(args[0].detach()),

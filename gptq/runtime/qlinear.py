@@ -31,8 +31,8 @@ import weakref
 import torch
 from torch import nn
 
-from .pack import dequantize_packed, pack_rows, unpack_qweight, unpack_qzeros
-from .kernels.reference import dequant_matmul_reference
+from gptq.core.pack import dequantize_packed, pack_rows, unpack_qweight, unpack_qzeros
+from gptq.runtime.kernels.reference import dequant_matmul_reference
 
 BACKENDS = ("torch", "triton", "cpu", "dense")
 INT4_CPU_GROUPS = (256, 128, 64, 32)
@@ -109,7 +109,7 @@ class FusedSiblings:
     def __init__(self, layers: list["QuantLinear"]):
         states = [layer._state for layer in layers]
         self.group = states[0]["group"]
-        from .kernels.cpu_int4 import Int4Rows
+        from gptq.runtime.kernels.cpu_int4 import Int4Rows
 
         self.tensors = {k: torch.cat([st[k] for st in states]) for k in ("w", "scale", "zero")}
         widths = tuple(layer.out_features for layer in layers)
@@ -146,7 +146,7 @@ def share_permutations(layers: list["QuantLinear"]) -> None:
 
 
 def _fusable(layers: list) -> bool:
-    from .kernels.cpu_int4 import MAX_OUTPUTS
+    from gptq.runtime.kernels.cpu_int4 import MAX_OUTPUTS
 
     if not 2 <= len(layers) <= MAX_OUTPUTS or not all(
             isinstance(m, QuantLinear) and m._state.get("kernel") == "rows64" for m in layers):
@@ -161,7 +161,8 @@ def _fusable(layers: list) -> bool:
 def fuse_siblings(model: nn.Module) -> int:
     """Fuse the AVX2-kernel linears that share an input, per the model's architecture (its
     ``sequential`` groups); returns how many groups were fused. Unknown families: none."""
-    from .architectures import UnsupportedModelError, for_config, get_module
+    from gptq.io.modules import get_module
+    from gptq.models.architectures import UnsupportedModelError, for_config
 
     try:
         arch = for_config(model.config)
@@ -202,7 +203,7 @@ class HalfHead(nn.Module):
         self.weight = weight
         self.bias = bias
         self.buffers = buffers or SharedBuffers()
-        from .kernels import cpu_f16
+        from gptq.runtime.kernels import cpu_f16
 
         self._f16_matmul = cpu_f16.f16_matmul if cpu_f16.available() else None
 
@@ -327,8 +328,8 @@ class QuantLinear(nn.Module):
     def _prepare_int4_cpu(self, perm, G, cpu_kernel: str = "auto") -> str:
         """cpu_kernel "auto": our AVX2 kernel where the CPU has no fast bf16 and it can serve this
         layer, else torch's int4 kernel; "avx2" / "torch" ask for one (benchmarks compare them)."""
-        from .cpu import fast_dtype
-        from .kernels import cpu_int4
+        from gptq.runtime.cpu import fast_dtype
+        from gptq.runtime.kernels import cpu_int4
 
         if cpu_kernel not in ("auto", "avx2", "torch"):
             raise ValueError(f"cpu_kernel must be 'auto', 'avx2' or 'torch', not {cpu_kernel!r}")
@@ -351,7 +352,7 @@ class QuantLinear(nn.Module):
         s = scales[g_of_sub]  # [n_sub, out]
         # int4pack computes w = (q − 8)·s + offset; GPTQ's w = s·(q − z) ⇒ offset = s·(8 − z)
         offset = s * (8 - zeros[g_of_sub])
-        from .cpu import int4pack_layout
+        from gptq.runtime.cpu import int4pack_layout
 
         layout = int4pack_layout()
         self._state = {
@@ -368,7 +369,7 @@ class QuantLinear(nn.Module):
     def _prepare_rows64(self, perm, G) -> str:
         """CPUs without fast bf16: our AVX2 kernel (kernels/cpu_int4.c) on fp32 activations, the
         codes one row per output, the checkpoint's fp16 scales and integer zeros per group."""
-        from .kernels.cpu_int4 import Int4Rows, pack_rows64
+        from gptq.runtime.kernels.cpu_int4 import Int4Rows, pack_rows64
 
         codes = unpack_qweight(self.qweight, 4)  # [in, out]
         if perm is not None:
@@ -394,7 +395,7 @@ class QuantLinear(nn.Module):
 
     def _dequantized_t(self, dtype: torch.dtype) -> torch.Tensor:
         """cpu backend: Ŵᵀ [in, out] (sorted input order) from the int4 weight, in a shared buffer."""
-        from .cpu import int4pack_dequantize_t
+        from gptq.runtime.cpu import int4pack_dequantize_t
 
         st = self._state
         K, N = self.in_features, self.out_features
@@ -435,7 +436,7 @@ class QuantLinear(nn.Module):
 
     def _prompt_rows64(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """AVX2 kernel's layer, many rows: exact dequantization into the shared buffer, fp32 matmul."""
-        from .kernels import cpu_int4
+        from gptq.runtime.kernels import cpu_int4
 
         st = self._state
         xs = self._permuted(x, x2)
@@ -465,7 +466,7 @@ class QuantLinear(nn.Module):
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), st["w"], st["sub"], st["sz"])
             y = y.to(x.dtype)
         elif self.backend == "triton":
-            from .kernels.triton_dequant import dequant_matmul
+            from gptq.runtime.kernels.triton_dequant import dequant_matmul
 
             st = self._state
             xs = self._permuted(x, x2)

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .architectures import for_config
-from .config import QuantConfig
-from .pipeline import PackedLinear
+from gptq.core.config import QuantConfig
+from gptq.models.architectures import for_config
+from gptq.pipeline.loop import PackedLinear
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                 "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .grid import MSE_COARSE, MSE_FINE, Grid
+from gptq.core.grids.uniform import MSE_COARSE, MSE_FINE, Grid
 
 
 @dataclass(frozen=True)

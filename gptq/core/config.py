@@ -107,7 +107,7 @@ class QuantConfig:
             if g not in GGML_GRIDS:
                 raise ConfigError(f"layer grid {g!r}; choose one of {GGML_GRIDS}")
         if self.grid in GGML_GRIDS:
-            from .ggml import TYPES
+            from gptq.core.grids.ggml import TYPES
 
             t = TYPES[self.grid]
             if (self.bits, self.group_size, self.sym) != (t.bits, t.group, True):
@@ -138,7 +138,7 @@ class QuantConfig:
         grid = dict(self.layer_grids).get(name)
         if grid is None or grid == self.grid:
             return self
-        from .ggml import TYPES
+        from gptq.core.grids.ggml import TYPES
 
         t = TYPES[grid]
         return replace(self, grid=grid, bits=t.bits, group_size=t.group)
@@ -152,7 +152,7 @@ class QuantConfig:
         if self.gguf:  # not a safetensors checkpoint: the GGUF file carries its own metadata
             return {"quant_method": "gguf", "file_type": self.gguf}
         if self.grid != "int":  # codebook grids are written in the bitsandbytes 4-bit layout
-            from .bnb import quantization_config
+            from gptq.formats.bnb import quantization_config
 
             return quantization_config(self.grid, double_quant=self.double_quant)
         return {

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 import shutil
+import sys
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .capture import BlockInputs
+from gptq.io.modules import BlockInputs
 
 
 def save_item(item, path: Path) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .capture import StopForward, hooked
+from gptq.io.modules import StopForward, hooked
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def routed_experts_from_fused(fused: nn.Module) -> RoutedExperts:
 def unfuse(model: nn.Module, arch) -> nn.Module:
     """Replace every block's fused experts module by ``RoutedExperts`` (in place; a no-op for
     dense families and for blocks already unfused)."""
-    from .architectures import get_module
+    from gptq.io.modules import get_module
 
     spec = arch.experts
     if spec is None:

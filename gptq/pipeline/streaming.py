@@ -34,14 +34,22 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .activations import (Activations, SpilledInputs, activation_bytes, block_args, load_item, save_item,
-                          should_spill)
-from .architectures import for_config, get_module
-from .config import QuantConfig
-from .distributed import SINGLE, World, barrier, my_batches
-from .load import _parameters_on_meta
-from .pipeline import PackedLinear, capture_block_inputs, quantize_blocks, resolve_device
-from .save import DEFAULT_SHARD_BYTES, TORCH_DTYPES, move_into_place, regroup_shards, write_metadata
+from gptq.core.config import QuantConfig
+from gptq.io.checkpoint import DEFAULT_SHARD_BYTES, TORCH_DTYPES, move_into_place, regroup_shards, write_metadata
+from gptq.io.modules import get_module, resolve_device
+from gptq.models.architectures import for_config
+from gptq.pipeline.activations import (
+    Activations,
+    SpilledInputs,
+    activation_bytes,
+    block_args,
+    load_item,
+    save_item,
+    should_spill,
+)
+from gptq.pipeline.distributed import SINGLE, World, barrier, my_batches
+from gptq.pipeline.loop import PackedLinear, capture_block_inputs, quantize_blocks
+from gptq.runtime.load import _parameters_on_meta
 
 STATE = "progress.json"
 SPILL = "spill"  # activations spilled during the run (not needed to resume)
@@ -95,7 +103,7 @@ class TensorSource:
 def skeleton(model_dir: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .moe import unfuse
+    from gptq.models.moe import unfuse
 
     config = AutoConfig.from_pretrained(model_dir)
     with _parameters_on_meta():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cpu_build import available, function
+from gptq.runtime.kernels.cpu_build import available, function
 
 
 def _rows(fn, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import QuantConfig
-from .grid import UniformFamily
-from .hessian import NonFiniteError, all_finite, dead_columns, inverse_cholesky
+from gptq.core.config import QuantConfig
+from gptq.core.grids.uniform import UniformFamily
+from gptq.core.hessian import NonFiniteError, all_finite, dead_columns, inverse_cholesky
 
 
 @dataclass(frozen=True)
@@ -86,10 +86,10 @@ def grid_family(config: QuantConfig):
     if config.grid == "int":
         return UniformFamily(config.bits, config.sym, config.mse, _min_zero(config))
     if config.grid in ("nf4", "fp4"):
-        from .codebook import CodebookFamily
+        from gptq.core.grids.codebook import CodebookFamily
 
         return CodebookFamily(config.grid, config.mse, config.double_quant)
-    from .ggml import ggml_family
+    from gptq.core.grids.ggml import ggml_family
 
     return ggml_family(config.grid, config.mse)
 

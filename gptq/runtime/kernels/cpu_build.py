@@ -82,7 +82,7 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     """(the library, "") or (None, why not): decided once per process."""
     if os.environ.get("GPTQ_CPU_KERNEL", "1") == "0":
         return None, "turned off by GPTQ_CPU_KERNEL=0"
-    from ..cpu import cpu_flags, fast_dtype
+    from gptq.runtime.cpu import cpu_flags, fast_dtype
 
     flags = set(cpu_flags())
     if not {"avx2", "fma", "f16c"} <= flags:

@@ -1,0 +1,1 @@
+"""Output formats: how solve results become stored tensors, metadata and files."""

@@ -1,0 +1,1 @@
+"""Modules and bytes: module helpers and hooks, safetensors files. Nothing about quantization."""

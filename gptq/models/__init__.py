@@ -1,0 +1,1 @@
+"""What the loop needs to know about a model family, as data."""

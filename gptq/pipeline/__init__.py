@@ -1,0 +1,1 @@
+"""The block-by-block loop and what feeds it."""

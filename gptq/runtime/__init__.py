@@ -1,0 +1,1 @@
+"""Running packed weights: quantized linears, their kernels, loading checkpoints."""

@@ -36,17 +36,17 @@ test-fast: $(STAMP)  ## the fast tier only (no real model)
 	$(PYTHON) -m pytest -q -m "not slow and not interop"
 
 bench: $(STAMP)  ## quality/speed benchmarks on SmolLM2; figures to stdout and bench-results/
-	$(PYTHON) -m gptq.bench all --out bench-results
+	$(PYTHON) -m benchmarks all --out bench-results
 
 bench-moe: $(STAMP)  ## MoE: a synthetic Qwen3-MoE-shaped model, experts solved as a batch vs one by one
-	$(PYTHON) -m gptq.bench moe --out bench-results
+	$(PYTHON) -m benchmarks moe --out bench-results
 
 bench-scale: $(STAMP)  ## streaming quantization of synthetic models of growing size (peak RSS, s/block), activation spilling
-	$(PYTHON) -m gptq.bench scale --out bench-results
-	$(PYTHON) -m gptq.bench spill --out bench-results
+	$(PYTHON) -m benchmarks scale --out bench-results
+	$(PYTHON) -m benchmarks spill --out bench-results
 
 notebook: $(STAMP)  ## execute notebooks/walkthrough.ipynb in place (full run)
-	$(PYTHON) -m gptq.bench notebook
+	$(PYTHON) -m benchmarks notebook
 
 .venv-gptqmodel/.installed:
 	$(PY) -m venv .venv-gptqmodel
@@ -66,6 +66,11 @@ notebook: $(STAMP)  ## execute notebooks/walkthrough.ipynb in place (full run)
 	.venv-bnb/bin/pip install -q torch==2.13.0 bitsandbytes==0.50.2 transformers accelerate safetensors
 	touch $@
 
+.venv-ct/.installed:
+	$(PY) -m venv .venv-ct
+	.venv-ct/bin/pip install -q torch==2.13.0 transformers compressed-tensors accelerate safetensors
+	touch $@
+
 # llama.cpp's tools, built from the full source inside llama-cpp-python's sdist, and a venv for its
 # convert_hf_to_gguf.py (the f16 reference and llama.cpp's own quantizations)
 LLAMA_SRC = .cache/llama.cpp/llama_cpp_python-0.3.36/vendor/llama.cpp
@@ -82,9 +87,9 @@ LLAMA_SRC = .cache/llama.cpp/llama_cpp_python-0.3.36/vendor/llama.cpp
 	.venv-llamacpp/bin/pip install -q torch==2.13.0 transformers sentencepiece safetensors numpy pyyaml protobuf
 	touch $@
 
-interop-setup: .venv-gptqmodel/.installed .venv-vllm/.installed .venv-bnb/.installed .venv-llamacpp/.installed .cache/llama.cpp/.built  ## install the real clients, each in its own venv
+interop-setup: .venv-gptqmodel/.installed .venv-vllm/.installed .venv-bnb/.installed .venv-ct/.installed .venv-llamacpp/.installed .cache/llama.cpp/.built  ## install the real clients, each in its own venv
 
-interop: $(STAMP)  ## load our checkpoints in GPTQModel, vLLM (CPU), transformers+bitsandbytes, llama.cpp; skips a client whose venv is absent
+interop: $(STAMP)  ## load our checkpoints in GPTQModel, vLLM (CPU), transformers+bitsandbytes/compressed-tensors, llama.cpp; skips a client whose venv is absent
 	$(PYTHON) -m pytest -q -s -m interop tests/interop
 
 clean:  ## remove outputs (keeps .venv and the model cache)

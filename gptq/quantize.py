@@ -9,16 +9,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from gptq.core.config import ACT_ORDERS, EXPERT_TOKENS, CalibConfig, ConfigError, QuantConfig
+import torch
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-GGUF_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+from calib import load_documents, sample_windows
+from gptq.core.config import ACT_ORDERS, EXPERT_TOKENS, CalibConfig, ConfigError, QuantConfig
+from gptq.formats.checkpoint import save_checkpoint
+from gptq.formats.registry import GGUF_TYPES, NAMES, get
+from gptq.io.modules import resolve_device
+from gptq.io.safetensors_io import TensorSource, parse_size, prepare_output, source_dtype_name
+from gptq.models.architectures import for_config
+from gptq.models.moe import unfuse
+from gptq.pipeline.distributed import SINGLE, init, launched
+from gptq.pipeline.loop import LayerReport
+from gptq.pipeline.run import quantize_model
+from gptq.pipeline.streaming import quantize_streaming, skeleton
+from gptq.runtime.cpu import cpu_info, fast_dtype
 
 EPILOG = """defaults: 4-bit, group 128, symmetric, group-aware act-order, MSE clipping on, true-sequential
 on, damp 0.01, 128 windows x 2048 tokens of C4. The act-order mode and MSE clipping were chosen by
@@ -28,10 +43,13 @@ checkpoint keeps g_idx = k // group (desc_act false), which vLLM, TGI and GPTQMo
 examples:
   python -m gptq.quantize ./Llama-3-8B --dataset c4 --bits 4
   python -m gptq.quantize ./model --dataset my_text.jsonl --nsamples 64 --seqlen 1024 --out ./model-gptq
+
+exit status: 0 done; 2 bad input or settings (one "error: ..." line); 130 Ctrl-C, 143 SIGTERM (e.g. from
+`timeout` or a job scheduler): progress is kept in OUT.partial, rerun the same command with --resume.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # one declaration per option: clearer whole than split
     p = argparse.ArgumentParser(prog="python -m gptq.quantize", description=__doc__.split("\n\n")[1].strip(),
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = QuantConfig()
@@ -86,12 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "second, full-precision forward stream. 0 = plain GPTQ (default: %(default)s)")
     q.add_argument("--block-size", type=int, default=d.block_size,
                    help="columns per lazy-batch block; speed only (default: %(default)s)")
-    q.add_argument("--format", dest="checkpoint_format", default=d.checkpoint_format,
-                   choices=["gptq", "gptq_v2", "bnb-nf4", "bnb-fp4"] + [f"gguf:{t}" for t in GGUF_TYPES],
-                   metavar="FORMAT",
+    q.add_argument("--format", default=d.format, choices=[n for n in NAMES if "+" not in n], metavar="FORMAT",
                    help="gptq / gptq_v2: a GPTQ checkpoint (checkpoint_format v1 or v2); bnb-nf4 / bnb-fp4: GPTQ solved "
                         "on bitsandbytes' NF4/FP4 grid (absmax per --group-size weights, 64 if not given), written "
-                        "as a bitsandbytes 4-bit checkpoint that transformers loads; gguf:TYPE (TYPE one of "
+                        "as a bitsandbytes 4-bit checkpoint that transformers loads; compressed-tensors: the "
+                        "pack-quantized layout llm-compressor writes and vLLM serves natively (4 or 8 bits, scales in "
+                        "the model's dtype); gguf:TYPE (TYPE one of "
                         f"{', '.join(GGUF_TYPES)}): one .gguf file for llama.cpp / Ollama, every decoder linear "
                         "solved on its GGML block type, types per tensor as llama-quantize picks them "
                         "(default: %(default)s)")
@@ -110,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype the blocks run in while calibrating (Hessians and the solve are always float32); "
-                        "auto = the model's own dtype on GPU; on CPU bfloat16 only where the CPU multiplies it "
-                        "natively (measured), else float32 (default: %(default)s)")
+                        "auto = the model's own dtype on GPU; on CPU bfloat16 only where the CPU has native bf16 "
+                        "instructions (AVX-512 BF16, AMX, Arm BF16; GPTQ_CPU_DTYPE overrides), else float32 "
+                        "(default: %(default)s)")
     r.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass (default: %(default)s)")
     r.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors shard of the finished checkpoint (one model.safetensors when it fits, "
@@ -131,12 +150,41 @@ def fail(msg: str) -> "None":
     raise SystemExit(2)
 
 
-def check_model_dir(path: str, fmt: str = "gptq"):
+def plain_warnings() -> None:
+    """Python warnings (ours and the libraries') print as one plain "warning: ..." line on stderr,
+    each text once, without the "file.py:303: UserWarning" and source lines Python adds. Every
+    command's main installs it."""
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(str(message).split())
+        if text not in seen:
+            seen.add(text)
+            print(f"warning: {text}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, a job scheduler): handled as Ctrl-C, exit status 143 (128 + 15)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def catch_sigterm():
+    """Turn SIGTERM into ``Terminated`` in this process (the main thread of a single process with
+    the default handler; under torchrun the launcher's handling stays). Returns the handler to
+    restore, or None when nothing was installed."""
+    if (launched() or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def check_model_dir(path: str):
     """A local model directory → its config. Clear errors for the usual mistakes."""
-    from transformers import AutoConfig
-
-    from gptq.models.architectures import for_config
-
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(
@@ -146,11 +194,9 @@ def check_model_dir(path: str, fmt: str = "gptq"):
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"'{path}' has no config.json; it is not a Hugging Face model directory")
     config = AutoConfig.from_pretrained(p)
-    arch = for_config(config)  # unsupported families fail here, before any weight is read
-    if arch.experts is not None and fmt not in ("gptq", "gptq_v2") and not fmt.startswith("gguf:"):
-        raise ConfigError(f"'{path}' is a mixture-of-experts model ({config.model_type}): it is written in the GPTQ "
-                          f"format (per-expert qweight/scales, as vLLM and GPTQModel load them) or as GGUF, not {fmt}; "
-                          "drop --format or use --format gptq / gptq_v2 / gguf:TYPE")
+    for_config(config)  # unsupported families fail here, before any weight is read
+    if (p / "model.safetensors.index.json").is_file() or any(p.glob("*.safetensors")):
+        TensorSource(p)  # every file's header: a missing, truncated or corrupt shard is named here
     if getattr(config, "quantization_config", None):
         qc = config.quantization_config
         method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
@@ -160,16 +206,13 @@ def check_model_dir(path: str, fmt: str = "gptq"):
 
 def calib_dtype(config, dtype: str, device: str):
     """auto: the model's own dtype, except on a CPU, where half precision runs in float32 unless the
-    CPU multiplies bf16 natively (measured once, ``gptq.runtime.cpu.fast_dtype``); float16 → float32 there too."""
-    import torch
-
+    CPU has native bf16 instructions (``gptq.runtime.cpu.dtype_choice``: its flags, never a timing);
+    float16 → float32 there too."""
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if dtype == "auto":
         own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         own = getattr(torch, own) if isinstance(own, str) else own
         if on_cpu and own in (torch.float16, torch.bfloat16):
-            from gptq.runtime.cpu import fast_dtype
-
             return torch.bfloat16 if (own == torch.bfloat16 and fast_dtype() == torch.bfloat16) else torch.float32
         return own
     return getattr(torch, dtype)
@@ -177,10 +220,6 @@ def calib_dtype(config, dtype: str, device: str):
 
 def compute_record(dtype, device: str) -> dict:
     """What the forwards ran in, and on which CPU: recorded in quantize_report.json."""
-    import torch
-
-    from gptq.runtime.cpu import cpu_info
-
     dev = "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
     rec = {"device": dev, "dtype": str(dtype).removeprefix("torch."), "cpu": cpu_info()}
     if dev == "cuda":
@@ -191,18 +230,11 @@ def compute_record(dtype, device: str) -> dict:
 def load_model(path: str, config, dtype: str, device: str):
     """The whole model in CPU memory (the --no-stream path) and its tokenizer (``config``: the
     directory's, from ``check_model_dir``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from gptq.models.architectures import for_config
-    from gptq.models.moe import unfuse
-
     model = AutoModelForCausalLM.from_pretrained(Path(path), dtype=calib_dtype(config, dtype, device))
     return unfuse(model, for_config(config)), AutoTokenizer.from_pretrained(Path(path))
 
 
 def calibration_windows(tokenizer, model_config, calib: CalibConfig):
-    from calib import load_documents, sample_windows
-
     ctx = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
     seqlen = min(calib.seqlen, ctx) if ctx else calib.seqlen
     if seqlen < calib.seqlen:
@@ -211,82 +243,48 @@ def calibration_windows(tokenizer, model_config, calib: CalibConfig):
     return sample_windows(docs, tokenizer, calib.nsamples, seqlen, calib.seed, mode)
 
 
-def warn_group_divisibility(model, config: QuantConfig) -> None:
-    from gptq.io.modules import get_module, in_features
-    from gptq.models.architectures import for_config
-
-    if config.group_size == -1:
-        return
-    arch = for_config(model.config)
-    block = get_module(model, arch.blocks)[0]
-    bad = sorted({in_features(get_module(block, n)) for n in arch.block_linears(block)} - {0})
-    bad = [n for n in bad if n % config.group_size]
-    if bad and config.grid != "int":
-        raise ConfigError(f"--group-size {config.group_size} does not divide the input size(s) {bad}: bitsandbytes "
-                          "blocks would straddle rows. Pick a group size (64, 128, ...) that divides every layer's "
-                          "input.")
-    if bad:
-        warnings.warn(
-            f"--group-size {config.group_size} does not divide the input size(s) {bad}: the last group of "
-            "those layers is shorter. This project's loader and kernels handle it, and so does the format, "
-            "but vLLM's Marlin and the ExLlama kernels need in_features % group_size == 0 (they fall back to "
-            "slower kernels or refuse). Pick a group size that divides them (e.g. 32 or 64) to keep them.",
-            stacklevel=2,
-        )
+def quant_config(args) -> QuantConfig:
+    """The run's settings from the command line (bitsandbytes formats: group 64 unless given)."""
+    bnb = args.format.startswith("bnb-")
+    if args.double_quant and not bnb:
+        raise ConfigError("--double-quant applies to --format bnb-nf4 / bnb-fp4 (the other formats store their scales "
+                          "as they are)")
+    return QuantConfig(bits=args.bits, group_size=(args.group_size if args.group_size is not None
+                                               else 64 if bnb else QuantConfig().group_size),
+                       sym=args.sym, act_order=args.act_order, true_sequential=args.true_sequential, damp=args.damp,
+                       sort_channels=args.sort_channels, block_size=args.block_size, mse=args.mse,
+                       format=args.format + ("+dq" if args.double_quant else ""), expert_tokens=args.expert_tokens,
+                       expert_min_tokens=args.expert_min_tokens, fp_target=args.fp_target)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    out = None
+    plain_warnings()
+    previous_sigterm = catch_sigterm()
     try:
-        bnb = args.checkpoint_format.startswith("bnb-")
-        gguf = args.checkpoint_format[5:] if args.checkpoint_format.startswith("gguf:") else ""
-        group = args.group_size if args.group_size is not None else (64 if bnb else QuantConfig().group_size)
-        config = None
-        if gguf:
-            config = check_model_dir(args.model, args.checkpoint_format)  # before the skeleton is built
-            qcfg = gguf_config(args, gguf)
-        else:
-            qcfg = QuantConfig(bits=args.bits, group_size=group, sym=args.sym, act_order=args.act_order,
-                               true_sequential=args.true_sequential, damp=args.damp,
-                               sort_channels=args.sort_channels, block_size=args.block_size, mse=args.mse,
-                               checkpoint_format="gptq" if bnb else args.checkpoint_format,
-                               grid=args.checkpoint_format[4:] if bnb else "int", double_quant=args.double_quant,
-                               expert_tokens=args.expert_tokens, expert_min_tokens=args.expert_min_tokens,
-                               fp_target=args.fp_target)
+        qcfg = quant_config(args)
+        fmt = get(qcfg)
         ccfg = CalibConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
-        if qcfg.act_order == "dynamic" and qcfg.group_size != -1:
-            warnings.warn("--act-order dynamic writes desc_act: true with a permuted g_idx; vLLM >= 0.32 refuses "
-                          "such checkpoints (GPTQ group activation ordering). --act-order group-aware, the default, "
-                          "keeps g_idx = k // group at nearly the same quality.", stacklevel=1)
-        from gptq.io.checkpoint import parse_size, prepare_output
-
         shard_bytes = parse_size(args.max_shard_size)
         try:
             max_memory = None if args.max_memory.strip().lower() == "auto" else parse_size(args.max_memory)
         except ValueError as e:
             raise ConfigError(f"--max-memory: {e}, or auto") from None
-        out = args.out or (f"{args.model.rstrip('/')}-{args.checkpoint_format}-g{qcfg.group_size}" if bnb else
-                           f"{args.model.rstrip('/')}-gguf-{gguf}" if gguf else
-                           f"{args.model.rstrip('/')}-gptq-{qcfg.bits}bit-g{qcfg.group_size}")
-        if config is None:
-            config = check_model_dir(args.model, args.checkpoint_format)
-        prepare_output(out, args.overwrite)  # refuse early, before hours of work
-        gguf_out = None
-        if gguf:  # the solved blocks are staged as a checkpoint beside OUT, then written as one .gguf
-            gguf_out, out = Path(out), str(Path(out).resolve()) + ".stage"
-            if not args.resume:
-                prepare_output(out, args.overwrite)
-        import torch
-
-        from gptq.io.checkpoint import save_checkpoint
-        from gptq.io.modules import resolve_device
-        from gptq.pipeline.distributed import SINGLE, init, launched
-        from gptq.pipeline.loop import LayerReport, quantize_model
-
+        config = check_model_dir(args.model)
+        fmt = fmt.bind(skeleton(args.model, torch.float32), Path(args.model))  # refuses before any long work
+        for w in fmt.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        final_out = args.out or fmt.default_out(args.model)
+        prepare_output(final_out, args.overwrite)  # refuse early, before hours of work
+        # a staged format (GGUF) solves into a checkpoint beside OUT, then writes OUT from it
+        out = str(Path(final_out).resolve()) + ".stage" if fmt.staged else final_out
+        if fmt.staged and not args.resume:
+            prepare_output(out, args.overwrite)
         world = SINGLE
-        if launched():  # one of several processes started by torchrun: see gptq/distributed.py
+        if launched():  # one of several processes started by torchrun: see gptq/pipeline/distributed.py
             if not args.stream:
                 raise ConfigError("runs under torchrun use the streaming path: drop --no-stream")
             world = init(resolve_device(args.device))
@@ -295,119 +293,55 @@ def main(argv: list[str] | None = None) -> int:
         summary = {"model": str(Path(args.model).resolve()), "quant_config": qcfg.as_dict(),
                    "calibration": asdict(ccfg)}
         if args.stream:
-            from transformers import AutoTokenizer
-
-            from gptq.pipeline.streaming import quantize_streaming, skeleton
-
             summary["compute"] = compute_record(calib_dtype(config, args.dtype, args.device), args.device)
-            warn_group_divisibility(skeleton(args.model, torch.float32), qcfg)
             windows = calibration_windows(AutoTokenizer.from_pretrained(args.model), config, ccfg)
             summary["calibration"]["windows"] = list(windows.shape)
             final, layers, _ = quantize_streaming(
                 args.model, out, qcfg, windows, calib_dtype(config, args.dtype, args.device), device=args.device,
                 batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                extra_report=summary, max_memory=max_memory, max_shard_bytes=shard_bytes, world=world)
+                extra_report=summary, max_memory=max_memory, max_shard_bytes=shard_bytes, world=world, fmt=fmt)
             if not world.main:  # rank 0 writes and reports
                 return 0
             report = [LayerReport(**(r | {"shape": tuple(r["shape"])})) for r in layers]
             seconds = time.perf_counter() - t0
         else:
+            if args.resume:
+                print("note: nothing to resume with --no-stream (only streaming runs keep progress); starting from "
+                      "the beginning", file=sys.stderr)
             model, tokenizer = load_model(args.model, config, args.dtype, args.device)
             summary["compute"] = compute_record(next(model.parameters()).dtype, args.device)
             windows = calibration_windows(tokenizer, model.config, ccfg)
-            warn_group_divisibility(model, qcfg)
             packed, report = quantize_model(model, windows, qcfg, device=args.device, batch_size=args.batch_size,
-                                            progress=not args.quiet, max_memory=max_memory)
+                                            progress=not args.quiet, max_memory=max_memory, fmt=fmt)
             seconds = time.perf_counter() - t0
             summary |= {"seconds": round(seconds, 2), "layers": [asdict(r) for r in report]}
             summary["calibration"]["windows"] = list(windows.shape)
-            from gptq.io.checkpoint import source_dtype_name
-
             own = source_dtype_name(args.model)
             final = save_checkpoint(out, model, packed, qcfg, source_dir=args.model, overwrite=args.overwrite,
                                     max_shard_bytes=shard_bytes, float_dtype=getattr(torch, own) if own else None,
                                     extra_files={"quantize_report.json": json.dumps(summary, indent=2) + "\n"})
-        if gguf_out is not None:
-            final = finish_gguf(Path(final), gguf_out, gguf, args.model, args.overwrite)
-    except KeyboardInterrupt:
-        state = Path(out).resolve()
-        print(f"\ninterrupted. " + (f"Progress is kept in {state.name}.partial: rerun the same command with --resume "
-                                    "to continue from the last completed block." if args.stream else
-                                    "Nothing was written (use the default --stream for resumable runs)."),
-              file=sys.stderr)
-        return 130
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError, OSError) as e:
+        if fmt.staged:
+            final = fmt.finish(Path(final), Path(final_out), Path(args.model), args.overwrite)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        state = Path(out or ".").resolve()
+        if not args.stream:
+            print("\ninterrupted. Nothing was written (use the default --stream for resumable runs).", file=sys.stderr)
+        elif out is not None and state.with_name(state.name + ".partial").is_dir():
+            print(f"\ninterrupted. Progress is kept in {state.name}.partial: rerun the same command with --resume "
+                  "to continue from the last completed block.", file=sys.stderr)
+        else:
+            print("\ninterrupted before any work was saved: rerun the same command.", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError, OSError, SafetensorError) as e:
         fail(str(e))
-    print_summary(report, seconds, final)
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+    print_summary(report, seconds, final, fmt)
     return 0
 
 
-def gguf_config(args, ftype: str) -> QuantConfig:
-    """The run's config for a GGUF file type: each decoder linear's GGML type as llama.cpp picks it
-    (the caller has checked the model directory)."""
-    import torch
-
-    from gptq.formats.gguf import plan
-    from gptq.io.modules import in_features
-    from gptq.pipeline.streaming import skeleton
-
-    if args.double_quant or args.act_order not in ("none", "group-aware"):
-        raise ConfigError("--format gguf:* takes --act-order none or group-aware (GGML blocks run along the rows "
-                          "in order) and no --double-quant")
-    model = skeleton(args.model, torch.float32)
-    from gptq.io.modules import get_module
-    from gptq.models.architectures import for_config
-
-    arch = for_config(model.config)
-    blocks = get_module(model, arch.blocks)
-    linears = {f"{arch.blocks}.{i}.{n}": in_features(get_module(b, n)) for i, b in enumerate(blocks)
-               for n in arch.block_linears(b)}
-    n_expert = getattr(model.config, arch.experts.count) if arch.experts is not None else 0
-    try:
-        from gptq.formats.gguf import check_moe
-
-        check_moe(model.config.to_dict())
-        default, per_layer = plan(ftype, model.config.model_type, linears, arch.blocks, n_expert)
-        from gptq.formats.gguf import check_tokenizer
-
-        check_tokenizer(Path(args.model))  # refuse now, not after the solve
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    from gptq.core.grids.ggml import TYPES
-
-    t = TYPES[default]
-    return QuantConfig(bits=t.bits, group_size=t.group, sym=True, act_order=args.act_order,
-                       true_sequential=args.true_sequential, damp=args.damp, sort_channels=args.sort_channels,
-                       block_size=args.block_size, mse=args.mse, grid=default, layer_grids=per_layer, gguf=ftype,
-                       fp_target=args.fp_target)
-
-
-def finish_gguf(stage: Path, out: Path, ftype: str, source: str, overwrite: bool) -> Path:
-    """Write OUT/<name>-<type>.gguf and the report from the staged checkpoint, then remove the stage."""
-    import shutil
-
-    from gptq.formats.gguf import write_gguf
-    from gptq.io.checkpoint import prepare_output
-
-    final, tmp = prepare_output(out, overwrite)
-    tmp.mkdir()
-    try:
-        info = write_gguf(stage, tmp / f"{Path(source).name}-{ftype}.gguf", ftype, Path(source))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # the staged checkpoint stays: rerun with --resume
-        raise
-    report = json.loads((stage / "quantize_report.json").read_text()) if (stage / "quantize_report.json").is_file() \
-        else {}
-    report["gguf"] = info
-    (tmp / "quantize_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    shutil.rmtree(stage)
-    return final
-
-
-def print_summary(report, seconds: float, out: Path) -> None:
+def print_summary(report, seconds: float, out: Path, fmt) -> None:
     worst = sorted(report, key=lambda r: r.loss, reverse=True)[:5]
     print(f"\nquantized {len(report)} linears in {seconds:.1f} s; highest losses:")
     for r in worst:
@@ -422,20 +356,7 @@ def print_summary(report, seconds: float, out: Path) -> None:
             print(f"  ... {len(starved) - 8} more in the report")
     print(f"per-layer report: {out / 'quantize_report.json'}")
     print(f"checkpoint: {out}")
-    from gptq.formats.compat import format_verdicts, is_moe, layer_shapes, verdicts
-
-    if not (out / "config.json").is_file():  # a GGUF file
-        g = json.loads((out / "quantize_report.json").read_text())["gguf"]
-        print(f"GGUF {g['file_type']}: {g['file']} {g['MiB']} MiB, {g['bits_per_weight']} bits per weight "
-              f"({', '.join(f'{k} x{v}' for k, v in g['tensor_types'].items())}); llama.cpp and Ollama load it")
-        return
-    cfg = json.loads((out / "config.json").read_text())
-    qc = cfg["quantization_config"]
-    if qc.get("quant_method") != "gptq":
-        print("format: bitsandbytes 4-bit (transformers + bitsandbytes load it with from_pretrained)")
-        return
-    print("served by (python -m gptq.inspect CHECKPOINT says the same):")
-    print(format_verdicts(verdicts(qc, layer_shapes(out, qc["bits"]), is_moe(cfg))))
+    print(fmt.summary(out))
 
 
 if __name__ == "__main__":

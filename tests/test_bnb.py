@@ -11,8 +11,10 @@ from test_pipeline import tiny_model, windows
 from test_stream import calib_text, quantize_cmd, run
 
 from gptq import QuantConfig, quantize_model, save_checkpoint
+from gptq.core.grids import GridSpec
 from gptq.core.grids.codebook import TABLES
 from gptq.formats.bnb import Bnb4bitLinear, dequantize
+from gptq.formats.registry import get
 
 
 def test_layout_round_trips_codes_and_absmax_exactly():
@@ -35,7 +37,7 @@ def test_saved_checkpoint_dequantizes_to_the_solved_weights(tmp_path, grid, doub
     from gptq.runtime.load import load_any
 
     model = tiny_model("llama")
-    cfg = QuantConfig(bits=4, group_size=64, grid=grid, double_quant=double_quant)
+    cfg = QuantConfig(bits=4, group_size=64, format=f"bnb-{grid}" + ("+dq" if double_quant else ""))
     packed, _ = quantize_model(model, windows(), cfg, device="cpu", progress=False)
     out = save_checkpoint(tmp_path / "ck", model, packed, cfg)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -119,8 +121,9 @@ def test_double_quant_solve_rounds_against_the_stored_absmax(mse):
     X = torch.randn(512, 128, generator=g) @ torch.randn(128, 128, generator=g)
     H = 2 * X.T @ X / 512
     W = torch.randn(96, 128, generator=g) * 0.05
-    cfg = QuantConfig(bits=4, group_size=64, grid="nf4", double_quant=True, mse=mse)
-    r = solve(W, H, cfg)
+    cfg = QuantConfig(bits=4, group_size=64, mse=mse)
+    grid = GridSpec("nf4", 4, 64, double_quant=True, scale_dtype=torch.float32)
+    r = solve(W, H, cfg, grid=grid)
     assert r.scale_state is not None
     lin = Bnb4bitLinear(r.codes, r.scales.T.float().contiguous(), "nf4", None, nested=r.scale_state)
     t = lin.tensors("m")
@@ -128,8 +131,9 @@ def test_double_quant_solve_rounds_against_the_stored_absmax(mse):
     state = json.loads(bytes(t["m.weight.quant_state.bitsandbytes__nf4"].tolist()).decode())
     assert state["nested_blocksize"] == 256 and state["nested_dtype"] == "float32"
     assert torch.equal(dequantize(t, "m"), r.weight)
-    rtn = round_to_nearest(W, cfg)
-    plain = solve(W, H, QuantConfig(bits=4, group_size=64, grid="nf4", mse=mse))
+    rtn = round_to_nearest(W, cfg, grid)
+    plain = solve(W, H, QuantConfig(bits=4, group_size=64, mse=mse),
+                  grid=GridSpec("nf4", 4, 64, scale_dtype=torch.float32))
 
     def err(Q):
         D = W - Q
@@ -140,10 +144,15 @@ def test_double_quant_solve_rounds_against_the_stored_absmax(mse):
 
 
 def test_double_quant_needs_a_codebook_grid():
+    """Double quantization is part of the format name now ("bnb-nf4+dq"): --double-quant is checked
+    where the CLI builds the config, and a "+dq" on another format is an unknown format."""
     from gptq.core.config import ConfigError
+    from gptq.quantize import build_parser, quant_config
 
     with pytest.raises(ConfigError, match="bnb-nf4"):
-        QuantConfig(double_quant=True)
+        quant_config(build_parser().parse_args(["model", "--double-quant"]))
+    with pytest.raises(ConfigError, match="bnb-nf4"):
+        get(QuantConfig(format="gptq+dq"))
 
 
 def test_cli_double_quant_streaming_and_refused_without_bnb(tmp_path, tiny_model_dir):

@@ -5,8 +5,15 @@ import torch
 from test_solver import correlated, output_error
 
 from gptq.core.config import ConfigError, QuantConfig
+from gptq.core.grids import GridSpec
 from gptq.core.grids.codebook import TABLES, CodebookFamily
 from gptq.core.solver import round_to_nearest, solve
+from gptq.formats.registry import get
+
+
+def codebook(name, group_size=64):
+    """The grid ``--format bnb-<name>`` solves every linear on."""
+    return GridSpec(name, 4, group_size, scale_dtype=torch.float32)
 
 
 def test_tables_are_bitsandbytes_own():
@@ -34,14 +41,14 @@ def test_codes_are_the_nearest_table_values(name):
 def test_diagonal_hessian_is_round_to_nearest_and_block_size_free(grid):
     W = torch.randn(32, 128, generator=torch.Generator().manual_seed(3))
     H = torch.diag(torch.rand(128, generator=torch.Generator().manual_seed(4)) + 0.5)
-    cfg = QuantConfig(bits=4, group_size=64, grid=grid, mse=False, act_order="none")
-    got, rtn = solve(W, H, cfg), round_to_nearest(W, cfg)
+    cfg = QuantConfig(bits=4, group_size=64, mse=False, act_order="none")
+    got, rtn = solve(W, H, cfg, grid=codebook(grid)), round_to_nearest(W, cfg, codebook(grid))
     assert torch.equal(got.weight, rtn.weight) and torch.equal(got.codes, rtn.codes)
     assert got.scales.dtype == torch.float32
     X, Hc = correlated(n_in=128)  # float64: the lazy updates then round alike for every block size
     for mode in ("none", "group-aware", "dynamic"):
-        a = solve(W.double(), Hc, QuantConfig(bits=4, group_size=64, grid=grid, act_order=mode, block_size=1))
-        b = solve(W.double(), Hc, QuantConfig(bits=4, group_size=64, grid=grid, act_order=mode, block_size=48))
+        a = solve(W.double(), Hc, QuantConfig(bits=4, group_size=64, act_order=mode, block_size=1), grid=codebook(grid))
+        b = solve(W.double(), Hc, QuantConfig(bits=4, group_size=64, act_order=mode, block_size=48), grid=codebook(grid))
         assert torch.equal(a.weight, b.weight)
 
 
@@ -50,25 +57,27 @@ def test_diagonal_hessian_is_round_to_nearest_and_block_size_free(grid):
 def test_gptq_on_a_codebook_beats_plain_rounding(grid, mse):
     X, H = correlated(n_in=128)
     W = torch.randn(64, 128, generator=torch.Generator().manual_seed(5))
-    cfg = QuantConfig(bits=4, group_size=64, grid=grid, mse=mse)
-    e_gptq = output_error(W, solve(W, H.float(), cfg).weight, X)
-    e_rtn = output_error(W, round_to_nearest(W, QuantConfig(bits=4, group_size=64, grid=grid, mse=False)).weight, X)
+    cfg = QuantConfig(bits=4, group_size=64, mse=mse)
+    e_gptq = output_error(W, solve(W, H.float(), cfg, grid=codebook(grid)).weight, X)
+    e_rtn = output_error(W, round_to_nearest(W, QuantConfig(bits=4, group_size=64, mse=False), codebook(grid)).weight, X)
     assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
 
 
 def test_codebook_settings_are_checked_and_saved_as_bitsandbytes(tmp_path):
     with pytest.raises(ConfigError, match="block"):
-        QuantConfig(bits=4, group_size=100, grid="nf4")
+        get(QuantConfig(bits=4, group_size=100, format="bnb-nf4"))
     with pytest.raises(ConfigError, match="4-bit"):
-        QuantConfig(bits=3, group_size=64, grid="nf4")
-    with pytest.raises(ConfigError, match="grid"):
-        QuantConfig(grid="nf8")
+        get(QuantConfig(bits=3, group_size=64, format="bnb-nf4"))
+    with pytest.raises(ConfigError, match="format"):
+        get(QuantConfig(format="bnb-nf8"))
+    with pytest.raises(ValueError, match="grid"):
+        GridSpec("nf8")
     from test_pipeline import tiny_model, windows
 
     from gptq import quantize_model, save_checkpoint
 
     model = tiny_model("llama")
-    cfg = QuantConfig(bits=4, group_size=64, grid="nf4")
+    cfg = QuantConfig(bits=4, group_size=64, format="bnb-nf4")
     packed, report = quantize_model(model, windows(), cfg, device="cpu", progress=False)
     from gptq.formats.bnb import Bnb4bitLinear
 

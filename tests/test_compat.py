@@ -6,6 +6,7 @@ import pytest
 
 from gptq.core.config import QuantConfig
 from gptq.formats.compat import verdicts
+from gptq.formats.registry import get
 
 LLAMA_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # every size a multiple of 128
 SMOL_SHAPES = [(576, 576), (576, 1536), (1536, 576)]  # 576 = 4.5 x 128
@@ -36,16 +37,16 @@ TABLE = [
 @pytest.mark.parametrize("settings,expected", TABLE)
 def test_compatibility_table(settings, expected):
     bits, sym, group, mode, fmt, shapes = settings
-    qc = QuantConfig(bits=bits, sym=sym, group_size=group, act_order=mode, checkpoint_format=fmt).to_quantization_config()
+    qc = get(QuantConfig(bits=bits, sym=sym, group_size=group, act_order=mode, format=fmt)).quantization_config()
     got = status(qc, shapes)
     assert tuple(got.values()) == expected, got
 
 
 def test_reasons_name_the_rule():
-    qc = QuantConfig(bits=4, group_size=128, act_order="dynamic").to_quantization_config()
+    qc = get(QuantConfig(bits=4, group_size=128, act_order="dynamic")).quantization_config()
     v = verdicts(qc, LLAMA_SHAPES)[0]
     assert v.status == "refuses" and "desc_act" in v.reasons[0]
-    qc = QuantConfig(bits=4, group_size=128).to_quantization_config()
+    qc = get(QuantConfig(bits=4, group_size=128)).quantization_config()
     v = verdicts(qc, SMOL_SHAPES)[0]
     assert any("[576]" in r for r in v.reasons) and any("in 576" in r for r in v.reasons)
 
@@ -53,9 +54,9 @@ def test_reasons_name_the_rule():
 def test_inspect_describes_a_checkpoint(tmp_path, capsys):
     from test_pipeline import tiny_model, windows
 
+    from gptq.formats.checkpoint import save_checkpoint
     from gptq.inspect import main
-    from gptq.io.checkpoint import save_checkpoint
-    from gptq.pipeline.loop import quantize_model
+    from gptq.pipeline.run import quantize_model
 
     model = tiny_model("llama")
     cfg = QuantConfig(bits=4, group_size=32)

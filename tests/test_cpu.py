@@ -1,19 +1,23 @@
-"""The CPU compute-dtype choice: measured once, followed by calibration and inference."""
+"""The CPU compute-dtype choice: from what the CPU is (its flags), never from a timing; followed by
+calibration and inference."""
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
+from gptq.quantize import calib_dtype
 from gptq.runtime import cpu
+from gptq.runtime.load import resolve_dtype
 
 
-@pytest.mark.parametrize("fp32,bf16,expected", [(56.0, 8.6, torch.float32), (60.0, 400.0, torch.bfloat16),
-                                                (50.0, 50.0, torch.bfloat16)])
-def test_dtype_follows_the_measured_speeds(monkeypatch, fp32, bf16, expected):
-    from transformers import LlamaConfig
-
-    from gptq.quantize import calib_dtype
-    from gptq.runtime.load import resolve_dtype
-
+@pytest.mark.parametrize("flags,expected", [(["avx2", "fma", "f16c"], torch.float32),
+                                            (["avx2", "avx512f", "avx512_bf16"], torch.bfloat16),
+                                            (["avx2", "amx_bf16"], torch.bfloat16), ([], torch.float32),
+                                            (["bf16"], torch.bfloat16)])  # Arm's BF16 extension
+@pytest.mark.parametrize("fp32,bf16", [(116.9, 16.7), (8.6, 33.6)])  # a loaded machine's timings, both ways
+def test_dtype_follows_the_flags_not_the_timings(monkeypatch, flags, expected, fp32, bf16):
+    monkeypatch.delenv("GPTQ_CPU_DTYPE", raising=False)
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
     monkeypatch.setattr(cpu, "probe", lambda: {"fp32_gflops": fp32, "bf16_gflops": bf16})
     assert cpu.fast_dtype() == expected
     config = LlamaConfig(dtype="bfloat16")
@@ -23,11 +27,21 @@ def test_dtype_follows_the_measured_speeds(monkeypatch, fp32, bf16, expected):
     assert calib_dtype(LlamaConfig(dtype="float32"), "auto", "cpu") == torch.float32
     assert resolve_dtype("auto", torch.device("cpu"), "cpu") == expected
     assert resolve_dtype("auto", torch.device("cpu"), "torch") == torch.float32
+    assert cpu.dtype_choice()[1].startswith("native") is (expected == torch.bfloat16)
+
+
+def test_environment_override(monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: ["avx512_bf16"])
+    monkeypatch.setenv("GPTQ_CPU_DTYPE", "float32")
+    assert cpu.dtype_choice() == (torch.float32, "GPTQ_CPU_DTYPE=float32")
+    monkeypatch.setenv("GPTQ_CPU_DTYPE", "half")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        cpu.fast_dtype()
 
 
 def test_probe_and_info_describe_this_cpu():
     info = cpu.cpu_info()
     assert info["capability"] == torch.backends.cpu.get_cpu_capability()
     assert info["fp32_gflops"] > 0 and info["bf16_gflops"] > 0
-    assert info["fast_dtype"] in ("float32", "bfloat16")
+    assert info["fast_dtype"] in ("float32", "bfloat16") and info["fast_dtype_reason"]
     assert cpu.probe() is cpu.probe()  # measured once per process

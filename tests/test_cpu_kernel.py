@@ -9,6 +9,7 @@ import torch
 from test_kernels import make_layer, reference
 
 from gptq.runtime import cpu
+from gptq.runtime.cpu_backends import Int4PackBackend, Rows64Backend
 from gptq.runtime.kernels import cpu_build, cpu_int4, cpu_rmsnorm
 from gptq.runtime.kernels.reference import int4_rows_matmul_reference, int16_group_round
 from gptq.runtime.qlinear import ROWS64_MAX_ROWS, QuantLinear
@@ -117,9 +118,9 @@ def test_cpu_backend_without_fast_bf16_takes_the_kernel(no_fast_bf16, group_size
     layer = make_layer(512, 96, 4, group_size, act_order, fmt=fmt, seed=7)
     xs = torch.randn(ROWS64_MAX_ROWS + 5, 512, generator=torch.Generator().manual_seed(2))
     ref = reference(layer, xs)
-    assert layer.prepare("cpu", torch.float32) == "cpu" and layer._state["kernel"] == "rows64"
+    assert layer.prepare("cpu", torch.float32) == "cpu" and isinstance(layer.backend, Rows64Backend)
     assert layer.qweight.is_meta  # the GPTQ-layout copies are released
-    layer._state["buffers"] = SharedBuffers()
+    layer.backend.buffers = SharedBuffers()
     for rows in (1, 3, ROWS64_MAX_ROWS - 1):  # the kernel
         y = layer(xs[:rows])
         assert ((y - ref[:rows]).norm() / ref[:rows].norm()) < 1e-4
@@ -132,7 +133,7 @@ def test_cpu_backend_without_fast_bf16_takes_the_kernel(no_fast_bf16, group_size
 def test_groups_the_kernel_cannot_serve_stay_on_torch_int4(no_fast_bf16):
     layer = make_layer(576, 64, 4, 16, False, seed=1)  # groups of 16
     assert layer.prepare("cpu", torch.float32) in ("cpu", "dense")
-    assert layer._state.get("kernel") != "rows64"
+    assert not isinstance(layer.backend, Rows64Backend)
 
 
 @needs_kernel
@@ -145,15 +146,16 @@ def test_fused_siblings_equal_separate_layers_and_never_reuse_a_stale_input(no_f
     d, _ = build_checkpoint(tmp_path, 4, 32, False, False, "gptq")  # (its act-order perms differ per layer)
     fused, _ = load(d, device="cpu", backend="cpu", dtype="float32")
     attn = fused.model.layers[0].self_attn
-    assert attn.q_proj._state["kernel"] == "rows64" and "fused" in attn.q_proj._state
-    assert attn.k_proj._state["w"].data_ptr() != attn.q_proj._state["w"].data_ptr()
-    assert attn.k_proj._state["w"].untyped_storage().data_ptr() == attn.q_proj._state["w"].untyped_storage().data_ptr()
-    assert "fused" in fused.model.layers[1].mlp.up_proj._state and "fused" not in attn.o_proj._state
+    assert isinstance(attn.q_proj.backend, Rows64Backend) and attn.q_proj.backend.fused is not None
+    k_codes, q_codes = attn.k_proj.backend.packed, attn.q_proj.backend.packed
+    assert k_codes.data_ptr() != q_codes.data_ptr()
+    assert k_codes.untyped_storage().data_ptr() == q_codes.untyped_storage().data_ptr()
+    assert fused.model.layers[1].mlp.up_proj.backend.fused is not None and attn.o_proj.backend.fused is None
     assert isinstance(fused.model.layers[0].input_layernorm, cpu_rmsnorm.RMSNormRows)
     plain, _ = load(d, device="cpu", backend="cpu", dtype="float32")
     for m in plain.modules():
-        if isinstance(m, QuantLinear):
-            m._state.pop("fused", None)
+        if isinstance(m, QuantLinear) and isinstance(m.backend, Rows64Backend):
+            m.backend.fused = None
     assert fuse_siblings(fused) == 2 * len(fused.model.layers)  # q/k/v and up/gate (again: rebuilt the same)
     ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -169,10 +171,10 @@ def test_fused_siblings_equal_separate_layers_and_never_reuse_a_stale_input(no_f
     x.copy_(torch.randn(1, 1, 64))  # same tensor, new version
     assert not torch.allclose(attn.q_proj(x), q1)
     assert torch.allclose(attn.k_proj(x), plain.model.layers[0].self_attn.k_proj(x), atol=1e-6)
-    siblings = attn.q_proj._state["fused"][0]
-    assert siblings._cache._ref() is x
+    siblings = attn.q_proj.backend.fused[0]
+    assert siblings.cache.input is x
     del x  # the cache does not keep its input alive, so a freed input can never match again
-    assert siblings._cache._ref() is None
+    assert siblings.cache.input is None
     x2 = torch.randn(1, 1, 64)
     assert torch.allclose(attn.v_proj(x2), plain.model.layers[0].self_attn.v_proj(x2), atol=1e-6)
 
@@ -199,7 +201,7 @@ def test_kernel_off_or_unbuildable_leaves_torch_int4_and_says_so_once(monkeypatc
         layer = make_layer(256, 64, 4, 64, False, seed=2)
         x = torch.randn(2, 256)
         ref = reference(layer, x)
-        assert layer.prepare("cpu", torch.float32) == "cpu" and layer._state.get("kernel") != "rows64"
+        assert layer.prepare("cpu", torch.float32) == "cpu" and not isinstance(layer.backend, Rows64Backend)
         assert ((layer(x) - ref).norm() / ref.norm()) < 1e-2  # torch's int4 kernel: bf16 activations
         assert cpu_rmsnorm.replace_rms_norms(torch.nn.Sequential()) == 0
     finally:
@@ -296,10 +298,10 @@ def test_half_head_decodes_with_fp32_activations_and_keeps_torch_as_fallback():
     head = HalfHead(torch.nn.Parameter(w, requires_grad=False), bias)
     x = torch.randn(1, 2, 96, generator=g)
     ref = x.double() @ w.double().T + bias.double()
-    assert head._f16_matmul is not None
+    assert head.f16_matmul is not None
     y = head(x)
     assert y.shape == (1, 2, 500) and ((y.double() - ref).abs().max() / ref.abs().max()) < 1e-6
-    head._f16_matmul = None  # no kernel: torch's fp16 matmul, fp16-rounded activations
+    head.f16_matmul = None  # no kernel: torch's fp16 matmul, fp16-rounded activations
     y16 = head(x)
     assert 1e-6 < ((y16.double() - ref).abs().max() / ref.abs().max()) < 5e-3
 
@@ -309,11 +311,12 @@ def test_cpu_kernel_can_be_asked_for_by_name():
     layer = make_layer(256, 64, 4, 64, False, seed=4)
     x = torch.randn(3, 256)
     ref = reference(layer, x)
-    assert layer.prepare("cpu", torch.float32, cpu_kernel="avx2") == "cpu" and layer._state["kernel"] == "rows64"
+    assert layer.prepare("cpu", torch.float32, cpu_kernel="avx2") == "cpu"
+    assert isinstance(layer.backend, Rows64Backend)
     assert ((layer(x) - ref).norm() / ref.norm()) < 1e-4
     layer = make_layer(256, 64, 4, 64, False, seed=4)
     layer.prepare("cpu", torch.float32, cpu_kernel="torch")
-    assert layer._state.get("kernel") != "rows64" and "sub" in layer._state
+    assert isinstance(layer.backend, Int4PackBackend)
     with pytest.raises(ValueError, match="cpu_kernel must be"):
         make_layer(256, 64, 4, 64, False).prepare("cpu", torch.float32, cpu_kernel="fast")
     with pytest.raises(ValueError, match="cannot serve this layer"):

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
+from faults import KILL, RANK
 from test_stream import calib_text, sharded_tiny
 
 from gptq.core.hessian import HessianAccumulator
@@ -54,9 +55,11 @@ def test_partials_added_in_batch_order_are_the_local_sum_bit_for_bit():
 
 
 def torchrun(n: int, *args, env=None):
-    """``torchrun --standalone`` (a free port of its own) with n ranks of ``python -m gptq.quantize``."""
+    """``torchrun --standalone`` (a free port of its own) with n ranks of ``python -m gptq.quantize``
+    (of tests/faults.py where ``env`` injects a fault)."""
+    entry = [str(ROOT / "tests" / "faults.py")] if env and KILL in env else ["-m", "gptq.quantize"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-           "-m", "gptq.quantize", *map(str, args)]
+           *entry, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, **ONE_THREAD, **(env or {})})
 
@@ -103,15 +106,15 @@ def test_a_killed_rank_stops_the_others_and_resume_is_identical(tmp_path, calib)
     model, text = calib
     r = single(*args(model, text, tmp_path / "one"))
     assert r.returncode == 0, r.stderr
-    killed = torchrun(2, *args(model, text, tmp_path / "k"), env={"GPTQ_TEST_KILL_AFTER_BLOCK": "0",
-                                                                   "GPTQ_TEST_KILL_RANK": "1"})
+    killed = torchrun(2, *args(model, text, tmp_path / "k"), env={KILL: "0",
+                                                                   RANK: "1"})
     assert killed.returncode != 0
     assert "lost contact with another rank" in killed.stderr and "--resume" in killed.stderr
     assert (tmp_path / "k.partial" / "progress.json").is_file() and not (tmp_path / "k").exists()
     for n, out in ((2, "k"), (1, "k1")):
         if n == 1:  # a second killed run, resumed by a single process
-            killed = torchrun(2, *args(model, text, tmp_path / out), env={"GPTQ_TEST_KILL_AFTER_BLOCK": "1",
-                                                                           "GPTQ_TEST_KILL_RANK": "0"})
+            killed = torchrun(2, *args(model, text, tmp_path / out), env={KILL: "1",
+                                                                           RANK: "0"})
             assert killed.returncode != 0 and (tmp_path / f"{out}.partial" / "progress.json").is_file()
             r = single(*args(model, text, tmp_path / out, "--resume"))
         else:

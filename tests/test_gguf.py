@@ -9,9 +9,12 @@ import torch
 from test_stream import calib_text, quantize_cmd, run
 
 from gptq import QuantConfig, quantize_model, save_checkpoint, solve
+from gptq.core.grids import GridSpec
 from gptq.core.grids.ggml import TYPES, dequantize_blocks, pack_blocks
 from gptq.core.solver import round_to_nearest
-from gptq.formats.gguf import layer_type, output_type, plan, rope_permute, write_gguf
+from gptq.formats.gguf.rules import layer_type, output_type, plan
+from gptq.formats.gguf.writer import rope_permute, write_gguf
+from gptq.formats.registry import get
 
 
 def problem(out=64, n=512, seed=0):
@@ -20,15 +23,17 @@ def problem(out=64, n=512, seed=0):
     return torch.randn(out, n, generator=g) * 0.05, 2 * X.T @ X / 1024
 
 
-def cfg_for(t):
-    tt = TYPES[t]
-    return QuantConfig(bits=tt.bits, group_size=tt.group, grid=t)
+CFG = QuantConfig()  # the solver's settings; the GGML type is the grid (its bits and group fixed by the type)
+
+
+def grid_for(t):
+    return GridSpec.ggml(t)
 
 
 @pytest.mark.parametrize("t", sorted(TYPES))
 def test_blocks_dequantize_to_the_solved_weight_exactly(t):
     W, H = problem()
-    r = solve(W, H, cfg_for(t))
+    r = solve(W, H, CFG, grid=grid_for(t))
     blocks = pack_blocks(t, r.codes, r.scales, r.zeros, r.scale_state)
     assert blocks.shape == (64, 512 // TYPES[t].block_weights * TYPES[t].block_bytes)
     assert torch.equal(dequantize_blocks(t, blocks, 512), r.weight)
@@ -37,7 +42,7 @@ def test_blocks_dequantize_to_the_solved_weight_exactly(t):
         D = W - Q
         return float(torch.einsum("ij,jk,ik->", D, H, D))
 
-    assert err(r.weight) < 0.6 * err(round_to_nearest(W, cfg_for(t)).weight)
+    assert err(r.weight) < 0.6 * err(round_to_nearest(W, CFG, grid_for(t)).weight)
 
 
 def test_q4_0_block_is_bit_exact_to_a_hand_built_one():
@@ -55,7 +60,7 @@ def test_q4_0_block_is_bit_exact_to_a_hand_built_one():
 
 def test_q4_0_from_a_symmetric_g32_solve_is_bit_exact():
     W, H = problem(8, 64)
-    r = solve(W, H, cfg_for("q4_0"))
+    r = solve(W, H, CFG, grid=grid_for("q4_0"))
     b = pack_blocks("q4_0", r.codes, r.scales, r.zeros, None).numpy()
     for row in range(8):
         for g in range(2):
@@ -69,7 +74,7 @@ def test_superblock_stored_scales_are_the_ones_the_solver_rounded_against(t):
     from gguf import quants
 
     W, H = problem(16, 512, seed=3)
-    r = solve(W, H, cfg_for(t))
+    r = solve(W, H, CFG, grid=grid_for(t))
     blocks = pack_blocks(t, r.codes, r.scales, r.zeros, r.scale_state).numpy()
     nb = blocks.reshape(-1, TYPES[t].block_bytes)  # [out * 2, bytes] one row of blocks per super-block
     d = nb[:, 0:2].copy().view(np.float16).astype(np.float32)
@@ -84,7 +89,7 @@ def test_superblock_stored_scales_are_the_ones_the_solver_rounded_against(t):
 
 def test_q6_k_int8_scales_are_the_stored_ones():
     W, H = problem(8, 256, seed=4)
-    r = solve(W, H, cfg_for("q6_k"))
+    r = solve(W, H, CFG, grid=grid_for("q6_k"))
     nb = pack_blocks("q6_k", r.codes, r.scales, r.zeros, r.scale_state).numpy()  # [8, 210]
     sc = nb[:, 192:208].copy().view(np.int8).astype(np.float32)
     d = nb[:, 208:210].copy().view(np.float16).astype(np.float32)
@@ -161,7 +166,7 @@ def solved_gguf(tmp_path, model, d, family, ftype="q4_k_m", n_expert=0):
     the .gguf; returns (the plan's per-layer types, the file's reader, its tensors by name)."""
     from gguf import GGUFReader
 
-    from gptq.formats.gguf import plan as gguf_plan
+    from gptq.formats.gguf.rules import plan as gguf_plan
     from gptq.io.modules import get_module, in_features
     from gptq.models.architectures import for_config
 
@@ -169,10 +174,11 @@ def solved_gguf(tmp_path, model, d, family, ftype="q4_k_m", n_expert=0):
     linears = {f"{arch.blocks}.{i}.{n}": in_features(get_module(b, n))
                for i, b in enumerate(get_module(model, arch.blocks)) for n in arch.block_linears(b)}
     default, per = gguf_plan(ftype, family, linears, arch.blocks, n_expert=n_expert)
-    t = TYPES[default]
-    cfg = QuantConfig(bits=t.bits, group_size=t.group, grid=default, layer_grids=per, gguf=ftype)
+    cfg = QuantConfig(format=f"gguf:{ftype}")
+    fmt = get(cfg).bind(model, d)  # the format's own plan: the one above
+    assert (fmt.default, fmt.types) == (default, dict(per))
     ids = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
-    packed, _ = quantize_model(model, ids, cfg, device="cpu", progress=False)
+    packed, _ = quantize_model(model, ids, cfg, device="cpu", progress=False, fmt=fmt)
     stage = save_checkpoint(tmp_path / "stage", model, packed, cfg, source_dir=d)
     write_gguf(stage, tmp_path / "m.gguf", ftype, d)
     reader = GGUFReader(tmp_path / "m.gguf")
@@ -185,7 +191,7 @@ def test_gguf_file_holds_exactly_the_solved_weights(tmp_path, smollm2_dir):
     rotary permutation); norms are F32; the tied embeddings are Q6_K (rows of 256)."""
     from gguf import GGUFReader, quants
 
-    from gptq.formats.gguf import plan as gguf_plan
+    from gptq.formats.gguf.rules import plan as gguf_plan
 
     model, d = synthetic_llama(tmp_path, smollm2_dir)
     linears = {f"model.layers.{i}.{n}": m.in_features for i, layer in enumerate(model.model.layers)
@@ -193,7 +199,7 @@ def test_gguf_file_holds_exactly_the_solved_weights(tmp_path, smollm2_dir):
     default, per = gguf_plan("q4_k_m", "llama", linears)
     assert dict(per) == {"model.layers.1.mlp.down_proj": "q6_k", "model.layers.1.self_attn.v_proj": "q6_k"}
     assert default == "q4_k"
-    cfg = QuantConfig(bits=4, group_size=32, grid=default, layer_grids=per, gguf="q4_k_m")
+    cfg = QuantConfig(bits=4, group_size=32, format="gguf:q4_k_m")
     ids = torch.randint(0, 49152, (8, 64), generator=torch.Generator().manual_seed(1))
     packed, _ = quantize_model(model, ids, cfg, device="cpu", progress=False)
     stage = save_checkpoint(tmp_path / "stage", model, packed, cfg, source_dir=d)
@@ -277,7 +283,7 @@ def test_moe_experts_are_merged_per_layer_into_3d_tensors_of_the_solved_weights(
     from gguf import GGUFReader, quants
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gptq.formats.gguf import plan as gguf_plan
+    from gptq.formats.gguf.rules import plan as gguf_plan
     from gptq.io.modules import get_module
     from gptq.models.architectures import for_config
     from gptq.models.moe import unfuse
@@ -298,7 +304,7 @@ def test_moe_experts_are_merged_per_layer_into_3d_tensors_of_the_solved_weights(
     _, per8 = gguf_plan("q4_k_m", family, {k: 256 for k in linears}, n_expert=8)
     assert {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1]: t for n, t in per8
             if "self_attn" in n} == {"self_attn.k_proj": "q8_0", "self_attn.v_proj": "q8_0", "self_attn.o_proj": "q5_k"}
-    cfgq = QuantConfig(bits=4, group_size=32, grid=default, layer_grids=per, gguf="q4_0")
+    cfgq = QuantConfig(bits=4, group_size=32, format="gguf:q4_0")
     ids = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(1))
     packed, _ = quantize_model(model, ids, cfgq, device="cpu", progress=False)
     stage = save_checkpoint(tmp_path / "stage", model, packed, cfgq, source_dir=d)
@@ -328,7 +334,7 @@ def test_moe_experts_are_merged_per_layer_into_3d_tensors_of_the_solved_weights(
 
 
 def test_moe_models_llama_cpp_would_run_differently_are_refused():
-    from gptq.formats.gguf import check_moe
+    from gptq.formats.gguf.rules import check_moe
 
     check_moe({"model_type": "qwen3_moe", "norm_topk_prob": True})
     with pytest.raises(ValueError, match="norm_topk_prob"):
@@ -355,7 +361,7 @@ def test_sentencepiece_style_tokenizers_are_written_as_llamas(tmp_path):
                                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                          bos_token_id=1, eos_token_id=2)).eval()
     model.save_pretrained(d)
-    cfg = QuantConfig(bits=8, group_size=32, grid="q8_0", gguf="q8_0")
+    cfg = QuantConfig(bits=8, group_size=32, format="gguf:q8_0")
     packed, _ = quantize_model(model, torch.randint(0, len(tok), (2, 32)), cfg, device="cpu", progress=False)
     stage = save_checkpoint(tmp_path / "stage", model, packed, cfg, source_dir=d)
     write_gguf(stage, tmp_path / "m.gguf", "q8_0", d)
@@ -376,7 +382,7 @@ def test_sentencepiece_style_tokenizers_are_written_as_llamas(tmp_path):
 def test_tokenizers_gguf_cannot_express_are_refused_before_any_work(tmp_path, tiny_model_dir):
     from tokenizers import Tokenizer, models
 
-    from gptq.formats.gguf import check_tokenizer
+    from gptq.formats.gguf.tokenizer import check_tokenizer
 
     d = tiny_model_dir("llama")
     Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0)], unk_id=0)).save(str(d / "tokenizer.json"))
@@ -491,7 +497,7 @@ def test_gpt_neox_reorders_its_fused_qkv_rows_as_the_converter_does(tmp_path, sm
     the parallel residual in the metadata."""
     from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from gptq.formats.gguf import neox_qkv_rows
+    from gptq.formats.gguf.writer import neox_qkv_rows
 
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=49152, hidden_size=256, num_attention_heads=4,

@@ -129,14 +129,14 @@ def test_cpu_int4_long_prompts_dequantize_the_same_weight(fast_bf16, dtype, act_
     assert layer.prepare("cpu") == "cpu"
     if int4pack_layout() is None:
         pytest.skip("this CPU's int4 layout is not one we read back; the kernel serves every shape")
-    layer._state["buffers"] = SharedBuffers()
+    layer.backend.buffers = SharedBuffers()
     long = layer(x.to(dtype)).float()
     kernel = torch.cat([layer(x[i:i + 1].to(dtype)).float() for i in range(16)])
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert ((long - ref).norm() / ref.norm()) < max(tol, 3e-3)  # scales/offsets are bf16 in both paths
     assert ((long[:16] - kernel).norm() / kernel.norm()) < 1e-2  # the kernel rounds x to bf16
-    W_t = layer._dequantized_t(torch.float32)  # [in, out] in the sorted input order
-    assert W_t.data_ptr() == layer._state["buffers"].get((576, 128), torch.float32).data_ptr()
+    W_t = layer.backend.dequantized_t(torch.float32)  # [in, out] in the sorted input order
+    assert W_t.data_ptr() == layer.backend.buffers.get((576, 128), torch.float32).data_ptr()
 
 
 @pytest.mark.parametrize("block,pairing", [(64, "halves"), (32, "halves"), (16, "halves"), (32, "pairs")])

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import MOE_FAMILIES, moe_config
 from safetensors.torch import load_file
+from faults import KILL as KILL_HOOK
 from test_stream import calib_text, quantize_cmd, run
 
 from gptq import QuantConfig, quantize_model, save_checkpoint
@@ -112,20 +113,24 @@ def test_quantize_save_load_every_expert(tmp_path, family):
 
 def capture_hessians(monkeypatch):
     """{linear: the H it was solved against}, whether solved alone, stacked or as a batch."""
+    from gptq.pipeline import experts
+
     seen = {}
-    one, many = pipeline.solve_group, pipeline.solve_groups
+    one, many = experts.solve_group, experts.solve_groups
 
-    def spy(modules, H, config, prefix, *rest):
+    def spy(modules, H, config, prefix, *rest, **kw):
         seen.update({f"{prefix}.{name}": H.clone() for name in modules})
-        yield from one(modules, H, config, prefix, *rest)
+        yield from one(modules, H, config, prefix, *rest, **kw)
 
-    def spy_many(groups, Hs, config, prefix):
+    def spy_many(groups, Hs, config, prefix, *rest, **kw):
         for modules, H in zip(groups, Hs):
             seen.update({f"{prefix}.{name}": H.clone() for name in modules})
-        yield from many(groups, Hs, config, prefix)
+        yield from many(groups, Hs, config, prefix, *rest, **kw)
 
+    # where they are looked up: the block loop (dense groups) and the routed experts' solver
     monkeypatch.setattr(pipeline, "solve_group", spy)
-    monkeypatch.setattr(pipeline, "solve_groups", spy_many)
+    monkeypatch.setattr(experts, "solve_group", spy)
+    monkeypatch.setattr(experts, "solve_groups", spy_many)
     return seen
 
 
@@ -213,7 +218,7 @@ def test_streaming_resume_and_in_memory_agree_byte_for_byte(tmp_path, tiny_token
     d, text = moe_dir(tmp_path, tiny_tokenizer_dir)
     r = run(quantize_cmd(d, tmp_path / "full"), text)
     assert r.returncode == 0, r.stderr
-    killed = run(quantize_cmd(d, tmp_path / "resumed"), text, env={"GPTQ_TEST_KILL_AFTER_BLOCK": "0"})
+    killed = run(quantize_cmd(d, tmp_path / "resumed"), text, env={KILL_HOOK: "0"})
     assert killed.returncode == -9
     r = run(quantize_cmd(d, tmp_path / "resumed", "--resume"), text)
     assert r.returncode == 0, r.stderr
@@ -239,7 +244,7 @@ def test_streaming_resume_and_in_memory_agree_byte_for_byte(tmp_path, tiny_token
 def test_bitsandbytes_format_is_refused_for_moe_models(tmp_path, tiny_tokenizer_dir):
     d, text = moe_dir(tmp_path, tiny_tokenizer_dir, layers=1)
     r = run(quantize_cmd(d, tmp_path / "o", "--format", "bnb-nf4", "--group-size", "64"), text)
-    assert r.returncode == 2 and "mixture-of-experts" in r.stderr and "GPTQ format" in r.stderr
+    assert r.returncode == 2 and "mixture-of-experts" in r.stderr and "--format gptq" in r.stderr  # the way out
     assert not (tmp_path / "o").exists()
 
 

@@ -2,13 +2,13 @@
 
 import pytest
 
+from benchmarks.notebook import notebook
+
 pytestmark = pytest.mark.slow
 
 
 def test_walkthrough_executes(smollm2_dir, wikitext):  # the notebook reads ../shared's WikiText-2 when present
     pytest.importorskip("nbclient")
-    from gptq.bench import notebook
-
     nb = notebook(quick=True)  # executed in memory; the committed copy keeps the full run
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "quick=True" in text

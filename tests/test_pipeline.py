@@ -39,7 +39,7 @@ def test_family_end_to_end(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_true_sequential_replay_is_exact(family):
+def test_true_sequential_replay_is_exact(family, monkeypatch):
     """Replaying finished sub-modules (and rebuilding them from their last linear's inputs)
     must give exactly the result of recomputing them."""
     import gptq.pipeline.loop as pl
@@ -47,13 +47,10 @@ def test_true_sequential_replay_is_exact(family):
     a, b = tiny_model(family), tiny_model(family)
     cfg = QuantConfig(bits=3, group_size=32)
     pa, _ = quantize_model(a, windows(), cfg, device="cpu", progress=False)
-    originals = pl._replayable_children, pl._closing_linear
-    pl._replayable_children = lambda arch, solved: []
-    pl._closing_linear = lambda arch, solved, groups: None
-    try:
+    with monkeypatch.context() as mp:  # raises if the loop no longer looks these up: the test would be void
+        mp.setattr(pl, "replayable_children", lambda arch, solved: [])
+        mp.setattr(pl, "closing_linear", lambda arch, solved, groups: None)
         pb, _ = quantize_model(b, windows(), cfg, device="cpu", progress=False)
-    finally:
-        pl._replayable_children, pl._closing_linear = originals
     for k in pa:
         assert torch.equal(pa[k].qweight, pb[k].qweight), k
         assert torch.equal(pa[k].scales, pb[k].scales), k
@@ -140,19 +137,26 @@ def test_sorting_mlp_channels_keeps_the_function_and_gives_act_order_with_trivia
     original columns, permuted."""
     from gptq.core.pack import dequantize_packed
     from gptq.core.solver import solve
+    from gptq.formats.registry import get
     from gptq.io.modules import weight_matrix
-    from gptq.pipeline.loop import pack_result, sort_channels
+    from gptq.pipeline.loop import sort_channels
 
     model = tiny_model(family)
     arch = for_config(model.config)
     block = model.get_submodule(arch.blocks)[0]
     consumer, producers = arch.channels[0]
     cfg = QuantConfig(bits=4, group_size=32)
-    packed = {}
+    fmt = get(cfg)
+    results = {}
     for name in producers:  # stand-ins for the solved producers: their round-to-nearest results
         m = block.get_submodule(name)
         from gptq.core.solver import round_to_nearest
-        packed[f"b.{name}"] = pack_result(round_to_nearest(weight_matrix(m).detach().float(), cfg), m, cfg)
+        results[f"b.{name}"] = round_to_nearest(weight_matrix(m).detach().float(), cfg, fmt.grid(f"b.{name}"))
+
+    def pack(n, r):
+        bias = getattr(block.get_submodule(n[2:]), "bias", None)
+        return fmt.pack(r, None if bias is None else bias.detach().clone())
+
     mlp = block.get_submodule(consumer.rsplit(".", 1)[0]) if "." in consumer else block
     x = torch.randn(2, 5, model.config.hidden_size)
     with torch.no_grad():
@@ -161,23 +165,24 @@ def test_sorting_mlp_channels_keeps_the_function_and_gives_act_order_with_trivia
     W = weight_matrix(cons).detach().clone()
     X = torch.randn(512, W.shape[1]) * torch.linspace(0.1, 3, W.shape[1])  # unequal channel importance
     H = 2 * X.T @ X / 512
-    old = {n: p.qweight.clone() for n, p in packed.items()}
-    perm = sort_channels(block, arch, consumer, H, packed, "b", cfg)
+    old = {n: pack(n, r).qweight.clone() for n, r in results.items()}
+    perm = sort_channels(block, arch, consumer, H, results, "b", cfg)
     assert perm is not None and not torch.equal(perm, torch.arange(len(perm)))
     with torch.no_grad():
         if before is not None:
             torch.testing.assert_close(mlp(x), before, rtol=1e-5, atol=1e-5)
+    packed = {n: pack(n, r) for n, r in results.items()}  # the permuted results, packed
     for n, p in packed.items():
         assert torch.equal(p.qweight, old[n][:, perm.cpu()])
-        Wq = dequantize_packed(p.qweight, p.qzeros, p.scales, p.g_idx, 4, cfg.checkpoint_format)
+        Wq = dequantize_packed(p.qweight, p.qzeros, p.scales, p.g_idx, 4, cfg.format)
         assert Wq.shape[0] == len(perm)
     Hp = H[perm][:, perm]
     sorted_solve = solve(weight_matrix(cons).detach(), Hp, QuantConfig(bits=4, group_size=32))
     assert sorted_solve.g_idx.tolist() == [k // 32 for k in range(W.shape[1])]
     dynamic = solve(W, H, QuantConfig(bits=4, group_size=32, act_order="dynamic"))
     assert torch.equal(sorted_solve.weight, dynamic.weight[:, perm])
-    assert sort_channels(block, arch, consumer, H, packed, "b", QuantConfig(act_order="static")) is None
-    assert sort_channels(block, arch, consumer, H, packed, "b", QuantConfig(sort_channels=False)) is None
+    assert sort_channels(block, arch, consumer, H, results, "b", QuantConfig(act_order="static")) is None
+    assert sort_channels(block, arch, consumer, H, results, "b", QuantConfig(sort_channels=False)) is None
 
 
 @pytest.mark.parametrize("grid,dtype", [("nf4", torch.float32), ("int", torch.float16), ("q4_0", torch.float32)])
@@ -189,9 +194,14 @@ def test_a_sorted_producers_stored_bias_is_the_modules_own(grid, dtype):
     for m in model.modules():
         if isinstance(m, torch.nn.Linear) and m.bias is not None:
             m.bias.data.normal_()
+    from gptq.formats.registry import get
+
     gguf = {"q4_0": "q4_0"}.get(grid, "")
-    cfg = QuantConfig(bits=4, group_size=32 if gguf else 64, grid=grid, gguf=gguf)
-    packed, _ = quantize_model(model, windows(n=2), cfg, device="cpu", progress=False)
+    fmt_name = {"nf4": "bnb-nf4", "int": "gptq", "q4_0": "gguf:q4_0"}[grid]
+    cfg = QuantConfig(bits=4, group_size=32 if gguf else 64, format=fmt_name)
+    # the format unbound: GGUF's per-model plan refuses OPT, but its layers (every one q4_0) are what is tested
+    fmt = get(cfg) if gguf else None
+    packed, _ = quantize_model(model, windows(n=2), cfg, device="cpu", progress=False, fmt=fmt)
     name = "model.decoder.layers.0.fc1"
     stored, own = packed[name].bias, model.get_submodule(name).bias.detach()
     assert torch.equal(stored.float(), own.to(stored.dtype).float())

@@ -11,7 +11,7 @@ import torch
 from calib import eval_tokens, load_documents, sample_windows
 from gptq import QuantConfig, load, quantize_model, save_checkpoint
 from gptq.eval import perplexity
-from gptq.pipeline.loop import round_to_nearest_model
+from gptq.pipeline.run import round_to_nearest_model
 
 pytestmark = pytest.mark.slow
 

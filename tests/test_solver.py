@@ -6,9 +6,16 @@ import pytest
 import torch
 
 from gptq.core.config import ConfigError, QuantConfig
+from gptq.core.grids import GridSpec
 from gptq.core.grids.uniform import dequantize, find_grid, quantize
 from gptq.core.hessian import CholeskyError, HessianAccumulator, NonFiniteError, inverse_cholesky
 from gptq.core.solver import round_to_nearest, solve, solve_order
+from gptq.formats.registry import get
+
+
+def v1(cfg):
+    """The grid the GPTQ (v1) format solves a linear on: asymmetric zeros kept >= 1."""
+    return get(cfg).grid("layer")
 
 
 def correlated(n_in=96, n_rows=2048, seed=0):
@@ -63,7 +70,7 @@ def test_blocked_equals_unblocked_reference(group_size, act_order, block_size):
     X, H = correlated()
     W = torch.randn(24, 96, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     cfg = QuantConfig(bits=4, group_size=group_size, act_order=act_order, block_size=block_size,
-                      mse=False, sym=False, checkpoint_format="gptq_v2")
+                      mse=False, sym=False, format="gptq_v2")
     ref = reference_gptq(W, H, cfg)
     got = solve(W, H, cfg)
     assert torch.equal(got.weight, ref)
@@ -78,7 +85,7 @@ def test_blocked_equals_reference_with_mse_and_static_groups(mse):
     W = torch.randn(16, 96, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for mode in ("dynamic", "static", "group-aware"):
         cfg = QuantConfig(bits=3, group_size=32, act_order=mode, block_size=24, mse=mse,
-                          checkpoint_format="gptq_v2", sym=False)
+                          format="gptq_v2", sym=False)
         assert torch.equal(solve(W, H, cfg).weight, reference_gptq(W, H, cfg))
 
 
@@ -88,7 +95,7 @@ def test_diagonal_hessian_is_exactly_round_to_nearest(bits, sym):
     W = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
     H = torch.diag(torch.rand(64, generator=torch.Generator().manual_seed(4)) + 0.5)
     cfg = QuantConfig(bits=bits, group_size=16, sym=sym, mse=False, act_order=False)
-    got, rtn = solve(W, H, cfg), round_to_nearest(W, cfg)
+    got, rtn = solve(W, H, cfg, grid=v1(cfg)), round_to_nearest(W, cfg, v1(cfg))
     assert torch.equal(got.weight, rtn.weight)
     assert torch.equal(got.codes, rtn.codes)
     assert torch.equal(got.scales, rtn.scales) and torch.equal(got.zeros, rtn.zeros)
@@ -109,7 +116,7 @@ def test_codes_scales_zeros_reproduce_weight_and_g_idx():
     X, H = correlated()
     W = torch.randn(16, 96, generator=torch.Generator().manual_seed(6))
     cfg = QuantConfig(bits=4, group_size=32, act_order="dynamic", sym=False)
-    r = solve(W, H, cfg)
+    r = solve(W, H, cfg, grid=v1(cfg))
     g = r.g_idx.long()
     rebuilt = r.scales.float()[g].T * (r.codes.float() - r.zeros.float()[g].T)
     assert torch.equal(rebuilt, r.weight)
@@ -126,10 +133,10 @@ def test_g_idx_is_trivial_except_for_dynamic(mode, group_size, n):
     W = torch.randn(16, n, generator=torch.Generator().manual_seed(8))
     r = solve(W, H, QuantConfig(bits=4, group_size=group_size, act_order=mode))
     assert r.g_idx.tolist() == [k // group_size for k in range(n)]
-    assert QuantConfig(act_order=mode).to_quantization_config()["desc_act"] is False
+    assert get(QuantConfig(act_order=mode)).quantization_config()["desc_act"] is False
     dyn = solve(W, H, QuantConfig(bits=4, group_size=group_size, act_order="dynamic"))
     assert dyn.g_idx.tolist() != [k // group_size for k in range(n)]
-    assert QuantConfig(act_order="dynamic").to_quantization_config()["desc_act"] is True
+    assert get(QuantConfig(act_order="dynamic")).quantization_config()["desc_act"] is True
 
 
 def test_group_aware_order_ranks_groups_and_sorts_inside_them():
@@ -201,10 +208,16 @@ def test_non_finite_inputs_rejected():
 
 
 @pytest.mark.parametrize("kw,msg", [({"bits": 5}, "bits=5"), ({"group_size": 0}, "group_size=0"),
-                                    ({"damp": -1}, "damp"), ({"checkpoint_format": "awq"}, "checkpoint_format")])
+                                    ({"damp": -1}, "damp")])
 def test_config_errors(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         QuantConfig(**kw)
+
+
+def test_unknown_format_is_a_config_error():
+    """The output format (formerly checkpoint_format) is checked where it is looked up."""
+    with pytest.raises(ConfigError, match="format"):
+        get(QuantConfig(format="awq"))
 
 
 @pytest.mark.parametrize("columns", [7, 300, 1100])
@@ -243,15 +256,15 @@ def test_docstring_worked_example():
 def test_packed_result_dequantizes_to_the_solved_weight(bits, sym):
     """solve → pack (the uint8 codes, every width, the top code included) → dequantize: exact."""
     from gptq.core.pack import dequantize_packed
-    from gptq.pipeline.loop import pack_result
 
     X, H = correlated()
     W = torch.randn(32, 96, generator=torch.Generator().manual_seed(7)) * 3
     cfg = QuantConfig(bits=bits, group_size=32, act_order="dynamic", sym=sym)
-    r = solve(W, H, cfg)
+    fmt = get(cfg)
+    r = solve(W, H, cfg, grid=fmt.grid("layer"))
     assert r.codes.dtype == torch.uint8 and int(r.codes.max()) == 2**bits - 1
-    p = pack_result(r, torch.nn.Linear(96, 32, bias=False), cfg)
-    W_hat = dequantize_packed(p.qweight, p.qzeros, p.scales, p.g_idx, bits, cfg.checkpoint_format)
+    p = fmt.pack(r, None)
+    W_hat = dequantize_packed(p.qweight, p.qzeros, p.scales, p.g_idx, bits, cfg.format)
     assert torch.equal(W_hat, r.weight)
 
 
@@ -291,7 +304,94 @@ def test_solve_batch_falls_back_where_the_loops_do_not_line_up():
     X = torch.randn(2, 100, 64, generator=g)
     H = 2 * X.transpose(1, 2) @ X / 100
     H[1, 48:, 48:] *= 100  # the short last group (48 + 16) ranks first in matrix 1 only
-    for cfg in (QuantConfig(bits=4, group_size=64, grid="nf4"), QuantConfig(bits=4, group_size=48)):
-        for b, r in enumerate(solve_batch(W, H, cfg, ["a", "b"])):
-            one = solve(W[b], H[b], cfg)
+    nf4 = GridSpec("nf4", 4, 64, scale_dtype=torch.float32)
+    for cfg, grid in ((QuantConfig(bits=4, group_size=64), nf4), (QuantConfig(bits=4, group_size=48), None)):
+        for b, r in enumerate(solve_batch(W, H, cfg, ["a", "b"], grid=grid)):
+            one = solve(W[b], H[b], cfg, grid=grid)
             assert torch.equal(r.codes, one.codes) and torch.equal(r.weight, one.weight)
+
+
+@pytest.mark.parametrize("act_order", ["none", "static", "group-aware", "dynamic"])
+@pytest.mark.parametrize("group_size", [16, -1])
+@pytest.mark.parametrize("mse", [False, True])
+def test_solve_batch_stores_exactly_what_solve_stores_in_float64(act_order, group_size, mse):
+    """``solve`` is ``solve_batch``'s column loop with one matrix in it. In float64 the batched products'
+    different rounding never reaches the stored result: codes, grids, g_idx and Ŵ are solve's exactly,
+    the loss to 1e-12 (float32: the existing test's tolerances). Groups of 16 in blocks of 24 reach past
+    the block; matrix 2 has a dead input."""
+    from gptq.core.solver import solve_batch
+
+    g = torch.Generator().manual_seed(3)
+    B, out, n = 3, 24, 80
+    W = torch.randn(B, out, n, generator=g, dtype=torch.float64)
+    X = torch.randn(B, 160, n, generator=g, dtype=torch.float64) * torch.rand(n, generator=g, dtype=torch.float64) * 3
+    H = 2 * X.transpose(1, 2) @ X / 160
+    H[2, 7, :] = 0
+    H[2, :, 7] = 0
+    cfg = QuantConfig(bits=3, group_size=group_size, act_order=act_order, mse=mse, block_size=24, sym=False,
+                      format="gptq_v2")
+    for b, r in enumerate(solve_batch(W, H, cfg, ["a", "b", "c"])):
+        one = solve(W[b], H[b], cfg)
+        for field in ("codes", "scales", "zeros", "g_idx", "weight"):
+            assert torch.equal(getattr(r, field), getattr(one, field)), field
+        assert abs(r.loss - one.loss) <= 1e-12 * one.loss
+
+
+def _percent_table(rows, variants, seed):
+    """A cost per (variant, row, percent shrunk 0..80): small integers, so that ties are common."""
+    return torch.randint(0, 6, (variants, rows, 81), generator=torch.Generator().manual_seed(seed)).double()
+
+
+def _table_cost(table):
+    """cost(shrinks [P, rows]) → [V·P, rows], looked up by the percent each candidate shrinks."""
+    def cost(shrinks):
+        p = torch.round((1 - shrinks) * 100).long()  # [P, rows]
+        rows = torch.arange(shrinks.shape[1]).expand_as(p)
+        return torch.cat([table[v][rows, p] for v in range(table.shape[0])])
+    return cost
+
+
+@pytest.mark.parametrize("variants", [1, 2])
+def test_shrink_search_picks_what_brute_force_picks(variants):
+    """The coarse-then-fine search, written once for every grid family, against trying the candidates
+    one at a time for each row: the first of least cost among 0 %, 4 %, ..., 80 % shrunk, then among
+    the best ± 3 % in 1 % steps (clamped to [0, 80]), each in every variant (variant-major)."""
+    from gptq.core.grids.search import shrink_search
+
+    rows = 64
+    table = _percent_table(rows, variants, seed=variants)
+    shrink, variant = shrink_search(_table_cost(table), (rows,), torch.zeros((), dtype=torch.float64))
+    def first_best(r, percents):  # min keeps the first of equals
+        return min(((v, p) for v in range(variants) for p in percents), key=lambda c: table[c[0], r, c[1]])
+
+    for r in range(rows):
+        _, coarse = first_best(r, range(0, 81, 4))
+        v, p = first_best(r, [min(max(coarse + m, 0), 80) for m in (3, 2, 1, 0, -1, -2, -3)])
+        assert round(100 * (1 - float(shrink[r]))) == p and int(variant[r]) == v, r
+
+
+def test_find_grid_mse_is_brute_force_over_the_shrinks():
+    """A real cost: ``find_grid``'s clipped grid per row is the one that trying every candidate shrink
+    on that row alone (its own min/max grid, its own weighted error) picks."""
+    from gptq.core.grids.search import MSE_COARSE, MSE_FINE
+    from gptq.core.grids.uniform import _range_to_grid
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(12, 20, generator=g, dtype=torch.float64) * torch.rand(20, generator=g, dtype=torch.float64)
+    w[:, 0] = 4  # an outlier column: clipping pays
+    cw = torch.rand(20, generator=g, dtype=torch.float64) + 0.5
+    got = find_grid(w, 3, False, mse=True, col_weight=cw, min_zero=0)
+
+    def grid(x, s):  # row x's min/max grid shrunk by s
+        return _range_to_grid(s * torch.clamp(x.min(), max=0), s * torch.clamp(x.max(), min=0), 7, False, 0)
+
+    def err(x, s):
+        scale, zero = grid(x, s)
+        return float(((dequantize(quantize(x, scale, zero, 7), scale, zero) - x) ** 2 * cw).sum())
+
+    for r, x in enumerate(w):
+        best = min((1.0 - MSE_COARSE.double()).tolist(), key=lambda s: err(x, s))
+        fine = torch.clamp(best + MSE_FINE.double(), 1.0 - float(MSE_COARSE[-1]), 1.0)
+        best = min(fine.tolist(), key=lambda s: err(x, s))
+        scale, zero = grid(x, best)
+        assert float(got.scale[r]) == float(scale) and float(got.zero[r]) == float(zero), r

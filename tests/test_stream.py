@@ -11,7 +11,9 @@ from conftest import ROOT, SAMPLE_TEXT, tiny_config
 from safetensors.torch import load_file
 
 from gptq import QuantConfig, quantize_model, save_checkpoint
-from gptq.pipeline.streaming import KILL_HOOK, ResumeError, quantize_streaming
+from faults import KILL as KILL_HOOK
+
+from gptq.pipeline.streaming import ResumeError, quantize_streaming
 
 
 def sharded_tiny(tmp_path, tiny_tokenizer_dir, layers=3):
@@ -109,7 +111,10 @@ def calib_text(tmp_path):
 
 
 def run(cmd, text, env=None):
+    """The command; with a fault to inject (``env``: tests/faults.py's variables), through that driver."""
     cmd = [str(text) if c == "TEXT" else c for c in cmd]
+    if env and KILL_HOOK in env and cmd[1:3] == ["-m", "gptq.quantize"]:
+        cmd = [cmd[0], str(ROOT / "tests" / "faults.py"), *cmd[3:]]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, **(env or {})})
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
+
+from gptq.core.grids import GridSpec
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 # the order in which the solver visits input columns, and whether that shows in g_idx:
 #   none         input order; g_idx = k // group
 #   static       descending diag(H), grids fixed from the unquantized W first; g_idx = k // group
@@ -14,12 +15,7 @@ CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 #   dynamic      descending diag(H) across groups; grids as groups of the *solve* order come up,
 #                so g_idx is a permutation (desc_act: true; vLLM >= 0.32 refuses it)
 ACT_ORDERS = ("none", "static", "group-aware", "dynamic")
-# the grid family: uniform integers (GPTQ checkpoints) or a 16-value codebook times an absmax per
-# group (bitsandbytes NF4/FP4, written in the bitsandbytes 4-bit layout: bnb.py)
-GGML_GRIDS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")  # llama.cpp block types: ggml.py
-GRIDS = ("int", "nf4", "fp4") + GGML_GRIDS
 EXPERT_TOKENS = ("all", "routed")  # which calibration tokens build a routed expert's Hessian
-BNB_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
 class ConfigError(ValueError):
@@ -44,12 +40,10 @@ class QuantConfig:
                      declares free (the MLP's intermediate dimension) by the consumer's diag(H)
                      first, so the down projection gets act-order's column order with g_idx = k // g.
                      Not applied with double_quant (the scale blocks fix the producers' row order).
-    grid:            "int" (uniform, the GPTQ format) or "nf4"/"fp4" (bitsandbytes' codebooks; absmax
-                     per group of group_size weights; written as a bitsandbytes 4-bit checkpoint).
-    double_quant:    codebook grids only: store the absmax values as 8-bit codes in blocks of 256 with
-                     a float32 scale each and one offset (bitsandbytes' double quantization); the
-                     solver rounds against the absmax as stored.
-    checkpoint_format: "gptq" (v1, zeros stored minus one) or "gptq_v2" (zeros as-is).
+    format:          the output format, as ``--format`` spells it ("gptq", "gptq_v2", "bnb-nf4",
+                     "bnb-fp4+dq", "gguf:q4_k_m", "compressed-tensors"; ``gptq.formats``). It decides
+                     the grid each linear is solved on and how the result is stored; the loop and
+                     the solver never look inside it.
     expert_tokens:   mixture-of-experts models: "all" sends every calibration token through every routed
                      expert for its Hessian (the block's output still uses the real routing), so no expert
                      is starved; "routed" uses only the tokens the router sends it.
@@ -72,12 +66,8 @@ class QuantConfig:
     damp: float = 0.01
     block_size: int = 128
     mse: bool = True
-    checkpoint_format: str = "gptq"
     sort_channels: bool = True
-    grid: str = "int"
-    double_quant: bool = False
-    layer_grids: tuple = ()  # ((linear name, GGML type), ...): per-layer types of a GGUF mix
-    gguf: str = ""  # the GGUF file type being written (e.g. "q4_k_m"), "" for safetensors formats
+    format: str = "gptq"
     expert_tokens: str = "all"
     expert_min_tokens: int = 32
     batch_experts: bool = True
@@ -95,28 +85,6 @@ class QuantConfig:
                               "correction applied (0.25 as GPTAQ; 0 = plain GPTQ)")
         if self.expert_min_tokens < 0:
             raise ConfigError(f"expert_min_tokens={self.expert_min_tokens} must be 0 or more")
-        if self.grid not in GRIDS:
-            raise ConfigError(f"grid={self.grid!r}; choose one of {GRIDS}")
-        if self.grid in ("nf4", "fp4") and (self.bits != 4 or self.group_size not in BNB_BLOCKSIZES):
-            raise ConfigError(f"grid={self.grid!r} is 4-bit with an absmax per block of {BNB_BLOCKSIZES} weights "
-                              f"(bitsandbytes' block sizes); got bits={self.bits}, group_size={self.group_size}")
-        if self.double_quant and self.grid == "int":
-            raise ConfigError("double_quant applies to the codebook grids (nf4, fp4: --format bnb-nf4 / bnb-fp4); the integer grids "
-                              "store float16 scales")
-        for _, g in self.layer_grids:
-            if g not in GGML_GRIDS:
-                raise ConfigError(f"layer grid {g!r}; choose one of {GGML_GRIDS}")
-        if self.grid in GGML_GRIDS:
-            from gptq.core.grids.ggml import TYPES
-
-            t = TYPES[self.grid]
-            if (self.bits, self.group_size, self.sym) != (t.bits, t.group, True):
-                raise ConfigError(f"grid={self.grid!r} is {t.bits}-bit with groups of {t.group}; got bits={self.bits}, "
-                                  f"group_size={self.group_size}")
-            if self.act_order not in ("none", "group-aware"):
-                raise ConfigError(f"GGUF blocks run along the rows in order: act_order must be none or group-aware, "
-                                  f"got {self.act_order!r}")
-            return
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
         if self.group_size != -1 and self.group_size < 1:
@@ -128,49 +96,15 @@ class QuantConfig:
             raise ConfigError(f"damp={self.damp} must be in [0, 1); 0.01 is the usual value")
         if self.block_size < 1:
             raise ConfigError(f"block_size={self.block_size} must be a positive number of columns")
-        if self.checkpoint_format not in CHECKPOINT_FORMATS:
-            raise ConfigError(
-                f"checkpoint_format={self.checkpoint_format!r}; choose one of {CHECKPOINT_FORMATS}"
-            )
 
-    def for_layer(self, name: str) -> "QuantConfig":
-        """The config one linear is solved with: this one, or its own GGML type in a GGUF mix."""
-        grid = dict(self.layer_grids).get(name)
-        if grid is None or grid == self.grid:
-            return self
-        from gptq.core.grids.ggml import TYPES
-
-        t = TYPES[grid]
-        return replace(self, grid=grid, bits=t.bits, group_size=t.group)
+    def grid(self) -> GridSpec:
+        """The uniform integer grid of these bits, group size and symmetry (a format may give a
+        linear another one: ``gptq.formats``)."""
+        return GridSpec("int", self.bits, self.group_size, self.sym)
 
     @property
     def maxq(self) -> int:
         return 2**self.bits - 1
-
-    def to_quantization_config(self) -> dict:
-        """The ``quantization_config`` block of config.json that loaders read."""
-        if self.gguf:  # not a safetensors checkpoint: the GGUF file carries its own metadata
-            return {"quant_method": "gguf", "file_type": self.gguf}
-        if self.grid != "int":  # codebook grids are written in the bitsandbytes 4-bit layout
-            from gptq.formats.bnb import quantization_config
-
-            return quantization_config(self.grid, double_quant=self.double_quant)
-        return {
-            "quant_method": "gptq",
-            "bits": self.bits,
-            "group_size": self.group_size,
-            # only the dynamic order leaves a permuted g_idx: every other mode keeps k // group
-            "desc_act": self.act_order == "dynamic",
-            "sym": self.sym,
-            "static_groups": self.act_order == "static",
-            "act_order": self.act_order,
-            "true_sequential": self.true_sequential,
-            "damp_percent": self.damp,
-            "checkpoint_format": self.checkpoint_format,
-            "lm_head": False,
-            "mse": self.mse,
-            "sort_channels": self.sort_channels,
-        }
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -28,10 +28,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from gptq.core.config import ConfigError
+from gptq.core.grids import GridSpec
 from gptq.core.grids.codebook import NESTED_BLOCK, TABLES, NestedAbsmax, dynamic_map
+from gptq.formats.base import Format, indivisible
+
+BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' 4-bit block sizes
 
 
 @dataclass(frozen=True)
@@ -44,12 +50,6 @@ class Bnb4bitLinear:
     bias: torch.Tensor | None  # [out]
     compute_dtype: str = "bfloat16"
     nested: NestedAbsmax | None = None  # double-quantized absmax (the values above are what it stores)
-
-    def permute_outputs(self, perm: torch.Tensor, bits: int = 4, checkpoint_format: str = "") -> "Bnb4bitLinear":
-        if self.nested is not None:
-            raise ValueError("double-quantized absmax blocks run along the rows as solved; rows cannot move")
-        return Bnb4bitLinear(self.codes[perm].contiguous(), self.absmax[perm].contiguous(), self.quant_type,
-                             None if self.bias is None else self.bias[perm].contiguous(), self.compute_dtype)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out, inp = self.codes.shape
@@ -98,3 +98,48 @@ def dequantize(tensors: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
     n = out * inp
     w = (table[codes[:n]].view(-1, state["blocksize"]) * absmax[:, None]).reshape(out, inp)
     return w
+
+
+class Bnb4bit(Format):
+    """``--format bnb-nf4`` / ``bnb-fp4`` (``+dq``: double-quantized absmax): GPTQ solved on
+    bitsandbytes' codebook grid, an absmax per ``group_size`` weights of a row."""
+
+    mixture_of_experts = False  # bitsandbytes checkpoints of routed experts: not written
+
+    def __init__(self, config, quant_type: str, double_quant: bool = False):
+        super().__init__(config)
+        self.quant_type, self.double_quant = quant_type, double_quant
+        self.name = f"bnb-{quant_type}" + ("+dq" if double_quant else "")
+
+    def check(self) -> None:
+        c = self.config
+        if c.bits != 4 or c.group_size not in BLOCKSIZES:
+            raise ConfigError(f"--format {self.name} is 4-bit with an absmax per block of {BLOCKSIZES} weights "
+                              f"(bitsandbytes' block sizes); got --bits {c.bits}, --group-size {c.group_size}")
+
+    def bind(self, model, model_dir: Path | None = None) -> "Bnb4bit":
+        super().bind(model, model_dir)
+        bad = indivisible(model, self.config.group_size)
+        if bad:
+            raise ConfigError(f"--group-size {self.config.group_size} does not divide the input size(s) {bad}: "
+                              "bitsandbytes blocks would straddle rows. Pick a group size (64, 128, ...) that divides "
+                              "every layer's input.")
+        return self
+
+    def grid(self, name: str) -> GridSpec:
+        return GridSpec(self.quant_type, 4, self.config.group_size, True, double_quant=self.double_quant,
+                        scale_dtype=torch.float32)
+
+    def pack(self, r, bias: torch.Tensor | None) -> Bnb4bitLinear:
+        return Bnb4bitLinear(r.codes.cpu().contiguous(), r.scales.T.cpu().float().contiguous(), self.quant_type,
+                             None if bias is None else bias.contiguous(),
+                             nested=None if r.scale_state is None else r.scale_state.to("cpu"))
+
+    def quantization_config(self) -> dict:
+        return quantization_config(self.quant_type, double_quant=self.double_quant)
+
+    def default_out(self, model: str) -> str:
+        return f"{model.rstrip('/')}-bnb-{self.quant_type}-g{self.config.group_size}"
+
+    def summary(self, out: Path) -> str:
+        return "format: bitsandbytes 4-bit (transformers + bitsandbytes load it with from_pretrained)"

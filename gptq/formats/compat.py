@@ -11,6 +11,11 @@ in tests/test_compat.py. Layer shapes are (in_features, out_features) of every q
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import safe_open
+
+from gptq.io.safetensors_io import tensor_files
 
 # vllm/model_executor/layers/quantization/utils/marlin_utils.py: MARLIN_SUPPORTED_GROUP_SIZES,
 # GPTQ_MARLIN_MIN_THREAD_N = 64, GPTQ_MARLIN_MIN_THREAD_K = 128, verify_marlin_supports_shape
@@ -135,14 +140,8 @@ def is_moe(config: dict) -> bool:
 def layer_shapes(directory, bits: int) -> list[tuple[int, int]]:
     """(in, out) of every quantized linear in a checkpoint directory, from the safetensors headers
     only (no tensor is read): in from g_idx (or qweight's rows), out from qweight's columns."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from gptq.runtime.load import _tensor_files
-
     shapes = []
-    for f in _tensor_files(Path(directory)):
+    for f in tensor_files(Path(directory)):
         with safe_open(f, "pt") as h:
             names = set(h.keys())
             for name in names:
@@ -158,8 +157,57 @@ def layer_shapes(directory, bits: int) -> list[tuple[int, int]]:
 def format_verdicts(vs: list[Verdict]) -> str:
     mark = {"serves": "yes", "slower": "yes, slower kernel", "refuses": "NO"}
     lines = []
+    width = max([26] + [len(v.engine) for v in vs])
     for v in vs:
-        lines.append(f"  {v.engine:<26} {mark[v.status]}")
+        lines.append(f"  {v.engine:<{width}} {mark[v.status]}")
         for r in v.reasons if v.status != "serves" else ():
-            lines.append(f"  {'':<26}   - {r}")
+            lines.append(f"  {'':<{width}}   - {r}")
     return "\n".join(lines)
+
+
+# ---- compressed-tensors (pack-quantized, weight only) -------------------------------------------
+
+
+def verdicts_ct(scheme: dict, shapes, moe: bool = False) -> list[Verdict]:
+    """Engines for a compressed-tensors checkpoint ({bits, group_size, sym}; (in, out) shapes)."""
+    bits, group, sym = scheme["bits"], scheme["group_size"], scheme["sym"]
+    shapes = [(int(k), int(n)) for k, n in shapes]
+    # vllm/model_executor/layers/quantization/compressed_tensors/schemes/compressed_tensors_wNa16.py and
+    # kernels/mixed_precision/marlin.py: Marlin takes uint4b8/uint8b128 (symmetric) and uint4 (asymmetric)
+    gpu: list[str] = []
+    if bits == 8 and not sym:
+        gpu.append("asymmetric 8-bit has no Marlin kernel")
+    if group not in MARLIN_GROUPS:
+        gpu.append(f"Marlin takes group_size -1, 32, 64 or 128, not {group}")
+    ours = [Verdict("vLLM (GPU)", "slower", (*gpu, "served by another WNA16 kernel (Machete/Exllama)")) if gpu
+            else Verdict("vLLM (GPU)", "serves", ("Marlin (CompressedTensorsWNA16)",))]
+    # kernels/mixed_precision/cpu.py: _CPUWNA16_SUPPORTED_QUANT_TYPES = (uint4, uint4b8), group -1 or even,
+    # in and out multiples of 32; fused_moe/oracle/int_wna16.py: MoE only on AMX or AMD Zen CPUs
+    cpu = [] if bits == 4 else [f"its CPU kernel (cpu_gemm_wna16) takes 4-bit weights, not {bits}-bit"]
+    narrow = sorted({d for k, n in shapes for d in (k, n) if d % 32})
+    if narrow:
+        cpu.append(f"in and out must be multiples of 32 (found {narrow})")
+    if group != -1 and group % 2:
+        cpu.append(f"group_size {group} must be even")
+    if moe:
+        cpu.append("its CPU mixture-of-experts kernels need AMX (Intel) or an AMD Zen CPU")
+    ours.append(Verdict("vLLM (CPU)", "refuses", tuple(cpu)) if cpu
+                else Verdict("vLLM (CPU)", "serves", ("cpu_gemm_wna16 (compiled into AVX-512 builds only)",)))
+    # transformers' CompressedTensorsHfQuantizer: the packed tensors load, and are decompressed to dense
+    # weights on the first forward (no int4 kernel)
+    ours.append(Verdict("transformers + compressed-tensors", "slower",
+                        ("loads the packed weights and decompresses them to dense at the first forward",)))
+    ours.append(Verdict("llama.cpp / Ollama", "refuses", ("reads GGUF files: quantize with --format gguf:TYPE",)))
+    return ours
+
+
+def layer_shapes_ct(directory, bits: int) -> list[tuple[int, int]]:
+    """(in, out) of every pack-quantized linear, from the safetensors headers only."""
+    shapes = []
+    for f in tensor_files(Path(directory)):
+        with safe_open(f, "pt") as h:
+            for name in h.keys():
+                if name.endswith(".weight_packed"):
+                    out, words = h.get_slice(name).get_shape()
+                    shapes.append((words * 32 // bits, out))
+    return shapes

@@ -162,3 +162,20 @@ def run_block(block: nn.Module, inp: BlockInputs) -> torch.Tensor | None:
     except StopForward:
         return None
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@contextmanager
+def parameters_on_meta():
+    """Build modules without allocating their parameters (buffers, e.g. rotary tables, stay real)."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gptq.io.modules import StopForward, hooked
+from gptq.io.modules import StopForward, get_module, hooked
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,6 @@ def routed_experts_from_fused(fused: nn.Module) -> RoutedExperts:
 def unfuse(model: nn.Module, arch) -> nn.Module:
     """Replace every block's fused experts module by ``RoutedExperts`` (in place; a no-op for
     dense families and for blocks already unfused)."""
-    from gptq.io.modules import get_module
-
     spec = arch.experts
     if spec is None:
         return model

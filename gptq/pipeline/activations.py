@@ -15,6 +15,8 @@ what the in-memory lists hold while one block is solved.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import itertools
 import os
 import shutil
@@ -170,9 +172,6 @@ def available_memory(device: torch.device | str = "cpu") -> int:
 
 
 def _libc():
-    import ctypes
-    import ctypes.util
-
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:

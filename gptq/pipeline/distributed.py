@@ -37,6 +37,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 TIMEOUT_ENV = "GPTQ_DIST_TIMEOUT"
 
@@ -76,7 +77,6 @@ def launched() -> bool:
 def init(device: torch.device) -> World:
     """Join the process group torchrun describes (env://): NCCL for CUDA, gloo for CPU. A single
     process gets ``SINGLE`` without any process group."""
-    import torch.distributed as dist
 
     if not launched():
         return SINGLE
@@ -134,7 +134,6 @@ def exchange(accumulators: list, world: World) -> None:
     """End of a round: every rank receives every rank's staged partial (or nothing, from a rank
     without a batch this round) and adds them in rank order, so each holds the whole H (the
     solve's rows are then shared out: ``pipeline._solve_distributed``)."""
-    import torch.distributed as dist
 
     for acc in accumulators:
         part, rows = acc.take_staged()
@@ -155,7 +154,6 @@ def all_gather(obj, world: World) -> list:
     """Every rank's ``obj``, in rank order, on every rank (pickled)."""
     if world.single:
         return [obj]
-    import torch.distributed as dist
 
     out = [None] * world.size
     _collective(dist.all_gather_object, out, obj)
@@ -166,7 +164,6 @@ def broadcast(obj, src: int, world: World):
     """``obj`` from rank ``src`` to every rank (pickled: tensors travel with their values)."""
     if world.single:
         return obj
-    import torch.distributed as dist
 
     box = [obj if world.rank == src else None]
     _collective(dist.broadcast_object_list, box, src=src)
@@ -175,13 +172,11 @@ def broadcast(obj, src: int, world: World):
 
 def barrier(world: World) -> None:
     if not world.single:
-        import torch.distributed as dist
 
         _collective(dist.barrier)
 
 
 def shutdown() -> None:
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

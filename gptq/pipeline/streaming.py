@@ -24,20 +24,33 @@ import math
 import os
 import re
 import shutil
-import signal
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from gptq.core.config import QuantConfig
-from gptq.io.checkpoint import DEFAULT_SHARD_BYTES, TORCH_DTYPES, move_into_place, regroup_shards, write_metadata
-from gptq.io.modules import get_module, resolve_device
+from gptq.formats.base import Format
+from gptq.formats.checkpoint import write_metadata
+from gptq.formats.registry import get
+from gptq.io.modules import get_module, parameters_on_meta, resolve_device
+from gptq.io.safetensors_io import (
+    DEFAULT_SHARD_BYTES,
+    TensorSource,
+    atomic_save,
+    atomic_write_text,
+    move_into_place,
+    refuse_existing,
+    regroup_shards,
+)
 from gptq.models.architectures import for_config
+from gptq.models.moe import unfuse
 from gptq.pipeline.activations import (
     Activations,
     SpilledInputs,
@@ -48,65 +61,19 @@ from gptq.pipeline.activations import (
     should_spill,
 )
 from gptq.pipeline.distributed import SINGLE, World, barrier, my_batches
-from gptq.pipeline.loop import PackedLinear, capture_block_inputs, quantize_blocks
-from gptq.runtime.load import _parameters_on_meta
+from gptq.pipeline.loop import capture_block_inputs, quantize_blocks
 
 STATE = "progress.json"
 SPILL = "spill"  # activations spilled during the run (not needed to resume)
-KILL_HOOK = "GPTQ_TEST_KILL_AFTER_BLOCK"  # tests: "k" SIGKILLs, "int:k" interrupts, after block k is saved;
-# "regroup" SIGKILLs while the final shards are being written
-KILL_RANK = "GPTQ_TEST_KILL_RANK"  # with several ranks: only this rank obeys KILL_HOOK
 
 
 class ResumeError(RuntimeError):
     pass
 
 
-class TensorSource:
-    """Lazy access to a model directory's safetensors tensors, one tensor at a time."""
-
-    def __init__(self, model_dir: str | os.PathLike):
-        d = Path(model_dir)
-        index = d / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.file_of = {name: d / f for name, f in weight_map.items()}
-        else:
-            files = sorted(d.glob("*.safetensors"))
-            if not files:
-                raise FileNotFoundError(f"{d}: no *.safetensors files to stream from")
-            self.file_of = {}
-            for f in files:
-                with safe_open(f, "pt") as h:
-                    self.file_of.update({k: f for k in h.keys()})
-        self.loaded = 0
-
-    def names(self) -> list[str]:
-        return sorted(self.file_of)
-
-    def get(self, name: str) -> torch.Tensor:
-        with safe_open(self.file_of[name], "pt") as h:
-            t = h.get_tensor(name)
-        self.loaded += 1
-        return t
-
-    def dtype(self, name: str) -> torch.dtype:
-        """The stored dtype of a tensor, from the file's header."""
-        with safe_open(self.file_of[name], "pt") as h:
-            code = h.get_slice(name).get_dtype()
-        return TORCH_DTYPES.get(code, torch.float32)
-
-    def fingerprint(self) -> dict:
-        return {str(f.name): f.stat().st_size for f in sorted(set(self.file_of.values()))}
-
-
 def skeleton(model_dir: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from gptq.models.moe import unfuse
-
     config = AutoConfig.from_pretrained(model_dir)
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return unfuse(model, for_config(config)).eval()  # routed experts as per-expert linears, as stored
 
@@ -153,18 +120,6 @@ class Materializer:
             self.model.get_submodule(parent)._parameters[attr] = nn.Parameter(
                 torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
         self.resident.discard(prefix)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save(tensors: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
 
 
 def _size(n: int) -> str:
@@ -241,24 +196,31 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
                        device: str = "auto", batch_size: int = 8, resume: bool = False, overwrite: bool = False,
                        progress: bool = True, extra_report: dict | None = None,
                        max_memory: int | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                       world: World = SINGLE) -> tuple[Path, list, Materializer]:
+                       world: World = SINGLE, fmt: Format | None = None,
+                       on_event: Callable[[str, int], None] | None = None) -> tuple[Path, list, Materializer]:
     """Quantize ``model_dir`` into ``out`` without ever holding more than one block's weights.
     Calibration activations above ``max_memory`` bytes (default: half the available memory)
     are spilled to ``OUT.partial/spill`` batch by batch; the result is the same. With several
-    ranks (``world``, see distributed.py) each runs its share of the batches and rank 0 writes."""
+    ranks (``world``, see distributed.py) each runs its share of the batches and rank 0 writes.
+    ``fmt``: the output format bound to this model (default: ``qcfg.format``'s, bound here).
+    ``on_event(event, rank)``: called with "saved:<i>" once block i is on disk and "regroup" while
+    the final shards are written (tests inject kills and interrupts there)."""
     t_start = time.perf_counter()
     dev = resolve_device(device)
     final = Path(out).resolve()
     partial = final.with_name(final.name + ".partial")
-    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
-        raise FileExistsError(f"{final} already exists and is not empty; pass --overwrite to replace it or choose "
-                              "another --out")
+    refuse_existing(final, overwrite)
     source = TensorSource(model_dir)
     model = skeleton(model_dir, dtype)
     arch = for_config(model.config)
+    fmt = fmt or get(qcfg).bind(model, model_dir)
     fp = _fingerprint(model_dir, source, qcfg, windows, dtype, batch_size)
     state = None
-    if partial.exists():
+    if resume and not (partial / STATE).exists():  # never started, or stopped before block 0 was saved
+        if world.main:
+            print(f"note: nothing to resume in {partial}" + (" (no block had been completed)" if partial.exists()
+                                                              else "") + "; starting from the beginning", file=sys.stderr)
+    elif partial.exists():
         if resume:
             try:
                 state = json.loads((partial / STATE).read_text())
@@ -321,8 +283,9 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     def before(i, block):
         mat.load(f"{blocks_prefix}.{i}")
 
-    def after(i, block, packed_i: dict[str, PackedLinear], report_i, next_inputs, next_reference):
+    def after(i, block, results_i, report_i, next_inputs, next_reference):
         prefix = f"{blocks_prefix}.{i}"
+        packed_i = fmt.pack_block(block, prefix, results_i)
         tensors = {}
         for name, t in block.state_dict().items():
             full = f"{prefix}.{name}"
@@ -334,26 +297,23 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         for p_name, p in packed_i.items():
             tensors.update((arch.checkpoint_name(k), t) for k, t in p.tensors(p_name).items())
         if world.main:
-            _atomic_save(dict(sorted(tensors.items())), partial / shard_name(i + 1))
+            atomic_save(dict(sorted(tensors.items())), partial / shard_name(i + 1))
         saved = (_save_inputs(next_inputs, partial, i + 1, mine, world, next_reference)
                  if next_inputs is not None else None)
         report.extend(asdict(r) for r in report_i)
         if world.main:
-            _atomic_write_text(partial / STATE, json.dumps({"fingerprint": fp, "completed": i, "report": report,
+            atomic_write_text(partial / STATE, json.dumps({"fingerprint": fp, "completed": i, "report": report,
                                                             "activations": saved}))
             for old in partial.glob("activations-*"):  # the state now points at the new ones
                 if old.name != saved:
                     shutil.rmtree(old)
         barrier(world)  # block i is on disk for every rank
         mat.release(prefix)
-        hook = os.environ.get(KILL_HOOK) if os.environ.get(KILL_RANK, str(world.rank)) == str(world.rank) else None
-        if hook == str(i):
-            os.kill(os.getpid(), signal.SIGKILL)
-        if hook == f"int:{i}":
-            raise KeyboardInterrupt  # as Ctrl-C would, right after block i was saved
+        if on_event is not None:
+            on_event(f"saved:{i}", world.rank)
 
     quantize_blocks(model, inputs, qcfg, dev, first=first, progress=progress and world.main, before_block=before,
-                    after_block=after, store=store, world=world, reference=reference)
+                    after_block=after, store=store, world=world, reference=reference, grids=fmt.grid)
     del inputs
     if not world.main:  # rank 0 assembles the checkpoint
         return final, report, mat
@@ -361,7 +321,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     # the last shard: every tensor outside the blocks, straight from the source
     if not (partial / shard_name(nshards)).is_file():
         rest = {n: source.get(n).contiguous() for n in source.names() if not n.startswith(blocks_prefix + ".")}
-        _atomic_save(rest, partial / shard_name(nshards))
+        atomic_save(rest, partial / shard_name(nshards))
     summary = (extra_report or {}) | {"seconds": round(time.perf_counter() - t_start, 2), "layers": report}
     # the finished checkpoint is assembled in partial/final.tmp: the block shards regrouped into
     # shards of at most max_shard_bytes, configs, tokenizer, report. Renamed to partial/final when
@@ -373,9 +333,9 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         regroup_shards([partial / shard_name(k) for k in range(1, nshards + 1)], tmp, max_shard_bytes)
-        if os.environ.get(KILL_HOOK) == "regroup":
-            os.kill(os.getpid(), signal.SIGKILL)
-        write_metadata(tmp, model.config, qcfg, model_dir,
+        if on_event is not None:
+            on_event("regroup", world.rank)
+        write_metadata(tmp, model.config, fmt.quantization_config(), model_dir,
                        {"quantize_report.json": json.dumps(summary, indent=2) + "\n"})
         os.replace(tmp, assembled)
     move_into_place(assembled, final)

@@ -1,14 +1,15 @@
-"""What this CPU does fast, measured once per process, and the int4 CPU weight layout.
+"""What this CPU does fast, and the int4 CPU weight layout.
 
-Some x86 CPUs multiply bf16 natively (AVX-512 BF16, AMX); on the others (AVX2-only AMD EPYC /
-Ryzen, older Intel) torch runs a bf16 matmul several times slower than fp32 (issue #10: 8.6
-against 56 GFLOPS on a 2-core EPYC). So the CPU compute dtype is chosen by measuring:
+Some CPUs multiply bf16 natively (x86 AVX-512 BF16 or AMX, Arm's BF16 extension); on the others
+(AVX2-only AMD EPYC / Ryzen, older Intel) torch runs a bf16 matmul several times slower than fp32
+(8.6 against 56 GFLOPS on a 2-core EPYC). So the CPU compute dtype follows what the CPU *is*:
 
-    fast_dtype()  →  torch.bfloat16 if a bf16 matmul is at least as fast as fp32, else float32
+    fast_dtype()  →  torch.bfloat16 if the CPU has native bf16 instructions, else float32
 
-The probe multiplies a [256, 512] by a [512, 512] matrix a few times in each dtype (a few ms in
-all) and is cached for the process. ``cpu_info()`` gives the figures plus torch's reported
-capability and the /proc/cpuinfo flags, for reports and benchmarks.
+decided from its instruction-set flags, never from a timing: a timing flips with the machine's
+load, and with it the calibration dtype and the checkpoint's bytes. ``GPTQ_CPU_DTYPE`` (float32 or
+bfloat16) overrides it. ``cpu_info()`` gives torch's capability, the flags, a measured fp32/bf16
+matmul speed (for reports only) and the choice with its reason.
 
 The second half reads torch's packed-int4 CPU weight (``_convert_weight_to_int4pack_for_cpu``)
 back into a dense matrix, so long prompts can run as "dequantize into a reused buffer, then one
@@ -21,13 +22,16 @@ does not know (the caller then keeps the kernel for every shape).
 from __future__ import annotations
 
 import functools
+import os
+import platform
 import time
 from pathlib import Path
 
 import torch
 
 PROBE_SHAPE = (256, 512, 512)  # M, K, N
-CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16")
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16", "bf16")
+NATIVE_BF16 = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (/proc/cpuinfo "flags") and Arm ("Features")
 
 
 def _gflops(dtype: torch.dtype, repeats: int = 3) -> float:
@@ -50,29 +54,41 @@ def probe() -> dict:
     return {"fp32_gflops": round(_gflops(torch.float32), 1), "bf16_gflops": round(_gflops(torch.bfloat16), 1)}
 
 
+def dtype_choice() -> tuple[torch.dtype, str]:
+    """(the CPU compute dtype, why): from ``GPTQ_CPU_DTYPE``, else from the instruction-set flags."""
+    forced = os.environ.get("GPTQ_CPU_DTYPE", "").strip().lower()
+    if forced:
+        if forced not in ("float32", "bfloat16"):
+            raise ValueError(f"GPTQ_CPU_DTYPE={forced!r}; use float32 or bfloat16")
+        return getattr(torch, forced), f"GPTQ_CPU_DTYPE={forced}"
+    native = [f for f in cpu_flags() if f in NATIVE_BF16]
+    if native:
+        return torch.bfloat16, f"native bf16 instructions ({', '.join(native)})"
+    return torch.float32, "no native bf16 instructions (bf16 would be emulated, several times slower)"
+
+
 def fast_dtype() -> torch.dtype:
-    """bf16 where this CPU multiplies it at least as fast as fp32, else fp32."""
-    p = probe()
-    return torch.bfloat16 if p["bf16_gflops"] >= p["fp32_gflops"] else torch.float32
+    """bf16 where this CPU has native bf16 instructions, else fp32 (``dtype_choice``)."""
+    return dtype_choice()[0]
 
 
 def cpu_flags() -> list[str]:
+    """The flags of CPU_FLAGS this CPU reports (/proc/cpuinfo: x86 "flags", Arm "Features")."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return []
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
     have = set(line.split(":", 1)[-1].split())
     return [f for f in CPU_FLAGS if f in have]
 
 
 def cpu_info() -> dict:
     """Capability, flags, probe figures and the chosen dtype: recorded beside every timing."""
-    import platform
-
+    dtype, reason = dtype_choice()
     return {"capability": torch.backends.cpu.get_cpu_capability(), "flags": cpu_flags(),
             "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            **probe(), "fast_dtype": str(fast_dtype()).removeprefix("torch.")}
+            **probe(), "fast_dtype": str(dtype).removeprefix("torch."), "fast_dtype_reason": reason}
 
 
 # -- torch's packed-int4 CPU layout ----------------------------------------------------------

@@ -11,70 +11,20 @@ dtypes, g_idx bounds, config against tensors — before any kernel runs.
 from __future__ import annotations
 
 import copy
-import json
 import math
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from gptq.formats.compressed_tensors import as_gptq, read_scheme
+from gptq.io.modules import parameters_on_meta
+from gptq.io.safetensors_io import CheckpointError, read_tensors
+from gptq.runtime.cpu_backends import Rows64Backend
+from gptq.runtime.kernels.cpu_rmsnorm import replace_rms_norms
 from gptq.runtime.qlinear import QuantLinear, fuse_siblings, half_head_for_cpu, share_permutations
 
-
-class CheckpointError(ValueError):
-    """The checkpoint is corrupt, truncated or disagrees with its config; names the tensor."""
-
-
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
-
-
-@contextmanager
-def _parameters_on_meta():
-    """Build modules without allocating their parameters (buffers, e.g. rotary tables, stay real)."""
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
-def _tensor_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-        files = sorted({path / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{path}: shard(s) {missing} named in model.safetensors.index.json are missing")
-        return files
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for f in _tensor_files(path):
-        try:
-            out.update(load_file(f))
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{f}: cannot be read, the file is truncated or corrupt ({e})") from e
-    return out
 
 
 def quantization_config(config) -> dict:
@@ -82,6 +32,10 @@ def quantization_config(config) -> dict:
     if qc is None:
         raise CheckpointError("config.json has no quantization_config: this is not a GPTQ checkpoint")
     qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method") == "compressed-tensors":  # run as the GPTQ v2 tensors it converts to exactly
+        scheme = read_scheme(qc)
+        return {"bits": scheme["bits"], "group_size": scheme["group_size"], "checkpoint_format": "gptq_v2",
+                "compressed_tensors": scheme}
     if qc.get("quant_method", "gptq") != "gptq":
         raise CheckpointError(f"quantization_config.quant_method is {qc.get('quant_method')!r}, not 'gptq'")
     bits = qc.get("bits")
@@ -180,9 +134,7 @@ def prepare_model(model: nn.Module, backend: str, act_dtype: torch.dtype, dev: t
     fuse_siblings(model)
     if backend == "cpu" and dev.type == "cpu":
         half_head_for_cpu(model)
-        if act_dtype == torch.float32 and any(m._state.get("kernel") == "rows64" for m in layers):
-            from gptq.runtime.kernels.cpu_rmsnorm import replace_rms_norms
-
+        if act_dtype == torch.float32 and any(isinstance(m.backend, Rows64Backend) for m in layers):
             replace_rms_norms(model)
     model.eval()
 
@@ -203,10 +155,12 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: s
     backend = default_backend(dev, bits) if backend == "auto" else backend
     act_dtype = resolve_dtype(dtype, dev, backend)
     tensors = read_tensors(path)
+    if "compressed_tensors" in qc:
+        tensors = as_gptq(tensors, qc["compressed_tensors"])
 
     plain = copy.deepcopy(config)
     del plain.quantization_config
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(plain, dtype=act_dtype)
     tensors = _as_our_model(model, tensors)
     raw = config.quantization_config
@@ -275,7 +229,7 @@ def load_bnb(path: Path, device: str = "auto", dtype: str | torch.dtype = "auto"
     tensors = read_tensors(path)
     plain = copy.deepcopy(config)
     del plain.quantization_config
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(plain, dtype=act_dtype)
     tensors = _as_our_model(model, tensors)
     prefixes = {k[: -len(".weight.absmax")] for k in tensors if k.endswith(".weight.absmax")}
@@ -304,12 +258,17 @@ def load_bnb(path: Path, device: str = "auto", dtype: str | torch.dtype = "auto"
 
 
 def load_any(path: str | Path, device: str = "auto", backend: str = "auto", dtype: str = "auto"):
-    """A GPTQ checkpoint through ``load``, a bitsandbytes 4-bit one through ``load_bnb``, or a plain
-    model directory through transformers."""
+    """A GPTQ checkpoint through ``load``, a bitsandbytes 4-bit one through ``load_bnb``, a GGUF file
+    (or a directory holding one and no config.json) through ``load_gguf``, or a plain model
+    directory through transformers."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from gptq.runtime.gguf_reader import gguf_file, load_gguf
     from gptq.io.modules import resolve_device
 
+    if (gguf := gguf_file(path)) is not None:
+        dev = resolve_device(device)
+        return load_gguf(gguf, dev, resolve_dtype(dtype, dev, "torch"))
     p = Path(path)
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"'{path}' is not a model directory (no config.json)")

@@ -1,8 +1,9 @@
 """Real clients load our default checkpoint (``make interop``; not part of ``make test``).
 
 Each client lives in its own virtual environment, made by ``make interop-setup`` (kept out of
-the main install): .venv-gptqmodel (GPTQModel, the GPTQ backend of transformers; torch 2.14.1)
-and .venv-vllm (vLLM's CPU build). A missing environment skips its test with the reason.
+the main install): .venv-gptqmodel (GPTQModel, the GPTQ backend of transformers; torch 2.14.1),
+.venv-vllm (vLLM's CPU build), .venv-bnb (transformers + bitsandbytes) and .venv-ct (transformers +
+compressed-tensors). A missing environment skips its test with the reason.
 """
 
 import json
@@ -156,4 +157,53 @@ def test_gptqmodel_loads_our_moe_checkpoint(tmp_path, tiny_tokenizer_dir):
                         env={"GPTQMODEL_CPU_WORKERS": "2"})
     mine = ours(tmp_path / "q", windows)
     print(f"\nQwen3-MoE: GPTQModel {theirs['ppl']:.4f} vs ours {mine:.4f}")
+    assert abs(theirs["ppl"] - mine) / mine < 0.005
+
+
+@pytest.fixture(scope="module")
+def ct_checkpoint(default_checkpoint):
+    """SmolLM2 in the compressed-tensors layout, with the default checkpoint's settings."""
+    import sys
+
+    model_dir = ROOT / ".cache" / "smollm2"
+    out = default_checkpoint[0].parent / "smollm2-w4a16"
+    subprocess.run([sys.executable, "-m", "gptq.quantize", str(model_dir), "--dataset", str(WIKI / "valid.tokens.txt"),
+                    "--nsamples", "32", "--seqlen", "512", "--group-size", "64", "--format", "compressed-tensors",
+                    "--out", str(out), "--quiet"], check=True, cwd=ROOT)
+    return out
+
+
+def test_vllm_serves_our_compressed_tensors_checkpoint(default_checkpoint, ct_checkpoint):
+    """vLLM's CPU build loads `--format compressed-tensors` (its CompressedTensorsWNA16 scheme) and
+    scores the windows within 0.5 % of our own loader."""
+    py = client_python("vllm")
+    _, windows, path = default_checkpoint
+    theirs = run_client(py, "client_vllm.py", ct_checkpoint, path)
+    if not theirs["loaded"]:
+        if theirs.get("kernel_missing"):
+            pytest.skip("vLLM accepted the config and read the weights, but this CPU build lacks its WNA16 kernel "
+                        f"(cpu_gemm_wna16 needs AVX-512): {theirs['error'][-300:]}")
+        pytest.fail(theirs["error"])
+    mine = ours(ct_checkpoint, windows)
+    print(f"\nvLLM on our compressed-tensors checkpoint {theirs['ppl']:.4f} vs ours {mine:.4f}")
+    assert abs(theirs["ppl"] - mine) / mine < 0.005
+
+
+def test_transformers_loads_our_compressed_tensors_checkpoint(default_checkpoint, ct_checkpoint, tmp_path):
+    """transformers + the compressed-tensors package decompress the weights our loader runs (up to the
+    rounding of (q - z)·scale in the scales' bf16, which it computes in) and score the same perplexity."""
+    from gptq.runtime.load import load
+
+    py = client_python("ct")
+    _, windows, path = default_checkpoint
+    layer = "model.layers.3.mlp.down_proj"
+    theirs = run_client(py, "client_ct.py", ct_checkpoint, path, layer, tmp_path / "w.pt")
+    model, _ = load(ct_checkpoint, device="cpu", backend="torch", dtype="float32")
+    from gptq.core.pack import dequantize_packed
+
+    q = model.get_submodule(layer)
+    mine_w = dequantize_packed(q.qweight, q.qzeros, q.scales.float(), q.g_idx, 4, "gptq_v2")
+    torch.testing.assert_close(torch.load(tmp_path / "w.pt"), mine_w, rtol=2**-8, atol=1e-9)
+    mine = ours(ct_checkpoint, windows)
+    print(f"\ntransformers + compressed-tensors {theirs['compressed_tensors']} {theirs['ppl']:.4f} vs ours {mine:.4f}")
     assert abs(theirs["ppl"] - mine) / mine < 0.005

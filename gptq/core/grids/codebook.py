@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gptq.core.grids.uniform import MSE_COARSE, MSE_FINE, Grid
+from gptq.core.grids.search import by_rows, shrink_search
+from gptq.core.grids.uniform import Grid
 
 TABLES = {
     "nf4": (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -175,9 +176,10 @@ class CodebookFamily:
         pick = torch.where((x - vlo).abs() <= (vhi - x).abs(), vlo, vhi)
         return pick.T.reshape(*lead, a.shape[-1]).contiguous()
 
-    def fit(self, w: torch.Tensor, col_weight: torch.Tensor | None = None, group: int | None = None) -> Grid:
+    def fit(self, w: torch.Tensor, col_weight: torch.Tensor | None = None, group: int | None = None,
+            cols: torch.Tensor | None = None) -> Grid:
         """absmax per row of ``w`` [out, k] (group ``group`` of the matrix); with mse the shrink factor
-        (coarse 4 %, then 1 % steps) that minimises Σ_k col_weight[k]·(w − ŵ)²."""
+        (coarse 4 %, then 1 % steps: ``search``) that minimises Σ_k col_weight[k]·(w − ŵ)²."""
         w = w if w.dtype == torch.float64 else w.float()
         absmax = w.abs().amax(dim=1)  # [out]
         absmax = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
@@ -186,22 +188,16 @@ class CodebookFamily:
             return Grid(self._snap(absmax, group).to(w.dtype), zero)
         cw = torch.ones(w.shape[1], dtype=w.dtype, device=w.device) if col_weight is None else col_weight.to(w.dtype)
 
-        def best(shrinks: torch.Tensor) -> torch.Tensor:  # shrinks [P, out] → best per row [out]
-            P, out = shrinks.shape
+        def cost(shrinks: torch.Tensor) -> torch.Tensor:  # [P, out] → weighted squared errors [P, out]
             stored = self._snap(shrinks * absmax, group).to(w.dtype)  # [P, out] candidate absmax as stored
-            step = max(1, (1 << 20) // (P * w.shape[1]))  # row chunks: the [P, rows, k] temporaries stay small
-            picks = []
-            for r0 in range(0, out, step):
-                wr = w[None, r0 : r0 + step]  # [1, rows, k]
-                s = stored[:, r0 : r0 + step, None]  # [P, rows, 1]
-                err = self.dequantize(self.quantize(wr, s), s).sub_(wr).square_()  # [P, rows, k]
-                picks.append((err @ cw).argmin(dim=0))
-            pick = torch.cat(picks)
-            return shrinks[pick, torch.arange(out, device=w.device)], stored[pick, torch.arange(out, device=w.device)]
 
-        coarse = (1.0 - MSE_COARSE.to(w))[:, None].expand(-1, w.shape[0])
-        b, _ = best(coarse)
-        fine = torch.clamp(b[None, :] + MSE_FINE.to(w)[:, None], 1.0 - float(MSE_COARSE[-1]), 1.0)
-        _, a = best(fine)
+            def rows(r0: int, r1: int) -> torch.Tensor:
+                wr = w[None, r0:r1]  # [1, rows, k]
+                s = stored[:, r0:r1, None]  # [P, rows, 1]
+                return self.dequantize(self.quantize(wr, s), s).sub_(wr).square_() @ cw
+
+            return by_rows(rows, w.shape[0], shrinks.shape[0] * w.shape[1], 1 << 20)
+
+        best, _ = shrink_search(cost, (w.shape[0],), w)
         # the absmax as stored, so the solver rounds against exactly what is written
-        return Grid(a, zero)
+        return Grid(self._snap(best * absmax, group).to(w.dtype), zero)

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gptq.core.grids.uniform import MSE_COARSE, MSE_FINE, Grid
+from gptq.core.grids.search import best_of, shrink_search
+from gptq.core.grids.uniform import Grid
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,6 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-65504.0, 65504.0).to(torch.float16).to(x.dtype)
 
 
-def _best(err: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:
-    """err [P, ..., k] squared errors → index of the best candidate per [...] (weighted by cw [k])."""
-    return (err @ cw).argmin(dim=0)
-
-
 class SignedFamily:
     """q4_0 / q5_0 / q8_0: w = d·(q − z), z = 2**(bits−1), d float16 of either sign.
 
@@ -98,20 +94,18 @@ class SignedFamily:
         w = w if w.dtype == torch.float64 else w.float()
         out = w.shape[0]
         amax = w.abs().amax(dim=1)  # [out]
-        cw = torch.ones(w.shape[1], dtype=w.dtype) if col_weight is None else col_weight.to(w.dtype)
-        zero = torch.full((out,), float(self.z), dtype=w.dtype)
-        grid = (1.0 - MSE_COARSE.to(w)) if self.mse else torch.ones(1, dtype=w.dtype)
+        cw = torch.ones(w.shape[1], dtype=w.dtype, device=w.device) if col_weight is None else col_weight.to(w.dtype)
 
-        def search(shrink):  # [P, out] for each sign
-            d = torch.cat([self._d(amax, shrink, -1.0), self._d(amax, shrink, 1.0)])  # [2P, out]
-            err = self.dequantize(self.quantize(w[None], d[..., None], self.z), d[..., None], self.z)
-            pick = _best(err.sub_(w[None]).square_(), cw)
-            return d[pick, torch.arange(out)], torch.cat([shrink, shrink])[pick, torch.arange(out)]
+        def cost(shrink):  # [P, out] → weighted squared errors [2P, out]: every shrink with d < 0, then d > 0
+            d = torch.cat([self._d(amax, shrink, -1.0), self._d(amax, shrink, 1.0)])[..., None]  # [2P, out, 1]
+            return self.dequantize(self.quantize(w[None], d, self.z), d, self.z).sub_(w[None]).square_() @ cw
 
-        d, b = search(grid[:, None].expand(-1, out))
         if self.mse:
-            d, _ = search(torch.clamp(b[None, :] + MSE_FINE.to(w)[:, None], 1.0 - float(MSE_COARSE[-1]), 1.0))
-        return Grid(d, zero)
+            shrink, negative = shrink_search(cost, (out,), w)
+        else:  # the sign is chosen all the same
+            shrink, negative = best_of(cost, torch.ones(1, out, dtype=w.dtype, device=w.device))
+        sign = torch.where(negative == 0, -1.0, 1.0).to(w.dtype)  # variant 0: d < 0
+        return Grid(self._d(amax, shrink, sign), torch.full((out,), float(self.z), dtype=w.dtype, device=w.device))
 
     def quantize(self, w, scale, zero):
         return torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
@@ -149,16 +143,13 @@ class MinFamily:
         lo, hi = w.min(dim=1).values, w.max(dim=1).values  # [out]
         if not self.mse:
             return Grid(*self._grid(lo, hi))
-        cw = torch.ones(w.shape[1], dtype=w.dtype) if col_weight is None else col_weight.to(w.dtype)
+        cw = torch.ones(w.shape[1], dtype=w.dtype, device=w.device) if col_weight is None else col_weight.to(w.dtype)
 
-        def search(shrink):  # [P, out]
-            d, m = self._grid(shrink * lo, shrink * hi)
-            err = self.dequantize(self.quantize(w[None], d[..., None], m[..., None]), d[..., None], m[..., None])
-            pick = _best(err.sub_(w[None]).square_(), cw)
-            return shrink[pick, torch.arange(w.shape[0])]
+        def cost(shrink):  # [P, out] → weighted squared errors [P, out]
+            d, m = (t[..., None] for t in self._grid(shrink * lo, shrink * hi))  # [P, out, 1]
+            return self.dequantize(self.quantize(w[None], d, m), d, m).sub_(w[None]).square_() @ cw
 
-        b = search((1.0 - MSE_COARSE.to(w))[:, None].expand(-1, w.shape[0]))
-        b = search(torch.clamp(b[None, :] + MSE_FINE.to(w)[:, None], 1.0 - float(MSE_COARSE[-1]), 1.0))
+        b, _ = shrink_search(cost, (w.shape[0],), w)
         return Grid(*self._grid(b * lo, b * hi))
 
     def quantize(self, w, scale, zero):
@@ -244,20 +235,15 @@ class KQuantFamily:
         out = w.shape[0]
         x = torch.empty_like(w)
         x[:, cols] = w  # back to input order inside the super-block
-        cw = torch.ones(w.shape[1], dtype=w.dtype)
+        cw = torch.ones(w.shape[1], dtype=w.dtype, device=w.device)
         if col_weight is not None:
             cw[cols] = col_weight.to(w.dtype)
         x, cw = x.view(out, G, gs), cw.view(G, gs)
-        shrink = torch.ones(1, out, G, dtype=w.dtype)
-        if self.mse:
-            def search(cands):  # [P, out, G]
-                s, m = self._raw(x, cands)
-                pick = self._err(x[None], s, m, cw).argmin(dim=0)  # [out, G]
-                return cands.gather(0, pick[None])
-
-            b = search((1.0 - MSE_COARSE.to(w))[:, None, None].expand(-1, out, G))
-            shrink = search(torch.clamp(b + MSE_FINE.to(w)[:, None, None], 1.0 - float(MSE_COARSE[-1]), 1.0))
-        s, m = (t[0] for t in self._raw(x, shrink))  # [out, G]
+        if self.mse:  # a shrink per group of each row
+            shrink, _ = shrink_search(lambda cands: self._err(x[None], *self._raw(x, cands), cw), (out, G), w)
+        else:
+            shrink = torch.ones(out, G, dtype=w.dtype, device=w.device)
+        s, m = self._raw(x, shrink)  # [out, G]
         # quantize the super-block's scales (and minimums) as stored
         d = _fp16(s.amax(dim=1) / self.scale_max)  # [out]
         d = torch.where(d == 0, torch.full_like(d, 2.0**-24), d)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-MSE_COARSE = torch.arange(0, 21) * 0.04  # shrink the range by 0 %, 4 %, ..., 80 %
-MSE_FINE = torch.arange(-3, 4) * 0.01  # then ±3 % around each row's best, in 1 % steps
+from gptq.core.grids.search import by_rows, shrink_search
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -33,7 +33,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return scale * (q - zero)
 
 
-def _range_to_grid(xmin, xmax, maxq: int, sym: bool, min_zero: int):
+def _range_to_grid(xmin, xmax, maxq: int, sym: bool, min_zero: int, scale_dtype=torch.float16):
     # xmin <= 0 <= xmax, both [out] (or [P, out] in the search)
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
@@ -41,8 +41,9 @@ def _range_to_grid(xmin, xmax, maxq: int, sym: bool, min_zero: int):
     both_zero = (xmin == 0) & (xmax == 0)
     xmin = torch.where(both_zero, -torch.ones_like(xmin), xmin)
     xmax = torch.where(both_zero, torch.ones_like(xmax), xmax)
-    scale = ((xmax - xmin) / maxq).clamp(max=65504.0).to(torch.float16).to(xmin.dtype)
-    scale = torch.where(scale == 0, torch.full_like(scale, 2.0**-24), scale)  # fp16 underflow
+    scale = ((xmax - xmin) / maxq).clamp(max=torch.finfo(scale_dtype).max).to(scale_dtype).to(xmin.dtype)
+    tiny = torch.finfo(scale_dtype).smallest_normal if scale_dtype != torch.float16 else 2.0**-24
+    scale = torch.where(scale == 0, torch.full_like(scale, tiny), scale)  # underflow
     if sym:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
@@ -57,6 +58,7 @@ def find_grid(
     mse: bool = False,
     col_weight: torch.Tensor | None = None,  # [k] importance of each column (diag H), or [out, k] per row
     min_zero: int = 1,
+    scale_dtype: torch.dtype = torch.float16,
 ) -> Grid:
     """Per-row min/max grid; with ``mse`` the range is shrunk (clipped) to minimise the weighted
     error Σ_k col_weight[k]·(w − ŵ)², searched coarse (4 % steps) then fine (1 % steps).
@@ -65,48 +67,40 @@ def find_grid(
     w = w if w.dtype == torch.float64 else w.float()
     xmin = torch.clamp(w.min(dim=1).values, max=0)  # [out]
     xmax = torch.clamp(w.max(dim=1).values, min=0)  # [out]
-    scale, zero = _range_to_grid(xmin, xmax, maxq, sym, min_zero)
     if not mse:
-        return Grid(scale, zero)
-    coarse = (1.0 - MSE_COARSE.to(w))[:, None].expand(-1, w.shape[0])  # [P, out]
-    best = _best_shrink(w, xmin, xmax, coarse, maxq, sym, min_zero, col_weight)  # [out]
-    fine = torch.clamp(best[None, :] + MSE_FINE.to(w)[:, None], 1.0 - float(MSE_COARSE[-1]), 1.0)  # [F, out]
-    best = _best_shrink(w, xmin, xmax, fine, maxq, sym, min_zero, col_weight)
-    return Grid(*_range_to_grid(best * xmin, best * xmax, maxq, sym, min_zero))
-
-
-def _best_shrink(w, xmin, xmax, shrink, maxq, sym, min_zero, col_weight):
-    """For each row, the candidate shrink factor (shrink [P, out]) with the least weighted squared error."""
-    s, z = _range_to_grid(shrink * xmin, shrink * xmax, maxq, sym, min_zero)  # [P, out]
+        return Grid(*_range_to_grid(xmin, xmax, maxq, sym, min_zero, scale_dtype))
     cw = torch.ones(w.shape[1], dtype=w.dtype, device=w.device) if col_weight is None else col_weight.to(w.dtype)
-    P, out = s.shape
-    # rows are independent: work on row chunks whose [P, rows, k] temporary stays in cache on a
-    # CPU (~4 MB) and bounded on a GPU (~256 MB)
+    # rows are independent: chunks whose [P, rows, k] temporary stays in cache on a CPU (~4 MB) and
+    # bounded on a GPU (~256 MB)
     budget = 1 << 20 if w.device.type == "cpu" else 1 << 26
-    step = max(1, budget // (P * w.shape[1]))
-    picks = []
-    for r0 in range(0, out, step):
-        wr = w[None, r0 : r0 + step]  # [1, rows, k]
-        sp, zp = s[:, r0 : r0 + step, None], z[:, r0 : r0 + step, None]  # [P, rows, 1]
-        # ŵ − w, computed in place on one temporary
-        e = (wr / sp).round_().add_(zp).clamp_(0, maxq).sub_(zp).mul_(sp).sub_(wr)  # [P, rows, k]
-        # one weight per column, or per row and column (rows of several matrices solved as a batch)
-        cost = e.square_() @ cw if cw.ndim == 1 else e.square_().mul_(cw[r0 : r0 + step]).sum(dim=-1)
-        picks.append(cost.argmin(dim=0))  # [rows]
-    pick = torch.cat(picks)  # [out]
-    return shrink[pick, torch.arange(out, device=w.device)]
+
+    def cost(shrink: torch.Tensor) -> torch.Tensor:  # [P, out] → weighted squared errors [P, out]
+        s, z = _range_to_grid(shrink * xmin, shrink * xmax, maxq, sym, min_zero, scale_dtype)  # [P, out]
+
+        def rows(r0: int, r1: int) -> torch.Tensor:
+            wr = w[None, r0:r1]  # [1, rows, k]
+            sp, zp = s[:, r0:r1, None], z[:, r0:r1, None]  # [P, rows, 1]
+            # ŵ − w, computed in place on one temporary
+            e = (wr / sp).round_().add_(zp).clamp_(0, maxq).sub_(zp).mul_(sp).sub_(wr)  # [P, rows, k]
+            # one weight per column, or per row and column (rows of several matrices solved as a batch)
+            return e.square_() @ cw if cw.ndim == 1 else e.square_().mul_(cw[r0:r1]).sum(dim=-1)
+
+        return by_rows(rows, w.shape[0], shrink.shape[0] * w.shape[1], budget)
+
+    best, _ = shrink_search(cost, (w.shape[0],), w)  # [out]
+    return Grid(*_range_to_grid(best * xmin, best * xmax, maxq, sym, min_zero, scale_dtype))
 
 
 class UniformFamily:
     """The integer grids as a grid family (the interface ``codebook.CodebookFamily`` shares):
     fit a (scale, zero) per row of a column group, quantize to codes, dequantize."""
 
-    scale_dtype = torch.float16  # the GPTQ checkpoint stores scales in float16
     zero_dtype = torch.int32
     groups_per_fit = 1
 
-    def __init__(self, bits: int, sym: bool, mse: bool, min_zero: int):
+    def __init__(self, bits: int, sym: bool, mse: bool, min_zero: int, scale_dtype: torch.dtype = torch.float16):
         self.bits, self.sym, self.mse, self.min_zero = bits, sym, mse, min_zero
+        self.scale_dtype = scale_dtype  # as the format stores scales (GPTQ: float16)
         self.maxq = 2**bits - 1
 
     def prepare(self, W: torch.Tensor, group_size: int) -> None:
@@ -116,8 +110,11 @@ class UniformFamily:
         """How the grids themselves are stored beyond scale/zero: nothing here."""
         return None
 
-    def fit(self, w: torch.Tensor, col_weight: torch.Tensor | None = None, group: int | None = None) -> Grid:
-        return find_grid(w, self.bits, self.sym, self.mse, col_weight, self.min_zero)
+    def fit(self, w: torch.Tensor, col_weight: torch.Tensor | None = None, group: int | None = None,
+            cols: torch.Tensor | None = None) -> Grid:
+        """The grid of each row of ``w`` [out, k] (``group`` and ``cols``, where the columns sit, are
+        for the families that need them)."""
+        return find_grid(w, self.bits, self.sym, self.mse, col_weight, self.min_zero, self.scale_dtype)
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return quantize(w, scale, zero, self.maxq)

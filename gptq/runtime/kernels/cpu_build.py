@@ -26,6 +26,10 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch
+
+from gptq.runtime.cpu import cpu_flags, fast_dtype
+
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_int4.c", "cpu_rmsnorm.c", "cpu_f16.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 LIBS = ("-lm",)  # after the sources: linkers that drop unneeded libraries resolve it in order
@@ -82,8 +86,6 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     """(the library, "") or (None, why not): decided once per process."""
     if os.environ.get("GPTQ_CPU_KERNEL", "1") == "0":
         return None, "turned off by GPTQ_CPU_KERNEL=0"
-    from gptq.runtime.cpu import cpu_flags, fast_dtype
-
     flags = set(cpu_flags())
     if not {"avx2", "fma", "f16c"} <= flags:
         return None, f"this CPU lacks AVX2/FMA/F16C (flags: {sorted(flags)})"
@@ -92,8 +94,6 @@ def library() -> tuple[ctypes.CDLL | None, str]:
         _declare(lib)
     except (OSError, RuntimeError, AttributeError) as e:
         reason = f"build failed: {e}"
-        import torch
-
         if fast_dtype() == torch.float32:  # the CPUs this library is for: say so once
             warnings.warn(f"gptq: the AVX2 CPU kernels are unavailable ({reason}); 4-bit layers use torch's "
                           "int4 kernel, which is slower on this CPU", RuntimeWarning, stacklevel=2)

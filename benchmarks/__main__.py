@@ -1,0 +1,65 @@
+"""``python -m benchmarks NAME [--out bench-results] [options]``: run one benchmark, or ``all``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import benchmarks
+from benchmarks.ablation import ablation
+from benchmarks.act_order import act_order
+from benchmarks.codebooks import codebooks
+from benchmarks.cpu_kernel import cpu_kernel
+from benchmarks.decode import decode
+from benchmarks.decode_synthetic import decode_synthetic
+from benchmarks.distributed import DIST_WINDOWS, distributed
+from benchmarks.fp_target import fp_target
+from benchmarks.kernel import kernel
+from benchmarks.moe import moe
+from benchmarks.notebook import notebook
+from benchmarks.quality import quality
+from benchmarks.scale import scale
+from benchmarks.spill import spill
+
+RUNS = {  # NAME: run it with (--out as a Path, the parsed options)
+    "quality": lambda out, a: quality(out),
+    "decode": lambda out, a: decode(out),
+    "decode-synthetic": lambda out, a: decode_synthetic(out),
+    "kernel": lambda out, a: kernel(out),
+    "cpu-kernel": lambda out, a: cpu_kernel(out),
+    "ablation": lambda out, a: ablation(out),
+    "act-order": lambda out, a: act_order(out),
+    "fp-target": lambda out, a: fp_target(out),
+    "codebooks": lambda out, a: codebooks(out),
+    "scale": lambda out, a: scale(out, a.with_13b),
+    "spill": lambda out, a: spill(out),
+    "moe": lambda out, a: moe(out, a.device),
+    "distributed": lambda out, a: distributed(out, tuple(int(r) for r in a.ranks.split(",")), a.threads,
+                                              tuple(int(v) for v in a.windows.split(","))),
+    "notebook": lambda out, a: notebook(),
+}
+ALL = ("quality", "decode", "decode-synthetic", "kernel", "cpu-kernel")
+
+
+def main(argv: list[str] | None = None) -> int:
+    intro, _, details = benchmarks.__doc__.partition("\n\n")
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=intro, epilog=details,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=[*RUNS, "all"])
+    p.add_argument("--13b", dest="with_13b", action="store_true",
+                   help="scale: also the 13B-shaped model (about 26 GB on disk, about an hour on 2 cores)")
+    p.add_argument("--device", default="cpu", help="moe: where the solves run (cpu, cuda)")
+    p.add_argument("--ranks", default="1,2", help="distributed: rank counts to compare (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="distributed: threads per process (default: %(default)s)")
+    p.add_argument("--windows", default=f"{DIST_WINDOWS[0]},{DIST_WINDOWS[1]}",
+                   help="distributed: calibration windows,tokens (default: %(default)s)")
+    p.add_argument("--out", default="bench-results", help="folder for JSON results and the checkpoint")
+    a = p.parse_args(argv)
+    for name in ALL if a.what == "all" else (a.what,):
+        RUNS[name](Path(a.out), a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

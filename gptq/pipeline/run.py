@@ -1,0 +1,75 @@
+"""Quantize a model held in memory: the loop, with the output format's grids, each block's
+results packed by the format as it finishes (``quantize_model``); the streaming path for models
+larger than memory is ``streaming.quantize_streaming``."""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from gptq.core.config import QuantConfig
+from gptq.core.solver import round_to_nearest
+from gptq.formats.base import Format, Stored
+from gptq.formats.registry import get
+from gptq.io.modules import get_module, resolve_device, set_weight_matrix, weight_matrix
+from gptq.models.architectures import for_config
+from gptq.pipeline.activations import Activations, activation_bytes, should_spill
+from gptq.pipeline.loop import LayerReport, capture_block_inputs, quantize_blocks
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    windows: torch.Tensor,  # [nsamples, seqlen] token ids
+    config: QuantConfig,
+    device: str = "auto",
+    batch_size: int = 8,
+    progress: bool = True,
+    max_memory: int | None = None,
+    fmt: Format | None = None,
+) -> tuple[dict[str, Stored], list[LayerReport]]:
+    """GPTQ every linear of every decoder block in place; return what the format (``config.format``)
+    stores for each ({linear name: stored}) and a report.
+
+    ``model``'s quantized linears hold the dequantized Ŵ afterwards, so it can be evaluated as is.
+    Calibration activations above ``max_memory`` bytes (default: half the available memory) are
+    spilled to a temporary folder (``TMPDIR``), batch by batch; the result is the same.
+    ``fmt``: the output format already bound to this model (default: ``config.format``'s).
+    """
+    dev = resolve_device(device)
+    model.eval()
+    fmt = fmt or get(config).bind(model)
+    dtype = next(model.parameters()).dtype
+    spill = should_spill(activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype,
+                                          bool(config.fp_target)), max_memory, dev)
+    packed: dict[str, Stored] = {}
+    report: list[LayerReport] = []
+    blocks = for_config(model.config).blocks
+
+    def keep(i, block, results_i, report_i, next_inputs, next_reference):
+        packed.update(fmt.pack_block(block, f"{blocks}.{i}", results_i))
+        report.extend(report_i)
+
+    with tempfile.TemporaryDirectory(prefix="gptq-activations-") if spill else nullcontext() as tmp:
+        store = Activations(tmp, dev)
+        inputs = capture_block_inputs(model, windows, batch_size, dev, store)
+        quantize_blocks(model, inputs, config, dev, progress=progress, after_block=keep, store=store, grids=fmt.grid)
+        del inputs
+    return packed, report
+
+
+@torch.no_grad()
+def round_to_nearest_model(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """The baseline: every linear GPTQ would quantize, rounded in place to the grid its format
+    gives it, no calibration."""
+    arch = for_config(model.config)
+    grids = get(config).bind(model).grid
+    for i, block in enumerate(get_module(model, arch.blocks)):
+        for name in arch.block_linears(block):
+            lin = get_module(block, name)
+            grid = grids(f"{arch.blocks}.{i}.{name}")
+            set_weight_matrix(lin, round_to_nearest(weight_matrix(lin).float(), config, grid).weight)
+    return model

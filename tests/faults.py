@@ -1,0 +1,34 @@
+"""``python -m gptq.quantize`` with a fault injected, for the tests (the library reads no test hook):
+
+    GPTQ_TEST_KILL_AFTER_BLOCK=k      SIGKILL right after block k is saved
+    GPTQ_TEST_KILL_AFTER_BLOCK=int:k  interrupt (as Ctrl-C) right after block k is saved
+    GPTQ_TEST_KILL_AFTER_BLOCK=regroup  SIGKILL while the final shards are written
+    GPTQ_TEST_KILL_RANK=r             under torchrun, only rank r obeys
+
+    python tests/faults.py MODEL [quantize options]
+"""
+
+import functools
+import os
+import signal
+import sys
+
+from gptq import quantize
+
+KILL = "GPTQ_TEST_KILL_AFTER_BLOCK"
+RANK = "GPTQ_TEST_KILL_RANK"
+
+
+def on_event(event: str, rank: int) -> None:
+    spec = os.environ.get(KILL, "")
+    if os.environ.get(RANK, str(rank)) != str(rank):
+        return
+    if event in (f"saved:{spec}", spec) and spec:  # "saved:k" for k, "regroup" for regroup
+        os.kill(os.getpid(), signal.SIGKILL)
+    if spec.startswith("int:") and event == f"saved:{spec[4:]}":
+        raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    quantize.quantize_streaming = functools.partial(quantize.quantize_streaming, on_event=on_event)
+    sys.exit(quantize.main(sys.argv[1:]))

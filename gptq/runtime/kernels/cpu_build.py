@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from gptq.runtime.cpu import cpu_flags, fast_dtype
+from gptq.runtime import cpu
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_int4.c", "cpu_rmsnorm.c", "cpu_f16.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
@@ -86,7 +86,7 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     """(the library, "") or (None, why not): decided once per process."""
     if os.environ.get("GPTQ_CPU_KERNEL", "1") == "0":
         return None, "turned off by GPTQ_CPU_KERNEL=0"
-    flags = set(cpu_flags())
+    flags = set(cpu.cpu_flags())
     if not {"avx2", "fma", "f16c"} <= flags:
         return None, f"this CPU lacks AVX2/FMA/F16C (flags: {sorted(flags)})"
     try:
@@ -94,7 +94,7 @@ def library() -> tuple[ctypes.CDLL | None, str]:
         _declare(lib)
     except (OSError, RuntimeError, AttributeError) as e:
         reason = f"build failed: {e}"
-        if fast_dtype() == torch.float32:  # the CPUs this library is for: say so once
+        if cpu.fast_dtype() == torch.float32:  # the CPUs this library is for: say so once
             warnings.warn(f"gptq: the AVX2 CPU kernels are unavailable ({reason}); 4-bit layers use torch's "
                           "int4 kernel, which is slower on this CPU", RuntimeWarning, stacklevel=2)
         return None, reason

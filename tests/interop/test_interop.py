@@ -76,16 +76,21 @@ def test_gptqmodel_perplexity_matches_ours(default_checkpoint):
     assert abs(theirs["ppl"] - mine) / mine < 0.005
 
 
-def test_vllm_accepts_and_loads(default_checkpoint):
-    py = client_python("vllm")
-    ckpt, windows, path = default_checkpoint
-    theirs = run_client(py, "client_vllm.py", ckpt, path)
+def vllm_scores(ckpt, path) -> dict:
+    """client_vllm.py's result; a skip where this CPU build lacks the WNA16 kernel, a failure otherwise."""
+    theirs = run_client(client_python("vllm"), "client_vllm.py", ckpt, path)
     if not theirs["loaded"]:
         assert "desc_act" not in theirs["error"], theirs["error"]  # the config itself was accepted
         if theirs.get("kernel_missing"):
-            pytest.skip("vLLM accepted the config and read the weights, but this CPU build lacks its GPTQ kernel "
+            pytest.skip("vLLM accepted the config and read the weights, but this CPU build lacks its WNA16 kernel "
                         f"(cpu_gemm_wna16 needs AVX-512): {theirs['error'][-300:]}")
         pytest.fail(theirs["error"])
+    return theirs
+
+
+def test_vllm_accepts_and_loads(default_checkpoint):
+    ckpt, windows, path = default_checkpoint
+    theirs = vllm_scores(ckpt, path)
     mine = ours(ckpt, windows)
     print(f"\nvLLM {theirs['ppl']:.4f} vs ours {mine:.4f}")
     assert abs(theirs["ppl"] - mine) / mine < 0.005
@@ -176,14 +181,8 @@ def ct_checkpoint(default_checkpoint):
 def test_vllm_serves_our_compressed_tensors_checkpoint(default_checkpoint, ct_checkpoint):
     """vLLM's CPU build loads `--format compressed-tensors` (its CompressedTensorsWNA16 scheme) and
     scores the windows within 0.5 % of our own loader."""
-    py = client_python("vllm")
     _, windows, path = default_checkpoint
-    theirs = run_client(py, "client_vllm.py", ct_checkpoint, path)
-    if not theirs["loaded"]:
-        if theirs.get("kernel_missing"):
-            pytest.skip("vLLM accepted the config and read the weights, but this CPU build lacks its WNA16 kernel "
-                        f"(cpu_gemm_wna16 needs AVX-512): {theirs['error'][-300:]}")
-        pytest.fail(theirs["error"])
+    theirs = vllm_scores(ct_checkpoint, path)
     mine = ours(ct_checkpoint, windows)
     print(f"\nvLLM on our compressed-tensors checkpoint {theirs['ppl']:.4f} vs ours {mine:.4f}")
     assert abs(theirs["ppl"] - mine) / mine < 0.005

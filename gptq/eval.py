@@ -18,6 +18,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from gptq.cli import plain_warnings
+
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, progress: bool = False, batch_size: int = 1) -> float:
@@ -142,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     from gptq.evaluate.reference import ReferenceCache, check_same_vocabulary, describe, token_table
     from gptq.evaluate.score import BOOTSTRAP, SEED, summarize
     from gptq.io.safetensors_io import check_safetensors
-    from gptq.quantize import plain_warnings
     from gptq.runtime.load import CheckpointError, load_any
 
     plain_warnings()

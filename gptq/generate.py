@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from gptq.cli import plain_warnings
+
 
 def resident_bytes(model: torch.nn.Module) -> int:
     """Bytes held by the model's parameters, buffers and kernel-prepared copies (each storage once)."""
@@ -57,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
 
     from gptq.io.safetensors_io import check_safetensors
-    from gptq.quantize import plain_warnings
     from gptq.runtime.load import CheckpointError, load_any
 
     plain_warnings()

@@ -18,10 +18,10 @@ from pathlib import Path
 from gguf import GGUFReader
 from safetensors import SafetensorError
 
+from gptq.cli import plain_warnings
 from gptq.formats.compat import Verdict, format_verdicts, is_moe, layer_shapes, layer_shapes_ct, verdicts, verdicts_ct
 from gptq.formats.compressed_tensors import read_scheme
 from gptq.io.safetensors_io import CheckpointError, checked_tensor_files
-from gptq.quantize import plain_warnings
 
 
 def describe(ckpt: str | Path) -> dict:

@@ -13,7 +13,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from calib import load_documents, sample_windows
+from gptq.cli import plain_warnings
 from gptq.core.config import ACT_ORDERS, EXPERT_TOKENS, CalibConfig, ConfigError, QuantConfig
 from gptq.formats.checkpoint import save_checkpoint
 from gptq.formats.registry import GGUF_TYPES, NAMES, get
@@ -148,21 +148,6 @@ def build_parser() -> argparse.ArgumentParser:  # one declaration per option: cl
 def fail(msg: str) -> "None":
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
-
-
-def plain_warnings() -> None:
-    """Python warnings (ours and the libraries') print as one plain "warning: ..." line on stderr,
-    each text once, without the "file.py:303: UserWarning" and source lines Python adds. Every
-    command's main installs it."""
-    seen: set[str] = set()
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        text = " ".join(str(message).split())
-        if text not in seen:
-            seen.add(text)
-            print(f"warning: {text}", file=file or sys.stderr)
-
-    warnings.showwarning = show
 
 
 class Terminated(KeyboardInterrupt):

@@ -81,3 +81,29 @@ def test_help_lists_defaults():
     for flag in ("--bits", "--group-size", "--act-order", "--mse", "--damp", "--nsamples", "--seqlen", "--device"):
         assert flag in r.stdout
     assert "default: 4" in r.stdout
+
+
+def test_plain_warnings_one_line_each_text_once(monkeypatch, capsys):
+    import warnings
+
+    from gptq.cli import plain_warnings
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
+    plain_warnings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("the text\n  wraps", UserWarning, stacklevel=1)
+        warnings.warn("the text wraps", RuntimeWarning, stacklevel=1)
+        warnings.warn("another", UserWarning, stacklevel=1)
+    assert capsys.readouterr().err.splitlines() == ["warning: the text wraps", "warning: another"]
+
+
+@pytest.mark.parametrize("command", ["gptq.eval", "gptq.generate", "gptq.inspect"])
+def test_every_command_prints_plain_warnings(command, tmp_path, monkeypatch, capsys):
+    import importlib
+    import warnings
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    assert importlib.import_module(command).main([str(tmp_path / "missing")]) == 2  # refused before any work
+    assert warnings.showwarning.__qualname__ == "plain_warnings.<locals>.show"
+    assert capsys.readouterr().err.startswith("error: ")

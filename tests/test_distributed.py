@@ -11,6 +11,7 @@ from conftest import ROOT
 from faults import KILL, RANK
 from test_stream import calib_text, sharded_tiny
 
+from gptq.core.config import ConfigError
 from gptq.core.hessian import HessianAccumulator
 from gptq.pipeline.distributed import World, my_batches, owners, rounds, solve_cost
 
@@ -35,6 +36,16 @@ def test_owners_balance_a_skewed_set_of_layers():
 def test_batches_are_dealt_round_robin():
     assert my_batches(7, World(0, 3)) == [0, 3, 6] and my_batches(7, World(2, 3)) == [2, 5]
     assert rounds(7, World(1, 3)) == 3 and my_batches(4, World(0, 1)) == [0, 1, 2, 3]
+    assert my_batches(3, World(2, 3)) == [2]  # as many batches as ranks: one each
+
+
+@pytest.mark.parametrize("rank", [0, 2, 3])  # ranks with a batch refuse too: all stop together, none waits
+def test_fewer_batches_than_ranks_is_refused_on_every_rank_with_the_fix(rank):
+    with pytest.raises(ConfigError) as e:
+        my_batches(3, World(rank, 4, True))
+    msg = str(e.value)
+    assert "3 batch(es)" in msg and "4 ranks" in msg
+    assert "--nsamples" in msg and "--batch-size" in msg and "at most 3 rank(s)" in msg
 
 
 def test_partials_added_in_batch_order_are_the_local_sum_bit_for_bit():

@@ -6,7 +6,8 @@ Who does what (every function here is a no-op, or the obvious single-process ans
 run is one process, so the block loop reads the same either way):
 
 - ``my_batches``: calibration batches are dealt round-robin, batch k to rank k mod N, so in
-  round j the ranks hold batches jN, jN+1, …, jN+N−1: consecutive, in rank order.
+  round j the ranks hold batches jN, jN+1, …, jN+N−1: consecutive, in rank order. Every rank
+  needs at least one batch (``check_batches``): fewer batches than ranks is refused on every rank.
 - Hessians: each rank computes the partial XᵀX of its batch (``HessianAccumulator`` staged), and
   after every round ``exchange`` hands every rank the round's partials, which each adds in rank
   order, i.e. in batch order. One process adds the same per-batch partials in the same order, so
@@ -38,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from gptq.core.config import ConfigError
 
 TIMEOUT_ENV = "GPTQ_DIST_TIMEOUT"
 
@@ -94,8 +97,20 @@ def init(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size(), True)
 
 
+def check_batches(n_batches: int, world: World) -> None:
+    """Refuse fewer calibration batches than ranks (a rank without a batch has no block inputs to
+    run). The same answer on every rank, so all stop together and none waits at a collective."""
+    if n_batches < world.size:
+        raise ConfigError(
+            f"the calibration data makes {n_batches} batch(es) (--nsamples / --batch-size, rounded up) for "
+            f"{world.size} ranks, and every rank needs at least one: pass more --nsamples (at least --batch-size x "
+            f"{world.size}), a smaller --batch-size, or run at most {n_batches} rank(s) (torchrun --nproc-per-node)")
+
+
 def my_batches(n_batches: int, world: World) -> list[int]:
-    """The global indices of this rank's calibration batches: k ≡ rank (mod size)."""
+    """The global indices of this rank's calibration batches: k ≡ rank (mod size). Refuses fewer
+    batches than ranks (``check_batches``)."""
+    check_batches(n_batches, world)
     return list(range(world.rank, n_batches, world.size))
 
 

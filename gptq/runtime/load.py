@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from gptq.formats.bnb import dequantize
 from gptq.formats.compressed_tensors import as_gptq, read_scheme
-from gptq.io.modules import parameters_on_meta
+from gptq.io.modules import in_features, parameters_on_meta, resolve_device
 from gptq.io.safetensors_io import CheckpointError, read_tensors
+from gptq.models.architectures import UnsupportedModelError, for_config
+from gptq.models.moe import unfuse
+from gptq.runtime import cpu
 from gptq.runtime.cpu_backends import Rows64Backend
+from gptq.runtime.gguf_reader import gguf_file, load_gguf
 from gptq.runtime.kernels.cpu_rmsnorm import replace_rms_norms
 from gptq.runtime.qlinear import QuantLinear, fuse_siblings, half_head_for_cpu, share_permutations
 
@@ -92,15 +99,47 @@ def _as_our_model(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[st
     """Mixture-of-experts families: split the model's fused experts into per-expert linears
     (``moe.unfuse``) and name the checkpoint's tensors as that model does (Mixtral's w1/w3/w2).
     Other models and families we do not quantize ourselves pass through unchanged."""
-    from gptq.models.architectures import UnsupportedModelError, for_config
-    from gptq.models.moe import unfuse
-
     try:
         arch = for_config(model.config)
     except UnsupportedModelError:
         return tensors
     unfuse(model, arch)
     return {arch.model_name(k): t for k, t in tensors.items()}
+
+
+def _meta_model(config, tensors: dict[str, torch.Tensor], act_dtype: torch.dtype):
+    """The model a quantized checkpoint's config describes, built without its quantization_config
+    and with its parameters on meta → (model, that plain config, the tensors named as the model
+    names them)."""
+    plain = copy.deepcopy(config)
+    del plain.quantization_config
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(plain, dtype=act_dtype)
+    return model, plain, _as_our_model(model, tensors)
+
+
+def _fill(model: nn.Module, plain, tensors: Iterable[tuple[str, torch.Tensor]], act_dtype: torch.dtype,
+          path: Path) -> None:
+    """Put the checkpoint's remaining (name, tensor) pairs in place of the model's meta parameters,
+    tie the embeddings if the config says so, and refuse a model left with any parameter unread."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, t in tensors:
+        if name in params:
+            _set_parameter(model, name, params[name], t.to(act_dtype))
+    if getattr(model.config, "tie_word_embeddings", False) or getattr(plain, "tie_word_embeddings", False):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{path}: tensor(s) missing from the checkpoint: {', '.join(still_meta[:5])}"
+                              + (" ..." if len(still_meta) > 5 else ""))
+
+
+def _tokenizer(path: Path):
+    """The checkpoint's tokenizer, or None where it has none transformers can read."""
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
 
 
 def default_backend(device: torch.device, bits: int) -> str:
@@ -117,9 +156,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, backend: str) 
     if device.type == "cuda":
         return torch.float16
     if backend == "cpu":  # bf16 activations for the int4 kernel only where the CPU has native bf16
-        from gptq.runtime.cpu import fast_dtype
-
-        return fast_dtype()
+        return cpu.fast_dtype()
     return torch.float32
 
 
@@ -141,10 +178,6 @@ def prepare_model(model: nn.Module, backend: str, act_dtype: torch.dtype, dev: t
 
 def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: str | torch.dtype = "auto"):
     """Load a GPTQ checkpoint directory → (model, tokenizer or None)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from gptq.io.modules import in_features, resolve_device
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"'{path}' is not a model directory (no config.json)")
@@ -158,11 +191,7 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: s
     if "compressed_tensors" in qc:
         tensors = as_gptq(tensors, qc["compressed_tensors"])
 
-    plain = copy.deepcopy(config)
-    del plain.quantization_config
-    with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(plain, dtype=act_dtype)
-    tensors = _as_our_model(model, tensors)
+    model, plain, tensors = _meta_model(config, tensors, act_dtype)
     raw = config.quantization_config
     model.config.quantization_config = dict(raw) if isinstance(raw, dict) else raw.to_dict()
 
@@ -193,67 +222,35 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: s
         parent_name, _, child = prefix.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
 
-    params = dict(model.named_parameters(remove_duplicate=False))
-    for name, t in tensors.items():
-        if name in params:
-            _set_parameter(model, name, params[name], t.to(act_dtype))
-    if getattr(model.config, "tie_word_embeddings", False) or getattr(plain, "tie_word_embeddings", False):
-        model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_meta:
-        raise CheckpointError(f"{path}: tensor(s) missing from the checkpoint: {', '.join(still_meta[:5])}"
-                              + (" ..." if len(still_meta) > 5 else ""))
+    _fill(model, plain, tensors.items(), act_dtype, path)
     model.to(dev)
     prepare_model(model, backend, act_dtype, dev)
-    tokenizer = None
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        pass
-    return model, tokenizer
+    return model, _tokenizer(path)
 
 
 def load_bnb(path: Path, device: str = "auto", dtype: str | torch.dtype = "auto"):
     """A bitsandbytes 4-bit checkpoint (NF4/FP4, ours or transformers') → a plain model whose
     linears hold the dequantized weights (no bitsandbytes needed), and its tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from gptq.formats.bnb import dequantize
-    from gptq.io.modules import resolve_device
-
     config = AutoConfig.from_pretrained(path)
     dev = resolve_device(device)
     act_dtype = resolve_dtype(dtype, dev, "torch")
-    tensors = read_tensors(path)
-    plain = copy.deepcopy(config)
-    del plain.quantization_config
-    with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(plain, dtype=act_dtype)
-    tensors = _as_our_model(model, tensors)
+    model, plain, tensors = _meta_model(config, read_tensors(path), act_dtype)
     prefixes = {k[: -len(".weight.absmax")] for k in tensors if k.endswith(".weight.absmax")}
-    params = dict(model.named_parameters(remove_duplicate=False))
-    for name, t in tensors.items():
-        prefix = name.rsplit(".weight", 1)[0] if ".weight" in name else None
-        if prefix in prefixes and name != f"{prefix}.weight":
-            continue  # absmax, quant_map, quant_state: read with the weight
-        if prefix in prefixes:
-            try:
-                t = dequantize(tensors, prefix)
-            except (KeyError, ValueError, StopIteration) as e:
-                raise CheckpointError(f"{prefix}: cannot read its bitsandbytes 4-bit weight ({e})") from e
-        if name in params:
-            _set_parameter(model, name, params[name], t.to(act_dtype))
-    if getattr(plain, "tie_word_embeddings", False):
-        model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_meta:
-        raise CheckpointError(f"{path}: tensor(s) missing from the checkpoint: {', '.join(still_meta[:5])}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        tokenizer = None
+
+    def weights():  # one at a time, in the checkpoint's order: each 4-bit weight dequantized as it is placed
+        for name, t in tensors.items():
+            prefix = name.rsplit(".weight", 1)[0] if ".weight" in name else None
+            if prefix in prefixes and name != f"{prefix}.weight":
+                continue  # absmax, quant_map, quant_state: read with the weight
+            if prefix in prefixes:
+                try:
+                    t = dequantize(tensors, prefix)
+                except (KeyError, ValueError, StopIteration) as e:
+                    raise CheckpointError(f"{prefix}: cannot read its bitsandbytes 4-bit weight ({e})") from e
+            yield name, t
+
+    _fill(model, plain, weights(), act_dtype, path)
+    tokenizer = _tokenizer(path)
     return model.to(dev).eval(), tokenizer
 
 
@@ -261,11 +258,6 @@ def load_any(path: str | Path, device: str = "auto", backend: str = "auto", dtyp
     """A GPTQ checkpoint through ``load``, a bitsandbytes 4-bit one through ``load_bnb``, a GGUF file
     (or a directory holding one and no config.json) through ``load_gguf``, or a plain model
     directory through transformers."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from gptq.runtime.gguf_reader import gguf_file, load_gguf
-    from gptq.io.modules import resolve_device
-
     if (gguf := gguf_file(path)) is not None:
         dev = resolve_device(device)
         return load_gguf(gguf, dev, resolve_dtype(dtype, dev, "torch"))

@@ -34,6 +34,13 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile_range(AXIS: tl.constexpr, size, BLOCK: tl.constexpr):
+    """This program's BLOCK indices along launch-grid axis AXIS, and which of them are below size."""
+    offs = tl.program_id(AXIS) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < size
+
+
+@triton.jit
 def _dequant_tile(qw_ptr, qz_ptr, s_ptr, offs_k, offs_n, mask_k, mask_n, g, N, ZN,
                   BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr):
     """[BLOCK_K, BLOCK_N] float32 weights for rows offs_k (all in group g) and columns offs_n."""
@@ -55,13 +62,9 @@ def _gemm_splitk_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, M, N, K, ZN, G,
     """[BLOCK_M, BLOCK_K] × [BLOCK_K, BLOCK_N] tiles through ``tl.dot``, K split across programs
     (fp32 atomics into y): for a few rows (9..63) the M × N tiles alone would be too few programs
     to keep every SM reading the weight."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    offs_m, mask_m = _tile_range(0, M, BLOCK_M)
+    offs_n, mask_n = _tile_range(1, N, BLOCK_N)
     pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_SPLIT
     k_end = tl.minimum(k_start + K_SPLIT, K)
@@ -83,11 +86,9 @@ def _gemv_words_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, M, N, K, ZN, G,
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     WK: tl.constexpr = BLOCK_K // PER  # words per column per tile
-    pid_n = tl.program_id(0)
+    offs_n, mask_n = _tile_range(0, N, BLOCK_N)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
     shifts = tl.arange(0, PER) * BITS  # [PER]
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     k_start = pid_k * K_SPLIT
@@ -115,13 +116,9 @@ def _gemv_words_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, M, N, K, ZN, G,
 def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, K, ZN, G,
                     BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W [K, N] in the activations' dtype, for the large-batch path (dequantize, then cuBLAS)."""
-    pid_k = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_k = offs_k < K
-    mask_n = offs_n < N
-    w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, offs_k, offs_n, mask_k, mask_n, (pid_k * BLOCK_K) // G, N, ZN,
+    offs_k, mask_k = _tile_range(0, K, BLOCK_K)
+    offs_n, mask_n = _tile_range(1, N, BLOCK_N)
+    w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, offs_k, offs_n, mask_k, mask_n, (tl.program_id(0) * BLOCK_K) // G, N, ZN,
                       BITS, ZERO_OFFSET)
     tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty),
              mask=mask_k[:, None] & mask_n[None, :])

@@ -19,6 +19,7 @@ from benchmarks.kernel import kernel
 from benchmarks.moe import moe
 from benchmarks.notebook import notebook
 from benchmarks.quality import quality
+from benchmarks.rotation import ROTATION_BITS, ROTATION_KINDS, rotation
 from benchmarks.scale import scale
 from benchmarks.spill import spill
 
@@ -37,6 +38,7 @@ RUNS = {  # NAME: run it with (--out as a Path, the parsed options)
     "moe": lambda out, a: moe(out, a.device),
     "distributed": lambda out, a: distributed(out, tuple(int(r) for r in a.ranks.split(",")), a.threads,
                                               tuple(int(v) for v in a.windows.split(","))),
+    "rotation": lambda out, a: rotation(out, tuple(int(b) for b in a.bits.split(",")), tuple(a.rotate.split(","))),
     "notebook": lambda out, a: notebook(),
 }
 ALL = ("quality", "decode", "decode-synthetic", "kernel", "cpu-kernel")
@@ -54,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="distributed: threads per process (default: %(default)s)")
     p.add_argument("--windows", default=f"{DIST_WINDOWS[0]},{DIST_WINDOWS[1]}",
                    help="distributed: calibration windows,tokens (default: %(default)s)")
+    p.add_argument("--bits", default=",".join(map(str, ROTATION_BITS)),
+                   help="rotation: bit widths (default: %(default)s)")
+    p.add_argument("--rotate", default=",".join(ROTATION_KINDS),
+                   help="rotation: --rotate values compared at each bit width (default: %(default)s)")
     p.add_argument("--out", default="bench-results", help="folder for JSON results and the checkpoint")
     a = p.parse_args(argv)
     for name in ALL if a.what == "all" else (a.what,):

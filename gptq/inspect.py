@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from gptq.cli import plain_warnings
 from gptq.formats.compat import Verdict, format_verdicts, is_moe, layer_shapes, layer_shapes_ct, verdicts, verdicts_ct
 from gptq.formats.compressed_tensors import read_scheme
+from gptq.formats.gguf.writer import ROTATION_KEY
 from gptq.io.safetensors_io import CheckpointError, checked_tensor_files
 
 
@@ -40,7 +41,8 @@ def describe(ckpt: str | Path) -> dict:
     qc = cfg.get("quantization_config") or {}
     method = qc.get("quant_method")
     info = {"checkpoint": str(d), "format": method,
-            "safetensors_bytes": sum(f.stat().st_size for f in d.glob("*.safetensors"))}
+            "safetensors_bytes": sum(f.stat().st_size for f in d.glob("*.safetensors")),
+            "rotation": cfg.get("gptq_rotation")}
     try:
         if method == "gptq":
             return info | _gptq(d, qc, cfg)
@@ -94,7 +96,9 @@ def _gguf(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
     arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
     types = Counter(t.tensor_type.name.lower() for t in r.tensors)
+    rot = r.fields.get(ROTATION_KEY)
     return {"checkpoint": str(path), "format": "gguf", "architecture": arch, "tensors": len(r.tensors),
+            "rotation": json.loads(bytes(rot.parts[-1]).decode()) if rot is not None else None,
             "tensor_types": dict(sorted(types.items())), "bytes": path.stat().st_size,
             "engines": _engines([Verdict("llama.cpp / Ollama", "serves", ()),
                                  Verdict("vLLM / transformers", "slower",
@@ -118,7 +122,16 @@ def format_description(info: dict) -> str:
                 + f"; {info['quantized_linears']} quantized linears (inputs {info['input_sizes']}), "
                 f"{info['safetensors_bytes'] / 1e6:.1f} MB of safetensors")
     vs = [Verdict(e["engine"], e["status"], tuple(e["reasons"])) for e in info["engines"]]
-    return head + "\nserved by:\n" + format_verdicts(vs)
+    return head + _rotation_line(info.get("rotation")) + "\nserved by:\n" + format_verdicts(vs)
+
+
+def _rotation_line(rot: dict | None) -> str:
+    if not rot:
+        return ""
+    parts = [f"residual stream by {rot['residual']}" if rot["residual"] else "",
+             f"attention heads' values by {rot['heads']}" if rot["heads"] else ""]
+    return (f"\nrotated before solving (--rotate {rot['kind']}, seed {rot['seed']}): "
+            + ", ".join(p for p in parts if p) + ("; the head untied from the embeddings" if rot["untied"] else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

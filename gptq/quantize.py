@@ -22,13 +22,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from calib import load_documents, sample_windows
 from gptq.cli import plain_warnings
-from gptq.core.config import ACT_ORDERS, EXPERT_TOKENS, CalibConfig, ConfigError, QuantConfig
+from gptq.core.config import ACT_ORDERS, EXPERT_TOKENS, ROTATIONS, CalibConfig, ConfigError, QuantConfig
 from gptq.formats.checkpoint import save_checkpoint
 from gptq.formats.registry import GGUF_TYPES, NAMES, get
 from gptq.io.modules import resolve_device
 from gptq.io.safetensors_io import TensorSource, parse_size, prepare_output, source_dtype_name
 from gptq.models.architectures import for_config
 from gptq.models.moe import unfuse
+from gptq.models.rotation import rotator
 from gptq.pipeline.distributed import SINGLE, init, launched
 from gptq.pipeline.loop import LayerReport
 from gptq.pipeline.run import quantize_model
@@ -102,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:  # one declaration per option: cl
                         "(its output on full-precision inputs) instead of to its own output on the already "
                         "quantized inputs, the weight target shifted by ALPHA times the exact correction; costs a "
                         "second, full-precision forward stream. 0 = plain GPTQ (default: %(default)s)")
+    q.add_argument("--rotate", choices=ROTATIONS, default=d.rotate,
+                   help="rotate the model before solving, in its weights only (the checkpoint keeps its architecture "
+                        "and loads everywhere): hadamard = the residual stream by a randomised Hadamard matrix (each "
+                        "norm's scale folded into the linears that read it; a head tied to the embeddings is stored "
+                        "untied) and each attention head's values by another; random = the same with random "
+                        "orthogonal matrices; heads = the heads' rotation only (keeps a tie); none (default: "
+                        "%(default)s)")
+    q.add_argument("--rotate-seed", type=int, default=d.rotate_seed, metavar="N",
+                   help="seed of the rotation's random signs (default: %(default)s)")
     q.add_argument("--block-size", type=int, default=d.block_size,
                    help="columns per lazy-batch block; speed only (default: %(default)s)")
     q.add_argument("--format", default=d.format, choices=[n for n in NAMES if "+" not in n], metavar="FORMAT",
@@ -239,7 +249,8 @@ def quant_config(args) -> QuantConfig:
                        sym=args.sym, act_order=args.act_order, true_sequential=args.true_sequential, damp=args.damp,
                        sort_channels=args.sort_channels, block_size=args.block_size, mse=args.mse,
                        format=args.format + ("+dq" if args.double_quant else ""), expert_tokens=args.expert_tokens,
-                       expert_min_tokens=args.expert_min_tokens, fp_target=args.fp_target)
+                       expert_min_tokens=args.expert_min_tokens, fp_target=args.fp_target,
+                       rotate=args.rotate, rotate_seed=args.rotate_seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,7 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise ConfigError(f"--max-memory: {e}, or auto") from None
         config = check_model_dir(args.model)
-        fmt = fmt.bind(skeleton(args.model, torch.float32), Path(args.model))  # refuses before any long work
+        skel = skeleton(args.model, torch.float32)
+        fmt = fmt.bind(skel, Path(args.model))  # refuses before any long work
+        rot = rotator(config, qcfg)
+        if rot is not None:
+            rot.check_model(skel)
         for w in fmt.warnings:
             print(f"warning: {w}", file=sys.stderr)
         final_out = args.out or fmt.default_out(args.model)
@@ -277,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         summary = {"model": str(Path(args.model).resolve()), "quant_config": qcfg.as_dict(),
                    "calibration": asdict(ccfg)}
+        if rot is not None:
+            summary["rotation"] = rot.record.as_dict()
         if args.stream:
             summary["compute"] = compute_record(calib_dtype(config, args.dtype, args.device), args.device)
             windows = calibration_windows(AutoTokenizer.from_pretrained(args.model), config, ccfg)

@@ -103,6 +103,27 @@ def tiny_tokenizer_dir(tmp_path_factory):
     return d
 
 
+BPE_VOCAB = 320  # a byte-level BPE with merges (GGUF's byte-level vocabularies need them)
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([SAMPLE_TEXT], trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB, special_tokens=["<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>")
+    assert len(fast) == BPE_VOCAB
+    d = tmp_path_factory.mktemp("bpe")
+    fast.save_pretrained(d)
+    return d
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path, tiny_tokenizer_dir):
     """Save a tiny model of a family plus the tokenizer; returns a factory(family) -> dir."""

@@ -8,33 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import BPE_VOCAB as VOCAB
 from conftest import SAMPLE_TEXT, tiny_config
 
 from gptq import QuantConfig, quantize_model, save_checkpoint
 from gptq.eval import eval_windows, main, perplexity, score
 from gptq.evaluate.score import compare, reference_logprobs, summarize, token_nll
 from gptq.pipeline.run import round_to_nearest_model
-
-VOCAB = 320  # a byte-level BPE with merges (GGUF's byte-level vocabularies need them)
-
-
-@pytest.fixture(scope="module")
-def bpe_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([SAMPLE_TEXT], trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>")
-    assert len(fast) == VOCAB
-    d = tmp_path_factory.mktemp("bpe")
-    fast.save_pretrained(d)
-    return d
-
 
 def tiny(tmp_path, bpe_dir, name="tiny", family="llama", vocab=VOCAB, seed=0):
     """A tiny random model of ``family`` with the BPE tokenizer, saved; returns (model, dir)."""

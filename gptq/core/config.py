@@ -15,7 +15,14 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 #   dynamic      descending diag(H) across groups; grids as groups of the *solve* order come up,
 #                so g_idx is a permutation (desc_act: true; vLLM >= 0.32 refuses it)
 ACT_ORDERS = ("none", "static", "group-aware", "dynamic")
-EXPERT_TOKENS = ("all", "routed")  # which calibration tokens build a routed expert's Hessian
+EXPERT_TOKENS = ("all", "routed")
+# rotations folded into the weights before solving (gptq.models.rotation):
+#   none      the model as it is
+#   hadamard  the residual stream by a seeded randomised Hadamard matrix (norms folded into the linears,
+#             a tied head untied) and every attention head's values/outputs by another
+#   random    the same with Haar-random orthogonal matrices
+#   heads     only the heads' rotation (Hadamard): embeddings, norms and a tied head stay as they are
+ROTATIONS = ("none", "hadamard", "random", "heads")  # which calibration tokens build a routed expert's Hessian
 
 
 class ConfigError(ValueError):
@@ -54,6 +61,8 @@ class QuantConfig:
                      shifted by this fraction (α) of the exact correction; 0 = plain GPTQ (0.25, GPTAQ's
                      own choice, took SmolLM2's 4-bit g64 perplexity from 22.82 to 21.29: bench fp-target). Routed experts
                      are solved plainly either way.
+    rotate:          rotate the model before solving, in its weights only (ROTATIONS, above); the checkpoint
+                     keeps its architecture. rotate_seed seeds the rotation's signs (or the random matrix).
     batch_experts:   solve same-shape experts together (one column loop for many experts; speed only,
                      the results agree with one-by-one solves up to float rounding).
     """
@@ -72,12 +81,16 @@ class QuantConfig:
     expert_min_tokens: int = 32
     batch_experts: bool = True
     fp_target: float = 0.25
+    rotate: str = "none"
+    rotate_seed: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.act_order, bool):
             object.__setattr__(self, "act_order", "dynamic" if self.act_order else "none")
         if self.act_order not in ACT_ORDERS:
             raise ConfigError(f"act_order={self.act_order!r}; choose one of {ACT_ORDERS}")
+        if self.rotate not in ROTATIONS:
+            raise ConfigError(f"rotate={self.rotate!r}; choose one of {ROTATIONS}")
         if self.expert_tokens not in EXPERT_TOKENS:
             raise ConfigError(f"expert_tokens={self.expert_tokens!r}; choose one of {EXPERT_TOKENS}")
         if not 0.0 <= self.fp_target <= 1.0:

@@ -16,6 +16,7 @@ from gptq.formats.base import Format, Stored
 from gptq.formats.registry import get
 from gptq.io.modules import get_module, resolve_device, set_weight_matrix, weight_matrix
 from gptq.models.architectures import for_config
+from gptq.models.rotation import rotator
 from gptq.pipeline.activations import Activations, activation_bytes, should_spill
 from gptq.pipeline.loop import LayerReport, capture_block_inputs, quantize_blocks
 
@@ -35,12 +36,16 @@ def quantize_model(
     stores for each ({linear name: stored}) and a report.
 
     ``model``'s quantized linears hold the dequantized Ŵ afterwards, so it can be evaluated as is.
+    With ``config.rotate`` the model is rotated first, in place (``gptq.models.rotation``).
     Calibration activations above ``max_memory`` bytes (default: half the available memory) are
     spilled to a temporary folder (``TMPDIR``), batch by batch; the result is the same.
     ``fmt``: the output format already bound to this model (default: ``config.format``'s).
     """
     dev = resolve_device(device)
     model.eval()
+    rot = rotator(model.config, config)
+    if rot is not None:
+        rot.rotate_model(model)
     fmt = fmt or get(config).bind(model)
     dtype = next(model.parameters()).dtype
     spill = should_spill(activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype,

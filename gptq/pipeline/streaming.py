@@ -51,6 +51,7 @@ from gptq.io.safetensors_io import (
 )
 from gptq.models.architectures import for_config
 from gptq.models.moe import unfuse
+from gptq.models.rotation import rotator
 from gptq.pipeline.activations import (
     Activations,
     SpilledInputs,
@@ -60,7 +61,7 @@ from gptq.pipeline.activations import (
     save_item,
     should_spill,
 )
-from gptq.pipeline.distributed import SINGLE, World, barrier, my_batches
+from gptq.pipeline.distributed import SINGLE, World, barrier, check_batches, my_batches
 from gptq.pipeline.loop import capture_block_inputs, quantize_blocks
 
 STATE = "progress.json"
@@ -207,6 +208,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     the final shards are written (tests inject kills and interrupts there)."""
     t_start = time.perf_counter()
     dev = resolve_device(device)
+    check_batches(-(-windows.shape[0] // batch_size), world)  # before anything is written
     final = Path(out).resolve()
     partial = final.with_name(final.name + ".partial")
     refuse_existing(final, overwrite)
@@ -214,6 +216,9 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     model = skeleton(model_dir, dtype)
     arch = for_config(model.config)
     fmt = fmt or get(qcfg).bind(model, model_dir)
+    rot = rotator(model.config, qcfg)  # each block rotated as it is loaded, the edges at the end
+    if rot is not None:
+        rot.check_model(model)
     fp = _fingerprint(model_dir, source, qcfg, windows, dtype, batch_size)
     state = None
     if resume and not (partial / STATE).exists():  # never started, or stopped before block 0 was saved
@@ -265,6 +270,8 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     batches = windows.split(batch_size)
     mine = my_batches(len(batches), world)  # this rank's batches, by global index
     mat.load("", exclude=blocks_prefix)  # embeddings (and whatever else precedes block 0)
+    if rot is not None:
+        rot.rotate_embedding(model)
     inputs = capture_block_inputs(model, torch.cat([batches[k] for k in mine]), batch_size, dev, store)
     mat.release("", exclude=blocks_prefix)
     first, report, reference = 0, [], None
@@ -282,6 +289,8 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
 
     def before(i, block):
         mat.load(f"{blocks_prefix}.{i}")
+        if rot is not None:
+            rot.rotate_block(block, f"{blocks_prefix}.{i}")
 
     def after(i, block, results_i, report_i, next_inputs, next_reference):
         prefix = f"{blocks_prefix}.{i}"
@@ -321,6 +330,8 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     # the last shard: every tensor outside the blocks, straight from the source
     if not (partial / shard_name(nshards)).is_file():
         rest = {n: source.get(n).contiguous() for n in source.names() if not n.startswith(blocks_prefix + ".")}
+        if rot is not None:
+            rest.update(rot.edges(rest))
         atomic_save(rest, partial / shard_name(nshards))
     summary = (extra_report or {}) | {"seconds": round(time.perf_counter() - t_start, 2), "layers": report}
     # the finished checkpoint is assembled in partial/final.tmp: the block shards regrouped into
@@ -335,6 +346,8 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         regroup_shards([partial / shard_name(k) for k in range(1, nshards + 1)], tmp, max_shard_bytes)
         if on_event is not None:
             on_event("regroup", world.rank)
+        if rot is not None:
+            rot.mark(model.config)
         write_metadata(tmp, model.config, fmt.quantization_config(), model_dir,
                        {"quantize_report.json": json.dumps(summary, indent=2) + "\n"})
         os.replace(tmp, assembled)

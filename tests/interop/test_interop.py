@@ -103,6 +103,61 @@ def test_vllm_accepts_and_loads(default_checkpoint):
     assert theirs["greedy"][:4] == greedy.tolist()[:4] and same >= 12
 
 
+@pytest.fixture(scope="module")
+def rotated_checkpoint(default_checkpoint):
+    """The default checkpoint's command with --rotate hadamard."""
+    import sys
+
+    out = default_checkpoint[0].parent / "smollm2-gptq-rotated"
+    subprocess.run([sys.executable, "-m", "gptq.quantize", str(ROOT / ".cache" / "smollm2"), "--dataset",
+                    str(WIKI / "valid.tokens.txt"), "--nsamples", "32", "--seqlen", "512", "--group-size", "64",
+                    "--rotate", "hadamard", "--out", str(out), "--quiet"], check=True, cwd=ROOT)
+    return out
+
+
+def test_vllm_serves_a_rotated_checkpoint(default_checkpoint, rotated_checkpoint):
+    """A rotated model keeps its architecture (norms as ones, the head untied): vLLM's CPU build loads
+    it unchanged and scores within 0.5 % of our loader."""
+    _, windows, path = default_checkpoint
+    theirs = vllm_scores(rotated_checkpoint, path)
+    mine = ours(rotated_checkpoint, windows)
+    print(f"
+rotated: vLLM {theirs['ppl']:.4f} vs ours {mine:.4f}")
+    assert abs(theirs["ppl"] - mine) / mine < 0.005
+
+
+def test_gptqmodel_loads_a_rotated_checkpoint(default_checkpoint, rotated_checkpoint):
+    py = client_python("gptqmodel")
+    _, windows, path = default_checkpoint
+    theirs = run_client(py, "client_gptqmodel.py", rotated_checkpoint, path, env={"GPTQMODEL_CPU_WORKERS": "2"})
+    mine = ours(rotated_checkpoint, windows)
+    print(f"
+rotated: GPTQModel {theirs['ppl']:.4f} vs ours {mine:.4f}")
+    assert abs(theirs["ppl"] - mine) / mine < 0.005
+
+
+def test_bitsandbytes_loads_a_rotated_nf4_checkpoint(default_checkpoint, tmp_path):
+    """transformers + bitsandbytes run `--format bnb-nf4 --rotate hadamard` as it is, within 0.5 % of ours."""
+    import sys
+
+    from gptq.eval import perplexity
+    from gptq.runtime.load import load_any
+
+    py = client_python("bnb")
+    _, windows, path = default_checkpoint
+    out = tmp_path / "smollm2-nf4-rotated"
+    subprocess.run([sys.executable, "-m", "gptq.quantize", str(ROOT / ".cache" / "smollm2"), "--dataset",
+                    str(WIKI / "valid.tokens.txt"), "--nsamples", "32", "--seqlen", "512", "--format", "bnb-nf4",
+                    "--rotate", "hadamard", "--out", str(out), "--quiet"], check=True, cwd=ROOT)
+    layer = "model.layers.3.mlp.down_proj"
+    theirs = run_client(py, "client_bnb.py", out, path, layer, tmp_path / "w.pt")
+    ours_model, _ = load_any(out, device="cpu", dtype="bfloat16")
+    mine = perplexity(ours_model, windows)
+    print(f"
+rotated NF4: bitsandbytes {theirs['ppl']:.4f} vs ours (bf16) {mine:.4f}")
+    assert abs(theirs["ppl"] - mine) / mine < 0.005
+
+
 @pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-double-quant"])
 def test_bitsandbytes_loads_our_nf4_checkpoint(default_checkpoint, tmp_path, double_quant):
     """transformers + bitsandbytes load `--format bnb-nf4 [--double-quant]`: bitsandbytes dequantizes

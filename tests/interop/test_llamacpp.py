@@ -261,3 +261,20 @@ def test_llama_cpp_tokenizes_our_sentencepiece_style_vocabulary_as_transformers_
         block = log[log.index("number of tokens in prompt"):]
         ids = [int(m) for m in re.findall(r"^\S*\s+I\s+(\d+) -> '", block, flags=re.M)]
         assert ids == tok(text).input_ids, (text, ids, tok(text).input_ids)
+
+
+@pytest.mark.parametrize("ftype", ["q4_0", "q4_k_m"])
+def test_llama_cpp_runs_a_rotated_gguf_below_the_unrotated_file(reference, tmp_path, ftype):
+    """`--rotate hadamard` (residual stream and heads, the tied head untied): llama.cpp loads the
+    file with no change and scores it below our unrotated file of the same type."""
+    scores = {}
+    for rotate in ("none", "hadamard"):
+        out = tmp_path / f"ours-{rotate}"
+        subprocess.run([sys.executable, "-m", "gptq.quantize", str(ROOT / ".cache" / "smollm2"), "--dataset",
+                        str(WIKI / "valid.tokens.txt"), "--nsamples", "32", "--seqlen", "512", "--rotate", rotate,
+                        "--format", f"gguf:{ftype}", "--out", str(out), "--quiet"], check=True, cwd=ROOT)
+        g = json.loads((out / "quantize_report.json").read_text())["gguf"]
+        scores[rotate] = (perplexity(out / g["file"]), g["bytes"])
+    print(f"\n{ftype}: unrotated {scores['none'][0]:.4f} ({scores['none'][1]} B), rotated "
+          f"{scores['hadamard'][0]:.4f} ({scores['hadamard'][1]} B)")
+    assert scores["hadamard"][0] < scores["none"][0]

@@ -166,6 +166,9 @@ def _model(stage: Path) -> _Model:
                   hf.get("num_local_experts") or hf.get("num_experts") or 0)
 
 
+ROTATION_KEY = "gptq.rotation"
+
+
 def _write_metadata(w, m: _Model, ftype: str, stage: Path) -> None:
     """The key-value metadata as convert_hf_to_gguf writes it for the architecture, and the tokenizer."""
     hf, arch = m.hf, m.arch
@@ -204,6 +207,8 @@ def _write_metadata(w, m: _Model, ftype: str, stage: Path) -> None:
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if hf.get("gptq_rotation"):  # the weights were rotated before solving (gptq.models.rotation); engines ignore it
+        w.add_string(ROTATION_KEY, json.dumps(hf["gptq_rotation"], sort_keys=True))
     vocab(w, stage, hf, add_bos=False if arch == "phi2" else None)  # conversion/phi.py: Phi2Model, no BOS
 
 

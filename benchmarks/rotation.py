@@ -1,0 +1,71 @@
+"""Rotated against not, in the same run: the quality benchmark's calibration and evaluation at each
+bit width (SmolLM2, group 64), perplexity and KL divergence against the source (``gptq.eval
+--reference``, one reference pass cached for every row), checkpoint bytes and quantize seconds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from benchmarks.common import quantize_cmd, smollm2_eval, wiki, write
+from gptq.core.config import QuantConfig
+from gptq.models.rotation import rotator
+from gptq.runtime.cpu import cpu_info
+
+ROTATION_BITS = (3, 2, 4)
+ROTATION_KINDS = ("none", "hadamard")
+
+
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def evaluate(ckpt: Path, model_dir: Path, cache: Path) -> dict:
+    cmd = [sys.executable, "-m", "gptq.eval", str(ckpt), "--reference", str(model_dir), "--reference-cache",
+           str(cache), "--dataset", str(wiki("wiki.test.raw")), "--max-windows", "8", "--json",
+           "--backend", "torch", "--dtype", "float32"]
+    r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    keep = ("perplexity", "perplexity_stderr", "delta_perplexity", "delta_perplexity_stderr", "kld_mean",
+            "kld_mean_stderr", "kld_p99", "top1_agreement", "top1_agreement_stderr")
+    return {k: r[k] for k in keep}
+
+
+def rotation_seconds(model_dir: Path, kind: str) -> float:
+    """The rotation alone, on the whole float32 model in memory."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    t0 = time.perf_counter()
+    rotator(model.config, QuantConfig(rotate=kind)).rotate_model(model)
+    return round(time.perf_counter() - t0, 2)
+
+
+def rotation(out: Path, bits=ROTATION_BITS, kinds=ROTATION_KINDS, extra: tuple[str, ...] = ()) -> dict:
+    model_dir, _, _ = smollm2_eval()
+    cache = out / "reference-cache"
+    rows = []
+    for b in bits:
+        for kind in kinds:
+            ckpt = out / "rotation-ckpt"
+            cmd = quantize_cmd(model_dir, "--bits", str(b), "--rotate", kind, *extra, "--out", str(ckpt),
+                               "--overwrite", "--quiet")
+            print("$", " ".join(cmd[1:]), flush=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            report = json.loads((ckpt / "quantize_report.json").read_text())
+            row = {"bits": b, "rotate": kind, "bytes": _bytes(ckpt), "quantize_seconds": report["seconds"],
+                   **evaluate(ckpt, model_dir, cache)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    result = {
+        "setup": "SmolLM2-135M-Instruct, group 64 sym, 32 x 512 WikiText-2 valid calibration; eval wiki.test.raw "
+                 "8 x 2048, fp32, KL against the bf16 source in fp32",
+        "command": " ".join(quantize_cmd(model_dir, "--bits", "B", "--rotate", "KIND", *extra)[1:]),
+        "rotation_seconds_fp32_in_memory": {k: rotation_seconds(model_dir, k) for k in kinds if k != "none"},
+        "cpu": cpu_info(), "rows": rows,
+    }
+    write(out, "rotation", result, show=True)
+    return result

@@ -1,0 +1,309 @@
+"""Rotations before solving (gptq.core.hadamard, gptq.models.rotation): the matrices are exactly
+orthogonal, the rotated float model computes what the original did, for every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gptq.core.hadamard import _base, hadamard, hadamard_factors, has_hadamard, orthogonal
+from gptq.models.architectures import for_config
+from gptq.models.moe import unfuse
+from gptq.models.rotation import RotationError, Rotator
+from tests.conftest import BPE_VOCAB, TINY, moe_config, tiny_config
+
+# -- matrices -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [12, 20, 24, 28, 36, 44, 48, 60, 72, 180])
+def test_paley_matrices_are_hadamard(m):
+    H = _base(m)
+    assert set(H.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(H @ H.T, m * torch.eye(m, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n,factors", [(64, (1, 64)), (576, (36, 16)), (1536, (12, 128)), (2880, (180, 16)),
+                                       (5120, (20, 256)), (14336, (28, 512)), (896, (28, 32))])
+def test_hidden_sizes_of_real_models_have_a_hadamard_matrix(n, factors):
+    assert hadamard_factors(n) == factors
+    if n <= 1536:  # larger ones are Kronecker products of the two checked kinds
+        H = hadamard(n)
+        assert torch.equal(H @ H.T, n * torch.eye(n, dtype=torch.float64))
+
+
+def test_orders_without_a_construction_fall_back_to_a_random_orthogonal_matrix():
+    assert not has_hadamard(52) and not has_hadamard(10)
+    with pytest.raises(ValueError, match="no Hadamard matrix of order 52"):
+        hadamard(52)
+    Q, how = orthogonal(52, "hadamard", 0)
+    assert how == "random (no Hadamard matrix of order 52)"
+    assert torch.allclose(Q @ Q.T, torch.eye(52, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+def test_rotations_are_orthogonal_and_reproducible(kind):
+    Q, _ = orthogonal(576, kind, 3)
+    assert torch.allclose(Q @ Q.T, torch.eye(576, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(Q, orthogonal(576, kind, 3)[0])
+    assert not torch.equal(Q, orthogonal(576, kind, 4)[0])
+    if kind == "hadamard":  # every entry ±1/√n: no direction favoured
+        assert torch.allclose(Q.abs(), torch.full_like(Q, 576**-0.5))
+
+
+# -- the rotated model computes what the original did ----------------------------------------
+
+
+def family_config(family: str):
+    from transformers import GemmaConfig, GraniteConfig, LlamaConfig, Qwen2Config, Qwen3Config
+
+    base = dict(TINY, intermediate_size=128, num_key_value_heads=2)
+    if family == "llama-tied":
+        return LlamaConfig(**base, tie_word_embeddings=True)
+    if family == "llama-bias":  # biases on o_proj and down_proj: the writers' biases rotate too
+        return LlamaConfig(**base, attention_bias=True, mlp_bias=True)
+    if family == "llama-48":  # hidden 48 = 12 · 4 (Paley), head_dim 12 (Paley)
+        return LlamaConfig(**dict(base, hidden_size=48))
+    if family == "llama-40":  # hidden 40 = 20 · 2, head_dim 10: no Hadamard matrix, random fallback
+        return LlamaConfig(**dict(base, hidden_size=40))
+    if family == "qwen2":  # q/k/v biases
+        return Qwen2Config(**base)
+    if family == "qwen3":  # q/k norms
+        return Qwen3Config(**base, head_dim=16)
+    if family == "gemma":  # 1 + w norms, tied head, scaled embeddings
+        return GemmaConfig(**base, head_dim=16)
+    if family == "granite":
+        return GraniteConfig(**base, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0)
+    if family in ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe"):
+        return moe_config(family)
+    return tiny_config(family)
+
+
+def random_model(config, seed=0, fused=False):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # norms away from ones, so folding them matters
+                p.copy_(torch.rand_like(p) + 0.5 - (1.0 if config.model_type == "gemma" else 0.0))
+    return model if fused else unfuse(model, for_config(config))
+
+
+ROTATED_FAMILIES = ["llama", "llama-tied", "llama-bias", "llama-48", "llama-40", "mistral", "qwen2", "qwen3",
+                    "gemma", "granite", "phi3", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe"]
+
+
+@pytest.mark.parametrize("family", ROTATED_FAMILIES)
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+def test_rotated_model_gives_the_same_logits(family, kind):
+    config = family_config(family)
+    model = random_model(config)
+    tied = bool(config.tie_word_embeddings)
+    ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+        W_before = model.model.layers[0].self_attn.o_proj.weight.clone()
+        record = Rotator(model.config, kind, seed=5).rotate_model(model)
+        after = model(ids).logits
+    # float32 forward of a 2-block model: rotated weights differ from the original by float32 rounding only
+    assert (after - before).abs().max().item() < 2e-5 * before.abs().max().item() + 1e-6
+    assert not torch.allclose(model.model.layers[0].self_attn.o_proj.weight, W_before)  # it did rotate
+    offset = 1.0 if config.model_type == "gemma" else 0.0
+    for layer in model.model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            assert torch.equal(norm.weight, torch.full_like(norm.weight, 1.0 - offset))
+    assert torch.equal(model.model.norm.weight, torch.full_like(model.model.norm.weight, 1.0 - offset))
+    assert record.kind == kind and record.residual and record.heads
+    assert record.untied == tied and model.config.tie_word_embeddings is False
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert model.config.gptq_rotation == record.as_dict()
+
+
+def test_hadamard_rotation_flattens_outlier_channels():
+    """What the rotation is for: a few input channels with a large scale stand out in W; after WQ
+    no column does."""
+    model = random_model(family_config("llama"))
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[:3] = 40.0  # three outlier channels
+        Rotator(model.config, "hadamard").rotate_model(model)
+    W = model.model.layers[0].self_attn.q_proj.weight
+    col = W.abs().amax(0)
+    assert col.max() / col.median() < 4  # before: ≥ 40 / 1.5
+
+
+def test_heads_only_keeps_the_tie_and_the_edges():
+    config = family_config("llama-tied")
+    model = random_model(config)
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(ids).logits
+        emb = model.model.embed_tokens.weight.clone()
+        record = Rotator(model.config, "hadamard", residual=False).rotate_model(model)
+        after = model(ids).logits
+    assert (after - before).abs().max().item() < 1e-5
+    assert not record.untied and record.residual == "" and record.heads
+    assert torch.equal(model.model.embed_tokens.weight, emb)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_edges_from_checkpoint_tensors_match_the_in_memory_rotation():
+    """The streaming path rotates the embeddings, head and final norm from the stored tensors."""
+    config = family_config("llama-tied")
+    model = random_model(config)
+    tensors = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
+    tensors.pop("lm_head.weight")  # tied: not stored
+    rot = Rotator(config, "hadamard", seed=1)
+    edges = rot.edges(tensors)
+    rot.rotate_model(model)
+    assert set(edges) == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    for k, v in edges.items():
+        assert torch.equal(v, model.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("family,reason", [("opt", "LayerNorms subtract the mean"), ("gpt2", "LayerNorms"),
+                                           ("gpt_neox", "LayerNorms"), ("phi", "LayerNorms"),
+                                           ("gemma2", "norms after the attention"), ("olmo2", "norms after")])
+def test_families_a_rotation_would_change_are_refused(family, reason):
+    if family == "gemma2":
+        from transformers import Gemma2Config
+        config = Gemma2Config(**TINY, intermediate_size=128, num_key_value_heads=2, head_dim=16)
+    elif family == "olmo2":
+        from transformers import Olmo2Config
+        config = Olmo2Config(**TINY, intermediate_size=128, num_key_value_heads=2)
+    else:
+        config = tiny_config(family)
+    with pytest.raises(RotationError, match=reason) as e:
+        Rotator(config, "hadamard")
+    assert "--rotate none" in str(e.value)
+
+
+def test_an_unknown_module_on_the_stream_is_refused_before_anything_changes():
+    model = random_model(family_config("llama"))
+    block = model.model.layers[1]
+    block.extra = torch.nn.Linear(64, 8)  # reads the stream through a path the table does not know
+    W0 = model.model.layers[0].self_attn.q_proj.weight.clone()
+    with pytest.raises(RotationError, match=r"model\.layers\.1\.extra"):
+        Rotator(model.config, "hadamard").rotate_model(model)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, W0)
+
+
+def test_unknown_kind_is_refused():
+    with pytest.raises(RotationError, match="choose one of"):
+        Rotator(family_config("llama"), "spin")
+
+
+# -- the pipeline: every path, every format ----------------------------------------------------
+
+
+def saved_model(tmp_path, tiny_tokenizer_dir, config, name="src"):
+    import shutil
+
+    d = tmp_path / name
+    random_model(config, fused=True).save_pretrained(d)  # experts as transformers stores them
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    return d
+
+
+def tensors_of(d):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "mixtral"])
+def test_streaming_rotates_block_by_block_to_the_in_memory_bytes(tmp_path, tiny_tokenizer_dir, family):
+    """Each block rotated as it is loaded, the edges at the end from the stored tensors: the same
+    checkpoint as rotating the whole model in memory; a tied head is stored untied."""
+    from gptq import QuantConfig, quantize_model, save_checkpoint
+    from gptq.pipeline.streaming import quantize_streaming
+
+    d = saved_model(tmp_path, tiny_tokenizer_dir, family_config(family))
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(bits=3, group_size=32, rotate="hadamard", rotate_seed=7)
+    out_s, _, _ = quantize_streaming(d, tmp_path / "s", cfg, windows, torch.float32, device="cpu", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    model = unfuse(model, for_config(model.config))
+    packed, _ = quantize_model(model, windows, cfg, device="cpu", progress=False)
+    out_m = save_checkpoint(tmp_path / "m", model, packed, cfg)
+    a, b = tensors_of(out_s), tensors_of(out_m)
+    assert sorted(a) == sorted(b) and "lm_head.weight" in a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    import json
+
+    for out in (out_s, out_m):
+        saved = json.loads((out / "config.json").read_text())
+        assert saved["tie_word_embeddings"] is False
+        assert saved["gptq_rotation"]["kind"] == "hadamard" and saved["gptq_rotation"]["seed"] == 7
+
+
+@pytest.mark.parametrize("fmt,bits", [("gptq", 8), ("compressed-tensors", 8), ("bnb-nf4", 4), ("gguf:q8_0", 8)])
+def test_every_format_stores_a_rotated_model_that_loads_back(tmp_path, bpe_dir, fmt, bits, monkeypatch):
+    """Through the command line (streaming), rotated and not: each checkpoint loads back through our
+    loader (the GGUF through its reader) and computes what the source does, the rotated one about as
+    closely as the unrotated one (the rotation itself is exact; only the rounding differs)."""
+    from gptq.inspect import describe, format_description
+    from gptq.quantize import main
+    from gptq.runtime.load import load_any
+
+    monkeypatch.setenv("GPTQ_GGUF_PRE", "default")  # the tiny test tokenizer is none llama.cpp knows
+    config = family_config("llama-tied")
+    config.vocab_size = BPE_VOCAB  # a BPE with merges, as GGUF's byte-level vocabularies need
+    d = saved_model(tmp_path, bpe_dir, config)
+    text = tmp_path / "calib.txt"
+    from tests.conftest import SAMPLE_TEXT
+
+    text.write_text(SAMPLE_TEXT)
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = torch.log_softmax(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(ids).logits, -1)
+    kl = {}
+    for rotate in ("none", "hadamard"):
+        out = tmp_path / f"q-{rotate}"
+        args = [str(d), "--dataset", str(text), "--nsamples", "4", "--seqlen", "32", "--bits", str(bits),
+                "--group-size", "64" if fmt.startswith("bnb") else "32", "--format", fmt, "--rotate", rotate,
+                "--out", str(out), "--quiet"]
+        assert main(args) == 0
+        path = next(out.glob("*.gguf")) if fmt.startswith("gguf") else out
+        model, _ = load_any(str(path), device="cpu", dtype="float32")
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits.float(), -1)
+        kl[rotate] = (ref.exp() * (ref - lp)).sum(-1).mean().item()
+        rot = describe(path)["rotation"]
+        assert (rot is None) if rotate == "none" else (rot["kind"] == "hadamard" and rot["untied"])
+    assert kl["hadamard"] < 3 * kl["none"] + 1e-4, kl
+    assert kl["hadamard"] < (1e-2 if bits == 8 else 0.1), kl
+    assert "rotated before solving (--rotate hadamard, seed 0)" in format_description(describe(path))
+
+
+def test_resume_refuses_another_rotation(tmp_path, tiny_tokenizer_dir):
+    from gptq import QuantConfig
+    from gptq.io.safetensors_io import TensorSource
+    from gptq.pipeline.streaming import _fingerprint
+
+    d = saved_model(tmp_path, tiny_tokenizer_dir, family_config("llama"))
+    w = torch.zeros(2, 8, dtype=torch.long)
+    fp = {(r, s): _fingerprint(d, TensorSource(d), QuantConfig(rotate=r, rotate_seed=s), w, torch.float32, 8)
+          for r, s in (("none", 0), ("hadamard", 0), ("hadamard", 1))}
+    assert len(set(fp.values())) == 3
+
+
+def test_cli_refuses_a_rotation_the_family_cannot_take_before_any_work(tmp_path, tiny_tokenizer_dir, capsys):
+    import shutil
+
+    from gptq.quantize import main
+    from tests.conftest import tiny_model
+
+    d = tmp_path / "opt"
+    tiny_model("opt").save_pretrained(d)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    with pytest.raises(SystemExit):
+        main([str(d), "--dataset", "no-such-file.txt", "--rotate", "hadamard", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "cannot be rotated" in err and "--rotate none" in err
+    assert not (tmp_path / "o").exists()

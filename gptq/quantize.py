@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -29,11 +29,11 @@ from gptq.io.modules import resolve_device
 from gptq.io.safetensors_io import TensorSource, parse_size, prepare_output, source_dtype_name
 from gptq.models.architectures import for_config
 from gptq.models.moe import unfuse
-from gptq.models.rotation import rotator
+from gptq.models.rotation import auto_rotation, rotator
 from gptq.pipeline.distributed import SINGLE, init, launched
 from gptq.pipeline.loop import LayerReport
 from gptq.pipeline.run import quantize_model
-from gptq.pipeline.streaming import quantize_streaming, skeleton
+from gptq.pipeline.streaming import ResumeError, quantize_streaming, skeleton
 from gptq.runtime.cpu import cpu_info, fast_dtype
 
 EPILOG = """defaults: 4-bit, group 128, symmetric, group-aware act-order, MSE clipping on, true-sequential
@@ -103,13 +103,14 @@ def build_parser() -> argparse.ArgumentParser:  # one declaration per option: cl
                         "(its output on full-precision inputs) instead of to its own output on the already "
                         "quantized inputs, the weight target shifted by ALPHA times the exact correction; costs a "
                         "second, full-precision forward stream. 0 = plain GPTQ (default: %(default)s)")
-    q.add_argument("--rotate", choices=ROTATIONS, default=d.rotate,
+    q.add_argument("--rotate", choices=("auto",) + ROTATIONS, default="auto",
                    help="rotate the model before solving, in its weights only (the checkpoint keeps its architecture "
                         "and loads everywhere): hadamard = the residual stream by a randomised Hadamard matrix (each "
                         "norm's scale folded into the linears that read it; a head tied to the embeddings is stored "
                         "untied) and each attention head's values by another; random = the same with random "
-                        "orthogonal matrices; heads = the heads' rotation only (keeps a tie); none (default: "
-                        "%(default)s)")
+                        "orthogonal matrices; heads = the heads' rotation only (keeps a tie); none; auto = hadamard "
+                        "where that adds no bytes (a Llama-like or MoE family whose head is not tied), else none "
+                        "(default: %(default)s)")
     q.add_argument("--rotate-seed", type=int, default=d.rotate_seed, metavar="N",
                    help="seed of the rotation's random signs (default: %(default)s)")
     q.add_argument("--block-size", type=int, default=d.block_size,
@@ -238,6 +239,21 @@ def calibration_windows(tokenizer, model_config, calib: CalibConfig):
     return sample_windows(docs, tokenizer, calib.nsamples, seqlen, calib.seed, mode)
 
 
+def finished_stage(stage: Path, summary: dict) -> bool:
+    """Whether a staged format's solve finished in ``stage`` (it is renamed into place only when
+    complete), made by this same command; a stage made by another one is refused."""
+    report_file = stage / "quantize_report.json"
+    if not report_file.is_file():
+        return False
+    made = json.loads(report_file.read_text())
+    same = all(made.get(k) == summary.get(k) for k in ("model", "quant_config", "rotation"))
+    same &= {k: v for k, v in made.get("calibration", {}).items() if k != "windows"} == summary["calibration"]
+    if not same:
+        raise ResumeError(f"{stage} holds a finished solve made by a different command (model, settings or "
+                          "calibration); rerun exactly that command with --resume, or pass --overwrite to start over")
+    return True
+
+
 def quant_config(args) -> QuantConfig:
     """The run's settings from the command line (bitsandbytes formats: group 64 unless given)."""
     bnb = args.format.startswith("bnb-")
@@ -250,7 +266,7 @@ def quant_config(args) -> QuantConfig:
                        sort_channels=args.sort_channels, block_size=args.block_size, mse=args.mse,
                        format=args.format + ("+dq" if args.double_quant else ""), expert_tokens=args.expert_tokens,
                        expert_min_tokens=args.expert_min_tokens, fp_target=args.fp_target,
-                       rotate=args.rotate, rotate_seed=args.rotate_seed)
+                       rotate="none" if args.rotate == "auto" else args.rotate, rotate_seed=args.rotate_seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise ConfigError(f"--max-memory: {e}, or auto") from None
         config = check_model_dir(args.model)
+        if args.rotate == "auto":  # per model: where it costs no bytes
+            chosen, note = auto_rotation(config)
+            qcfg = replace(qcfg, rotate=chosen)
+            if note:
+                print(f"note: {note}", file=sys.stderr)
         skel = skeleton(args.model, torch.float32)
         fmt = fmt.bind(skel, Path(args.model))  # refuses before any long work
         rot = rotator(config, qcfg)
@@ -294,7 +315,13 @@ def main(argv: list[str] | None = None) -> int:
                    "calibration": asdict(ccfg)}
         if rot is not None:
             summary["rotation"] = rot.record.as_dict()
-        if args.stream:
+        if fmt.staged and args.resume and finished_stage(Path(out), summary):
+            # the solve had finished; what was left is writing the file from the staged checkpoint
+            print(f"note: resuming from the finished solve in {out}", file=sys.stderr)
+            final, seconds = Path(out), time.perf_counter() - t0
+            layers = json.loads((final / "quantize_report.json").read_text())["layers"]
+            report = [LayerReport(**(r | {"shape": tuple(r["shape"])})) for r in layers]
+        elif args.stream:
             summary["compute"] = compute_record(calib_dtype(config, args.dtype, args.device), args.device)
             windows = calibration_windows(AutoTokenizer.from_pretrained(args.model), config, ccfg)
             summary["calibration"]["windows"] = list(windows.shape)

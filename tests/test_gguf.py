@@ -522,3 +522,34 @@ def test_gpt_neox_reorders_its_fused_qkv_rows_as_the_converter_does(tmp_path, sm
                        ("mlp.dense_4h_to_h", "ffn_down")):
             ref = model.get_submodule(f"gpt_neox.layers.{i}.{hf}")
             assert_stored_linear(got, f"blk.{i}.{gg}", ref.weight, ref.bias)
+
+
+def test_resume_after_the_solve_writes_the_gguf_from_the_finished_stage(tmp_path, tiny_model_dir, monkeypatch):
+    """Killed while the .gguf was being written (the solve done, OUT.stage complete): --resume writes
+    the file from the stage without solving again, the same bytes as an uninterrupted run; a stage
+    made by another command is refused."""
+    from gptq.formats.gguf import GGUF
+    from gptq.quantize import main
+
+    d = tiny_model_dir("llama")
+    text = calib_text(tmp_path)
+    monkeypatch.setenv("GPTQ_GGUF_PRE", "default")
+    args = [str(d), "--dataset", str(text), "--nsamples", "4", "--seqlen", "32", "--format", "gguf:q4_0", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "ref")]) == 0
+    real_finish = GGUF.finish
+
+    def killed(self, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GGUF, "finish", killed)
+    assert main(args + ["--out", str(tmp_path / "g")]) == 130
+    assert (tmp_path / "g.stage" / "quantize_report.json").is_file() and not (tmp_path / "g").exists()
+    monkeypatch.setattr(GGUF, "finish", real_finish)
+    with pytest.raises(SystemExit):  # another command's stage
+        main(args + ["--out", str(tmp_path / "g"), "--resume", "--seed", "1"])
+    solved = []
+    monkeypatch.setattr("gptq.quantize.quantize_streaming", lambda *a, **kw: solved.append(1))
+    assert main(args + ["--out", str(tmp_path / "g"), "--resume"]) == 0
+    assert not solved and not (tmp_path / "g.stage").exists()
+    name = "tiny-llama-q4_0.gguf"
+    assert (tmp_path / "g" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()

@@ -307,3 +307,37 @@ def test_cli_refuses_a_rotation_the_family_cannot_take_before_any_work(tmp_path,
     err = capsys.readouterr().err
     assert "cannot be rotated" in err and "--rotate none" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family,expected", [("llama", "hadamard"), ("llama-tied", "none"), ("opt", "none"),
+                                             ("mixtral", "hadamard")])
+def test_auto_rotates_where_it_costs_no_bytes(family, expected):
+    from gptq.models.rotation import auto_rotation
+
+    chosen, note = auto_rotation(family_config(family))
+    assert chosen == expected
+    if family == "llama-tied":  # says what --rotate hadamard would cost: vocab x hidden at 16 bits
+        assert f"+{256 * 64 * 2 / 1e6:.1f} MB" in note and "--rotate hadamard" in note
+    else:
+        assert note is None
+
+
+def test_cli_default_rotates_an_untied_model_and_notes_a_tied_one(tmp_path, tiny_tokenizer_dir, capsys):
+    import json
+
+    from gptq.quantize import main
+    from tests.conftest import SAMPLE_TEXT
+
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT)
+    for family, rotated in (("llama", True), ("llama-tied", False)):
+        d = saved_model(tmp_path, tiny_tokenizer_dir, family_config(family), name=family)
+        out = tmp_path / f"q-{family}"
+        assert main([str(d), "--dataset", str(text), "--nsamples", "2", "--seqlen", "32", "--group-size", "32",
+                     "--out", str(out), "--quiet"]) == 0
+        cfg = json.loads((out / "config.json").read_text())
+        report = json.loads((out / "quantize_report.json").read_text())
+        assert ("gptq_rotation" in cfg) == rotated and ("rotation" in report) == rotated
+        assert report["quant_config"]["rotate"] == ("hadamard" if rotated else "none")
+        err = capsys.readouterr().err
+        assert ("its head is tied to the embeddings" in err) == (not rotated)

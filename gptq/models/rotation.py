@@ -107,6 +107,23 @@ def rotator(model_config, qcfg) -> Rotator | None:
     return Rotator(model_config, qcfg.rotate, qcfg.rotate_seed)
 
 
+def auto_rotation(config) -> tuple[str, str | None]:
+    """The command line's ``--rotate auto`` for a model: ``hadamard`` where it costs no bytes (the family
+    can be rotated and its head is not tied to the embeddings), else ``none``, with a note saying what
+    ``--rotate hadamard`` would cost (docs/results.md, "Rotations": quality gained at every bit width)."""
+    try:
+        check_rotatable(config)
+    except RotationError:
+        return "none", None
+    text = config.get_text_config()
+    if not getattr(text, "tie_word_embeddings", False):
+        return "hadamard", None
+    extra = text.vocab_size * text.hidden_size * 2
+    return "none", (f"--rotate auto leaves this model unrotated: its head is tied to the embeddings, and a rotated "
+                    f"model stores it separately (+{extra / 1e6:.1f} MB at 16 bits); --rotate hadamard trades those "
+                    "bytes for quality")
+
+
 def _expand(block: nn.Module, names) -> list[tuple[str, nn.Module]]:
     """(name, module) for each of ``names`` present in ``block``, routed-expert templates expanded."""
     out = []

@@ -121,8 +121,7 @@ def test_vllm_serves_a_rotated_checkpoint(default_checkpoint, rotated_checkpoint
     _, windows, path = default_checkpoint
     theirs = vllm_scores(rotated_checkpoint, path)
     mine = ours(rotated_checkpoint, windows)
-    print(f"
-rotated: vLLM {theirs['ppl']:.4f} vs ours {mine:.4f}")
+    print(f"\nrotated: vLLM {theirs['ppl']:.4f} vs ours {mine:.4f}")
     assert abs(theirs["ppl"] - mine) / mine < 0.005
 
 
@@ -131,8 +130,7 @@ def test_gptqmodel_loads_a_rotated_checkpoint(default_checkpoint, rotated_checkp
     _, windows, path = default_checkpoint
     theirs = run_client(py, "client_gptqmodel.py", rotated_checkpoint, path, env={"GPTQMODEL_CPU_WORKERS": "2"})
     mine = ours(rotated_checkpoint, windows)
-    print(f"
-rotated: GPTQModel {theirs['ppl']:.4f} vs ours {mine:.4f}")
+    print(f"\nrotated: GPTQModel {theirs['ppl']:.4f} vs ours {mine:.4f}")
     assert abs(theirs["ppl"] - mine) / mine < 0.005
 
 
@@ -153,8 +151,7 @@ def test_bitsandbytes_loads_a_rotated_nf4_checkpoint(default_checkpoint, tmp_pat
     theirs = run_client(py, "client_bnb.py", out, path, layer, tmp_path / "w.pt")
     ours_model, _ = load_any(out, device="cpu", dtype="bfloat16")
     mine = perplexity(ours_model, windows)
-    print(f"
-rotated NF4: bitsandbytes {theirs['ppl']:.4f} vs ours (bf16) {mine:.4f}")
+    print(f"\nrotated NF4: bitsandbytes {theirs['ppl']:.4f} vs ours (bf16) {mine:.4f}")
     assert abs(theirs["ppl"] - mine) / mine < 0.005
 
 

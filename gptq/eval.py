@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gptq.cli import plain_warnings
+from gptq.evaluate.score import BOOTSTRAP, SEED, Scores, compare, reference_logprobs, summarize, token_nll
 
 
 @torch.no_grad()
@@ -66,8 +67,6 @@ def score(model, windows: torch.Tensor, reference=None, cache=None, progress: bo
     """Per-token scores of ``model`` on ``windows``; against the reference's distributions when a
     reference model or a cache is given (each window from the cache when there, else from the
     reference model, then stored). One window in memory at a time."""
-    from gptq.evaluate.score import Scores, compare, reference_logprobs, token_nll
-
     s = Scores.empty()
     for w in tqdm(windows, desc="eval", unit="window", disable=not progress):
         rec = cache.get(w) if cache is not None else None
@@ -138,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.seqlen < 2:
         p.error(f"--seqlen {args.seqlen} must be at least 2")
+    # imported here, after the arguments are checked: the loaders pull in transformers and datasets
+    # (seconds), which --help and a bad argument need not wait for
     from safetensors import SafetensorError
 
     from calib import CalibrationDataError
     from gptq.evaluate.reference import ReferenceCache, check_same_vocabulary, describe, token_table
-    from gptq.evaluate.score import BOOTSTRAP, SEED, summarize
     from gptq.io.safetensors_io import check_safetensors
     from gptq.runtime.load import CheckpointError, load_any
 

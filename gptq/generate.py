@@ -16,12 +16,11 @@ import time
 import torch
 
 from gptq.cli import plain_warnings
+from gptq.runtime.qlinear import QuantLinear
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
     """Bytes held by the model's parameters, buffers and kernel-prepared copies (each storage once)."""
-    from gptq.runtime.qlinear import QuantLinear
-
     seen, total = set(), 0
 
     def add(t):
@@ -56,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    # imported here, after the arguments are checked: the loaders pull in transformers (seconds), which
+    # --help and a bad argument need not wait for
     from safetensors import SafetensorError
 
     from gptq.io.safetensors_io import check_safetensors

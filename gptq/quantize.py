@@ -269,6 +269,47 @@ def quant_config(args) -> QuantConfig:
                        rotate="none" if args.rotate == "auto" else args.rotate, rotate_seed=args.rotate_seed)
 
 
+def _solve(args, config, qcfg: QuantConfig, ccfg: CalibConfig, fmt, out: str, world, summary: dict,
+           max_memory: int | None, shard_bytes: int, t0: float):
+    """The long work: calibration windows, the solve (streamed, or in memory), the checkpoint in ``out``;
+    (checkpoint, report, seconds), or None on a rank other than 0. ``summary`` gains the run's record."""
+    if fmt.staged and args.resume and finished_stage(Path(out), summary):
+        # the solve had finished; what was left is writing the file from the staged checkpoint
+        print(f"note: resuming from the finished solve in {out}", file=sys.stderr)
+        final, seconds = Path(out), time.perf_counter() - t0
+        layers = json.loads((final / "quantize_report.json").read_text())["layers"]
+        report = [LayerReport(**(r | {"shape": tuple(r["shape"])})) for r in layers]
+    elif args.stream:
+        summary["compute"] = compute_record(calib_dtype(config, args.dtype, args.device), args.device)
+        windows = calibration_windows(AutoTokenizer.from_pretrained(args.model), config, ccfg)
+        summary["calibration"]["windows"] = list(windows.shape)
+        final, layers, _ = quantize_streaming(
+            args.model, out, qcfg, windows, calib_dtype(config, args.dtype, args.device), device=args.device,
+            batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+            extra_report=summary, max_memory=max_memory, max_shard_bytes=shard_bytes, world=world, fmt=fmt)
+        if not world.main:  # rank 0 writes and reports
+            return None
+        report = [LayerReport(**(r | {"shape": tuple(r["shape"])})) for r in layers]
+        seconds = time.perf_counter() - t0
+    else:
+        if args.resume:
+            print("note: nothing to resume with --no-stream (only streaming runs keep progress); starting from "
+                  "the beginning", file=sys.stderr)
+        model, tokenizer = load_model(args.model, config, args.dtype, args.device)
+        summary["compute"] = compute_record(next(model.parameters()).dtype, args.device)
+        windows = calibration_windows(tokenizer, model.config, ccfg)
+        packed, report = quantize_model(model, windows, qcfg, device=args.device, batch_size=args.batch_size,
+                                        progress=not args.quiet, max_memory=max_memory, fmt=fmt)
+        seconds = time.perf_counter() - t0
+        summary |= {"seconds": round(seconds, 2), "layers": [asdict(r) for r in report]}
+        summary["calibration"]["windows"] = list(windows.shape)
+        own = source_dtype_name(args.model)
+        final = save_checkpoint(out, model, packed, qcfg, source_dir=args.model, overwrite=args.overwrite,
+                                max_shard_bytes=shard_bytes, float_dtype=getattr(torch, own) if own else None,
+                                extra_files={"quantize_report.json": json.dumps(summary, indent=2) + "\n"})
+    return final, report, seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = None
@@ -315,40 +356,10 @@ def main(argv: list[str] | None = None) -> int:
                    "calibration": asdict(ccfg)}
         if rot is not None:
             summary["rotation"] = rot.record.as_dict()
-        if fmt.staged and args.resume and finished_stage(Path(out), summary):
-            # the solve had finished; what was left is writing the file from the staged checkpoint
-            print(f"note: resuming from the finished solve in {out}", file=sys.stderr)
-            final, seconds = Path(out), time.perf_counter() - t0
-            layers = json.loads((final / "quantize_report.json").read_text())["layers"]
-            report = [LayerReport(**(r | {"shape": tuple(r["shape"])})) for r in layers]
-        elif args.stream:
-            summary["compute"] = compute_record(calib_dtype(config, args.dtype, args.device), args.device)
-            windows = calibration_windows(AutoTokenizer.from_pretrained(args.model), config, ccfg)
-            summary["calibration"]["windows"] = list(windows.shape)
-            final, layers, _ = quantize_streaming(
-                args.model, out, qcfg, windows, calib_dtype(config, args.dtype, args.device), device=args.device,
-                batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                extra_report=summary, max_memory=max_memory, max_shard_bytes=shard_bytes, world=world, fmt=fmt)
-            if not world.main:  # rank 0 writes and reports
-                return 0
-            report = [LayerReport(**(r | {"shape": tuple(r["shape"])})) for r in layers]
-            seconds = time.perf_counter() - t0
-        else:
-            if args.resume:
-                print("note: nothing to resume with --no-stream (only streaming runs keep progress); starting from "
-                      "the beginning", file=sys.stderr)
-            model, tokenizer = load_model(args.model, config, args.dtype, args.device)
-            summary["compute"] = compute_record(next(model.parameters()).dtype, args.device)
-            windows = calibration_windows(tokenizer, model.config, ccfg)
-            packed, report = quantize_model(model, windows, qcfg, device=args.device, batch_size=args.batch_size,
-                                            progress=not args.quiet, max_memory=max_memory, fmt=fmt)
-            seconds = time.perf_counter() - t0
-            summary |= {"seconds": round(seconds, 2), "layers": [asdict(r) for r in report]}
-            summary["calibration"]["windows"] = list(windows.shape)
-            own = source_dtype_name(args.model)
-            final = save_checkpoint(out, model, packed, qcfg, source_dir=args.model, overwrite=args.overwrite,
-                                    max_shard_bytes=shard_bytes, float_dtype=getattr(torch, own) if own else None,
-                                    extra_files={"quantize_report.json": json.dumps(summary, indent=2) + "\n"})
+        solved = _solve(args, config, qcfg, ccfg, fmt, out, world, summary, max_memory, shard_bytes, t0)
+        if solved is None:
+            return 0
+        final, report, seconds = solved
         if fmt.staged:
             final = fmt.finish(Path(final), Path(final_out), Path(args.model), args.overwrite)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)

@@ -24,8 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoTokenizer
 
 from gptq.io.safetensors_io import CheckpointError
+from gptq.runtime.gguf_reader import gguf_config_and_tokenizer, gguf_file
 
 STORED = "log_softmax float16 [seqlen-1, vocab] per window"
 
@@ -56,10 +59,6 @@ def _sha(text: str) -> str:
 
 def describe(path: str | Path) -> ModelInfo:
     """Config, tokenizer and vocabulary size of a model directory, checkpoint or GGUF file."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from gptq.runtime.gguf_reader import gguf_config_and_tokenizer, gguf_file
-
     if (g := gguf_file(path)) is not None:
         config, tokenizer = gguf_config_and_tokenizer(g)
     else:
@@ -142,8 +141,6 @@ class ReferenceCache:
         return meta
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
-
         return AutoTokenizer.from_pretrained(self.root / "tokenizer")
 
     def path(self, tokens: torch.Tensor) -> Path:
@@ -161,8 +158,6 @@ class ReferenceCache:
                                   "free; use fewer windows or another directory")
 
     def get(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        from safetensors.torch import load_file
-
         p = self.path(tokens)
         if not p.is_file():
             return None
@@ -172,8 +167,6 @@ class ReferenceCache:
         return t["logprobs"], t["nll"]
 
     def put(self, tokens: torch.Tensor, logprobs: torch.Tensor, nll: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
         p = self.path(tokens)
         tmp = p.with_suffix(".tmp")
         save_file({"logprobs": logprobs.to(torch.float16).cpu().contiguous(), "nll": nll.float().cpu().contiguous(),

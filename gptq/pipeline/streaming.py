@@ -193,6 +193,77 @@ def _estimate_output_bytes(source: TensorSource, arch, qcfg: QuantConfig) -> int
     return total
 
 
+def _saved_state(partial: Path, fp: str, resume: bool, overwrite: bool, world: World) -> dict | None:
+    """The progress an interrupted run left in ``partial`` when resuming it (its fingerprint checked),
+    else None; an interrupted run is never overwritten without --overwrite."""
+    if resume and not (partial / STATE).exists():  # never started, or stopped before block 0 was saved
+        if world.main:
+            print(f"note: nothing to resume in {partial}" + (" (no block had been completed)" if partial.exists()
+                                                              else "") + "; starting from the beginning", file=sys.stderr)
+        return None
+    if not partial.exists() or overwrite and not resume:
+        return None  # (with --overwrite the old one is removed by rank 0, once every rank has looked)
+    if not resume:
+        raise ResumeError(f"an interrupted run left {partial}; rerun the same command with --resume to continue "
+                          "it, or pass --overwrite to start over")
+    try:
+        state = json.loads((partial / STATE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ResumeError(f"{partial}: the saved progress is missing or corrupt ({e}); pass --overwrite "
+                          "to start over") from e
+    if state.get("fingerprint") != fp:
+        raise ResumeError(f"{partial} was made from a different model, settings or calibration data; "
+                          "rerun with exactly the same command, or pass --overwrite to start over")
+    return state
+
+
+def _new_partial(partial: Path, need: int) -> None:
+    """An empty ``partial`` folder, refused (and removed) when its disk lacks ``need`` bytes."""
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    free = shutil.disk_usage(partial).free
+    if free < need:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OSError(f"not enough disk space in {partial.parent}: about {_size(need)} needed, {_size(free)} free; "
+                      "free some space or choose another --out")
+
+
+def _block_tensors(block: nn.Module, prefix: str, packed: dict, arch, source: TensorSource) -> dict:
+    """What block ``prefix``'s shard holds, sorted by name: its unquantized tensors in the source's
+    dtype (whatever the calibration ran in), each quantized linear as its format stores it."""
+    tensors = {}
+    for name, t in block.state_dict().items():
+        full = f"{prefix}.{name}"
+        stored = arch.checkpoint_name(full)
+        if full.rsplit(".", 1)[0] not in packed and stored in source.file_of:
+            dtype = source.dtype(stored) if t.is_floating_point() else t.dtype
+            tensors[stored] = t.detach().to("cpu", dtype).contiguous()
+    for p_name, p in packed.items():
+        tensors.update((arch.checkpoint_name(k), t) for k, t in p.tensors(p_name).items())
+    return dict(sorted(tensors.items()))
+
+
+def _assemble(partial: Path, final: Path, shards: list[Path], files: dict, max_shard_bytes: int,
+              on_regroup: Callable[[], None] | None) -> None:
+    """The finished checkpoint, assembled in partial/final.tmp: the block shards regrouped into shards
+    of at most ``max_shard_bytes``, config.json (``files["config"]`` with its quantization_config),
+    tokenizer, report. Renamed to partial/final when complete (a kill before that redoes it from the
+    block shards, which stay until the end), then moved into place."""
+    assembled = partial / "final"
+    if not assembled.is_dir():
+        tmp = partial / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        regroup_shards(shards, tmp, max_shard_bytes)
+        if on_regroup is not None:
+            on_regroup()
+        write_metadata(tmp, files["config"], files["quantization_config"], files["source"],
+                       {"quantize_report.json": files["quantize_report.json"]})
+        os.replace(tmp, assembled)
+    move_into_place(assembled, final)
+    shutil.rmtree(partial, ignore_errors=True)
+
+
 def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor, dtype: torch.dtype,
                        device: str = "auto", batch_size: int = 8, resume: bool = False, overwrite: bool = False,
                        progress: bool = True, extra_report: dict | None = None,
@@ -220,48 +291,23 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     if rot is not None:
         rot.check_model(model)
     fp = _fingerprint(model_dir, source, qcfg, windows, dtype, batch_size)
-    state = None
-    if resume and not (partial / STATE).exists():  # never started, or stopped before block 0 was saved
-        if world.main:
-            print(f"note: nothing to resume in {partial}" + (" (no block had been completed)" if partial.exists()
-                                                              else "") + "; starting from the beginning", file=sys.stderr)
-    elif partial.exists():
-        if resume:
-            try:
-                state = json.loads((partial / STATE).read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise ResumeError(f"{partial}: the saved progress is missing or corrupt ({e}); pass --overwrite "
-                                  "to start over") from e
-            if state.get("fingerprint") != fp:
-                raise ResumeError(f"{partial} was made from a different model, settings or calibration data; "
-                                  "rerun with exactly the same command, or pass --overwrite to start over")
-        elif overwrite:
-            pass  # removed below by rank 0, once every rank has looked
-        else:
-            raise ResumeError(f"an interrupted run left {partial}; rerun the same command with --resume to continue "
-                              "it, or pass --overwrite to start over")
+    state = _saved_state(partial, fp, resume, overwrite, world)
     act_bytes = activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype,
                                  bool(qcfg.fp_target)) // world.size
     spill = should_spill(act_bytes, max_memory, dev)
     barrier(world)
     if state is None and world.main:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        # the block shards plus their regrouped copy at the end
-        streams = 2 if qcfg.fp_target else 1  # the saved block inputs: one or two streams
-        need = (2 * _estimate_output_bytes(source, arch, qcfg) + streams * windows.numel() * model.config.hidden_size * 2
-                + (act_bytes if spill else 0))
-        free = shutil.disk_usage(partial).free
-        if free < need:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise OSError(f"not enough disk space in {partial.parent}: about {_size(need)} needed, {_size(free)} free; "
-                          "free some space or choose another --out")
+        # the block shards plus their regrouped copy at the end, the saved block inputs (one or two
+        # streams), the spilled activations
+        streams = 2 if qcfg.fp_target else 1
+        _new_partial(partial, 2 * _estimate_output_bytes(source, arch, qcfg)
+                     + streams * windows.numel() * model.config.hidden_size * 2 + (act_bytes if spill else 0))
 
     mat = Materializer(model, source, dtype)
     blocks_prefix = arch.blocks
     nblocks = len(get_module(model, arch.blocks))
     nshards = nblocks + 1
-    shard_name = lambda k: f"model-{k:05d}-of-{nshards:05d}.safetensors"  # noqa: E731
+    shard_name = lambda k: f"model-{k:05d}-of-{nshards:05d}.safetensors"
 
     barrier(world)  # the partial folder is ready
     spill_dir = partial / SPILL if world.single else partial / SPILL / f"rank-{world.rank}"
@@ -294,19 +340,9 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
 
     def after(i, block, results_i, report_i, next_inputs, next_reference):
         prefix = f"{blocks_prefix}.{i}"
-        packed_i = fmt.pack_block(block, prefix, results_i)
-        tensors = {}
-        for name, t in block.state_dict().items():
-            full = f"{prefix}.{name}"
-            stored = arch.checkpoint_name(full)
-            if full.rsplit(".", 1)[0] not in packed_i and stored in source.file_of:
-                # stored in the source's dtype, whatever the calibration ran in
-                dtype = source.dtype(stored) if t.is_floating_point() else t.dtype
-                tensors[stored] = t.detach().to("cpu", dtype).contiguous()
-        for p_name, p in packed_i.items():
-            tensors.update((arch.checkpoint_name(k), t) for k, t in p.tensors(p_name).items())
         if world.main:
-            atomic_save(dict(sorted(tensors.items())), partial / shard_name(i + 1))
+            tensors = _block_tensors(block, prefix, fmt.pack_block(block, prefix, results_i), arch, source)
+            atomic_save(tensors, partial / shard_name(i + 1))
         saved = (_save_inputs(next_inputs, partial, i + 1, mine, world, next_reference)
                  if next_inputs is not None else None)
         report.extend(asdict(r) for r in report_i)
@@ -327,30 +363,17 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     if not world.main:  # rank 0 assembles the checkpoint
         return final, report, mat
 
-    # the last shard: every tensor outside the blocks, straight from the source
+    # the last shard: every tensor outside the blocks, from the source (the edges rotated)
     if not (partial / shard_name(nshards)).is_file():
         rest = {n: source.get(n).contiguous() for n in source.names() if not n.startswith(blocks_prefix + ".")}
         if rot is not None:
             rest.update(rot.edges(rest))
         atomic_save(rest, partial / shard_name(nshards))
+    if rot is not None:
+        rot.mark(model.config)
     summary = (extra_report or {}) | {"seconds": round(time.perf_counter() - t_start, 2), "layers": report}
-    # the finished checkpoint is assembled in partial/final.tmp: the block shards regrouped into
-    # shards of at most max_shard_bytes, configs, tokenizer, report. Renamed to partial/final when
-    # complete (a kill before that redoes it from the block shards, which stay until the end),
-    # then moved into place.
-    assembled = partial / "final"
-    if not assembled.is_dir():
-        tmp = partial / "final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        regroup_shards([partial / shard_name(k) for k in range(1, nshards + 1)], tmp, max_shard_bytes)
-        if on_event is not None:
-            on_event("regroup", world.rank)
-        if rot is not None:
-            rot.mark(model.config)
-        write_metadata(tmp, model.config, fmt.quantization_config(), model_dir,
-                       {"quantize_report.json": json.dumps(summary, indent=2) + "\n"})
-        os.replace(tmp, assembled)
-    move_into_place(assembled, final)
-    shutil.rmtree(partial, ignore_errors=True)
+    files = {"config": model.config, "quantization_config": fmt.quantization_config(), "source": model_dir,
+             "quantize_report.json": json.dumps(summary, indent=2) + "\n"}
+    _assemble(partial, final, [partial / shard_name(k) for k in range(1, nshards + 1)], files, max_shard_bytes,
+              (lambda: on_event("regroup", world.rank)) if on_event is not None else None)
     return final, report, mat

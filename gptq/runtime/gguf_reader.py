@@ -12,6 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUFReader, quants
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+from transformers.utils import logging as hf_logging
 
 from gptq.io.safetensors_io import CheckpointError
 
@@ -42,8 +46,6 @@ def gguf_file(path: str | Path) -> Path | None:
 
 def _readable(qtype) -> bool:
     """Whether the gguf package can dequantize this tensor type (probed on one zero block)."""
-    from gguf import GGML_QUANT_SIZES, quants
-
     _, block_bytes = GGML_QUANT_SIZES[qtype]
     try:
         quants.dequantize(np.zeros((1, block_bytes), np.uint8), qtype)
@@ -55,9 +57,6 @@ def _readable(qtype) -> bool:
 def check_gguf(file: Path) -> str:
     """Refuse, from the header only, a file transformers' loader cannot read correctly; returns its
     architecture."""
-    from gguf import GGUFReader
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
     try:
         reader = GGUFReader(file)
     except (ValueError, OSError, KeyError) as e:
@@ -89,8 +88,6 @@ def _fix_config(config, file: Path, arch: str) -> None:
     """What transformers' GGUF config mapping leaves out, for the architectures we write: GPT-2's
     position table and MLP width (it sets only ``n_ctx``), Qwen3's head size (its default, 128),
     Qwen3-MoE's expert width (its default, 768)."""
-    from gguf import GGUFReader
-
     fields = GGUFReader(file).fields
 
     def get(key):
@@ -110,8 +107,6 @@ def _fix_config(config, file: Path, arch: str) -> None:
 
 def gguf_config_and_tokenizer(file: Path):
     """(config, tokenizer) of a GGUF file, from its metadata (no tensor is dequantized)."""
-    from transformers import AutoConfig, AutoTokenizer
-
     arch = check_gguf(file)
     try:
         config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
@@ -125,9 +120,6 @@ def gguf_config_and_tokenizer(file: Path):
 def load_gguf(file: str | Path, device, dtype):
     """A .gguf file → (a plain transformers model holding the dequantized weights in ``dtype`` on
     ``device``, its tokenizer)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     file = Path(file)
     config, tokenizer = gguf_config_and_tokenizer(file)
     verbosity = hf_logging.get_verbosity()

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType, quants
 
 from gptq.core.grids.search import best_of, shrink_search
 from gptq.core.grids.uniform import Grid
@@ -171,14 +172,14 @@ class KScales:
     dmin: torch.Tensor  # [units, out] (zeros for q6_k)
     mn: torch.Tensor  # [units, groups_per_fit, out] 6-bit minimums (zeros for q6_k)
 
-    def rows(self, start: int, stop: int) -> "KScales":
+    def rows(self, start: int, stop: int) -> KScales:
         return KScales(self.d[:, start:stop], self.sc[:, :, start:stop], self.dmin[:, start:stop],
                        self.mn[:, :, start:stop])
 
-    def to(self, device) -> "KScales":
+    def to(self, device) -> KScales:
         return KScales(self.d.to(device), self.sc.to(device), self.dmin.to(device), self.mn.to(device))
 
-    def permute_rows(self, perm: torch.Tensor) -> "KScales":
+    def permute_rows(self, perm: torch.Tensor) -> KScales:
         return KScales(self.d[:, perm], self.sc[:, :, perm], self.dmin[:, perm], self.mn[:, :, perm])
 
 
@@ -352,7 +353,6 @@ def pack_blocks(name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: tor
 
 def dequantize_blocks(name: str, blocks: torch.Tensor, n: int) -> torch.Tensor:
     """[out, n] float32 through the ``gguf`` package's reference dequantizer."""
-    from gguf import GGMLQuantizationType, quants
 
     w = quants.dequantize(blocks.numpy(), GGMLQuantizationType[name.upper()])
     return torch.from_numpy(np.ascontiguousarray(w)).reshape(blocks.shape[0], n)

@@ -1,4 +1,6 @@
-"""GGUF tensor names and per-architecture facts, as convert_hf_to_gguf writes them."""
+"""GGUF tensor names and per-architecture facts, as convert_hf_to_gguf writes them: llama.cpp's
+names and rules, cited data that belongs to the format. Where a family's blocks are comes from its
+record in gptq.models.architectures, not from here."""
 
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "l
              "model.final_layernorm": "output_norm",  # (Phi-1/2's final LayerNorm)
              "transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm",
              "gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm", "embed_out": "output"}
-BLOCK_PREFIX = {"gpt2": "transformer.h.", "gptneox": "gpt_neox.layers."}  # where the blocks are (else model.layers.)
 # GPT-2's config.json names → the usual ones
 STANDARD_NAMES = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
                   "n_positions": "max_position_embeddings", "n_inner": "intermediate_size"}

@@ -34,6 +34,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -48,7 +49,6 @@ from gptq.formats.gguf.names import (
     ARCHITECTURES,
     BIASED,
     BLOCK_NAMES,
-    BLOCK_PREFIX,
     EXPERT_NAME,
     EXPERT_ROLES,
     LAYER_NORM,
@@ -58,6 +58,7 @@ from gptq.formats.gguf.names import (
 )
 from gptq.formats.gguf.rules import FILE_TYPES, check_moe, layer_type, output_type
 from gptq.formats.gguf.tokenizer import vocab
+from gptq.models.architectures import for_config
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class GgmlLinear:
     bias: torch.Tensor | None
 
     @staticmethod
-    def from_result(r, t: str, bias) -> "GgmlLinear":
+    def from_result(r, t: str, bias) -> GgmlLinear:
         blocks = pack_blocks(t, r.codes.cpu(), r.scales.cpu(), r.zeros.cpu(),
                              None if r.scale_state is None else r.scale_state.to("cpu"))
         return GgmlLinear(blocks, t, None if bias is None else bias.detach().to("cpu", torch.float32))
@@ -162,7 +163,8 @@ def _model(stage: Path) -> _Model:
     kv = hf.get("num_key_value_heads") or heads
     if arch in ("gpt2", "gptneox"):  # no grouped-query attention in these families (a stray config key aside)
         kv = heads
-    return _Model(hf, arch, BLOCK_PREFIX.get(arch, "model.layers."), hf["num_hidden_layers"], heads, kv,
+    blocks = for_config(SimpleNamespace(model_type=hf["model_type"])).blocks + "."  # the family record's
+    return _Model(hf, arch, blocks, hf["num_hidden_layers"], heads, kv,
                   hf.get("num_local_experts") or hf.get("num_experts") or 0)
 
 

@@ -62,3 +62,16 @@ def quantize_cmd(model_dir: Path, *flags: str) -> list[str]:
     valid, then ``flags``."""
     return [sys.executable, "-m", "gptq.quantize", str(model_dir), "--dataset", str(wiki("valid.tokens.txt")),
             "--nsamples", "32", "--seqlen", "512", "--bits", "4", "--group-size", "64", *flags]
+
+
+def evaluate(ckpt: Path, model_dir: Path, cache: Path) -> dict:
+    """``gptq.eval --reference`` on the quality benchmark's 8 x 2048 windows (the reference's
+    distributions cached in ``cache`` for the next checkpoint): perplexity, Δ perplexity, KL
+    divergence and top-1 agreement against the source, each with its standard error."""
+    cmd = [sys.executable, "-m", "gptq.eval", str(ckpt), "--reference", str(model_dir), "--reference-cache",
+           str(cache), "--dataset", str(wiki("wiki.test.raw")), "--max-windows", "8", "--json",
+           "--backend", "torch", "--dtype", "float32"]
+    r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    keep = ("perplexity", "perplexity_stderr", "delta_perplexity", "delta_perplexity_stderr", "kld_mean",
+            "kld_mean_stderr", "kld_p99", "top1_agreement", "top1_agreement_stderr")
+    return {k: r[k] for k in keep}

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks.common import quantize_cmd, run_timed, smollm2_eval, write
+from benchmarks.common import evaluate, quantize_cmd, run_timed, smollm2_eval, write
 from gptq.core.config import QuantConfig
 from gptq.eval import perplexity
 from gptq.pipeline.run import round_to_nearest_model
@@ -30,11 +30,14 @@ def quality(out: Path) -> dict:
     del fp
     q, _ = load(ckpt, device="cpu", backend="torch", dtype="float32")
     ppl_q = perplexity(q, windows)
+    del q
+    against_source = evaluate(ckpt, model_dir, out / "reference-cache")  # KL, top-1, with uncertainties
     result = {
         "command": " ".join(cmd[1:]),
         "model": "SmolLM2-135M-Instruct (bf16 weights dequantized from the Q4_1 GGUF)",
         "eval": "wiki.test.raw, first 8 windows x 2048 tokens, fp32 activations",
         "fp32_ppl": round(ppl_fp, 2), "rtn_ppl": round(ppl_rtn, 2), "gptq_ppl": round(ppl_q, 2),
+        "gptq_against_source": against_source,
         "quantize_seconds_total": round(wall, 1), "quantize_seconds_loop": report["seconds"],
         "quantize_peak_rss_gib": round(peak, 2), "settings": report["quant_config"],
         "compute": report.get("compute"),

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks.common import quantize_cmd, smollm2_eval, wiki, write
+from benchmarks.common import evaluate, quantize_cmd, smollm2_eval, write
 from gptq.core.config import QuantConfig
 from gptq.models.rotation import rotator
 from gptq.runtime.cpu import cpu_info
@@ -24,16 +23,6 @@ ROTATION_KINDS = ("none", "hadamard")
 
 def _bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-
-
-def evaluate(ckpt: Path, model_dir: Path, cache: Path) -> dict:
-    cmd = [sys.executable, "-m", "gptq.eval", str(ckpt), "--reference", str(model_dir), "--reference-cache",
-           str(cache), "--dataset", str(wiki("wiki.test.raw")), "--max-windows", "8", "--json",
-           "--backend", "torch", "--dtype", "float32"]
-    r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-    keep = ("perplexity", "perplexity_stderr", "delta_perplexity", "delta_perplexity_stderr", "kld_mean",
-            "kld_mean_stderr", "kld_p99", "top1_agreement", "top1_agreement_stderr")
-    return {k: r[k] for k in keep}
 
 
 def rotation_seconds(model_dir: Path, kind: str) -> float:

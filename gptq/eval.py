@@ -18,6 +18,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from calib import CalibrationDataError, eval_tokens, load_documents
 from gptq.cli import plain_warnings
 from gptq.evaluate.score import BOOTSTRAP, SEED, Scores, compare, reference_logprobs, summarize, token_nll
 
@@ -39,8 +40,6 @@ def perplexity(model, windows: torch.Tensor, progress: bool = False, batch_size:
 
 
 def eval_windows(tokenizer, dataset: str, seqlen: int, max_windows: int | None) -> torch.Tensor:
-    from calib import eval_tokens, load_documents
-
     docs, _ = load_documents(dataset, "eval")
     return eval_tokens(docs, tokenizer, seqlen, max_windows)
 
@@ -141,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     # (seconds), which --help and a bad argument need not wait for
     from safetensors import SafetensorError
 
-    from calib import CalibrationDataError
     from gptq.evaluate.reference import ReferenceCache, check_same_vocabulary, describe, token_table
     from gptq.io.safetensors_io import check_safetensors
     from gptq.runtime.load import CheckpointError, load_any

@@ -21,8 +21,6 @@ machine and every rank.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 KINDS = ("hadamard", "random")
@@ -92,7 +90,6 @@ def hadamard_factors(n: int) -> tuple[int, int] | None:
     return None
 
 
-@lru_cache(maxsize=16)
 def _hadamard(n: int) -> torch.Tensor:
     factors = hadamard_factors(n)
     if factors is None:
@@ -104,11 +101,21 @@ def _hadamard(n: int) -> torch.Tensor:
 
 def hadamard(n: int) -> torch.Tensor:
     """A Hadamard matrix of order n (entries ±1, H Hᵀ = n I), float64; ValueError if none is built here."""
-    return _hadamard(n).clone()
+    return _hadamard(n)
 
 
 def has_hadamard(n: int) -> bool:
     return hadamard_factors(n) is not None
+
+
+def construction(n: int, kind: str) -> str:
+    """How ``orthogonal(n, kind, seed)`` builds its matrix, without building it."""
+    if kind not in KINDS:
+        raise ValueError(f"rotation kind {kind!r}; choose one of {KINDS}")
+    if kind == "hadamard" and has_hadamard(n):
+        m, p = hadamard_factors(n)
+        return f"hadamard {m}x{p}" if m > 2 else f"hadamard {n}"
+    return "random" if kind == "random" else f"random (no Hadamard matrix of order {n})"
 
 
 def orthogonal(n: int, kind: str, seed: int) -> tuple[torch.Tensor, str]:
@@ -118,14 +125,11 @@ def orthogonal(n: int, kind: str, seed: int) -> tuple[torch.Tensor, str]:
               random orthogonal matrix where no Hadamard matrix of order n is built here
     random    a Haar-random orthogonal matrix (QR of a seeded Gaussian matrix, signs fixed)
     """
-    if kind not in KINDS:
-        raise ValueError(f"rotation kind {kind!r}; choose one of {KINDS}")
+    how = construction(n, kind)
     g = torch.Generator().manual_seed(seed)
-    if kind == "hadamard" and has_hadamard(n):
+    if how.startswith("hadamard"):
         signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.int64).to(torch.float64) * 2 - 1
-        m, p = hadamard_factors(n)
-        return _hadamard(n) * signs[None, :] / n**0.5, f"hadamard {m}x{p}" if m > 2 else f"hadamard {n}"
+        return _hadamard(n) * signs[None, :] / n**0.5, how
     a = torch.randn(n, n, generator=g, dtype=torch.float64)
     q, r = torch.linalg.qr(a)
-    q = q * torch.sign(torch.diagonal(r))[None, :]
-    return q, "random" if kind == "random" else f"random (no Hadamard matrix of order {n})"
+    return q * torch.sign(torch.diagonal(r))[None, :], how

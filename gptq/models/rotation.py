@@ -29,12 +29,13 @@ refused by name with the reason.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 
 import torch
 from torch import nn
 
 from gptq.core.config import ROTATIONS
-from gptq.core.hadamard import KINDS, orthogonal
+from gptq.core.hadamard import KINDS, construction, orthogonal
 from gptq.io.modules import get_module
 from gptq.models.architectures import for_config
 
@@ -161,10 +162,21 @@ class Rotator:
         self.n_heads = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.offset = NORM_OFFSET.get(config.model_type, 0.0)
-        self.Q, q_how = orthogonal(self.hidden, kind, seed) if residual else (None, "")
-        self.R, r_how = orthogonal(self.head_dim, kind, seed + 1) if heads else (None, "")
+        self.kind, self.seed, self.residual, self.heads = kind, seed, residual, heads
         tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
-        self.record = Rotation(kind, seed, q_how, r_how, untied=tied and residual)
+        self.record = Rotation(kind, seed, construction(self.hidden, kind) if residual else "",
+                               construction(self.head_dim, kind) if heads else "", untied=tied and residual)
+
+    # the matrices are built on first use: checking a model (the command, before any work) needs neither
+    @cached_property
+    def Q(self) -> torch.Tensor | None:
+        """The residual stream's rotation (hidden × hidden, float64), or None."""
+        return orthogonal(self.hidden, self.kind, self.seed)[0] if self.residual else None
+
+    @cached_property
+    def R(self) -> torch.Tensor | None:
+        """Every attention head's value rotation (head_dim × head_dim, float64), or None."""
+        return orthogonal(self.head_dim, self.kind, self.seed + 1)[0] if self.heads else None
 
     # -- checks -----------------------------------------------------------------------------
     def check_block(self, block: nn.Module, where: str = "block") -> None:
@@ -186,9 +198,9 @@ class Rotator:
 
     # -- blocks -----------------------------------------------------------------------------
     @torch.no_grad()
-    def rotate_block(self, block: nn.Module, where: str = "block") -> None:
-        """Fold the block's norms into their readers and rotate it, in place (any dtype; computed in float64)."""
-        self.check_block(block, where)
+    def rotate_block(self, block: nn.Module) -> None:
+        """Fold the block's norms into their readers and rotate it, in place (any dtype; computed in float64).
+        The model was checked first (``check_model``, on the skeleton too)."""
         for norm_name in (ATTN_NORM, MLP_NORM) if self.Q is not None else ():
             norm = get_module(block, norm_name)
             scale = norm.weight.double() + self.offset
@@ -269,8 +281,8 @@ class Rotator:
         """Rotate a model held in memory, in place (the head untied if it was tied)."""
         arch = for_config(model.config)
         self.check_model(model)
-        for i, block in enumerate(get_module(model, arch.blocks)):
-            self.rotate_block(block, f"{arch.blocks}.{i}")
+        for block in get_module(model, arch.blocks):
+            self.rotate_block(block)
         if self.Q is not None:
             emb, norm, head = get_module(model, EMBED), get_module(model, FINAL_NORM), get_module(model, HEAD)
             new_head, new_norm = self.head_and_norm(head.weight, norm.weight)

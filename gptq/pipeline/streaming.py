@@ -336,7 +336,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     def before(i, block):
         mat.load(f"{blocks_prefix}.{i}")
         if rot is not None:
-            rot.rotate_block(block, f"{blocks_prefix}.{i}")
+            rot.rotate_block(block)
 
     def after(i, block, results_i, report_i, next_inputs, next_reference):
         prefix = f"{blocks_prefix}.{i}"

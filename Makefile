@@ -7,7 +7,7 @@ MODEL   := .cache/smollm2
 WIKI    ?= ../shared/data/wikitext2
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install demo test test-fast bench bench-scale bench-moe notebook interop interop-setup clean
+.PHONY: help install demo test test-fast bench bench-scale bench-mix bench-moe notebook interop interop-setup clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,11 @@ test-fast: $(STAMP)  ## the fast tier only (no real model)
 
 bench: $(STAMP)  ## quality/speed benchmarks on SmolLM2; figures to stdout and bench-results/
 	$(PYTHON) -m benchmarks all --out bench-results
+
+bench-mix: $(STAMP)  ## mixed precision on SmolLM2: the budget run, the estimates' correlations, the size-quality curve
+	$(PYTHON) -m benchmarks mix --out bench-results
+	$(PYTHON) -m benchmarks mix-estimates --out bench-results
+	$(PYTHON) -m benchmarks mix-curve --out bench-results
 
 bench-moe: $(STAMP)  ## MoE: a synthetic Qwen3-MoE-shaped model, experts solved as a batch vs one by one
 	$(PYTHON) -m benchmarks moe --out bench-results

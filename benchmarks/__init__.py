@@ -28,6 +28,13 @@ moe      streaming quantization of a synthetic Qwen3-MoE-shaped model (64 expert
          seconds per block and peak RSS, same-shape experts solved as a batch vs one by one.
 distributed the streaming CLI as one process and under torchrun with 2 ranks (1 thread each):
          seconds per block, identical checkpoints.
+rotation the quality benchmark rotated (--rotate hadamard) against not, at 3, 2 and 4 bits.
+mix      mixed precision: uniform 3g64 and 4g64, then --max-size at the 3-bit size plus half the
+         difference for several candidate sets / estimates; share of the 3→4-bit gap recovered,
+         and the greedy allocation against the exact knapsack on the run's own estimates.
+mix-estimates which --sensitivity estimate predicts a unit's end-to-end KL (each unit alone GPTQ-solved
+         at 3-bit g64 in the otherwise full-precision model): rank and log-log correlations.
+mix-curve size against quality from 3 to 8 bits per weight, uniform and mixed: a table and an SVG.
 notebook executes notebooks/walkthrough.ipynb in place.
 all      quality, decode, decode-synthetic, kernel, cpu-kernel.
 

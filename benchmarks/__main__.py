@@ -16,6 +16,8 @@ from benchmarks.decode_synthetic import decode_synthetic
 from benchmarks.distributed import DIST_WINDOWS, distributed
 from benchmarks.fp_target import fp_target
 from benchmarks.kernel import kernel
+from benchmarks.mix import mix, mix_curve
+from benchmarks.mix_estimates import mix_estimates
 from benchmarks.moe import moe
 from benchmarks.notebook import notebook
 from benchmarks.quality import quality
@@ -39,6 +41,9 @@ RUNS = {  # NAME: run it with (--out as a Path, the parsed options)
     "distributed": lambda out, a: distributed(out, tuple(int(r) for r in a.ranks.split(",")), a.threads,
                                               tuple(int(v) for v in a.windows.split(","))),
     "rotation": lambda out, a: rotation(out, tuple(int(b) for b in a.bits.split(",")), tuple(a.rotate.split(","))),
+    "mix": lambda out, a: mix(out),
+    "mix-estimates": lambda out, a: mix_estimates(out),
+    "mix-curve": lambda out, a: mix_curve(out),
     "notebook": lambda out, a: notebook(),
 }
 ALL = ("quality", "decode", "decode-synthetic", "kernel", "cpu-kernel")

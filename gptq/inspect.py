@@ -19,7 +19,17 @@ from gguf import GGUFReader
 from safetensors import SafetensorError
 
 from gptq.cli import plain_warnings
-from gptq.formats.compat import Verdict, format_verdicts, is_moe, layer_shapes, layer_shapes_ct, verdicts, verdicts_ct
+from gptq.formats.compat import (
+    Verdict,
+    format_verdicts,
+    is_moe,
+    layer_shapes,
+    layer_shapes_ct,
+    module_settings,
+    quantized_names,
+    verdicts,
+    verdicts_ct,
+)
 from gptq.formats.compressed_tensors import read_scheme
 from gptq.formats.gguf.writer import ROTATION_KEY
 from gptq.io.safetensors_io import CheckpointError, checked_tensor_files
@@ -68,7 +78,20 @@ def _gptq(d: Path, qc: dict, cfg: dict) -> dict:
     return {"bits": qc["bits"], "group_size": qc.get("group_size", -1), "sym": qc.get("sym", True),
             "desc_act": bool(qc.get("desc_act")), "act_order": mode,
             "checkpoint_format": qc.get("checkpoint_format", "gptq"), "quantized_linears": len(shapes),
-            "input_sizes": sorted({k for k, _ in shapes}), "engines": _engines(verdicts(qc, shapes, is_moe(cfg)))}
+            "input_sizes": sorted({k for k, _ in shapes}), "engines": _engines(verdicts(qc, shapes, is_moe(cfg)))} \
+        | _mix(d, qc)
+
+
+def _mix(d: Path, qc: dict) -> dict:
+    """A mixed checkpoint (``dynamic`` overrides): how many linears each setting has."""
+    if not qc.get("dynamic"):
+        return {}
+    counts: dict[str, int] = {}
+    for name in quantized_names(d):
+        s = module_settings(qc, name)
+        key = "unquantized" if s is None else f"{s[0]}-bit g{s[1]}"
+        counts[key] = counts.get(key, 0) + 1
+    return {"mix": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
 
 
 def _compressed_tensors(d: Path, qc: dict, cfg: dict) -> dict:
@@ -121,6 +144,10 @@ def format_description(info: dict) -> str:
                    if fmt == "gptq" else "")
                 + f"; {info['quantized_linears']} quantized linears (inputs {info['input_sizes']}), "
                 f"{info['safetensors_bytes'] / 1e6:.1f} MB of safetensors")
+        if info.get("mix"):
+            head += ("\nmixed precision (GPTQModel dynamic overrides; the base setting above is the most common): "
+                     + ", ".join(f"{k} x{v}" for k, v in info["mix"].items())
+                     + ". Marlin (vLLM GPU) serves 4- and 8-bit layers; 2-/3-bit ones run on slower kernels")
     vs = [Verdict(e["engine"], e["status"], tuple(e["reasons"])) for e in info["engines"]]
     return head + _rotation_line(info.get("rotation")) + "\nserved by:\n" + format_verdicts(vs)
 

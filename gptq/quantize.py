@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from calib import load_documents, sample_windows
 from gptq.cli import plain_warnings
-from gptq.core.config import ACT_ORDERS, EXPERT_TOKENS, ROTATIONS, CalibConfig, ConfigError, QuantConfig
+from gptq.core.config import ACT_ORDERS, EXPERT_TOKENS, ROTATIONS, SENSITIVITIES, CalibConfig, ConfigError, QuantConfig
 from gptq.formats.checkpoint import save_checkpoint
 from gptq.formats.registry import GGUF_TYPES, NAMES, get
 from gptq.io.modules import resolve_device
@@ -30,6 +30,7 @@ from gptq.io.safetensors_io import TensorSource, parse_size, prepare_output, sou
 from gptq.models.architectures import for_config
 from gptq.models.moe import unfuse
 from gptq.models.rotation import auto_rotation, rotator
+from gptq.pipeline import mix
 from gptq.pipeline.distributed import SINGLE, init, launched
 from gptq.pipeline.loop import LayerReport
 from gptq.pipeline.run import quantize_model
@@ -113,16 +114,34 @@ def build_parser() -> argparse.ArgumentParser:  # one declaration per option: cl
                         "(default: %(default)s)")
     q.add_argument("--rotate-seed", type=int, default=d.rotate_seed, metavar="N",
                    help="seed of the rotation's random signs (default: %(default)s)")
+    q.add_argument("--max-size", default=None, metavar="SIZE",
+                   help="mixed precision: the weight files may take at most SIZE in all (e.g. 3.5GB, 97MB, or bytes; "
+                        "the .safetensors shards, embeddings and head included): each group of linears sharing an "
+                        "input gets one of --candidates, chosen by the error it would cause (a first pass over the "
+                        "blocks) under that budget; the plan is printed and kept in quantize_report.json")
+    q.add_argument("--bits-per-weight", type=float, default=None, metavar="B",
+                   help="mixed precision with the budget as average bits per quantized weight, scales, zeros and "
+                        "g_idx included as stored (e.g. 3.5)")
+    q.add_argument("--candidates", default=d.candidates, metavar="LIST",
+                   help="what a budget chooses between: gptq: BITSgGROUP items such as 3g64,4g64,8g128; auto = "
+                        "4g128,4g64,4g32,8g128, what vLLM's Marlin kernels serve (2- and 3-bit layers run on slower "
+                        "kernels); gguf: GGML types such as q4_0,q5_0,q4_k,q6_k; auto = every type this project writes "
+                        "(default: %(default)s)")
+    q.add_argument("--sensitivity", choices=SENSITIVITIES, default=d.sensitivity,
+                   help="how a budget estimates each candidate's error: the output error on the full-precision "
+                        "inputs after round-to-nearest (hessian) or the GPTQ solve (gptq), /residual = divided by "
+                        "the energy of the residual stream entering the block (default: %(default)s)")
     q.add_argument("--block-size", type=int, default=d.block_size,
                    help="columns per lazy-batch block; speed only (default: %(default)s)")
-    q.add_argument("--format", default=d.format, choices=[n for n in NAMES if "+" not in n], metavar="FORMAT",
+    q.add_argument("--format", default=d.format, choices=[n for n in NAMES if "+" not in n] + ["gguf"], metavar="FORMAT",
                    help="gptq / gptq_v2: a GPTQ checkpoint (checkpoint_format v1 or v2); bnb-nf4 / bnb-fp4: GPTQ solved "
                         "on bitsandbytes' NF4/FP4 grid (absmax per --group-size weights, 64 if not given), written "
                         "as a bitsandbytes 4-bit checkpoint that transformers loads; compressed-tensors: the "
                         "pack-quantized layout llm-compressor writes and vLLM serves natively (4 or 8 bits, scales in "
                         "the model's dtype); gguf:TYPE (TYPE one of "
                         f"{', '.join(GGUF_TYPES)}): one .gguf file for llama.cpp / Ollama, every decoder linear "
-                        "solved on its GGML block type, types per tensor as llama-quantize picks them "
+                        "solved on its GGML block type, types per tensor as llama-quantize picks them; gguf with "
+                        "--max-size / --bits-per-weight: the types chosen per tensor under that budget "
                         "(default: %(default)s)")
     q.add_argument("--expert-tokens", choices=EXPERT_TOKENS, default=d.expert_tokens,
                    help="mixture-of-experts models: which calibration tokens build each routed expert's Hessian. "
@@ -156,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:  # one declaration per option: cl
     return p
 
 
-def fail(msg: str) -> "None":
+def fail(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -266,7 +285,18 @@ def quant_config(args) -> QuantConfig:
                        sort_channels=args.sort_channels, block_size=args.block_size, mse=args.mse,
                        format=args.format + ("+dq" if args.double_quant else ""), expert_tokens=args.expert_tokens,
                        expert_min_tokens=args.expert_min_tokens, fp_target=args.fp_target,
-                       rotate="none" if args.rotate == "auto" else args.rotate, rotate_seed=args.rotate_seed)
+                       rotate="none" if args.rotate == "auto" else args.rotate, rotate_seed=args.rotate_seed,
+                       max_size=_size_arg(args.max_size), bits_per_weight=args.bits_per_weight or 0.0,
+                       candidates=args.candidates, sensitivity=args.sensitivity)
+
+
+def _size_arg(text: str | None) -> int:
+    if text is None:
+        return 0
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise ConfigError(f"--max-size: {e}") from None
 
 
 def _solve(args, config, qcfg: QuantConfig, ccfg: CalibConfig, fmt, out: str, world, summary: dict,
@@ -299,7 +329,10 @@ def _solve(args, config, qcfg: QuantConfig, ccfg: CalibConfig, fmt, out: str, wo
         summary["compute"] = compute_record(next(model.parameters()).dtype, args.device)
         windows = calibration_windows(tokenizer, model.config, ccfg)
         packed, report = quantize_model(model, windows, qcfg, device=args.device, batch_size=args.batch_size,
-                                        progress=not args.quiet, max_memory=max_memory, fmt=fmt)
+                                        progress=not args.quiet, max_memory=max_memory, fmt=fmt,
+                                        source_dir=args.model)
+        if fmt.mix is not None:
+            summary["mix"] = fmt.mix
         seconds = time.perf_counter() - t0
         summary |= {"seconds": round(seconds, 2), "layers": [asdict(r) for r in report]}
         summary["calibration"]["windows"] = list(windows.shape)
@@ -337,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         rot = rotator(config, qcfg)
         if rot is not None:
             rot.check_model(skel)
+        if qcfg.mixed:  # an impossible budget is refused now, with the feasible range
+            if launched():
+                raise ConfigError("a size budget (mixed precision) is not supported under torchrun yet; run one process")
+            mix.setup(skel, fmt, qcfg, args.model, None if rot is None else rot.record)
         for w in fmt.warnings:
             print(f"warning: {w}", file=sys.stderr)
         final_out = args.out or fmt.default_out(args.model)

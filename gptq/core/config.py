@@ -22,7 +22,14 @@ EXPERT_TOKENS = ("all", "routed")
 #             a tied head untied) and every attention head's values/outputs by another
 #   random    the same with Haar-random orthogonal matrices
 #   heads     only the heads' rotation (Hadamard): embeddings, norms and a tied head stay as they are
-ROTATIONS = ("none", "hadamard", "random", "heads")  # which calibration tokens build a routed expert's Hessian
+ROTATIONS = ("none", "hadamard", "random", "heads")
+# how a mixed-precision run (a size budget) estimates the error each candidate grid would cause in a
+# linear (gptq.pipeline.mix): the output error tr(ΔW H ΔWᵀ) on the full-precision model's inputs of
+#   hessian   round-to-nearest onto the candidate (cheap)
+#   gptq      the GPTQ solve onto the candidate (one solve per candidate)
+# each divided by the energy of the residual stream entering the block ("/residual": how much an
+# error there still reaches the output after the later norms), or not
+SENSITIVITIES = ("hessian", "gptq", "hessian/residual", "gptq/residual")
 
 
 class ConfigError(ValueError):
@@ -63,6 +70,12 @@ class QuantConfig:
                      are solved plainly either way.
     rotate:          rotate the model before solving, in its weights only (ROTATIONS, above); the checkpoint
                      keeps its architecture. rotate_seed seeds the rotation's signs (or the random matrix).
+    max_size:        mixed precision: the bytes the written weight files may take in all (0 = no budget); each
+                     group of linears sharing an input gets one of ``candidates`` (gptq.pipeline.mix).
+    bits_per_weight: mixed precision: the budget as average bits per quantized weight, scales and zeros
+                     included as stored (0 = none; at most one of the two).
+    candidates:      the grids a budget chooses between, as the format spells them ("auto": its default set).
+    sensitivity:     how the error of each candidate is estimated (SENSITIVITIES, above).
     batch_experts:   solve same-shape experts together (one column loop for many experts; speed only,
                      the results agree with one-by-one solves up to float rounding).
     """
@@ -83,6 +96,10 @@ class QuantConfig:
     fp_target: float = 0.25
     rotate: str = "none"
     rotate_seed: int = 0
+    max_size: int = 0
+    bits_per_weight: float = 0.0
+    candidates: str = "auto"
+    sensitivity: str = "hessian"
 
     def __post_init__(self) -> None:
         if isinstance(self.act_order, bool):
@@ -91,6 +108,13 @@ class QuantConfig:
             raise ConfigError(f"act_order={self.act_order!r}; choose one of {ACT_ORDERS}")
         if self.rotate not in ROTATIONS:
             raise ConfigError(f"rotate={self.rotate!r}; choose one of {ROTATIONS}")
+        if self.sensitivity not in SENSITIVITIES:
+            raise ConfigError(f"sensitivity={self.sensitivity!r}; choose one of {SENSITIVITIES}")
+        if self.max_size < 0 or self.bits_per_weight < 0:
+            raise ConfigError("a size budget must be positive (--max-size SIZE or --bits-per-weight B)")
+        if self.max_size and self.bits_per_weight:
+            raise ConfigError("give one budget: --max-size (bytes of the weight files) or --bits-per-weight "
+                              "(average over the quantized linears), not both")
         if self.expert_tokens not in EXPERT_TOKENS:
             raise ConfigError(f"expert_tokens={self.expert_tokens!r}; choose one of {EXPERT_TOKENS}")
         if not 0.0 <= self.fp_target <= 1.0:
@@ -118,6 +142,11 @@ class QuantConfig:
     @property
     def maxq(self) -> int:
         return 2**self.bits - 1
+
+    @property
+    def mixed(self) -> bool:
+        """Whether a size budget chooses each linear's grid (mixed precision)."""
+        return bool(self.max_size or self.bits_per_weight)
 
     def as_dict(self) -> dict:
         return asdict(self)

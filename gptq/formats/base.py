@@ -5,6 +5,11 @@
         pack(result, bias)  → Stored: the tensors one solved linear becomes (``.tensors(prefix)``)
         quantization_config → config.json's block (None: the format writes its own metadata)
         finish(stage, out)  → the final output from the staged checkpoint (GGUF: one .gguf file)
+    and, for a size budget (mixed precision, ``gptq.pipeline.mix``):
+        candidates(spec)    → the grids a budget may choose between ("auto": the format's default set)
+        linear_bytes(out, in, grid) → the bytes the file stores for one linear on that grid
+        allows(grid, in)    → whether a linear with ``in`` inputs can take that grid
+        set_plan(plan)      → {linear: GridSpec}: ``grid`` answers from it from then on
 
 The loop and the solver never import a format: the pipeline hands the loop ``fmt.grid`` and
 packs the solve results it returns with ``fmt.pack``.
@@ -12,6 +17,7 @@ packs the solve results it returns with ``fmt.pack``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +26,7 @@ import torch
 from gptq.core.config import ConfigError, QuantConfig
 from gptq.core.grids import GridSpec
 from gptq.io.modules import get_module, in_features
+from gptq.io.safetensors_io import TensorSource, header_bytes
 from gptq.models.architectures import for_config
 
 
@@ -40,11 +47,13 @@ class Format:
     def __init__(self, config: QuantConfig):
         self.config = config
         self.warnings: list[str] = []  # what the user should know (printed once, as one line each)
+        self.plan: dict[str, GridSpec] = {}  # a budget's per-linear choice (``set_plan``)
+        self.mix: dict | None = None  # and its record for the report (``pipeline.mix.Plan.record``)
 
     def check(self) -> None:
         """Refuse settings this format cannot store (ConfigError naming the setting and the fix)."""
 
-    def bind(self, model: torch.nn.Module, model_dir: Path | None = None) -> "Format":
+    def bind(self, model: torch.nn.Module, model_dir: Path | None = None) -> Format:
         """This format for one model (its per-linear plan, dtype, refusals); the model may be a
         skeleton on the meta device. Refuses a model the format cannot store, before any work."""
         arch = for_config(model.config)
@@ -55,7 +64,57 @@ class Format:
         return self
 
     def grid(self, name: str) -> GridSpec:
-        return self.config.grid()
+        return self.plan.get(name) or self.config.grid()
+
+    def candidates(self, spec: str) -> list[GridSpec]:
+        """The grids a size budget chooses between (``spec``: "auto" or the format's list)."""
+        raise ConfigError(f"--format {self.name} cannot store a different grid per linear, so a size budget "
+                          "(--max-size / --bits-per-weight) cannot be met by mixing; use --format gptq or gguf, or "
+                          "drop the budget")
+
+    def allows(self, grid: GridSpec, inputs: int, auto: bool = False) -> bool:
+        """Whether a linear with ``inputs`` input columns can be stored on ``grid`` (``auto``: the
+        default candidate set, which also leaves out what the format's fast kernels do not serve)."""
+        return True
+
+    def linear_tensors(self, out: int, inputs: int, grid: GridSpec) -> dict[str, tuple[torch.dtype, tuple]]:
+        """{suffix: (dtype, shape)} of what the file stores for one linear on ``grid``."""
+        raise NotImplementedError
+
+    def linear_bytes(self, out: int, inputs: int, grid: GridSpec) -> int:
+        return sum(math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+                   for dtype, shape in self.linear_tensors(out, inputs, grid).values())
+
+    def fixed_bytes(self, model: torch.nn.Module, source_dir, quantized: set[str], untie_head: bool,
+                    extra: dict | None = None) -> int:
+        """The bytes of the weight files that do not depend on the mix (for ``--max-size``): every tensor
+        that is not a quantized linear's weight, in the source's dtype as written (the linears' biases in
+        float16), a head the rotation unties, and the headers (the linears' tensors as this format names
+        them, on a representative grid: the mix changes only the digits of their shapes). One file's
+        headers: a checkpoint split into shards spends a few hundred bytes more per shard."""
+        arch = for_config(model.config)
+        source = TensorSource(source_dir)
+        linear_of = {arch.checkpoint_name(f"{n}.weight") for n in quantized}
+        biases = {arch.checkpoint_name(f"{n}.bias") for n in quantized}
+        sample = self.grid(next(iter(quantized)))
+        shapes, dtypes, fixed = {}, {}, 0
+        for name in source.names():
+            shape = source.shape(name)
+            if name in linear_of:
+                prefix = name.removesuffix(".weight")
+                for k, (dt, shp) in self.linear_tensors(shape[0], shape[1], sample).items():
+                    shapes[f"{prefix}.{k}"], dtypes[f"{prefix}.{k}"] = shp, dt
+                continue
+            shapes[name], dtypes[name] = shape, torch.float16 if name in biases else source.dtype(name)
+            fixed += math.prod(shape) * torch.tensor([], dtype=dtypes[name]).element_size()
+        if untie_head and "lm_head.weight" not in shapes:
+            emb = next(n for n in shapes if n.endswith("embed_tokens.weight"))
+            shapes["lm_head.weight"], dtypes["lm_head.weight"] = shapes[emb], dtypes[emb]
+            fixed += math.prod(shapes[emb]) * torch.tensor([], dtype=dtypes[emb]).element_size()
+        return fixed + header_bytes(shapes, dtypes)
+
+    def set_plan(self, plan: dict[str, GridSpec]) -> None:
+        self.plan = dict(plan)
 
     def pack(self, result, bias: torch.Tensor | None) -> Stored:
         raise NotImplementedError

@@ -99,7 +99,10 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     try:
         write_tensors(tmp, checkpoint_tensors(model, packed, float_dtype), max_shard_bytes)
-        write_metadata(tmp, model.config, get(config).quantization_config(), source_dir, extra_files)
+        fmt = get(config)
+        if config.mixed:  # each linear's grid, as the budget chose it, from what was packed
+            fmt.set_plan({name: p.grid for name, p in packed.items()})
+        write_metadata(tmp, model.config, fmt.quantization_config(), source_dir, extra_files)
         move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

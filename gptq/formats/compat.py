@@ -10,6 +10,7 @@ in tests/test_compat.py. Layer shapes are (in_features, out_features) of every q
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,14 +128,61 @@ ENGINES = (vllm_gpu, vllm_cpu, tgi, gptqmodel, llama_cpp)
 
 
 def verdicts(qc: dict, shapes, moe: bool = False) -> list[Verdict]:
-    """``moe``: the model has routed experts (``is_moe`` of its config)."""
+    """``moe``: the model has routed experts (``is_moe`` of its config). A mixed checkpoint (GPTQModel's
+    ``dynamic`` overrides) is judged per setting it uses: an engine is as good as its worst one."""
     shapes = [(int(k), int(n)) for k, n in shapes]
-    return [vllm_cpu(qc, shapes, moe) if engine is vllm_cpu else engine(qc, shapes) for engine in ENGINES]
+    variants = settings_used(qc)
+    if len(variants) == 1:
+        return [vllm_cpu(qc, shapes, moe) if engine is vllm_cpu else engine(qc, shapes) for engine in ENGINES]
+    rank = {"serves": 0, "slower": 1, "refuses": 2}
+    out = []
+    for engine in ENGINES:
+        vs = {(b, g): vllm_cpu(qc | {"bits": b, "group_size": g}, shapes, moe) if engine is vllm_cpu
+              else engine(qc | {"bits": b, "group_size": g}, shapes) for b, g in variants}
+        worst = max(vs.values(), key=lambda v: rank[v.status]).status
+        where: dict[str, list[str]] = {}  # reason → the settings it holds for
+        for (b, g), v in vs.items():
+            for r in v.reasons if v.status != "serves" else ():
+                where.setdefault(r, []).append(f"{b}-bit g{g}")
+        reasons = tuple(r if len(w) == len(vs) else f"{', '.join(w)} layers: {r}" for r, w in where.items())
+        out.append(Verdict(next(iter(vs.values())).engine, worst, reasons))
+    return out
+
+
+def module_settings(qc: dict, name: str) -> tuple[int, int] | None:
+    """(bits, group size) of one module under GPTQModel's ``dynamic`` overrides, matched as GPTQModel and
+    vLLM match them (gptq_utils.get_dynamic_override: the first pattern that ``re.match``-es the module
+    name wins; "-:" = left unquantized → None)."""
+    for pattern, over in (qc.get("dynamic") or {}).items():
+        if pattern.startswith("-:"):
+            if re.match(pattern[2:], name):
+                return None
+        elif re.match(pattern.removeprefix("+:"), name):
+            return over.get("bits", qc["bits"]), over.get("group_size", qc.get("group_size", -1))
+    return qc["bits"], qc.get("group_size", -1)
+
+
+def settings_used(qc: dict) -> list[tuple[int, int]]:
+    """The (bits, group size) settings a GPTQ quantization_config uses: the base, and every ``dynamic`` override."""
+    found = {(qc["bits"], qc.get("group_size", -1)): None}
+    for pattern, over in (qc.get("dynamic") or {}).items():
+        if not pattern.startswith("-:") and isinstance(over, dict):
+            found[(over.get("bits", qc["bits"]), over.get("group_size", qc.get("group_size", -1)))] = None
+    return list(found)
 
 
 def is_moe(config: dict) -> bool:
     """Whether a config.json describes a mixture-of-experts model (routed experts)."""
     return any(int(config.get(k) or 0) > 0 for k in ("num_local_experts", "num_experts"))
+
+
+def quantized_names(directory) -> list[str]:
+    """The module names of every quantized linear (``<m>.qweight``), from the safetensors headers."""
+    names = []
+    for f in tensor_files(Path(directory)):
+        with safe_open(f, "pt") as h:
+            names += [k[: -len(".qweight")] for k in h.keys() if k.endswith(".qweight")]
+    return sorted(names)
 
 
 def layer_shapes(directory, bits: int) -> list[tuple[int, int]]:

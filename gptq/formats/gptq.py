@@ -12,11 +12,14 @@ Per quantized linear ``<m>`` (layout: docs/formats.md and the checkpoint format 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from gptq.core.config import SUPPORTED_BITS, ConfigError
 from gptq.core.grids import GridSpec
 from gptq.core.pack import pack_qweight, pack_qzeros
 from gptq.formats.base import Format, indivisible
@@ -32,6 +35,7 @@ class PackedLinear:
     scales: torch.Tensor  # [groups, out] float16
     g_idx: torch.Tensor  # [in] int32
     bias: torch.Tensor | None  # [out] float16
+    grid: GridSpec | None = None  # what it was solved on (not stored: config.json says it)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.qweight": self.qweight, f"{prefix}.qzeros": self.qzeros,
@@ -50,10 +54,42 @@ class GPTQ(Format):
         self.name = self.version = version
 
     def grid(self, name: str) -> GridSpec:
-        c = self.config
-        return GridSpec("int", c.bits, c.group_size, c.sym, min_zero=int(self.version == "gptq" and not c.sym))
+        return self.plan.get(name) or self._grid(self.config.bits, self.config.group_size)
 
-    def bind(self, model, model_dir: Path | None = None) -> "GPTQ":
+    def _grid(self, bits: int, group: int) -> GridSpec:
+        c = self.config
+        return GridSpec("int", bits, group, c.sym, min_zero=int(self.version == "gptq" and not c.sym))
+
+    # what vLLM's Marlin kernels serve (gptq_marlin.py TYPE_MAP; MARLIN_SUPPORTED_GROUP_SIZES): the default
+    # candidates of a size budget, so a mixed checkpoint keeps the fast kernels everywhere
+    AUTO = ((4, 128), (4, 64), (4, 32), (8, 128))
+
+    def candidates(self, spec: str) -> list[GridSpec]:
+        """"auto" (4-bit at group 128/64/32 and 8-bit at group 128: what Marlin serves) or a list such as
+        "3g64,4g64,8g128" (BITSgGROUP; a plain BITS takes --group-size)."""
+        if spec == "auto":
+            return [self._grid(b, g) for b, g in self.AUTO]
+        grids = []
+        for item in spec.split(","):
+            m = re.fullmatch(r"\s*(\d+)(?:g(-1|\d+))?\s*", item)
+            if not m or int(m.group(1)) not in SUPPORTED_BITS or (m.group(2) and int(m.group(2)) == 0):
+                raise ConfigError(f"--candidates {spec!r}: {item!r} is not BITS or BITSgGROUP with bits in "
+                                  f"{SUPPORTED_BITS} (e.g. 3g64,4g64,8g128)")
+            grids.append(self._grid(int(m.group(1)), int(m.group(2) or self.config.group_size)))
+        return list(dict.fromkeys(grids))
+
+    def allows(self, grid: GridSpec, inputs: int, auto: bool = False) -> bool:
+        # packing needs whole int32 words along the input; the default set also keeps Marlin's rule that
+        # the group divides the input
+        return inputs * grid.bits % 32 == 0 and not (auto and grid.group_size != -1 and inputs % grid.group_size)
+
+    def linear_tensors(self, out: int, inputs: int, grid: GridSpec) -> dict:
+        groups = 1 if grid.group_size == -1 else -(-inputs // grid.group_size)
+        return {"qweight": (torch.int32, (inputs * grid.bits // 32, out)),
+                "qzeros": (torch.int32, (groups, out * grid.bits // 32)),
+                "scales": (torch.float16, (groups, out)), "g_idx": (torch.int32, (inputs,))}
+
+    def bind(self, model, model_dir: Path | None = None) -> GPTQ:
         super().bind(model, model_dir)
         bad = indivisible(model, self.config.group_size)
         if bad:
@@ -72,6 +108,7 @@ class GPTQ(Format):
             scales=r.scales.cpu().contiguous(),
             g_idx=r.g_idx.cpu().clone(),  # own storage: linears solved together share one g_idx
             bias=None if bias is None else bias.to(torch.float16).contiguous(),
+            grid=r.grid,
         )
 
     def quantization_config(self) -> dict:
@@ -91,10 +128,36 @@ class GPTQ(Format):
             "lm_head": False,
             "mse": c.mse,
             "sort_channels": c.sort_channels,
-        }
+        } | self._dynamic()
+
+    def _dynamic(self) -> dict:
+        """A budget's mix as GPTQModel's ``dynamic`` overrides (which vLLM reads too): the most common
+        (bits, group) by number of linears is the base; every other linear matched by an anchored regex that
+        also names the layer engines fuse it into (q/k/v → qkv_proj, gate/up → gate_up_proj)."""
+        if not self.plan:
+            return {}
+        weight = Counter()
+        for name, g in self.plan.items():
+            weight[(g.bits, g.group_size)] += 1
+        base = weight.most_common(1)[0][0]
+        out: dict = {"bits": base[0], "group_size": base[1], "dynamic": {}}
+        leaves: dict[tuple, list[str]] = {}  # (parent module, bits, group) → leaf names
+        for name, g in sorted(self.plan.items()):
+            if (g.bits, g.group_size) != base:
+                parent, _, leaf = name.rpartition(".")
+                leaves.setdefault((parent, g.bits, g.group_size), []).append(leaf)
+        for (parent, bits, group), names in sorted(leaves.items()):
+            fused = [f for f, parts in FUSED.items() if set(parts) <= set(names)]
+            alt = "|".join(re.escape(n) for n in names + fused)
+            out["dynamic"][f"+:^{re.escape(parent)}\\.({alt})$"] = {"bits": bits, "group_size": group}
+        return out
 
     def default_out(self, model: str) -> str:
-        return f"{model.rstrip('/')}-gptq-{self.config.bits}bit-g{self.config.group_size}"
+        c = self.config
+        if c.mixed:
+            return f"{model.rstrip('/')}-gptq-mixed-" + (f"{c.bits_per_weight:g}bpw" if c.bits_per_weight
+                                                         else f"{c.max_size}B")
+        return f"{model.rstrip('/')}-gptq-{c.bits}bit-g{c.group_size}"
 
     def summary(self, out: Path) -> str:
         cfg = _config_json(out)
@@ -107,6 +170,10 @@ class GPTQ(Format):
             self.warnings.append("--act-order dynamic writes desc_act: true with a permuted g_idx; vLLM >= 0.32 refuses "
                              "such checkpoints (GPTQ group activation ordering). --act-order group-aware, the "
                              "default, keeps g_idx = k // group at nearly the same quality.")
+
+
+# the layers vLLM (and SGLang) fuse sibling linears into, by their leaf names: one quantization setting each
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def _config_json(out: Path) -> dict:

@@ -28,8 +28,10 @@ NAMES = [n for n in FORMATS if n != "gguf"] + [f"gguf:{t}" for t in GGUF_TYPES]
 def get(config: QuantConfig) -> Format:
     """The format ``config.format`` names, its settings checked against the config (ConfigError)."""
     name, _, option = config.format.partition(":")
-    if name not in FORMATS or (name == "gguf") != bool(option):
-        raise ConfigError(f"--format {config.format!r}; choose one of {', '.join(NAMES)}")
+    if name not in FORMATS or (name == "gguf" and not option and not config.mixed) or (name != "gguf" and option):
+        raise ConfigError(f"--format {config.format!r}; choose one of {', '.join(NAMES)}"
+                          + (" (plain gguf, the types chosen per tensor, takes a size budget: --max-size or "
+                             "--bits-per-weight)" if name == "gguf" else ""))
     fmt = FORMATS[name](config, option)
     fmt.check()
     return fmt

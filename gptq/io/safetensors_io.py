@@ -192,6 +192,11 @@ class TensorSource:
                 raise CheckpointError(f"{f}: cannot read tensor {name} ({e}); {AGAIN}") from e
         return TORCH_DTYPES.get(code, torch.float32)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the file's header."""
+        with open_safetensors(self.file_of[name]) as h:
+            return tuple(h.get_slice(name).get_shape())
+
     def fingerprint(self) -> dict:
         return {str(f.name): f.stat().st_size for f in sorted(set(self.file_of.values()))}
 
@@ -233,11 +238,9 @@ def write_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_b
     return names
 
 
-def write_safetensors_streaming(path: Path, names: list[str], shapes: dict, dtypes: dict, get) -> None:
-    """Write a safetensors file one tensor at a time (``get(name)`` → tensor), so a shard of many
-    GB never sits in memory whole. Layout as the format defines it: an 8-byte little-endian header
-    length, the JSON header (dtype, shape, data_offsets; metadata format pt), padded with spaces to
-    a multiple of 8, then the tensors' bytes in header order."""
+def _header(names: list[str], shapes: dict, dtypes: dict) -> bytes:
+    """A safetensors header as this project writes it: the JSON (dtype, shape, data_offsets; metadata
+    format pt) padded with spaces to a multiple of 8."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for n in names:
         nbytes = math.prod(shapes[n]) * torch.tensor([], dtype=dtypes[n]).element_size()
@@ -245,7 +248,19 @@ def write_safetensors_streaming(path: Path, names: list[str], shapes: dict, dtyp
                      "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    return blob + b" " * (-len(blob) % 8)
+
+
+def header_bytes(shapes: dict, dtypes: dict) -> int:
+    """The bytes a file of these tensors spends before their data: 8 (the length) + the header."""
+    return 8 + len(_header(sorted(shapes), shapes, dtypes))
+
+
+def write_safetensors_streaming(path: Path, names: list[str], shapes: dict, dtypes: dict, get) -> None:
+    """Write a safetensors file one tensor at a time (``get(name)`` → tensor), so a shard of many
+    GB never sits in memory whole. Layout as the format defines it: an 8-byte little-endian header
+    length, the JSON header (``_header``), then the tensors' bytes in header order."""
+    blob = _header(names, shapes, dtypes)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)

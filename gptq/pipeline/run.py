@@ -4,6 +4,7 @@ larger than memory is ``streaming.quantize_streaming``."""
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from contextlib import nullcontext
 
@@ -17,6 +18,7 @@ from gptq.formats.registry import get
 from gptq.io.modules import get_module, resolve_device, set_weight_matrix, weight_matrix
 from gptq.models.architectures import for_config
 from gptq.models.rotation import rotator
+from gptq.pipeline import mix
 from gptq.pipeline.activations import Activations, activation_bytes, should_spill
 from gptq.pipeline.loop import LayerReport, capture_block_inputs, quantize_blocks
 
@@ -31,6 +33,7 @@ def quantize_model(
     progress: bool = True,
     max_memory: int | None = None,
     fmt: Format | None = None,
+    source_dir: str | None = None,
 ) -> tuple[dict[str, Stored], list[LayerReport]]:
     """GPTQ every linear of every decoder block in place; return what the format (``config.format``)
     stores for each ({linear name: stored}) and a report.
@@ -40,6 +43,8 @@ def quantize_model(
     Calibration activations above ``max_memory`` bytes (default: half the available memory) are
     spilled to a temporary folder (``TMPDIR``), batch by batch; the result is the same.
     ``fmt``: the output format already bound to this model (default: ``config.format``'s).
+    With a size budget (``config.mixed``) a first pass chooses each linear's grid (``pipeline.mix``;
+    ``--max-size`` needs ``source_dir``, the model directory); the plan's record is ``fmt.mix``.
     """
     dev = resolve_device(device)
     model.eval()
@@ -61,6 +66,13 @@ def quantize_model(
     with tempfile.TemporaryDirectory(prefix="gptq-activations-") if spill else nullcontext() as tmp:
         store = Activations(tmp, dev)
         inputs = capture_block_inputs(model, windows, batch_size, dev, store)
+        if config.mixed:
+            st = mix.setup(model, fmt, config, source_dir, None if rot is None else rot.record)
+            chosen = mix.plan(st, model, inputs, config, dev, store, progress=progress)
+            fmt.set_plan(chosen.by_linear())
+            fmt.mix = chosen.record()
+            if progress:
+                print(chosen.table(limit=12), file=sys.stderr)
         quantize_blocks(model, inputs, config, dev, progress=progress, after_block=keep, store=store, grids=fmt.grid)
         del inputs
     return packed, report

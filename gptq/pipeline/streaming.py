@@ -52,6 +52,7 @@ from gptq.io.safetensors_io import (
 from gptq.models.architectures import for_config
 from gptq.models.moe import unfuse
 from gptq.models.rotation import rotator
+from gptq.pipeline import mix
 from gptq.pipeline.activations import (
     Activations,
     SpilledInputs,
@@ -264,6 +265,34 @@ def _assemble(partial: Path, final: Path, shards: list[Path], files: dict, max_s
     shutil.rmtree(partial, ignore_errors=True)
 
 
+MIX = "mix.json"  # the budget's plan, kept for --resume
+
+
+def _mix_plan(model, fmt: Format, qcfg: QuantConfig, model_dir, rot, partial: Path, resuming: bool, inputs, dev,
+              store, mat: Materializer, progress: bool, world: World) -> None:
+    """A size budget's plan (``pipeline.mix``) into ``fmt``: measured in a first pass that loads each block
+    as the main pass does, or read back from an interrupted run (the same choices)."""
+    if not world.single:
+        raise ValueError("a size budget (mixed precision) is not supported under torchrun yet; run one process")
+    st = mix.setup(model, fmt, qcfg, model_dir, None if rot is None else rot.record)
+    if resuming and (partial / MIX).is_file():
+        chosen = mix.plan_from_record(st, json.loads((partial / MIX).read_text()))
+    else:
+        def before(i, block):
+            mat.load(f"{arch.blocks}.{i}")
+            if rot is not None:
+                rot.rotate_block(block)
+
+        arch = for_config(model.config)
+        chosen = mix.plan(st, model, inputs, qcfg, dev, store, before, lambda i, _b: mat.release(f"{arch.blocks}.{i}"),
+                          progress)
+        atomic_write_text(partial / MIX, json.dumps(chosen.record()))
+    fmt.set_plan(chosen.by_linear())
+    fmt.mix = chosen.record()
+    if progress:
+        print(chosen.table(limit=12), file=sys.stderr)
+
+
 def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor, dtype: torch.dtype,
                        device: str = "auto", batch_size: int = 8, resume: bool = False, overwrite: bool = False,
                        progress: bool = True, extra_report: dict | None = None,
@@ -320,6 +349,11 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         rot.rotate_embedding(model)
     inputs = capture_block_inputs(model, torch.cat([batches[k] for k in mine]), batch_size, dev, store)
     mat.release("", exclude=blocks_prefix)
+    if qcfg.mixed:
+        _mix_plan(model, fmt, qcfg, model_dir, rot, partial, state is not None, inputs, dev, store, mat, progress,
+                  world)
+        if extra_report is not None:
+            extra_report["mix"] = fmt.mix
     first, report, reference = 0, [], None
     if state is not None:
         first = state["completed"] + 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from gptq.formats.bnb import dequantize
+from gptq.formats.compat import module_settings
 from gptq.formats.compressed_tensors import as_gptq, read_scheme
 from gptq.io.modules import in_features, parameters_on_meta, resolve_device
 from gptq.io.safetensors_io import CheckpointError, read_tensors
@@ -54,7 +56,20 @@ def quantization_config(config) -> dict:
     fmt = qc.get("checkpoint_format", "gptq")
     if fmt not in ("gptq", "gptq_v2"):
         raise CheckpointError(f"quantization_config.checkpoint_format is {fmt!r}; this loader reads gptq and gptq_v2")
-    return {"bits": bits, "group_size": gs, "checkpoint_format": fmt}
+    dynamic = qc.get("dynamic") or {}
+    if not isinstance(dynamic, dict):
+        raise CheckpointError("quantization_config.dynamic must map module-name patterns to overrides")
+    for pattern, over in dynamic.items():
+        if pattern.startswith("-:"):
+            continue
+        try:
+            re.compile(pattern.removeprefix("+:"))
+        except re.error as e:
+            raise CheckpointError(f"quantization_config.dynamic: pattern {pattern!r} is not a regular expression ({e})")
+        if not isinstance(over, dict) or over.get("bits", bits) not in (2, 3, 4, 8):
+            raise CheckpointError(f"quantization_config.dynamic[{pattern!r}] = {over!r}: expected overrides such as "
+                                  "{'bits': 4, 'group_size': 128} with bits 2, 3, 4 or 8")
+    return {"bits": bits, "group_size": gs, "checkpoint_format": fmt, "dynamic": dynamic}
 
 
 def _validate(prefix: str, t: dict[str, torch.Tensor], in_f: int, out_f: int, bits: int, gs: int) -> None:
@@ -183,19 +198,23 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: s
         raise FileNotFoundError(f"'{path}' is not a model directory (no config.json)")
     config = AutoConfig.from_pretrained(path)
     qc = quantization_config(config)
-    bits, gs, fmt = qc["bits"], qc["group_size"], qc["checkpoint_format"]
+    fmt = qc["checkpoint_format"]
     dev = resolve_device(device)
-    backend = default_backend(dev, bits) if backend == "auto" else backend
-    act_dtype = resolve_dtype(dtype, dev, backend)
     tensors = read_tensors(path)
     if "compressed_tensors" in qc:
         tensors = as_gptq(tensors, qc["compressed_tensors"])
+    prefixes = sorted({k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")})
+    settings = {p: module_settings(qc, p) for p in prefixes}
+    bits_seen = {s[0] for s in settings.values() if s is not None}
+    # a mix runs each layer on what serves it (the CPU kernel falls back to dense for non-4-bit layers)
+    bits = 4 if 4 in bits_seen else qc["bits"]
+    backend = default_backend(dev, bits) if backend == "auto" else backend
+    act_dtype = resolve_dtype(dtype, dev, backend)
 
     model, plain, tensors = _meta_model(config, tensors, act_dtype)
     raw = config.quantization_config
     model.config.quantization_config = dict(raw) if isinstance(raw, dict) else raw.to_dict()
 
-    prefixes = sorted({k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")})
     if not prefixes:
         raise CheckpointError(f"{path}: no '*.qweight' tensors, though config.json says GPTQ")
     for prefix in prefixes:
@@ -209,6 +228,9 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: s
         missing = [s for s in ("qweight", "qzeros", "scales") if s not in t]
         if missing:
             raise CheckpointError(f"{prefix}: tensor(s) {', '.join(prefix + '.' + m for m in missing)} missing")
+        if settings.get(prefix) is None:
+            raise CheckpointError(f"{prefix} has GPTQ tensors but quantization_config.dynamic leaves it unquantized")
+        bits, gs = settings[prefix]
         if "g_idx" not in t:  # older checkpoints omit it when there is no act-order
             t["g_idx"] = (torch.arange(in_f) // (in_f if gs == -1 else gs)).to(torch.int32)
         if f"{prefix}.bias" in tensors:

@@ -134,6 +134,68 @@ def test_gptqmodel_loads_a_rotated_checkpoint(default_checkpoint, rotated_checkp
     assert abs(theirs["ppl"] - mine) / mine < 0.005
 
 
+def _quantize_smollm2(out: Path, *flags: str) -> Path:
+    """SmolLM2 with the default checkpoint's calibration and ``flags``."""
+    import sys
+
+    subprocess.run([sys.executable, "-m", "gptq.quantize", str(ROOT / ".cache" / "smollm2"), "--dataset",
+                    str(WIKI / "valid.tokens.txt"), "--nsamples", "32", "--seqlen", "512", "--group-size", "64",
+                    *flags, "--out", str(out), "--quiet"], check=True, cwd=ROOT)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed_checkpoint(default_checkpoint):
+    """A 3/4-bit mix (--candidates 3g64,4g64) at 3.8 bits per weight: GPTQModel dynamic overrides."""
+    return _quantize_smollm2(default_checkpoint[0].parent / "smollm2-mixed", "--bits-per-weight", "3.8",
+                             "--candidates", "3g64,4g64")
+
+
+@pytest.fixture(scope="module")
+def mixed_4bit_checkpoint(default_checkpoint):
+    """A mix of 4-bit group sizes only (--candidates 4g32,4g64), which vLLM's CPU kernel serves."""
+    return _quantize_smollm2(default_checkpoint[0].parent / "smollm2-mixed-4bit", "--bits-per-weight", "4.45",
+                             "--candidates", "4g32,4g64")
+
+
+def _mix_of(ckpt: Path) -> set:
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    return {(o.get("bits", qc["bits"]), o.get("group_size", qc["group_size"])) for o in qc["dynamic"].values()} | {
+        (qc["bits"], qc["group_size"])}
+
+
+def test_gptqmodel_honours_our_mixed_precision_overrides(default_checkpoint, mixed_checkpoint):
+    py = client_python("gptqmodel")
+    _, windows, path = default_checkpoint
+    assert _mix_of(mixed_checkpoint) == {(3, 64), (4, 64)}
+    theirs = run_client(py, "client_gptqmodel.py", mixed_checkpoint, path, env={"GPTQMODEL_CPU_WORKERS": "2"})
+    mine = ours(mixed_checkpoint, windows)
+    print(f"\nmixed 3/4-bit: GPTQModel {theirs['ppl']:.4f} vs ours {mine:.4f}")
+    assert abs(theirs["ppl"] - mine) / mine < 0.005
+
+
+def test_vllm_serves_a_mix_of_4bit_group_sizes(default_checkpoint, mixed_4bit_checkpoint):
+    """vLLM matches the dynamic patterns against its fused layers (qkv_proj, gate_up_proj): a wrong
+    group size for one would misread its scales and show in the perplexity."""
+    _, windows, path = default_checkpoint
+    assert _mix_of(mixed_4bit_checkpoint) == {(4, 32), (4, 64)}
+    theirs = vllm_scores(mixed_4bit_checkpoint, path)
+    mine = ours(mixed_4bit_checkpoint, windows)
+    print(f"\nmixed 4-bit g32/g64: vLLM {theirs['ppl']:.4f} vs ours {mine:.4f}")
+    assert abs(theirs["ppl"] - mine) / mine < 0.005
+
+
+def test_vllm_cpu_refuses_3bit_layers_as_inspect_says(mixed_checkpoint):
+    """vLLM's CPU GPTQ kernel takes 4-bit weights only (compat.vllm_cpu): the 3/4-bit mix is refused
+    there, and gptq.inspect says so beforehand (on a GPU vLLM serves it: Marlin and its GPTQ kernel)."""
+    from gptq.inspect import describe
+
+    verdict = {e["engine"]: e for e in describe(mixed_checkpoint)["engines"]}["vLLM (CPU)"]
+    assert verdict["status"] == "refuses" and any("3-bit" in r for r in verdict["reasons"])
+    theirs = run_client(client_python("vllm"), "client_vllm.py", mixed_checkpoint, "-")
+    assert not theirs["loaded"], "vLLM's CPU build served 3-bit layers: update compat.vllm_cpu"
+
+
 def test_bitsandbytes_loads_a_rotated_nf4_checkpoint(default_checkpoint, tmp_path):
     """transformers + bitsandbytes run `--format bnb-nf4 --rotate hadamard` as it is, within 0.5 % of ours."""
     import sys

@@ -278,3 +278,25 @@ def test_llama_cpp_runs_a_rotated_gguf_below_the_unrotated_file(reference, tmp_p
     print(f"\n{ftype}: unrotated {scores['none'][0]:.4f} ({scores['none'][1]} B), rotated "
           f"{scores['hadamard'][0]:.4f} ({scores['hadamard'][1]} B)")
     assert scores["hadamard"][0] < scores["none"][0]
+
+
+def test_llama_cpp_runs_our_budget_gguf_at_92_percent_of_its_q4_k_m(reference, tmp_path):
+    """--format gguf --max-size at 92 % of the bytes of llama.cpp's own Q4_K_M made with the importance
+    matrix (issue 24): the file is no larger than that and scores no higher perplexity in llama-perplexity.
+    llama.cpp loads a file whose tensor types are chosen one by one."""
+    d, f16, imatrix = reference
+    theirs = d / "smollm2-q4_k_m-imatrix-budget.gguf"
+    subprocess.run([tool("llama-quantize"), "--imatrix", str(imatrix), str(f16), str(theirs), "Q4_K_M", "2"],
+                   check=True, capture_output=True)
+    budget = int(0.92 * theirs.stat().st_size)
+    out = tmp_path / "ours"
+    subprocess.run([sys.executable, "-m", "gptq.quantize", str(ROOT / ".cache" / "smollm2"), "--dataset",
+                    str(WIKI / "valid.tokens.txt"), "--nsamples", "32", "--seqlen", "512", "--format", "gguf",
+                    "--max-size", str(budget), "--out", str(out), "--quiet"], check=True, cwd=ROOT)
+    mine = next(out.glob("*.gguf"))
+    p_theirs, p_mine = perplexity(theirs), perplexity(mine)
+    types = json.loads((out / "quantize_report.json").read_text())["gguf"]["tensor_types"]
+    print(f"\nllama.cpp Q4_K_M + imatrix {p_theirs:.4f} ({theirs.stat().st_size} B); ours at 92 % {p_mine:.4f} "
+          f"({mine.stat().st_size} B, {types})")
+    assert mine.stat().st_size <= budget
+    assert p_mine <= p_theirs

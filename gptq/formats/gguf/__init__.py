@@ -14,12 +14,15 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from gptq.core.config import ConfigError
 from gptq.core.grids import GridSpec
+from gptq.core.grids.ggml import TYPES
 from gptq.formats.base import Format, linear_inputs
 from gptq.formats.gguf.rules import FILE_TYPES, check_moe, plan
 from gptq.formats.gguf.tokenizer import check_tokenizer
-from gptq.formats.gguf.writer import GgmlLinear, write_gguf
+from gptq.formats.gguf.writer import GgmlLinear, fixed_file_bytes, padded, write_gguf
 from gptq.io.safetensors_io import prepare_output
 from gptq.models.architectures import for_config
 
@@ -27,8 +30,15 @@ from gptq.models.architectures import for_config
 class GGUF(Format):
     staged = True
 
+    # what a size budget chooses between by default: every block type this writer makes (llama.cpp loads any
+    # per-tensor mix of them)
+    AUTO = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")
+    MIXED_EDGES = "q4_k_m"  # --format gguf with a budget: the embeddings and head typed as in a Q4_K_M file
+
     def __init__(self, config, file_type: str):
         super().__init__(config)
+        if not file_type and config.mixed:
+            file_type = self.MIXED_EDGES
         if file_type not in FILE_TYPES:
             raise ConfigError(f"unknown GGUF type {file_type!r}; choose one of {sorted(FILE_TYPES)}")
         self.file_type, self.name = file_type, f"gguf:{file_type}"
@@ -56,7 +66,32 @@ class GGUF(Format):
         return self
 
     def grid(self, name: str) -> GridSpec:
-        return GridSpec.ggml(self.types.get(name, self.default))
+        return self.plan.get(name) or GridSpec.ggml(self.types.get(name, self.default))
+
+    def candidates(self, spec: str) -> list[GridSpec]:
+        """"auto" (every type this writer makes: q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k) or a list
+        of them; a linear whose rows are not a multiple of a type's block cannot take it."""
+        names = self.AUTO if spec == "auto" else [t.strip().lower() for t in spec.split(",")]
+        bad = [t for t in names if t not in TYPES]
+        if bad:
+            raise ConfigError(f"--candidates {spec!r}: {', '.join(bad)} not a GGML type this writer makes; choose "
+                              f"from {', '.join(self.AUTO)}")
+        return [GridSpec.ggml(t) for t in dict.fromkeys(names)]
+
+    def allows(self, grid: GridSpec, inputs: int, auto: bool = False) -> bool:
+        return inputs % TYPES[grid.kind].block_weights == 0
+
+    def linear_tensors(self, out: int, inputs: int, grid: GridSpec) -> dict:
+        t = TYPES[grid.kind]
+        return {f"weight.ggml_{grid.kind}": (torch.uint8, (out, inputs // t.block_weights * t.block_bytes))}
+
+    def linear_bytes(self, out: int, inputs: int, grid: GridSpec) -> int:
+        return padded(super().linear_bytes(out, inputs, grid))  # each tensor's data is aligned in the file
+
+    def fixed_bytes(self, model, source_dir, quantized: set[str], untie_head: bool, extra: dict | None = None) -> int:
+        arch = for_config(model.config)
+        stored = {arch.checkpoint_name(f"{n}.weight") for n in quantized}
+        return fixed_file_bytes(Path(source_dir), self.file_type, stored, extra, untie_head)
 
     def pack(self, r, bias) -> GgmlLinear:
         return GgmlLinear.from_result(r, r.grid.kind, bias)
@@ -65,15 +100,21 @@ class GGUF(Format):
         # not a safetensors checkpoint: the GGUF file carries its own metadata
         return {"quant_method": "gguf", "file_type": self.file_type}
 
+    def _label(self) -> str:
+        c = self.config
+        if not c.mixed:
+            return self.file_type
+        return "mixed-" + (f"{c.bits_per_weight:g}bpw" if c.bits_per_weight else f"{c.max_size}B")
+
     def default_out(self, model: str) -> str:
-        return f"{model.rstrip('/')}-gguf-{self.file_type}"
+        return f"{model.rstrip('/')}-gguf-{self._label()}"
 
     def finish(self, stage: Path, out: Path, source: Path, overwrite: bool) -> Path:
         """Write OUT/<name>-<type>.gguf and the report from the staged checkpoint, then remove the stage."""
         final, tmp = prepare_output(out, overwrite)
         tmp.mkdir()
         try:
-            info = write_gguf(stage, tmp / f"{Path(source).name}-{self.file_type}.gguf", self.file_type, Path(source))
+            info = write_gguf(stage, tmp / f"{Path(source).name}-{self._label()}.gguf", self.file_type, Path(source))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # the staged checkpoint stays: rerun with --resume
             raise

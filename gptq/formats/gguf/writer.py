@@ -32,6 +32,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -150,8 +152,9 @@ class _Model:
     n_expert: int
 
 
-def _model(stage: Path) -> _Model:
-    hf = json.loads((stage / "config.json").read_text())
+def _model(stage: Path, extra: dict | None = None) -> _Model:
+    """``stage``'s config.json (and ``extra`` keys over it) as the writer reads it."""
+    hf = json.loads((stage / "config.json").read_text()) | (extra or {})
     arch = ARCHITECTURES.get(hf.get("model_type"))
     if arch is None:
         raise ValueError(f"GGUF output supports the {sorted(ARCHITECTURES)} families so far, not {hf.get('model_type')!r}")
@@ -267,6 +270,78 @@ def _add_experts(out: _Tensors, m: _Model, experts: dict) -> None:
                 * TYPES[t].block_weights)
 
 
+def gguf_name(key: str, m: _Model) -> tuple[str | None, tuple | None]:
+    """A stage (or source) tensor's GGUF name, or for a routed expert's weight (layer, role, expert)
+    of the merged tensor it joins: (name, None) or (None, (layer, role, expert))."""
+    if key.endswith(".bias") and m.arch not in BIASED:
+        raise ValueError(f"{key}: biases are not written to GGUF for the {m.arch} architecture")
+    base = key.split(".weight")[0].removesuffix(".bias")
+    suffix = "bias" if key.endswith(".bias") else "weight"
+    if base.startswith(m.blocks):
+        i, rest = base[len(m.blocks):].split(".", 1)
+        expert = EXPERT_NAME.match(rest)
+        if expert:
+            return None, (i, EXPERT_ROLES[expert.group(2)], int(expert.group(1)))
+        return f"blk.{i}.{BLOCK_NAMES[rest]}.{suffix}", None
+    if base in TOP_NAMES:
+        return f"{TOP_NAMES[base]}.{suffix}", None
+    raise ValueError(f"{key}: no GGUF name for this tensor")
+
+
+def padded(nbytes: int) -> int:
+    """A tensor's bytes in the file: its data padded to the writer's alignment."""
+    return gguf.GGUFWriter.ggml_pad(nbytes, gguf.GGUF_DEFAULT_ALIGNMENT)
+
+
+def fixed_file_bytes(source: Path, ftype: str, quantized: set[str], extra: dict | None, untied: bool) -> int:
+    """The bytes of the .gguf that ``write_gguf`` would write from ``source`` (a model directory) that do
+    not depend on the decoder linears' types: the header, metadata and tokenizer, every tensor's info,
+    and the data of every tensor that is not a quantized linear (``quantized``: their source names,
+    ``<m>.weight``), each padded to the alignment. ``extra``: keys the stage's config.json will add
+    (the rotation record); ``untied``: a head will be stored though the source ties it. A dry run of
+    the writer (headers only) into a temporary file."""
+    m = _model(source, extra)
+    handles = {}
+    for f in sorted(source.glob("*.safetensors")):
+        h = safe_open(f, "pt")
+        handles.update({k: h for k in h.keys()})
+    shapes = {k: tuple(h.get_slice(k).get_shape()) for k, h in handles.items()}
+    tied = not untied and "lm_head.weight" not in shapes
+    if untied and "lm_head.weight" not in shapes:
+        shapes["lm_head.weight"] = next(v for k, v in shapes.items() if k.endswith(("embed_tokens.weight", "wte.weight")))
+    scratch = Path(tempfile.mkdtemp(prefix="gptq-gguf-size-")) / "dry.gguf"
+    w = gguf.GGUFWriter(scratch, m.arch)
+    w.add_name(source.name)
+    _write_metadata(w, m, ftype, source)
+    data = sum(padded(ti.nbytes) for ti in w.tensors[-1].values())  # tensors the metadata adds (Phi-3's rope factors)
+    for key in sorted(shapes):
+        name, expert = gguf_name(key, m)
+        if expert is not None:
+            raise ValueError("a size budget for GGUF files of mixture-of-experts models is not supported yet")
+        shape = shapes[key]
+        if key in quantized:  # its type is the budget's choice: the info's size does not depend on it
+            w.add_tensor_info(name, shape, np.float32, 0, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            continue
+        if len(shape) == 1 or name.endswith(("ffn_gate_inp.weight", "position_embd.weight")):
+            t, nbytes = None, 4 * math.prod(shape)
+        else:
+            t = output_type(ftype, shape[1]) if (name == "output.weight" or tied) else \
+                layer_type(ftype, "token_embd", 0, m.n_layers, shape[1])
+            nbytes = shape[0] * shape[1] // TYPES[t].block_weights * TYPES[t].block_bytes
+        w.add_tensor_info(name, shape, np.float32, nbytes,
+                          raw_dtype=None if t is None else gguf.GGMLQuantizationType[t.upper()])
+        data += padded(nbytes)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        head = scratch.stat().st_size
+    finally:
+        shutil.rmtree(scratch.parent, ignore_errors=True)
+    return padded(head) + data
+
+
 def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) -> dict:
     """Write the GGUF file ``path`` from a staged checkpoint (``stage``: config.json, tokenizer,
     safetensors with GGML blocks); written to a temporary name and renamed when complete.
@@ -282,25 +357,13 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
     out = _Tensors(w)
     experts: dict[tuple[str, str], dict[int, tuple[str, torch.Tensor]]] = {}  # (layer, role) → {e: blocks}
     for key in sorted(where):
-        if key.endswith(".bias") and m.arch not in BIASED:
-            raise ValueError(f"{key}: biases are not written to GGUF for the {m.arch} architecture")
-        base = key.split(".weight")[0].removesuffix(".bias")
-        suffix = "bias" if key.endswith(".bias") else "weight"
-        if base.startswith(m.blocks):
-            i, rest = base[len(m.blocks):].split(".", 1)
-            expert = EXPERT_NAME.match(rest)
-            if expert:
-                staged = key.rsplit(".ggml_", 1)
-                if suffix != "weight" or len(staged) != 2:
-                    raise ValueError(f"{key}: expert tensors are written as solved GGML blocks only")
-                experts.setdefault((i, EXPERT_ROLES[expert.group(2)]), {})[int(expert.group(1))] = (
-                    staged[1], where[key].get_tensor(key))
-                continue
-            name = f"blk.{i}.{BLOCK_NAMES[rest]}.{suffix}"
-        elif base in TOP_NAMES:
-            name = f"{TOP_NAMES[base]}.{suffix}"
-        else:
-            raise ValueError(f"{key}: no GGUF name for this tensor")
+        name, expert = gguf_name(key, m)
+        if expert is not None:
+            staged = key.rsplit(".ggml_", 1)
+            if not key.split(".ggml_")[0].endswith(".weight") or len(staged) != 2:
+                raise ValueError(f"{key}: expert tensors are written as solved GGML blocks only")
+            experts.setdefault((expert[0], expert[1]), {})[expert[2]] = (staged[1], where[key].get_tensor(key))
+            continue
         _add_tensor(out, m, ftype, name, key, where[key].get_tensor(key), tied)
     _add_experts(out, m, experts)
     w.write_header_to_file()

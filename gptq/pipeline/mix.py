@@ -1,0 +1,277 @@
+"""Mixed precision under a size budget (``--max-size`` / ``--bits-per-weight``): a cheap first pass
+over the blocks estimates the error every candidate grid would cause in every group of linears,
+``core.mix.allocate`` spends the budget, and the format solves and stores each linear on its choice.
+
+    skeleton ──units()──► Units (names, bytes per candidate) ──budget()──► bytes for the linears
+    block inputs ──measure()──► errors per unit and candidate (the full-precision model, one pass,
+                               streaming like the main one: a block's weights at a time)
+    allocate ──► Plan {linear: GridSpec} ──fmt.set_plan──► the usual solve
+
+A unit is the linears that read one input (q/k/v; gate/up): one Hessian, and one layer in the
+engines that fuse them, so one choice. The estimate (``QuantConfig.sensitivity``) is the output
+error tr(ΔW H ΔWᵀ) the candidate causes on the full-precision inputs, ΔW from round-to-nearest
+("hessian") or from the GPTQ solve ("gptq"), optionally divided by the mean energy of the residual
+stream entering the block ("/residual": later RMSNorms divide an error by that norm before it
+reaches the output). ``benchmarks mix`` measures which predicts the end-to-end KL best.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gptq.core.config import ConfigError, QuantConfig
+from gptq.core.grids import GridSpec
+from gptq.core.mix import BudgetError, Unit, allocate, bounds, total
+from gptq.core.solver import round_to_nearest, solve
+from gptq.io.modules import get_module, in_features, run_block, weight_matrix
+from gptq.models.architectures import for_config
+from gptq.pipeline.activations import Activations, block_args
+from gptq.pipeline.capture import hessians
+
+
+@dataclass(frozen=True)
+class Shape:
+    names: tuple[str, ...]  # full linear names
+    shapes: tuple[tuple[int, int], ...]  # [out, in] each
+
+
+def unit_shapes(model: nn.Module) -> list[Shape]:
+    """The units of a (skeleton) model: per block, each group of linears sharing an input."""
+    arch = for_config(model.config)
+    if arch.experts is not None:
+        raise ConfigError(f"a size budget (mixed precision) is not supported for mixture-of-experts models "
+                          f"({model.config.model_type}) yet; quantize at one --bits")
+    out = []
+    for i, block in enumerate(get_module(model, arch.blocks)):
+        for group in arch.sequential:
+            mods = [get_module(block, n) for n in group]
+            out.append(Shape(tuple(f"{arch.blocks}.{i}.{n}" for n in group),
+                             tuple((_out_features(m), in_features(m)) for m in mods)))
+    return out
+
+
+def _out_features(m: nn.Module) -> int:
+    return m.weight.shape[1] if type(m).__name__ == "Conv1D" else m.weight.shape[0]
+
+
+def options(fmt, shape: Shape, grids: list[GridSpec], auto: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(candidate indices a unit can take, bytes of each)."""
+    ok = [k for k, g in enumerate(grids) if all(fmt.allows(g, n_in, auto) for _, n_in in shape.shapes)]
+    if not ok:
+        raise ConfigError(f"none of the candidates {labels(grids)} can store {', '.join(shape.names)} "
+                          f"(input sizes {sorted({n for _, n in shape.shapes})}); add one that can (--candidates)")
+    return tuple(ok), tuple(sum(fmt.linear_bytes(o, i, grids[k]) for o, i in shape.shapes) for k in ok)
+
+
+def short(names) -> str:
+    """model.layers.3.self_attn.q_proj, ...k_proj, ...v_proj → layers.3.self_attn.q_proj+k_proj+v_proj."""
+    parent = names[0].rsplit(".", 1)[0]
+    leaves = "+".join(n.rsplit(".", 1)[1] for n in names)
+    return f"{parent.split('.', 1)[-1]}.{leaves}"
+
+
+def label(g: GridSpec) -> str:
+    return f"{g.bits}g{g.group_size}" if g.kind == "int" else g.kind
+
+
+def labels(grids) -> str:
+    return ",".join(label(g) for g in grids)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A budget spent: the candidates, each unit's choice, and the record the report keeps."""
+
+    grids: tuple[GridSpec, ...]
+    units: tuple[Unit, ...]
+    choice: tuple[int, ...]  # position into each unit's options
+    budget: int  # bytes for the quantized linears
+    fixed: int  # bytes outside them (0 for a bits-per-weight budget)
+
+    def by_linear(self) -> dict[str, GridSpec]:
+        return {n: self.grids[u.options[c]] for u, c in zip(self.units, self.choice) for n in u.names}
+
+    def record(self) -> dict:
+        used, err = total(list(self.units), list(self.choice))
+        return {"budget_bytes": self.budget, "fixed_bytes": self.fixed, "linear_bytes": used,
+                "estimated_error": err, "candidates": labels(self.grids),
+                "units": [{"linears": list(u.names), "choice": label(self.grids[u.options[c]]),
+                           "bytes": u.bytes[c], "error": u.errors[c],
+                           "options": [{"grid": label(self.grids[k]), "bytes": b, "error": e}
+                                       for k, b, e in zip(u.options, u.bytes, u.errors)]}
+                          for u, c in zip(self.units, self.choice)]}
+
+    def table(self, limit: int = 0) -> str:
+        """The allocation as printed: one line per unit (``limit``: at most that many, then the counts)."""
+        rows = [f"{'linears':<44} {'choice':>8} {'bytes':>12} {'est. error':>11}"]
+        for u, c in list(zip(self.units, self.choice))[: limit or None]:
+            rows.append(f"{short(u.names):<44.44} {label(self.grids[u.options[c]]):>8} {u.bytes[c]:>12,} "
+                        f"{u.errors[c]:>11.4g}")
+        if limit and len(self.units) > limit:
+            rows.append(f"... {len(self.units) - limit} more in the report")
+        counts: dict[str, int] = {}
+        for u, c in zip(self.units, self.choice):
+            counts[label(self.grids[u.options[c]])] = counts.get(label(self.grids[u.options[c]]), 0) + len(u.names)
+        used, _ = total(list(self.units), list(self.choice))
+        rows.append(f"linears: {', '.join(f'{k} x{v}' for k, v in sorted(counts.items()))}; "
+                    f"{used:,} of {self.budget:,} bytes")
+        return "\n".join(rows)
+
+
+def budget(config: QuantConfig, shapes: list[Shape], fixed: int) -> int:
+    """Bytes the quantized linears may take: --bits-per-weight × their weights / 8, or --max-size less
+    the fixed bytes."""
+    if config.bits_per_weight:
+        return int(config.bits_per_weight * sum(o * i for s in shapes for o, i in s.shapes) // 8)
+    return config.max_size - fixed
+
+
+def check_feasible(config: QuantConfig, units_bytes: list[tuple[int, ...]], weights: int, fixed: int,
+                   grids: list[GridSpec]) -> None:
+    """Refuse a budget no allocation can meet, or one that the largest candidates already satisfy,
+    naming the feasible range in the budget's own unit (before any long work)."""
+    lo = sum(min(b) for b in units_bytes)
+    hi = sum(max(b) for b in units_bytes)
+    have = budget(config, [], fixed) if config.max_size else int(config.bits_per_weight * weights // 8)
+    if lo <= have < hi:
+        return
+    if config.max_size:
+        rng = f"{_mb(lo + fixed)} to {_mb(hi + fixed)} ({lo + fixed} to {hi + fixed} bytes)"
+        asked = f"--max-size {config.max_size} bytes"
+    else:
+        rng = f"{8 * lo / weights:.3f} to {8 * hi / weights:.3f} bits per weight"
+        asked = f"--bits-per-weight {config.bits_per_weight}"
+    why = ("is below the smallest file the candidates can make" if have < lo
+           else "is at or above what the largest candidate everywhere takes (nothing to choose)")
+    hint = ("; add smaller candidates (e.g. --candidates 2g64,3g64,4g64,8g128) or raise the budget" if have < lo
+            else "; quantize uniformly at the largest candidate instead, or add larger candidates")
+    raise BudgetError(f"{asked} {why}: with candidates {labels(grids)} the feasible range is {rng}{hint}")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.3f} MB" if n < 1e8 else f"{n / 1e6:.1f} MB"
+
+
+@torch.no_grad()
+def measure(model: nn.Module, inputs, config: QuantConfig, shapes: list[Shape], unit_options: list[tuple[int, ...]],
+            grids: list[GridSpec], dev, store: Activations | None = None, before_block=None, after_block=None,
+            progress: bool = True, on_weight=None) -> list[list[float]]:
+    """The estimated error of each unit's options (``config.sensitivity``): one pass of the
+    calibration batches through the full-precision blocks (``before_block(i, block)`` /
+    ``after_block(i, block)`` load and release weights when streaming). ``inputs``: block 0's.
+    ``on_weight(name, option, Ŵ)`` sees every candidate weight (``benchmarks mix-estimates``)."""
+    store = store or Activations()
+    arch = for_config(model.config)
+    blocks = get_module(model, arch.blocks)
+    kind, _, reach = config.sensitivity.partition("/")
+    by_block: dict[int, list[int]] = {}
+    for k, s in enumerate(shapes):
+        by_block.setdefault(int(s.names[0][len(arch.blocks) + 1:].split(".")[0]), []).append(k)
+    errors: list[list[float]] = [[] for _ in shapes]
+    for i in tqdm(range(len(blocks)), desc="measuring sensitivity", unit="block", disable=not progress):
+        block = blocks[i]
+        if before_block is not None:
+            before_block(i, block)
+        home = next(block.parameters()).device
+        block.to(dev)
+        energy = sum(float(x.hidden.float().pow(2).sum(-1).mean()) for x in inputs) / len(inputs)
+        groups = [{n: get_module(block, n) for n in g} for g in arch.sequential]
+        outputs = store.new()
+        with hessians(groups, stop=False) as accs:
+            for x in inputs:
+                outputs.append(run_block(block, x))
+        for k in by_block.get(i, ()):
+            names = [n[len(arch.blocks) + 1 + len(str(i)) + 1:] for n in shapes[k].names]
+            H = accs[names[0]].hessian()
+            Ws = [weight_matrix(get_module(block, n)).float() for n in names]
+            for opt in unit_options[k]:
+                err = 0.0
+                for n, W in zip(names, Ws):
+                    grid = grids[opt]
+                    Q = (round_to_nearest(W, config, grid).weight if kind == "hessian"
+                         else solve(W, H, config, n, None, grid).weight)
+                    if on_weight is not None:
+                        on_weight(f"{arch.blocks}.{i}.{n}", opt, Q)
+                    D = W - Q.float()  # [out, in]
+                    err += float(((D @ H) * D).sum())
+                errors[k].append(err / energy if reach == "residual" else err)
+            del H, Ws
+        del accs
+        if i + 1 < len(blocks):
+            inputs = store.inputs(outputs, block_args(inputs))
+        block.to(home)
+        if after_block is not None:
+            after_block(i, block)
+    return errors
+
+
+def spend(grids: list[GridSpec], units: list[Unit], budget_bytes: int, fixed: int) -> Plan:
+    try:
+        choice = allocate(units, budget_bytes)
+    except BudgetError as e:
+        lo, hi = bounds(units)
+        raise BudgetError(f"{e}; the candidates span {lo} to {hi} bytes") from None
+    return Plan(tuple(grids), tuple(units), tuple(choice), budget_bytes, fixed)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a budget run knows before any calibration data: the candidates, the units with the
+    options each can take and their bytes, the bytes for the linears and the fixed rest."""
+
+    grids: tuple[GridSpec, ...]
+    shapes: tuple[Shape, ...]
+    options: tuple[tuple[int, ...], ...]
+    bytes: tuple[tuple[int, ...], ...]
+    budget: int
+    fixed: int
+
+
+def setup(model: nn.Module, fmt, config: QuantConfig, source_dir=None, rotation=None) -> Setup:
+    """The budget's static part from a (skeleton) model and its bound format; refuses an impossible
+    budget with the feasible range (``check_feasible``), before any long work. ``rotation``: the
+    rotation's record (``models.rotation.Rotation``) when the model is rotated: an untied head is
+    stored, and the record travels in the metadata."""
+    grids = fmt.candidates(config.candidates)
+    shapes = unit_shapes(model)
+    opts = [options(fmt, s, grids, config.candidates == "auto") for s in shapes]
+    fixed = 0
+    if config.max_size:
+        if source_dir is None:
+            raise ConfigError("--max-size needs the model directory (to count the tensors stored as they are); "
+                              "pass it, or give the budget as --bits-per-weight")
+        untie = rotation is not None and rotation.untied
+        extra = {} if rotation is None else {"gptq_rotation": rotation.as_dict()} | (
+            {"tie_word_embeddings": False} if untie else {})
+        fixed = fmt.fixed_bytes(model, source_dir, {n for s in shapes for n in s.names}, untie, extra)
+    weights = sum(o * i for s in shapes for o, i in s.shapes)
+    check_feasible(config, [b for _, b in opts], weights, fixed, grids)
+    return Setup(tuple(grids), tuple(shapes), tuple(o for o, _ in opts), tuple(b for _, b in opts),
+                 budget(config, shapes, fixed), fixed)
+
+
+def plan(st: Setup, model: nn.Module, inputs, config: QuantConfig, dev, store=None, before_block=None,
+         after_block=None, progress: bool = True) -> Plan:
+    """Measure (``measure``) and spend the budget (``core.mix.allocate``)."""
+    errors = measure(model, inputs, config, list(st.shapes), list(st.options), list(st.grids), dev, store,
+                     before_block, after_block, progress)
+    units = [Unit(s.names, o, b, tuple(e)) for s, o, b, e in zip(st.shapes, st.options, st.bytes, errors)]
+    return spend(list(st.grids), units, st.budget, st.fixed)
+
+
+def plan_from_record(st: Setup, record: dict) -> Plan:
+    """A plan saved by an interrupted run (``Plan.record``), for --resume: the same choices."""
+    by_label = {label(g): k for k, g in enumerate(st.grids)}
+    units, choice = [], []
+    for s, o, b, r in zip(st.shapes, st.options, st.bytes, record["units"]):
+        if list(s.names) != r["linears"]:
+            raise ValueError("the saved mixed-precision plan does not match this model; pass --overwrite")
+        saved = {x["grid"]: x["error"] for x in r["options"]}
+        errs = tuple(saved[label(st.grids[k])] for k in o)
+        units.append(Unit(s.names, o, b, errs))
+        choice.append(o.index(by_label[r["choice"]]))
+    return Plan(st.grids, tuple(units), tuple(choice), st.budget, st.fixed)

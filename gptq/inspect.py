@@ -24,13 +24,12 @@ from gptq.formats.compat import (
     format_verdicts,
     is_moe,
     layer_shapes,
-    layer_shapes_ct,
     module_settings,
+    packed_shapes,
     quantized_names,
     verdicts,
-    verdicts_ct,
 )
-from gptq.formats.compressed_tensors import read_scheme
+from gptq.formats.compressed_tensors import checkpoint_verdicts, read_scheme, scheme_of
 from gptq.formats.gguf.writer import ROTATION_KEY
 from gptq.io.safetensors_io import CheckpointError, checked_tensor_files
 
@@ -96,11 +95,19 @@ def _mix(d: Path, qc: dict) -> dict:
 
 def _compressed_tensors(d: Path, qc: dict, cfg: dict) -> dict:
     scheme = read_scheme(qc)
-    shapes = layer_shapes_ct(d, scheme["bits"])
+    shapes = packed_shapes(d)
     actorder = qc["config_groups"][next(iter(qc["config_groups"]))]["weights"].get("actorder")
-    return scheme | {"act_order": actorder or "none", "quantized_linears": len(shapes),
-                     "input_sizes": sorted({k for k, _ in shapes}),
-                     "engines": _engines(verdicts_ct(scheme, shapes, is_moe(cfg)))}
+    info = scheme | {"act_order": actorder or "none", "quantized_linears": len(shapes),
+                     "input_sizes": sorted({w * 32 // (scheme_of(qc, n) or scheme)["bits"] for n, (_, w) in shapes.items()}),
+                     "engines": _engines(checkpoint_verdicts(d, qc, is_moe(cfg)))}
+    if len(qc["config_groups"]) > 1:
+        counts: dict[str, int] = {}
+        for name in shapes:
+            s = scheme_of(qc, name)
+            key = "unquantized" if s is None else f"{s['bits']}-bit g{s['group_size']}"
+            counts[key] = counts.get(key, 0) + 1
+        info["mix"] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    return info
 
 
 def _bnb(qc: dict) -> dict:
@@ -145,7 +152,8 @@ def format_description(info: dict) -> str:
                 + f"; {info['quantized_linears']} quantized linears (inputs {info['input_sizes']}), "
                 f"{info['safetensors_bytes'] / 1e6:.1f} MB of safetensors")
         if info.get("mix"):
-            head += ("\nmixed precision (GPTQModel dynamic overrides; the base setting above is the most common): "
+            how = "GPTQModel dynamic overrides" if fmt == "gptq" else "one config group per setting"
+            head += (f"\nmixed precision ({how}; the base setting above is the most common): "
                      + ", ".join(f"{k} x{v}" for k, v in info["mix"].items())
                      + ". Marlin (vLLM GPU) serves 4- and 8-bit layers; 2-/3-bit ones run on slower kernels")
     vs = [Verdict(e["engine"], e["status"], tuple(e["reasons"])) for e in info["engines"]]

@@ -57,7 +57,7 @@ def test_layout_round_trips_to_the_solved_weight(bits, group, sym):
     assert ("m.weight_zero_point" in stored) is (not sym)
     if not sym:
         assert stored["m.weight_zero_point"].shape == (64 * bits // 32, stored["m.weight_scale"].shape[1])
-    t = as_gptq(stored, {"bits": bits, "group_size": group, "sym": sym})
+    t = as_gptq(stored, fmt.quantization_config())
     W_hat = dequantize_packed(t["m.qweight"], t["m.qzeros"], t["m.scales"].float(), t["m.g_idx"], bits, "gptq_v2")
     assert torch.equal(W_hat, r.weight.float())
 

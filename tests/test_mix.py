@@ -288,14 +288,13 @@ def test_gguf_budget_file_is_the_planned_size_with_the_planned_types(tmp_path, b
     """--format gguf with --max-size: the .gguf's bytes are the plan's (header, metadata, tokenizer and
     the edges from a dry run of the writer, the linears' blocks), each linear of the type chosen; the file
     loads. The tiny model is rotated (--rotate auto), so the rotation record is in the metadata too."""
+    import shutil
+
     from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
 
     from gptq.formats.gguf.names import BLOCK_NAMES
     from gptq.runtime.load import load_any
-
-    import shutil
-
-    from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("GPTQ_GGUF_PRE", "default")  # the tiny test tokenizer is none llama.cpp knows
     cfg = tiny_config("llama")
@@ -324,3 +323,35 @@ def test_gguf_budget_file_is_the_planned_size_with_the_planned_types(tmp_path, b
         assert types[f"blk.{i}.{BLOCK_NAMES[rest]}.weight"] == t, name
     m, _ = load_any(files[0], device="cpu")
     assert torch.isfinite(m(torch.randint(0, BPE_VOCAB, (1, 8))).logits).all()
+
+
+def test_compressed_tensors_budget_writes_one_config_group_per_setting(tmp_path, tiny_model_dir, calib):
+    """compressed-tensors stores a mix as config groups whose ``re:`` targets name the linears; the bytes
+    are the plan's, and our loader reads each linear with its group's scheme."""
+    from gptq.formats.compressed_tensors import scheme_of
+    from gptq.runtime.load import load_any
+
+    model = tiny_model_dir("llama")
+    assert quantize_main([str(model), "--dataset", str(calib), "--nsamples", "8", "--seqlen", "32", "--quiet",
+                          "--out", str(tmp_path / "o"), "--format", "compressed-tensors", "--bits-per-weight", "6",
+                          "--candidates", "4g32,8g32"]) == 0
+    out = tmp_path / "o"
+    rec = json.loads((out / "quantize_report.json").read_text())["mix"]
+    stored = 0
+    with safe_open(out / "model.safetensors", "pt") as h:
+        for k in h.keys():
+            if k.rsplit(".", 1)[1] in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
+                t = h.get_tensor(k)
+                stored += t.numel() * t.element_size()
+    assert stored == rec["linear_bytes"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert len(qc["config_groups"]) == 2
+    assert all(t.startswith("re:^") for g in qc["config_groups"].values() for t in g["targets"])
+    m, _ = load_any(out, device="cpu", backend="torch", dtype="float32")
+    for u in rec["units"]:
+        for name in u["linears"]:
+            s = scheme_of(qc, name)
+            assert f"{s['bits']}g{s['group_size']}" == u["choice"]
+            layer = m.get_submodule(name)
+            assert (layer.bits, layer.group_size) == (s["bits"], s["group_size"])
+    assert torch.isfinite(m(torch.randint(0, 256, (1, 8))).logits).all()

@@ -134,18 +134,24 @@ def verdicts(qc: dict, shapes, moe: bool = False) -> list[Verdict]:
     variants = settings_used(qc)
     if len(variants) == 1:
         return [vllm_cpu(qc, shapes, moe) if engine is vllm_cpu else engine(qc, shapes) for engine in ENGINES]
+    return merge({f"{b}-bit g{g}": [vllm_cpu(qc | {"bits": b, "group_size": g}, shapes, moe) if engine is vllm_cpu
+                                    else engine(qc | {"bits": b, "group_size": g}, shapes) for engine in ENGINES]
+                  for b, g in variants})
+
+
+def merge(by_setting: dict[str, list[Verdict]]) -> list[Verdict]:
+    """One verdict per engine for a checkpoint mixing several settings ({label: verdicts, engines in one
+    order}): the worst status; each reason once, naming the settings it holds for unless it holds for all."""
     rank = {"serves": 0, "slower": 1, "refuses": 2}
     out = []
-    for engine in ENGINES:
-        vs = {(b, g): vllm_cpu(qc | {"bits": b, "group_size": g}, shapes, moe) if engine is vllm_cpu
-              else engine(qc | {"bits": b, "group_size": g}, shapes) for b, g in variants}
-        worst = max(vs.values(), key=lambda v: rank[v.status]).status
+    for per_engine in zip(*by_setting.values()):
+        worst = max(per_engine, key=lambda v: rank[v.status]).status
         where: dict[str, list[str]] = {}  # reason → the settings it holds for
-        for (b, g), v in vs.items():
+        for label, v in zip(by_setting, per_engine):
             for r in v.reasons if v.status != "serves" else ():
-                where.setdefault(r, []).append(f"{b}-bit g{g}")
-        reasons = tuple(r if len(w) == len(vs) else f"{', '.join(w)} layers: {r}" for r, w in where.items())
-        out.append(Verdict(next(iter(vs.values())).engine, worst, reasons))
+                where.setdefault(r, []).append(label)
+        reasons = tuple(r if len(w) == len(by_setting) else f"{', '.join(w)} layers: {r}" for r, w in where.items())
+        out.append(Verdict(per_engine[0].engine, worst, reasons))
     return out
 
 
@@ -249,13 +255,17 @@ def verdicts_ct(scheme: dict, shapes, moe: bool = False) -> list[Verdict]:
     return ours
 
 
-def layer_shapes_ct(directory, bits: int) -> list[tuple[int, int]]:
-    """(in, out) of every pack-quantized linear, from the safetensors headers only."""
-    shapes = []
+def packed_shapes(directory) -> dict[str, tuple[int, int]]:
+    """{linear: (out, int32 words per row)} of every pack-quantized linear, from the safetensors headers."""
+    shapes = {}
     for f in tensor_files(Path(directory)):
         with safe_open(f, "pt") as h:
             for name in h.keys():
                 if name.endswith(".weight_packed"):
-                    out, words = h.get_slice(name).get_shape()
-                    shapes.append((words * 32 // bits, out))
+                    shapes[name[: -len(".weight_packed")]] = tuple(h.get_slice(name).get_shape())
     return shapes
+
+
+def layer_shapes_ct(directory, bits: int) -> list[tuple[int, int]]:
+    """(in, out) of every pack-quantized linear of one bit width, from the safetensors headers only."""
+    return [(words * 32 // bits, out) for out, words in packed_shapes(directory).values()]

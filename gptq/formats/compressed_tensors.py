@@ -22,6 +22,7 @@ exactly the error the stored scales make.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from gptq.core.config import ConfigError
 from gptq.core.grids import GridSpec
 from gptq.core.pack import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 from gptq.formats.base import Format, indivisible, linear_inputs
-from gptq.formats.compat import format_verdicts, is_moe, layer_shapes_ct, verdicts_ct
+from gptq.formats.compat import format_verdicts, is_moe, layer_shapes_ct, merge, packed_shapes, verdicts_ct
 from gptq.io.safetensors_io import CheckpointError, source_dtype_name
 
 BITS = (4, 8)  # the widths both compressed-tensors versions pack alike and vLLM serves
@@ -79,13 +80,13 @@ class CompressedTensors(Format):
     def bind(self, model, model_dir: Path | None = None) -> "CompressedTensors":
         super().bind(model, model_dir)
         c = self.config
-        bad = indivisible(model, c.group_size)
+        bad = [] if c.mixed else indivisible(model, c.group_size)  # (a budget checks each candidate: ``allows``)
         if bad:
             raise ConfigError(f"--group-size {c.group_size} does not divide the input size(s) {bad}: compressed-tensors "
                               "groups must not straddle rows. Pick a group size that divides every layer's input, or "
                               "-1 (one scale per row)")
         per_word = 32 // c.bits
-        odd = sorted({n for n in linear_inputs(model).values() if n % per_word})
+        odd = [] if c.mixed else sorted({n for n in linear_inputs(model).values() if n % per_word})
         if odd:
             raise ConfigError(f"input size(s) {odd} are not a multiple of {per_word}: {c.bits}-bit codes are packed "
                               f"{per_word} to an int32 word")
@@ -98,11 +99,41 @@ class CompressedTensors(Format):
         return self
 
     def grid(self, name: str) -> GridSpec:
+        return self.plan.get(name) or self._grid(self.config.bits, self.config.group_size)
+
+    def _grid(self, bits: int, group: int) -> GridSpec:
         # scales rounded to values both the model's dtype and float16 hold (bf16 values are float16 values
         # above 6e-5), so the stored scale, the one vLLM reads and our loader's float16 copy agree
-        c = self.config
-        return GridSpec("int", c.bits, c.group_size, c.sym,
+        return GridSpec("int", bits, group, self.config.sym,
                         scale_dtype=torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float16)
+
+    # what vLLM serves through Marlin (CompressedTensorsWNA16): 4 bits at group 128/64/32, 8 bits at 128
+    AUTO = ((4, 128), (4, 64), (4, 32), (8, 128))
+
+    def candidates(self, spec: str) -> list[GridSpec]:
+        """"auto" or BITSgGROUP items with bits 4 or 8 (the widths this layout stores), e.g. 4g64,4g32,8g128."""
+        if spec == "auto":
+            return [self._grid(b, g) for b, g in self.AUTO]
+        grids = []
+        for item in spec.split(","):
+            m = re.fullmatch(r"\s*(\d+)(?:g(-1|\d+))?\s*", item)
+            if not m or int(m.group(1)) not in BITS or (m.group(2) and int(m.group(2)) == 0):
+                raise ConfigError(f"--candidates {spec!r}: {item!r} is not BITSgGROUP with bits in {BITS} "
+                                  "(compressed-tensors stores 4 or 8 bits; e.g. 4g64,4g32,8g128)")
+            grids.append(self._grid(int(m.group(1)), int(m.group(2) or self.config.group_size)))
+        return list(dict.fromkeys(grids))
+
+    def allows(self, grid: GridSpec, inputs: int, auto: bool = False) -> bool:
+        # groups must not straddle rows here, and codes fill whole int32 words
+        return inputs * grid.bits % 32 == 0 and (grid.group_size == -1 or inputs % grid.group_size == 0)
+
+    def linear_tensors(self, out: int, inputs: int, grid: GridSpec) -> dict:
+        groups = 1 if grid.group_size == -1 else inputs // grid.group_size
+        t = {"weight_packed": (torch.int32, (out, inputs * grid.bits // 32)), "weight_scale": (self.dtype, (out, groups)),
+             "weight_shape": (torch.int64, (2,))}
+        if not grid.sym:
+            t["weight_zero_point"] = (torch.int32, (out * grid.bits // 32, groups))
+        return t
 
     def pack(self, r, bias: torch.Tensor | None) -> PackedCT:
         bits = r.grid.bits
@@ -118,36 +149,95 @@ class CompressedTensors(Format):
                         weight_zero_point=zero,
                         bias=None if bias is None else bias.to(self.dtype).contiguous())
 
-    def quantization_config(self) -> dict:
+    def _weights(self, bits: int, group: int) -> dict:
         c = self.config
-        weights = {"num_bits": c.bits, "type": "int", "symmetric": c.sym,
-                   "strategy": "channel" if c.group_size == -1 else "group",
-                   "group_size": None if c.group_size == -1 else c.group_size, "dynamic": False,
-                   "actorder": None if c.act_order == "none" else "weight", "block_structure": None,
-                   "observer": "minmax", "observer_kwargs": {}}
+        return {"num_bits": bits, "type": "int", "symmetric": c.sym, "strategy": "channel" if group == -1 else "group",
+                "group_size": None if group == -1 else group, "dynamic": False,
+                "actorder": None if c.act_order == "none" else "weight", "block_structure": None,
+                "observer": "minmax", "observer_kwargs": {}}
+
+    def quantization_config(self) -> dict:
+        """One config group targeting every Linear; a budget's mix as one group per setting, each
+        targeting its linears by anchored patterns (``re:``), which compressed-tensors and vLLM match
+        against every layer's (unfused) name."""
+        c = self.config
+        settings = {(c.bits, c.group_size): ["Linear"]}
+        if self.plan:
+            settings = {}
+            for name, g in sorted(self.plan.items()):
+                settings.setdefault((g.bits, g.group_size), []).append(name)
+            settings = {k: _patterns(v) for k, v in sorted(settings.items(), key=lambda kv: -len(kv[1]))}
+        groups = {f"group_{k}": {"targets": targets, "weights": self._weights(*setting), "input_activations": None,
+                                 "output_activations": None, "format": "pack-quantized"}
+                  for k, (setting, targets) in enumerate(settings.items())}
         return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                              "output_activations": None, "format": "pack-quantized"}},
-                "ignore": self.ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
-                "sparsity_config": {}, "transform_config": {}}
+                "config_groups": groups, "ignore": self.ignore, "kv_cache_scheme": None,
+                "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {}}
 
     def default_out(self, model: str) -> str:
         return f"{model.rstrip('/')}-w{self.config.bits}a16-g{self.config.group_size}"
 
     def summary(self, out: Path) -> str:
         cfg = json.loads((Path(out) / "config.json").read_text())
-        scheme = read_scheme(cfg["quantization_config"])
         return ("served by (python -m gptq.inspect CHECKPOINT says the same):\n"
-                + format_verdicts(verdicts_ct(scheme, layer_shapes_ct(out, scheme["bits"]), is_moe(cfg))))
+                + format_verdicts(checkpoint_verdicts(out, cfg["quantization_config"], is_moe(cfg))))
+
+
+def checkpoint_verdicts(directory, qc: dict, moe: bool = False) -> list:
+    """The engines' verdicts on a pack-quantized checkpoint, each config group's scheme judged on its own
+    linears' shapes (``compat.merge`` when there are several)."""
+    schemes = read_schemes(qc)
+    if len(schemes) == 1:
+        scheme = schemes[0][1]
+        return verdicts_ct(scheme, layer_shapes_ct(directory, scheme["bits"]), moe)
+    shapes: dict[str, list] = {}
+    labels: dict[str, dict] = {}
+    for name, (out, words) in packed_shapes(directory).items():
+        s = scheme_of(qc, name)
+        if s is not None:
+            label = f"{s['bits']}-bit g{s['group_size']}"
+            labels[label] = s
+            shapes.setdefault(label, []).append((words * 32 // s["bits"], out))
+    return merge({label: verdicts_ct(labels[label], shapes[label], moe) for label in shapes})
+
+
+def _patterns(names: list[str]) -> list[str]:
+    """Anchored ``re:`` targets for linears: one per parent module, its leaves as alternatives."""
+    leaves: dict[str, list[str]] = {}
+    for n in names:
+        parent, _, leaf = n.rpartition(".")
+        leaves.setdefault(parent, []).append(leaf)
+    return [f"re:^{re.escape(p)}\\.({'|'.join(map(re.escape, ls))})$" for p, ls in leaves.items()]
 
 
 def read_scheme(qc: dict) -> dict:
-    """{bits, group_size, sym} of a pack-quantized checkpoint with one weight scheme (ours, or
+    """{bits, group_size, sym} of a pack-quantized checkpoint's first (or only) weight scheme (ours, or
     llm-compressor's W4A16/W8A16); CheckpointError for what we cannot run."""
+    return read_schemes(qc)[0][1]
+
+
+def read_schemes(qc: dict) -> list[tuple[list[str], dict]]:
+    """(targets, {bits, group_size, sym}) of every config group, in order."""
     groups = qc.get("config_groups") or {}
-    if len(groups) != 1:
-        raise CheckpointError(f"compressed-tensors: {len(groups)} config groups; this loader reads one weight scheme")
-    group = next(iter(groups.values()))
+    if not groups:
+        raise CheckpointError("compressed-tensors: no config groups")
+    return [(list(g.get("targets") or []), _scheme(g, qc)) for g in groups.values()]
+
+
+def scheme_of(qc: dict, name: str) -> dict | None:
+    """The scheme of the config group whose targets match module ``name`` (an ``re:`` pattern before the
+    class target "Linear", as compressed-tensors prefers a name match), or None."""
+    schemes = read_schemes(qc)
+    for targets, scheme in schemes:
+        if any(t.startswith("re:") and re.match(t[3:], name) for t in targets) or name in targets:
+            return scheme
+    for targets, scheme in schemes:
+        if "Linear" in targets:
+            return scheme
+    return None
+
+
+def _scheme(group: dict, qc: dict) -> dict:
     w = group.get("weights") or {}
     fmt = group.get("format") or qc.get("format")
     if fmt != "pack-quantized" or group.get("input_activations") or w.get("type", "int") != "int":
@@ -164,13 +254,17 @@ def read_scheme(qc: dict) -> dict:
             "sym": bool(w.get("symmetric", True))}
 
 
-def as_gptq(tensors: dict[str, torch.Tensor], scheme: dict) -> dict[str, torch.Tensor]:
+def as_gptq(tensors: dict[str, torch.Tensor], qc: dict) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors with every pack-quantized linear rewritten as GPTQ v2 tensors
-    (qweight, qzeros, scales, g_idx), which the runtime runs: exact for 2, 4 and 8 bits."""
-    bits, gs, sym = scheme["bits"], scheme["group_size"], scheme["sym"]
+    (qweight, qzeros, scales, g_idx), which the runtime runs: exact for 2, 4 and 8 bits. ``qc``: the
+    quantization_config, whose config group matching each linear gives its scheme."""
     out = dict(tensors)
     for key in [k for k in tensors if k.endswith(".weight_packed")]:
         prefix = key[: -len(".weight_packed")]
+        scheme = scheme_of(qc, prefix)
+        if scheme is None:
+            raise CheckpointError(f"{prefix}: packed, but no config group targets it")
+        bits, gs, sym = scheme["bits"], scheme["group_size"], scheme["sym"]
         try:
             rows, n = (int(x) for x in tensors[f"{prefix}.weight_shape"].tolist())
             packed, scale = tensors[key], tensors[f"{prefix}.weight_scale"]

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from gptq.formats.bnb import dequantize
 from gptq.formats.compat import module_settings
-from gptq.formats.compressed_tensors import as_gptq, read_scheme
+from gptq.formats.compressed_tensors import as_gptq, read_scheme, scheme_of
 from gptq.io.modules import in_features, parameters_on_meta, resolve_device
 from gptq.io.safetensors_io import CheckpointError, read_tensors
 from gptq.models.architectures import UnsupportedModelError, for_config
@@ -44,7 +44,7 @@ def quantization_config(config) -> dict:
     if qc.get("quant_method") == "compressed-tensors":  # run as the GPTQ v2 tensors it converts to exactly
         scheme = read_scheme(qc)
         return {"bits": scheme["bits"], "group_size": scheme["group_size"], "checkpoint_format": "gptq_v2",
-                "compressed_tensors": scheme}
+                "compressed_tensors": qc}
     if qc.get("quant_method", "gptq") != "gptq":
         raise CheckpointError(f"quantization_config.quant_method is {qc.get('quant_method')!r}, not 'gptq'")
     bits = qc.get("bits")
@@ -202,9 +202,13 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: s
     dev = resolve_device(device)
     tensors = read_tensors(path)
     if "compressed_tensors" in qc:
+        prefixes = sorted({k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed")})
+        schemes = {p: scheme_of(qc["compressed_tensors"], p) for p in prefixes}
+        settings = {p: None if s is None else (s["bits"], s["group_size"]) for p, s in schemes.items()}
         tensors = as_gptq(tensors, qc["compressed_tensors"])
-    prefixes = sorted({k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")})
-    settings = {p: module_settings(qc, p) for p in prefixes}
+    else:
+        prefixes = sorted({k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")})
+        settings = {p: module_settings(qc, p) for p in prefixes}
     bits_seen = {s[0] for s in settings.values() if s is not None}
     # a mix runs each layer on what serves it (the CPU kernel falls back to dense for non-4-bit layers)
     bits = 4 if 4 in bits_seen else qc["bits"]
@@ -229,7 +233,7 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: s
         if missing:
             raise CheckpointError(f"{prefix}: tensor(s) {', '.join(prefix + '.' + m for m in missing)} missing")
         if settings.get(prefix) is None:
-            raise CheckpointError(f"{prefix} has GPTQ tensors but quantization_config.dynamic leaves it unquantized")
+            raise CheckpointError(f"{prefix} has quantized tensors but its quantization_config leaves it unquantized")
         bits, gs = settings[prefix]
         if "g_idx" not in t:  # older checkpoints omit it when there is no act-order
             t["g_idx"] = (torch.arange(in_f) // (in_f if gs == -1 else gs)).to(torch.int32)

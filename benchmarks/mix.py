@@ -14,8 +14,8 @@ from benchmarks.common import evaluate, quantize_cmd, smollm2_eval, write
 from gptq.core.mix import Unit, allocate_exact, total
 from gptq.runtime.cpu import cpu_info
 
-MIXES = (("3g64,4g64", "hessian"), ("3g64,4g64", "hessian/residual"), ("3g64,4g64", "gptq"),
-         ("2g64,3g64,3g32,4g64,4g32,8g64", "hessian"))
+MIXES = (("3g64,4g64", "hessian"), ("3g64,4g64", "hessian/block"), ("3g64,4g64", "gptq/block"),
+         ("2g64,3g64,3g32,4g64,4g32,8g64", "gptq/block"))
 
 
 def _bytes(folder: Path) -> int:

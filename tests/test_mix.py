@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 import re
 
@@ -120,6 +121,8 @@ def test_dynamic_overrides_match_fused_and_unfused_names():
     vs = {v.engine: v for v in verdicts(qc, [(512, 512)])}
     assert vs["vLLM (GPU)"].status == "slower" and any("3-bit g64 layers" in r for r in vs["vLLM (GPU)"].reasons)
     assert vs["vLLM (CPU)"].status == "refuses"
+    assert vs["transformers + GPTQModel"].status == "slower"  # its CPU auto kernel is 4-bit only
+    assert any("BACKEND.TORCH" in r for r in vs["transformers + GPTQModel"].reasons)
 
 
 def test_candidate_lists():
@@ -355,3 +358,33 @@ def test_compressed_tensors_budget_writes_one_config_group_per_setting(tmp_path,
             layer = m.get_submodule(name)
             assert (layer.bits, layer.group_size) == (s["bits"], s["group_size"])
     assert torch.isfinite(m(torch.randint(0, 256, (1, 8))).logits).all()
+
+
+def test_sensitivities_scale_the_same_per_unit_errors():
+    """/residual and /block rescale each unit's round-to-nearest errors by one factor per unit (the
+    residual energy; what the coarsest option does to the block's output over its error), so the order
+    of a unit's options never changes; the block factor of a writer (o_proj, down_proj) is its own error
+    reaching the block's output, so it is positive and finite."""
+    from conftest import tiny_model
+
+    from gptq.formats.registry import get
+    from gptq.pipeline import mix
+    from gptq.pipeline.loop import capture_block_inputs
+
+    model = tiny_model("llama").float()
+    cfg = QuantConfig(bits_per_weight=4)
+    fmt = get(cfg).bind(model)
+    grids = fmt.candidates("2g32,4g32,8g32")
+    shapes = mix.unit_shapes(model)
+    opts = [mix.options(fmt, s, grids, False)[0] for s in shapes]
+    inputs = capture_block_inputs(model, torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0)), 2)
+    errs = {s: mix.measure(model, inputs, QuantConfig(sensitivity=s), shapes, opts, grids, "cpu", progress=False)
+            for s in ("hessian", "hessian/residual", "hessian/block")}
+    for k in range(len(shapes)):
+        base = errs["hessian"][k]
+        assert base[0] > base[1] > base[2] > 0  # more bits, less error
+        for s in ("hessian/residual", "hessian/block"):
+            ratios = [e / b for e, b in zip(errs[s][k], base)]
+            assert max(ratios) == pytest.approx(min(ratios), rel=1e-9) and ratios[0] > 0 and math.isfinite(ratios[0])
+    # the model is unchanged by the measurement (weights restored after each block pass)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, tiny_model("llama").float().model.layers[0].mlp.down_proj.weight)

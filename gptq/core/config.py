@@ -27,9 +27,11 @@ ROTATIONS = ("none", "hadamard", "random", "heads")
 # linear (gptq.pipeline.mix): the output error tr(ΔW H ΔWᵀ) on the full-precision model's inputs of
 #   hessian   round-to-nearest onto the candidate (cheap)
 #   gptq      the GPTQ solve onto the candidate (one solve per candidate)
-# each divided by the energy of the residual stream entering the block ("/residual": how much an
-# error there still reaches the output after the later norms), or not
-SENSITIVITIES = ("hessian", "gptq", "hessian/residual", "gptq/residual")
+# taken as it is, or divided by the energy of the residual stream entering the block ("/residual": later
+# RMSNorms divide an error there by that norm), or ("/block") scaled by what the unit's coarsest candidate
+# does to the block's output (one more pass of the block per unit) over the output's energy: a reader's
+# error reaches the residual stream only through attention or the MLP
+SENSITIVITIES = ("hessian", "gptq", "hessian/residual", "gptq/residual", "hessian/block", "gptq/block")
 
 
 class ConfigError(ValueError):

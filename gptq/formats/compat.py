@@ -134,9 +134,19 @@ def verdicts(qc: dict, shapes, moe: bool = False) -> list[Verdict]:
     variants = settings_used(qc)
     if len(variants) == 1:
         return [vllm_cpu(qc, shapes, moe) if engine is vllm_cpu else engine(qc, shapes) for engine in ENGINES]
-    return merge({f"{b}-bit g{g}": [vllm_cpu(qc | {"bits": b, "group_size": g}, shapes, moe) if engine is vllm_cpu
-                                    else engine(qc | {"bits": b, "group_size": g}, shapes) for engine in ENGINES]
-                  for b, g in variants})
+    merged = merge({f"{b}-bit g{g}": [vllm_cpu(qc | {"bits": b, "group_size": g}, shapes, moe) if engine is vllm_cpu
+                                      else engine(qc | {"bits": b, "group_size": g}, shapes) for engine in ENGINES]
+                    for b, g in variants})
+    if any(b != 4 for b, _ in variants):
+        # measured with GPTQModel 7.7 on CPU (make interop, test_gptqmodel_honours_our_mixed_precision_overrides):
+        # the automatic kernel choice is made once from the base setting (TorchFusedLinear, 4-bit only) and
+        # fails on the other layers; backend=BACKEND.TORCH (2-8 bits) serves the mix
+        k = next(i for i, v in enumerate(merged) if v.engine == "transformers + GPTQModel")
+        v = merged[k]
+        merged[k] = Verdict(v.engine, "refuses" if v.status == "refuses" else "slower", v.reasons + (
+            "layers of several bit widths: on CPU its automatic kernel (TorchFusedLinear, 4-bit only) fails on the "
+            "others; load with backend=BACKEND.TORCH",))
+    return merged
 
 
 def merge(by_setting: dict[str, list[Verdict]]) -> list[Verdict]:

@@ -27,7 +27,7 @@ from gptq.core.config import ConfigError, QuantConfig
 from gptq.core.grids import GridSpec
 from gptq.core.mix import BudgetError, Unit, allocate, bounds, total
 from gptq.core.solver import round_to_nearest, solve
-from gptq.io.modules import get_module, in_features, run_block, weight_matrix
+from gptq.io.modules import get_module, in_features, run_block, set_weight_matrix, weight_matrix
 from gptq.models.architectures import for_config
 from gptq.pipeline.activations import Activations, block_args
 from gptq.pipeline.capture import hessians
@@ -178,7 +178,7 @@ def measure(model: nn.Module, inputs, config: QuantConfig, shapes: list[Shape], 
             before_block(i, block)
         home = next(block.parameters()).device
         block.to(dev)
-        energy = sum(float(x.hidden.float().pow(2).sum(-1).mean()) for x in inputs) / len(inputs)
+        energy = _energy([x.hidden for x in inputs])
         groups = [{n: get_module(block, n) for n in g} for g in arch.sequential]
         outputs = store.new()
         with hessians(groups, stop=False) as accs:
@@ -188,8 +188,9 @@ def measure(model: nn.Module, inputs, config: QuantConfig, shapes: list[Shape], 
             names = [n[len(arch.blocks) + 1 + len(str(i)) + 1:] for n in shapes[k].names]
             H = accs[names[0]].hessian()
             Ws = [weight_matrix(get_module(block, n)).float() for n in names]
+            coarsest = None  # (error, {linear: Ŵ}) of the option with the largest error
             for opt in unit_options[k]:
-                err = 0.0
+                err, Qs = 0.0, {}
                 for n, W in zip(names, Ws):
                     grid = grids[opt]
                     Q = (round_to_nearest(W, config, grid).weight if kind == "hessian"
@@ -198,8 +199,17 @@ def measure(model: nn.Module, inputs, config: QuantConfig, shapes: list[Shape], 
                         on_weight(f"{arch.blocks}.{i}.{n}", opt, Q)
                     D = W - Q.float()  # [out, in]
                     err += float(((D @ H) * D).sum())
-                errors[k].append(err / energy if reach == "residual" else err)
-            del H, Ws
+                    if reach == "block":
+                        Qs[n] = Q
+                errors[k].append(err)
+                if reach == "block" and (coarsest is None or err > coarsest[0]):
+                    coarsest = (err, Qs)
+            if reach == "residual":
+                errors[k] = [e / energy for e in errors[k]]
+            elif reach == "block":  # what the coarsest option does to the block's output, per unit of its error
+                factor = _block_error(block, inputs, outputs, coarsest[1]) / max(coarsest[0], 1e-30)
+                errors[k] = [e * factor / _energy(outputs) for e in errors[k]]
+            del H, Ws, coarsest
         del accs
         if i + 1 < len(blocks):
             inputs = store.inputs(outputs, block_args(inputs))
@@ -207,6 +217,27 @@ def measure(model: nn.Module, inputs, config: QuantConfig, shapes: list[Shape], 
         if after_block is not None:
             after_block(i, block)
     return errors
+
+
+def _energy(hidden) -> float:
+    """Mean squared norm of the residual stream per token, over the batches."""
+    return sum(float(h.float().pow(2).sum(-1).mean()) for h in hidden) / len(hidden)
+
+
+@torch.no_grad()
+def _block_error(block: nn.Module, inputs, outputs, weights: dict) -> float:
+    """Mean squared change per token of the block's output when the linears ``weights`` names
+    ({name: Ŵ}) hold those weights (each restored afterwards)."""
+    old = {n: weight_matrix(get_module(block, n)).clone() for n in weights}
+    try:
+        for n, Q in weights.items():
+            set_weight_matrix(get_module(block, n), Q.to(old[n].dtype))
+        total_err = sum(float((run_block(block, x).float() - y.float()).pow(2).sum(-1).mean())
+                        for x, y in zip(inputs, outputs))
+    finally:
+        for n, W in old.items():
+            set_weight_matrix(get_module(block, n), W)
+    return total_err / len(inputs)
 
 
 def spend(grids: list[GridSpec], units: list[Unit], budget_bytes: int, fixed: int) -> Plan:

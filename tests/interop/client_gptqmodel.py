@@ -1,7 +1,9 @@
 """Run inside the GPTQModel venv: load a GPTQ checkpoint with GPTQModel, print its perplexity
 on the token windows in WINDOWS (a torch file, [n, seqlen] ids) as one JSON line.
 
-    python client_gptqmodel.py CKPT WINDOWS
+    python client_gptqmodel.py CKPT WINDOWS [BACKEND]
+
+BACKEND: GPTQModel's kernel (e.g. torch); default its automatic choice.
 """
 
 import json
@@ -10,11 +12,13 @@ import sys
 import torch
 
 
-def main(ckpt: str, windows_path: str) -> None:
-    from gptqmodel import GPTQModel
+def main(ckpt: str, windows_path: str, backend: str = "auto") -> None:
+    from gptqmodel import BACKEND, GPTQModel
 
     torch.set_num_threads(2)
-    model = GPTQModel.load(ckpt, device="cpu", dtype=torch.float32)
+    # GPTQModel's torch kernel takes half-precision activations only (bfloat16 then)
+    dtype = torch.float32 if backend == "auto" else torch.bfloat16
+    model = GPTQModel.load(ckpt, device="cpu", dtype=dtype, backend=BACKEND(backend))
     windows = torch.load(windows_path)
     nll, count = 0.0, 0
     with torch.no_grad():
@@ -28,4 +32,4 @@ def main(ckpt: str, windows_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

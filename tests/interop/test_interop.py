@@ -165,12 +165,15 @@ def _mix_of(ckpt: Path) -> set:
 
 
 def test_gptqmodel_honours_our_mixed_precision_overrides(default_checkpoint, mixed_checkpoint):
+    """GPTQModel reads the dynamic overrides; on CPU its automatic kernel choice (TorchFusedLinear, 4-bit
+    only, picked from the base setting) fails on the 3-bit layers, so it is asked for its torch kernel
+    (2-8 bits, half-precision activations: bf16), as gptq.inspect advises."""
     py = client_python("gptqmodel")
     _, windows, path = default_checkpoint
     assert _mix_of(mixed_checkpoint) == {(3, 64), (4, 64)}
-    theirs = run_client(py, "client_gptqmodel.py", mixed_checkpoint, path, env={"GPTQMODEL_CPU_WORKERS": "2"})
+    theirs = run_client(py, "client_gptqmodel.py", mixed_checkpoint, path, "torch", env={"GPTQMODEL_CPU_WORKERS": "2"})
     mine = ours(mixed_checkpoint, windows)
-    print(f"\nmixed 3/4-bit: GPTQModel {theirs['ppl']:.4f} vs ours {mine:.4f}")
+    print(f"\nmixed 3/4-bit: GPTQModel {theirs['ppl']:.4f} ({theirs['kernels']}) vs ours {mine:.4f}")
     assert abs(theirs["ppl"] - mine) / mine < 0.005
 
 

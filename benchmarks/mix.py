@@ -81,9 +81,9 @@ def _counts(record: dict) -> dict:
     return counts
 
 
-CURVE_UNIFORM = ("3g64", "4g64", "4g32", "8g64")
-CURVE_BPW = (3.25, 3.75, 4.5, 5.25, 6.0)
-CURVE_CANDIDATES = "2g64,3g64,3g32,4g64,4g32,8g64"
+CURVE_UNIFORM = ("3g64", "4g64", "8g64")
+CURVE_BPW = (3.5, 4.0, 5.0, 6.0)
+CURVE_CANDIDATES = "3g64,3g32,4g64,4g32,8g64"
 
 
 def mix_curve(out: Path, uniform=CURVE_UNIFORM, bpw=CURVE_BPW, candidates=CURVE_CANDIDATES) -> dict:

@@ -129,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:  # one declaration per option: cl
                         "(default: %(default)s)")
     q.add_argument("--sensitivity", choices=SENSITIVITIES, default=d.sensitivity,
                    help="how a budget estimates each candidate's error: the output error on the full-precision "
-                        "inputs after round-to-nearest (hessian) or the GPTQ solve (gptq), /residual = divided by "
-                        "the energy of the residual stream entering the block (default: %(default)s)")
+                        "inputs after round-to-nearest (hessian) or the GPTQ solve (gptq); /residual = divided by "
+                        "the energy of the residual stream entering the block; /block = scaled by what the unit's "
+                        "coarsest candidate does to the block's output, over that output's energy (one more pass of "
+                        "the block per unit; predicts the damage best: docs/results.md) (default: %(default)s)")
     q.add_argument("--block-size", type=int, default=d.block_size,
                    help="columns per lazy-batch block; speed only (default: %(default)s)")
     q.add_argument("--format", default=d.format, choices=[n for n in NAMES if "+" not in n] + ["gguf"], metavar="FORMAT",

@@ -18,6 +18,7 @@ packs the solve results it returns with ``fmt.pack``.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -141,6 +142,21 @@ class Format:
     def summary(self, out: Path) -> str:
         """What the command prints about the written output."""
         return ""
+
+
+def int_candidates(spec: str, bits_allowed: tuple[int, ...], group_size: int, auto) -> list[tuple[int, int]]:
+    """(bits, group) pairs of a uniform-grid format's ``--candidates``: "auto" (the format's ``auto`` pairs)
+    or BITSgGROUP items ("3g64,4g64,8g128"; a plain BITS takes ``group_size``), duplicates dropped."""
+    if spec == "auto":
+        return list(auto)
+    pairs = []
+    for item in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:g(-1|\d+))?\s*", item)
+        if not m or int(m.group(1)) not in bits_allowed or (m.group(2) and int(m.group(2)) == 0):
+            raise ConfigError(f"--candidates {spec!r}: {item!r} is not BITS or BITSgGROUP with bits in {bits_allowed} "
+                              "(e.g. " + ",".join(f"{b}g64" for b in bits_allowed) + ")")
+        pairs.append((int(m.group(1)), int(m.group(2) or group_size)))
+    return list(dict.fromkeys(pairs))
 
 
 def linear_inputs(model: torch.nn.Module) -> dict[str, int]:

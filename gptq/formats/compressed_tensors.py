@@ -31,7 +31,7 @@ import torch
 from gptq.core.config import ConfigError
 from gptq.core.grids import GridSpec
 from gptq.core.pack import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
-from gptq.formats.base import Format, indivisible, linear_inputs
+from gptq.formats.base import Format, indivisible, int_candidates, linear_inputs
 from gptq.formats.compat import format_verdicts, is_moe, layer_shapes_ct, merge, packed_shapes, verdicts_ct
 from gptq.io.safetensors_io import CheckpointError, source_dtype_name
 
@@ -112,16 +112,7 @@ class CompressedTensors(Format):
 
     def candidates(self, spec: str) -> list[GridSpec]:
         """"auto" or BITSgGROUP items with bits 4 or 8 (the widths this layout stores), e.g. 4g64,4g32,8g128."""
-        if spec == "auto":
-            return [self._grid(b, g) for b, g in self.AUTO]
-        grids = []
-        for item in spec.split(","):
-            m = re.fullmatch(r"\s*(\d+)(?:g(-1|\d+))?\s*", item)
-            if not m or int(m.group(1)) not in BITS or (m.group(2) and int(m.group(2)) == 0):
-                raise ConfigError(f"--candidates {spec!r}: {item!r} is not BITSgGROUP with bits in {BITS} "
-                                  "(compressed-tensors stores 4 or 8 bits; e.g. 4g64,4g32,8g128)")
-            grids.append(self._grid(int(m.group(1)), int(m.group(2) or self.config.group_size)))
-        return list(dict.fromkeys(grids))
+        return [self._grid(b, g) for b, g in int_candidates(spec, BITS, self.config.group_size, self.AUTO)]
 
     def allows(self, grid: GridSpec, inputs: int, auto: bool = False) -> bool:
         # groups must not straddle rows here, and codes fill whole int32 words

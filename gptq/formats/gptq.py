@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from gptq.core.config import SUPPORTED_BITS, ConfigError
+from gptq.core.config import SUPPORTED_BITS
 from gptq.core.grids import GridSpec
 from gptq.core.pack import pack_qweight, pack_qzeros
-from gptq.formats.base import Format, indivisible
+from gptq.formats.base import Format, indivisible, int_candidates
 from gptq.formats.compat import format_verdicts, is_moe, layer_shapes, verdicts
 
 
@@ -67,16 +67,7 @@ class GPTQ(Format):
     def candidates(self, spec: str) -> list[GridSpec]:
         """"auto" (4-bit at group 128/64/32 and 8-bit at group 128: what Marlin serves) or a list such as
         "3g64,4g64,8g128" (BITSgGROUP; a plain BITS takes --group-size)."""
-        if spec == "auto":
-            return [self._grid(b, g) for b, g in self.AUTO]
-        grids = []
-        for item in spec.split(","):
-            m = re.fullmatch(r"\s*(\d+)(?:g(-1|\d+))?\s*", item)
-            if not m or int(m.group(1)) not in SUPPORTED_BITS or (m.group(2) and int(m.group(2)) == 0):
-                raise ConfigError(f"--candidates {spec!r}: {item!r} is not BITS or BITSgGROUP with bits in "
-                                  f"{SUPPORTED_BITS} (e.g. 3g64,4g64,8g128)")
-            grids.append(self._grid(int(m.group(1)), int(m.group(2) or self.config.group_size)))
-        return list(dict.fromkeys(grids))
+        return [self._grid(b, g) for b, g in int_candidates(spec, SUPPORTED_BITS, self.config.group_size, self.AUTO)]
 
     def allows(self, grid: GridSpec, inputs: int, auto: bool = False) -> bool:
         # packing needs whole int32 words along the input; the default set also keeps Marlin's rule that

@@ -82,7 +82,7 @@ class GPTQ(Format):
 
     def bind(self, model, model_dir: Path | None = None) -> GPTQ:
         super().bind(model, model_dir)
-        bad = indivisible(model, self.config.group_size)
+        bad = [] if self.config.mixed else indivisible(model, self.config.group_size)  # (a budget: per candidate)
         if bad:
             self.warnings.append(
                 f"--group-size {self.config.group_size} does not divide the input size(s) {bad}: the last group of "

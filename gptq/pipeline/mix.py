@@ -2,17 +2,20 @@
 over the blocks estimates the error every candidate grid would cause in every group of linears,
 ``core.mix.allocate`` spends the budget, and the format solves and stores each linear on its choice.
 
-    skeleton ──units()──► Units (names, bytes per candidate) ──budget()──► bytes for the linears
-    block inputs ──measure()──► errors per unit and candidate (the full-precision model, one pass,
+    skeleton ──setup()──► units (names, options, bytes of each), the budget for the linears, the
+                          fixed bytes; an impossible budget refused here, before any long work
+    block inputs ──measure()──► errors per unit and option (the full-precision model, one pass,
                                streaming like the main one: a block's weights at a time)
-    allocate ──► Plan {linear: GridSpec} ──fmt.set_plan──► the usual solve
+    core.mix.allocate ──► Plan {linear: GridSpec} ──fmt.set_plan──► the usual solve
 
 A unit is the linears that read one input (q/k/v; gate/up): one Hessian, and one layer in the
 engines that fuse them, so one choice. The estimate (``QuantConfig.sensitivity``) is the output
 error tr(ΔW H ΔWᵀ) the candidate causes on the full-precision inputs, ΔW from round-to-nearest
-("hessian") or from the GPTQ solve ("gptq"), optionally divided by the mean energy of the residual
-stream entering the block ("/residual": later RMSNorms divide an error by that norm before it
-reaches the output). ``benchmarks mix`` measures which predicts the end-to-end KL best.
+("hessian", the default) or from the GPTQ solve ("gptq"), optionally divided by the mean energy of
+the residual stream entering the block ("/residual": later RMSNorms divide an error by that norm) or
+scaled by what the unit's coarsest option does to the block's output over that output's energy
+("/block"). ``benchmarks mix-estimates`` measures how each ranks single units' damage, ``benchmarks
+mix`` what each allocation does end to end (where the default is best: docs/results.md).
 """
 
 from __future__ import annotations

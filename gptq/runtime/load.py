@@ -216,6 +216,12 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: s
     act_dtype = resolve_dtype(dtype, dev, backend)
 
     model, plain, tensors = _meta_model(config, tensors, act_dtype)
+    # the model's names (routed experts stored fused or under another family's names are renamed here)
+    renamed = sorted({k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")})
+    base = (qc["bits"], qc["group_size"])
+    settings = {p: settings[p] if p in settings else base if "compressed_tensors" in qc else module_settings(qc, p)
+                for p in renamed}
+    prefixes = renamed
     raw = config.quantization_config
     model.config.quantization_config = dict(raw) if isinstance(raw, dict) else raw.to_dict()
 

@@ -246,15 +246,28 @@ def _add_tensor(out: _Tensors, m: _Model, ftype: str, name: str, key: str, x: to
         elif m.arch == "gptneox" and name.endswith("attn_qkv.weight"):
             x = neox_qkv_rows(x, m.heads)
         out.add(name, x.numpy(), t, x.shape[0] * x.shape[1] // TYPES[t].block_bytes * TYPES[t].block_weights)
-    elif x.dim() == 1 or name.endswith(("ffn_gate_inp.weight", "position_embd.weight")):
+    elif _plain(name, x.dim()):
         # norms, biases, MoE routers, GPT-2's position embeddings: F32, as the converter keeps them
         if m.arch == "gptneox" and name.endswith("attn_qkv.bias"):
             x = neox_qkv_rows(x, m.heads)
         out.add(name, x.float().numpy(), None, x.numel())
     else:  # token embeddings / untied head: rounded, as llama.cpp would type them
-        t = output_type(ftype, x.shape[1]) if (name == "output.weight" or tied) else \
-            layer_type(ftype, "token_embd", 0, m.n_layers, x.shape[1])
+        t = _edge_type(ftype, name, x.shape[1], tied, m.n_layers)
         out.add(name, round_tensor(x, t).numpy(), t, x.numel())
+
+
+def _plain(name: str, ndim: int) -> bool:
+    """Whether a tensor that is not a solved linear stays F32 (norms, biases, MoE routers, GPT-2's
+    position embeddings), as the converter keeps them."""
+    return ndim == 1 or name.endswith(("ffn_gate_inp.weight", "position_embd.weight"))
+
+
+def _edge_type(ftype: str, name: str, cols: int, tied: bool, n_layers: int) -> str:
+    """The type of the token embeddings or the head: the head's (also the embeddings' when tied to it),
+    else the embeddings' own, as llama-quantize picks them for ``ftype``."""
+    if name == "output.weight" or tied:
+        return output_type(ftype, cols)
+    return layer_type(ftype, "token_embd", 0, n_layers, cols)
 
 
 def _add_experts(out: _Tensors, m: _Model, experts: dict) -> None:
@@ -301,11 +314,10 @@ def fixed_file_bytes(source: Path, ftype: str, quantized: set[str], extra: dict 
     (the rotation record); ``untied``: a head will be stored though the source ties it. A dry run of
     the writer (headers only) into a temporary file."""
     m = _model(source, extra)
-    handles = {}
+    shapes = {}
     for f in sorted(source.glob("*.safetensors")):
-        h = safe_open(f, "pt")
-        handles.update({k: h for k in h.keys()})
-    shapes = {k: tuple(h.get_slice(k).get_shape()) for k, h in handles.items()}
+        with safe_open(f, "pt") as h:
+            shapes.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
     tied = not untied and "lm_head.weight" not in shapes
     if untied and "lm_head.weight" not in shapes:
         shapes["lm_head.weight"] = next(v for k, v in shapes.items() if k.endswith(("embed_tokens.weight", "wte.weight")))
@@ -322,11 +334,10 @@ def fixed_file_bytes(source: Path, ftype: str, quantized: set[str], extra: dict 
         if key in quantized:  # its type is the budget's choice: the info's size does not depend on it
             w.add_tensor_info(name, shape, np.float32, 0, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             continue
-        if len(shape) == 1 or name.endswith(("ffn_gate_inp.weight", "position_embd.weight")):
+        if _plain(name, len(shape)):
             t, nbytes = None, 4 * math.prod(shape)
         else:
-            t = output_type(ftype, shape[1]) if (name == "output.weight" or tied) else \
-                layer_type(ftype, "token_embd", 0, m.n_layers, shape[1])
+            t = _edge_type(ftype, name, shape[1], tied, m.n_layers)
             nbytes = shape[0] * shape[1] // TYPES[t].block_weights * TYPES[t].block_bytes
         w.add_tensor_info(name, shape, np.float32, nbytes,
                           raw_dtype=None if t is None else gguf.GGMLQuantizationType[t.upper()])

@@ -7,7 +7,7 @@ MODEL   := .cache/smollm2
 WIKI    ?= ../shared/data/wikitext2
 STAMP   := $(VENV)/.installed
 
-.PHONY: help install demo test test-fast bench bench-scale bench-mix bench-moe notebook interop interop-setup clean
+.PHONY: help install demo test test-fast bench bench-scale bench-mix bench-moe bench-busy notebook interop interop-setup clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ bench-moe: $(STAMP)  ## MoE: a synthetic Qwen3-MoE-shaped model, experts solved 
 bench-scale: $(STAMP)  ## streaming quantization of synthetic models of growing size (peak RSS, s/block), activation spilling
 	$(PYTHON) -m benchmarks scale --out bench-results
 	$(PYTHON) -m benchmarks spill --out bench-results
+
+bench-busy: $(STAMP)  ## a busy machine: quantization alone, beside a busy loop and twice side by side (time ratios, same bytes), decoding beside a busy loop
+	$(PYTHON) -m benchmarks busy --out bench-results
 
 notebook: $(STAMP)  ## execute notebooks/walkthrough.ipynb in place (full run)
 	$(PYTHON) -m benchmarks notebook

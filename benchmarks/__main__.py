@@ -9,6 +9,7 @@ from pathlib import Path
 import benchmarks
 from benchmarks.ablation import ablation
 from benchmarks.act_order import act_order
+from benchmarks.busy import POLICIES, busy
 from benchmarks.codebooks import codebooks
 from benchmarks.cpu_kernel import cpu_kernel
 from benchmarks.decode import decode
@@ -44,6 +45,7 @@ RUNS = {  # NAME: run it with (--out as a Path, the parsed options)
     "mix": lambda out, a: mix(out),
     "mix-estimates": lambda out, a: mix_estimates(out),
     "mix-curve": lambda out, a: mix_curve(out),
+    "busy": lambda out, a: busy(out, tuple(a.policies.split(","))),
     "notebook": lambda out, a: notebook(),
 }
 ALL = ("quality", "decode", "decode-synthetic", "kernel", "cpu-kernel")
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rotation: bit widths (default: %(default)s)")
     p.add_argument("--rotate", default=",".join(ROTATION_KINDS),
                    help="rotation: --rotate values compared at each bit width (default: %(default)s)")
+    p.add_argument("--policies", default=",".join(POLICIES),
+                   help="busy: OpenMP settings compared (default: %(default)s)")
     p.add_argument("--out", default="bench-results", help="folder for JSON results and the checkpoint")
     a = p.parse_args(argv)
     for name in ALL if a.what == "all" else (a.what,):

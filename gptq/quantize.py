@@ -191,13 +191,21 @@ def _raise_terminated(signum, frame):
 
 
 def catch_sigterm():
-    """Turn SIGTERM into ``Terminated`` in this process (the main thread of a single process with
-    the default handler; under torchrun the launcher's handling stays). Returns the handler to
-    restore, or None when nothing was installed."""
-    if (launched() or threading.current_thread() is not threading.main_thread()
+    """Turn SIGTERM into ``Terminated`` in this process (its main thread, where the handler is still
+    the default). Under torchrun this is how a rank learns that another one failed when the launcher
+    notices first: the launcher sends SIGTERM to the survivors, which then say how to resume.
+    Returns the handler to restore, or None when nothing was installed."""
+    if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
         return None
     return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _ignore_sigterm(installed) -> None:
+    """While the one message is printed, a second SIGTERM (torchrun's launcher stopping this rank
+    after another failed) must not cut it short with a traceback."""
+    if installed is not None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def check_model_dir(path: str):
@@ -402,16 +410,20 @@ def main(argv: list[str] | None = None) -> int:
         if fmt.staged:
             final = fmt.finish(Path(final), Path(final_out), Path(args.model), args.overwrite)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        _ignore_sigterm(previous_sigterm)
         state = Path(out or ".").resolve()
         if not args.stream:
             print("\ninterrupted. Nothing was written (use the default --stream for resumable runs).", file=sys.stderr)
         elif out is not None and state.with_name(state.name + ".partial").is_dir():
-            print(f"\ninterrupted. Progress is kept in {state.name}.partial: rerun the same command with --resume "
+            why = ("stopped by torchrun (SIGTERM): another rank has probably failed, see its error above"
+                   if launched() and isinstance(e, Terminated) else "interrupted")
+            print(f"\n{why}. Progress is kept in {state.name}.partial: rerun the same command with --resume "
                   "to continue from the last completed block.", file=sys.stderr)
         else:
             print("\ninterrupted before any work was saved: rerun the same command.", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError, OSError, SafetensorError) as e:
+        _ignore_sigterm(previous_sigterm)
         fail(str(e))
     finally:
         if previous_sigterm is not None:

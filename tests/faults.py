@@ -2,6 +2,7 @@
 
     GPTQ_TEST_KILL_AFTER_BLOCK=k      SIGKILL right after block k is saved
     GPTQ_TEST_KILL_AFTER_BLOCK=int:k  interrupt (as Ctrl-C) right after block k is saved
+    GPTQ_TEST_KILL_AFTER_BLOCK=term:k SIGTERM to itself (as a launcher or scheduler sends) after block k
     GPTQ_TEST_KILL_AFTER_BLOCK=regroup  SIGKILL while the final shards are written
     GPTQ_TEST_KILL_RANK=r             under torchrun, only rank r obeys
 
@@ -27,6 +28,8 @@ def on_event(event: str, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if spec.startswith("int:") and event == f"saved:{spec[4:]}":
         raise KeyboardInterrupt
+    if spec.startswith("term:") and event == f"saved:{spec[5:]}":
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":

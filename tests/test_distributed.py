@@ -120,7 +120,10 @@ def test_a_killed_rank_stops_the_others_and_resume_is_identical(tmp_path, calib)
     killed = torchrun(2, *args(model, text, tmp_path / "k"), env={KILL: "0",
                                                                    RANK: "1"})
     assert killed.returncode != 0
-    assert "lost contact with another rank" in killed.stderr and "--resume" in killed.stderr
+    # whoever notices first: rank 0 loses contact in a collective, or torchrun's launcher stops it
+    # with SIGTERM; either way it says how to resume
+    assert "lost contact with another rank" in killed.stderr or "stopped by torchrun" in killed.stderr
+    assert "rerun the same command with --resume" in killed.stderr
     assert (tmp_path / "k.partial" / "progress.json").is_file() and not (tmp_path / "k").exists()
     for n, out in ((2, "k"), (1, "k1")):
         if n == 1:  # a second killed run, resumed by a single process
@@ -132,6 +135,22 @@ def test_a_killed_rank_stops_the_others_and_resume_is_identical(tmp_path, calib)
             r = torchrun(2, *args(model, text, tmp_path / out, "--resume"))
         assert r.returncode == 0, r.stderr[-3000:]
         same_checkpoint(tmp_path / "one", tmp_path / out)
+
+
+def test_a_rank_stopped_by_sigterm_says_how_to_resume_and_resume_is_identical(tmp_path, calib):
+    """SIGTERM reaches rank 0 right after block 0 is saved, as torchrun's launcher sends it to the
+    survivors when another rank fails (or a job scheduler to all): it says that progress is kept
+    and how to resume, exits non-zero, and resuming writes the bytes one process writes."""
+    model, text = calib
+    r = single(*args(model, text, tmp_path / "one"))
+    assert r.returncode == 0, r.stderr
+    stopped = torchrun(2, *args(model, text, tmp_path / "t"), env={KILL: "term:0", RANK: "0"})
+    assert stopped.returncode != 0
+    assert "stopped by torchrun (SIGTERM)" in stopped.stderr, stopped.stderr[-3000:]
+    assert "Progress is kept in t.partial: rerun the same command with --resume" in stopped.stderr
+    r = torchrun(2, *args(model, text, tmp_path / "t", "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    same_checkpoint(tmp_path / "one", tmp_path / "t")
 
 
 def test_no_stream_under_torchrun_is_refused(tmp_path, calib):

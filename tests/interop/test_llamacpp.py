@@ -263,10 +263,35 @@ def test_llama_cpp_tokenizes_our_sentencepiece_style_vocabulary_as_transformers_
         assert ids == tok(text).input_ids, (text, ids, tok(text).input_ids)
 
 
+def llama_kl(path, base) -> tuple[float, float]:
+    """llama-perplexity --kl-divergence of ``path`` against the logits saved in ``base``: (mean KLD,
+    share of positions whose top token is the source's)."""
+    r = subprocess.run([tool("llama-perplexity"), "-m", str(path), "-f", str(WIKI / "wiki.test.raw"), "-c", "2048",
+                        "--chunks", "8", "-t", "2", "--kl-divergence-base", str(base), "--kl-divergence"],
+                       capture_output=True, text=True, timeout=1800)
+    log = r.stdout + r.stderr
+    kl, top = re.search(r"Mean\s+KLD:\s+([0-9.]+)", log), re.search(r"Same top p:\s+([0-9.]+)", log)
+    assert r.returncode == 0 and kl and top, log[-3000:]
+    return float(kl.group(1)), float(top.group(1)) / 100
+
+
+@pytest.fixture(scope="module")
+def kl_base(reference, tmp_path_factory):
+    """llama-perplexity's saved logits of its F16 file on the 8 x 2048 windows, for --kl-divergence."""
+    f16 = reference[1]
+    base = tmp_path_factory.mktemp("kl") / "f16.kld"
+    subprocess.run([tool("llama-perplexity"), "-m", str(f16), "-f", str(WIKI / "wiki.test.raw"), "-c", "2048",
+                    "--chunks", "8", "-t", "2", "--kl-divergence-base", str(base)], check=True, capture_output=True)
+    return base
+
+
 @pytest.mark.parametrize("ftype", ["q4_0", "q4_k_m"])
-def test_llama_cpp_runs_a_rotated_gguf_below_the_unrotated_file(reference, tmp_path, ftype):
+def test_llama_cpp_runs_a_rotated_gguf_closer_to_the_source_than_the_unrotated_file(kl_base, tmp_path, ftype):
     """`--rotate hadamard` (residual stream and heads, the tied head untied): llama.cpp loads the
-    file with no change and scores it below our unrotated file of the same type."""
+    file with no change, and by its own --kl-divergence against its F16 file the rotated file is
+    closer to the source than our unrotated file of the same type (lower mean KLD, more top tokens
+    the same). Perplexity is printed beside it: over these 8 windows it moves within its noise
+    (llama-perplexity's ± is about 0.6), either way."""
     scores = {}
     for rotate in ("none", "hadamard"):
         out = tmp_path / f"ours-{rotate}"
@@ -274,10 +299,11 @@ def test_llama_cpp_runs_a_rotated_gguf_below_the_unrotated_file(reference, tmp_p
                         str(WIKI / "valid.tokens.txt"), "--nsamples", "32", "--seqlen", "512", "--rotate", rotate,
                         "--format", f"gguf:{ftype}", "--out", str(out), "--quiet"], check=True, cwd=ROOT)
         g = json.loads((out / "quantize_report.json").read_text())["gguf"]
-        scores[rotate] = (perplexity(out / g["file"]), g["bytes"])
-    print(f"\n{ftype}: unrotated {scores['none'][0]:.4f} ({scores['none'][1]} B), rotated "
-          f"{scores['hadamard'][0]:.4f} ({scores['hadamard'][1]} B)")
+        scores[rotate] = (*llama_kl(out / g["file"], kl_base), perplexity(out / g["file"]), g["bytes"])
+    for rotate, (kld, top, ppl, size) in scores.items():
+        print(f"\n{ftype} {rotate}: KLD {kld:.6f}, same top {100 * top:.2f} %, PPL {ppl:.4f} ({size} B)")
     assert scores["hadamard"][0] < scores["none"][0]
+    assert scores["hadamard"][1] > scores["none"][1]
 
 
 def test_llama_cpp_runs_our_budget_gguf_at_92_percent_of_its_q4_k_m(reference, tmp_path):
@@ -300,3 +326,36 @@ def test_llama_cpp_runs_our_budget_gguf_at_92_percent_of_its_q4_k_m(reference, t
           f"({mine.stat().st_size} B, {types})")
     assert mine.stat().st_size <= budget
     assert p_mine <= p_theirs
+
+
+def test_our_eval_ranks_two_q4_0_files_as_llama_perplexity_kl_divergence_does(reference, kl_base, tmp_path):
+    """Our Q4_0 and llama.cpp's importance-matrix Q4_0 of SmolLM2, compared against the source by our
+    eval (`--reference`, KL over whole 2048-token windows) and by llama-perplexity --kl-divergence
+    (against its F16 file, second half of each window): both put the two files in the same order."""
+    d, f16, imatrix = reference
+    files = {"llama.cpp imatrix": d / "smollm2-q4_0-imatrix-kl.gguf"}
+    subprocess.run([tool("llama-quantize"), "--imatrix", str(imatrix), str(f16), str(files["llama.cpp imatrix"]),
+                    "Q4_0", "2"], check=True, capture_output=True)
+    out = tmp_path / "ours"
+    subprocess.run([sys.executable, "-m", "gptq.quantize", str(ROOT / ".cache" / "smollm2"), "--dataset",
+                    str(WIKI / "valid.tokens.txt"), "--nsamples", "32", "--seqlen", "512", "--format", "gguf:q4_0",
+                    "--out", str(out), "--quiet"], check=True, cwd=ROOT)
+    files["ours"] = next(out.glob("*.gguf"))
+    cache = tmp_path / "reference-cache"
+    theirs_view, our_view = {}, {}
+    for label, path in files.items():
+        theirs_view[label] = llama_kl(path, kl_base)
+        r = subprocess.run([sys.executable, "-m", "gptq.eval", str(path), "--reference", str(ROOT / ".cache" / "smollm2"),
+                            "--reference-cache", str(cache), "--dataset", str(WIKI / "wiki.test.raw"),
+                            "--max-windows", "8", "--json"], check=True, cwd=ROOT, capture_output=True, text=True)
+        j = json.loads(r.stdout.strip().splitlines()[-1])
+        our_view[label] = (j["kld_mean"], j["kld_mean_stderr"], j["top1_agreement"])
+    for label in files:
+        (lk, lt), (ok, ose, ot) = theirs_view[label], our_view[label]
+        print(f"\n{label} Q4_0: llama-perplexity KLD {lk:.6f}, same top {100 * lt:.2f} %; "
+              f"gptq.eval KLD {ok:.6f} ± {ose:.6f}, top-1 {100 * ot:.2f} %")
+    llama_order = theirs_view["ours"][0] < theirs_view["llama.cpp imatrix"][0]
+    our_order = our_view["ours"][0] < our_view["llama.cpp imatrix"][0]
+    assert llama_order == our_order
+    assert (theirs_view["ours"][1] > theirs_view["llama.cpp imatrix"][1]) == \
+        (our_view["ours"][2] > our_view["llama.cpp imatrix"][2])

@@ -2,15 +2,17 @@
 twice side by side; each checkpoint's hash (the three must be byte-identical) and each time over the
 lone one. Then ``gptq.generate`` on the lone checkpoint quiet and beside a busy loop (tokens/s).
 
-Run once per OpenMP setting in ``policies``: ``shipped`` is the environment a user has (gptq makes
-OpenMP's idle threads sleep at once, see gptq/__init__.py); ``libgomp-default`` sets GOMP_SPINCOUNT to
-libgomp's own default spin count (300,000), which is what every run did before, and so stops gptq
-from choosing. On a 2-core machine the busy loop takes one core's worth of time; two
+Run once per OpenMP setting in ``policies``: ``shipped`` is the environment a user has (gptq sets
+a short spin, GOMP_SPINCOUNT=2000, see gptq/__init__.py); ``libgomp-default`` sets GOMP_SPINCOUNT to
+libgomp's own default spin count (300,000), which is what every run did before; ``passive`` makes
+idle threads sleep at once (OMP_WAIT_POLICY=PASSIVE). On a 2-core machine the busy loop takes one core's worth of time; two
 quantizations side by side should each take about twice the lone time, not more."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -22,7 +24,7 @@ from benchmarks.common import MODEL, quantize_cmd, write
 from gptq.assets import smollm2
 from gptq.runtime.cpu import cpu_info
 
-POLICIES = {"shipped": {}, "libgomp-default": {"GOMP_SPINCOUNT": "300000"}}
+POLICIES = {"shipped": {}, "libgomp-default": {"GOMP_SPINCOUNT": "300000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
 BUSY = [sys.executable, "-c", "while True: pass"]
 
 
@@ -89,11 +91,14 @@ def _policy(model_dir: Path, out: Path, env: dict) -> dict:
 
 def busy(out: Path, policies: tuple[str, ...] = tuple(POLICIES)) -> dict:
     model_dir = smollm2(MODEL)
+    earlier = out / "busy.json"  # rows of the settings not run now are kept, each with its date
+    kept = json.loads(earlier.read_text()).get("policies", {}) if earlier.is_file() else {}
     result = {"cpu": cpu_info(), "cores": len(os.sched_getaffinity(0)),
-              "command": " ".join(quantize_cmd(model_dir, "--out", "OUT")), "policies": {}}
+              "command": " ".join(quantize_cmd(model_dir, "--out", "OUT")), "policies": kept}
     for name in policies:
         print(f"busy: OpenMP {name} ...", flush=True)
-        row = _policy(model_dir, out / "busy-ckpt" / name, _env(POLICIES[name]))
+        row = {"date": datetime.date.today().isoformat()}
+        row |= _policy(model_dir, out / "busy-ckpt" / name, _env(POLICIES[name]))
         result["policies"][name] = row
         print(f"  alone {row['alone_s']:.1f} s; beside a busy loop {row['ratio_beside_busy_loop']:.2f}x; "
               f"two side by side {', '.join(f'{r:.2f}x' for r in row['ratio_side_by_side'])}; byte-identical "

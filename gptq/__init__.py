@@ -11,15 +11,16 @@ The layers, bottom to top (each imports only from below; docs/design.md):
 import os
 import sys
 
-# OpenMP (libgomp, torch's CPU thread pool) lets a thread that waits at a barrier spin for 300,000
-# iterations before it sleeps. The GPTQ column loop and decoding run thousands of small parallel
-# operations, so when another process holds a core, the spinning thread burns the time slice its
-# partner needs and a run on a shared 2-core machine took 14x as long instead of 2x (docs/results.md,
-# "A busy machine"). Passive waiting fixes that at a small cost when the machine is quiet. libgomp
-# reads this once, when torch loads it, so it is set before torch is imported, and never over the
-# user's own OpenMP settings.
+# OpenMP (libgomp, torch's CPU thread pool) lets a thread that waits at a barrier spin 300,000 times
+# (milliseconds) before it sleeps. The GPTQ column loop and decoding run thousands of small parallel
+# operations, so when another process holds a core, the spinning thread burns the time slice that
+# the thread it waits for needs: two quantizations side by side on 2 cores took 5x as long as one
+# alone, and decoding beside a busy loop kept a quarter of its speed. Sleeping at once (passive)
+# fixes that but costs decoding 45 % on a quiet machine; a short spin of 2,000 keeps both
+# (docs/results.md, "A busy machine"). libgomp reads this once, when torch loads it, so it is set
+# before torch is imported, and never over the user's own OpenMP settings.
 if "torch" not in sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = "2000"
 
 from gptq.core.config import CalibConfig, ConfigError, QuantConfig
 from gptq.core.solver import round_to_nearest, solve

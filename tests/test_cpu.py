@@ -1,6 +1,10 @@
 """The CPU compute-dtype choice: from what the CPU is (its flags), never from a timing; followed by
 calibration and inference."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -45,3 +49,15 @@ def test_probe_and_info_describe_this_cpu():
     assert info["fp32_gflops"] > 0 and info["bf16_gflops"] > 0
     assert info["fast_dtype"] in ("float32", "bfloat16") and info["fast_dtype_reason"]
     assert cpu.probe() is cpu.probe()  # measured once per process
+
+
+@pytest.mark.parametrize("user, expected", [({}, ("2000", None)), ({"GOMP_SPINCOUNT": "50"}, ("50", None)),
+                                            ({"OMP_WAIT_POLICY": "ACTIVE"}, (None, "ACTIVE"))])
+def test_importing_gptq_sets_a_short_openmp_spin_unless_the_user_set_one(user, expected):
+    """libgomp's threads spin 2,000 times, not 300,000, before they sleep (a fair share on a busy
+    machine, docs/results.md); set before torch loads libgomp, never over the user's own setting."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")} | user
+    code = ("import gptq, os, sys; assert 'torch' in sys.modules; "
+            "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(v) for v in expected]

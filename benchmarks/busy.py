@@ -46,12 +46,16 @@ def _quantize(model_dir: Path, out: Path, env: dict) -> subprocess.Popen:
 
 
 def _wait_timed(procs: list[subprocess.Popen], t0: float) -> list[float]:
-    times = []
-    for p in procs:
-        if p.wait() != 0:
-            raise SystemExit(f"quantization failed ({p.args})")
-        times.append(time.perf_counter() - t0)
-    return times
+    """Each process's wall time from ``t0`` to its own end (polled every 0.1 s)."""
+    times: dict[int, float] = {}
+    while len(times) < len(procs):
+        for i, p in enumerate(procs):
+            if i not in times and p.poll() is not None:
+                if p.returncode != 0:
+                    raise SystemExit(f"quantization failed ({p.args})")
+                times[i] = time.perf_counter() - t0
+        time.sleep(0.1)
+    return [times[i] for i in range(len(procs))]
 
 
 def _tokens_per_s(ckpt: Path, env: dict) -> float:

@@ -163,6 +163,38 @@ def wikitext():
     return valid, test
 
 
+@pytest.fixture(scope="session")
+def smollm2_setup(smollm2_dir, wikitext):
+    """SmolLM2 in fp32, its tokenizer, 16 x 256 calibration windows of WikiText-2 valid and 4 x 512
+    evaluation windows of test: what the real-model tests share (loaded once per run)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calib import eval_tokens, load_documents, sample_windows
+
+    torch.manual_seed(0)
+    valid, test = wikitext
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    calib = sample_windows(load_documents(str(valid))[0], tok, nsamples=16, seqlen=256, seed=0)
+    evalw = eval_tokens(load_documents(str(test))[0], tok, seqlen=512, max_windows=4)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    return base, tok, calib, evalw
+
+
+@pytest.fixture(scope="session")
+def smollm2_4bit(smollm2_setup):
+    """SmolLM2 quantized in memory at 4 bits g64 on ``smollm2_setup``'s calibration (solved once per
+    run; tests must not change it): (model, packed, report, config)."""
+    import copy
+
+    from gptq import QuantConfig, quantize_model
+
+    base, _, calib, _ = smollm2_setup
+    cfg = QuantConfig(bits=4, group_size=64)
+    model = copy.deepcopy(base)
+    packed, report = quantize_model(model, calib, cfg, device="cpu", progress=False)
+    return model, packed, report, cfg
+
 def spm_style_tokenizer(text: str, out, vocab_size: int = 400):
     """A Llama-2-style tokenizer as transformers converts SentencePiece BPE ones (▁ for spaces,
     <unk> <s> </s>, byte-fallback tokens <0x00>..<0xFF>, merges in training order), trained on

@@ -16,6 +16,7 @@ from gptq.eval import eval_windows, main, perplexity, score
 from gptq.evaluate.score import compare, reference_logprobs, summarize, token_nll
 from gptq.pipeline.run import round_to_nearest_model
 
+
 def tiny(tmp_path, bpe_dir, name="tiny", family="llama", vocab=VOCAB, seed=0):
     """A tiny random model of ``family`` with the BPE tokenizer, saved; returns (model, dir)."""
     import shutil
@@ -203,21 +204,12 @@ def test_round_to_nearest_has_a_higher_mean_kld_than_gptq(tmp_path, bpe_dir):
 
 
 @pytest.mark.slow
-def test_round_to_nearest_has_a_higher_mean_kld_than_gptq_on_smollm2(smollm2_dir, wikitext):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from calib import load_documents, sample_windows
-
-    valid, test = wikitext
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    ref = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    cfg = QuantConfig(bits=4, group_size=128)
-    calib = sample_windows(load_documents(str(valid))[0], tok, nsamples=16, seqlen=256, seed=0)
-    windows = eval_windows(tok, str(test), 512, 4)
-    q = copy.deepcopy(ref)
-    quantize_model(q, calib, cfg, device="cpu", progress=False)
+def test_round_to_nearest_has_a_higher_mean_kld_than_gptq_on_smollm2(smollm2_setup, smollm2_4bit):
+    """4 bits g64, 16 x 256 calibration windows, 4 x 512 evaluation windows (the real-model tests'
+    shared setup and solve)."""
+    ref, _, _, windows = smollm2_setup
+    q, cfg = smollm2_4bit[0], smollm2_4bit[3]
     a = summarize(score(q, windows, ref))
-    del q
     b = summarize(score(round_to_nearest_model(copy.deepcopy(ref), cfg), windows, ref))
     assert b["kld_mean"] - a["kld_mean"] > 3 * math.hypot(a["kld_mean_stderr"], b["kld_mean_stderr"])
     assert a["top1_agreement"] > b["top1_agreement"]

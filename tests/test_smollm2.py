@@ -8,7 +8,6 @@ import copy
 import pytest
 import torch
 
-from calib import eval_tokens, load_documents, sample_windows
 from gptq import QuantConfig, load, quantize_model, save_checkpoint
 from gptq.eval import perplexity
 from gptq.pipeline.run import round_to_nearest_model
@@ -16,38 +15,24 @@ from gptq.pipeline.run import round_to_nearest_model
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def setup(smollm2_dir, wikitext):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    valid, test = wikitext
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    calib = sample_windows(load_documents(str(valid))[0], tok, nsamples=16, seqlen=256, seed=0)
-    evalw = eval_tokens(load_documents(str(test))[0], tok, seqlen=512, max_windows=4)
-    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    return base, tok, calib, evalw
+@pytest.fixture
+def setup(smollm2_setup):
+    return smollm2_setup
 
 
 def rtn_model(base, cfg):
     return round_to_nearest_model(copy.deepcopy(base), cfg)
 
 
-@pytest.fixture(scope="module")
-def quantized(setup):
-    base, tok, calib, evalw = setup
-    cfg = QuantConfig(bits=4, group_size=64)
-    model = copy.deepcopy(base)
-    packed, report = quantize_model(model, calib, cfg, device="cpu", progress=False)
-    return model, packed, report, cfg
-
-
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (3, 128)])
-def test_gptq_beats_round_to_nearest(setup, bits, group_size):
+def test_gptq_beats_round_to_nearest(setup, smollm2_4bit, bits, group_size):
     base, tok, calib, evalw = setup
     cfg = QuantConfig(bits=bits, group_size=group_size)
-    gptq_model = copy.deepcopy(base)
-    quantize_model(gptq_model, calib, cfg, device="cpu", progress=False)
+    if (bits, group_size) == (smollm2_4bit[3].bits, smollm2_4bit[3].group_size):
+        gptq_model = smollm2_4bit[0]  # the run's shared solve of these settings
+    else:
+        gptq_model = copy.deepcopy(base)
+        quantize_model(gptq_model, calib, cfg, device="cpu", progress=False)
     fp = perplexity(base, evalw)
     rtn = perplexity(rtn_model(base, QuantConfig(bits=bits, group_size=group_size, mse=False)), evalw)
     ours = perplexity(gptq_model, evalw)
@@ -56,9 +41,9 @@ def test_gptq_beats_round_to_nearest(setup, bits, group_size):
     assert ours - fp < 0.6 * (rtn - fp)  # GPTQ closes a good part of the gap, not a rounding error's worth
 
 
-def test_packed_checkpoint_reproduces_in_memory_model(setup, quantized, tmp_path, smollm2_dir):
+def test_packed_checkpoint_reproduces_in_memory_model(setup, smollm2_4bit, tmp_path, smollm2_dir):
     base, tok, calib, evalw = setup
-    model, packed, report, cfg = quantized
+    model, packed, report, cfg = smollm2_4bit
     assert len(report) == 7 * 30
     out = save_checkpoint(tmp_path / "smol-gptq", model, packed, cfg, source_dir=smollm2_dir)
     ids = tok("The capital of France is", return_tensors="pt").input_ids

@@ -195,6 +195,7 @@ def smollm2_4bit(smollm2_setup):
     packed, report = quantize_model(model, calib, cfg, device="cpu", progress=False)
     return model, packed, report, cfg
 
+
 def spm_style_tokenizer(text: str, out, vocab_size: int = 400):
     """A Llama-2-style tokenizer as transformers converts SentencePiece BPE ones (▁ for spaces,
     <unk> <s> </s>, byte-fallback tokens <0x00>..<0xFF>, merges in training order), trained on

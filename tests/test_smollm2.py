@@ -15,18 +15,13 @@ from gptq.pipeline.run import round_to_nearest_model
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def setup(smollm2_setup):
-    return smollm2_setup
-
-
 def rtn_model(base, cfg):
     return round_to_nearest_model(copy.deepcopy(base), cfg)
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (3, 128)])
-def test_gptq_beats_round_to_nearest(setup, smollm2_4bit, bits, group_size):
-    base, tok, calib, evalw = setup
+def test_gptq_beats_round_to_nearest(smollm2_setup, smollm2_4bit, bits, group_size):
+    base, tok, calib, evalw = smollm2_setup
     cfg = QuantConfig(bits=bits, group_size=group_size)
     if (bits, group_size) == (smollm2_4bit[3].bits, smollm2_4bit[3].group_size):
         gptq_model = smollm2_4bit[0]  # the run's shared solve of these settings
@@ -41,8 +36,8 @@ def test_gptq_beats_round_to_nearest(setup, smollm2_4bit, bits, group_size):
     assert ours - fp < 0.6 * (rtn - fp)  # GPTQ closes a good part of the gap, not a rounding error's worth
 
 
-def test_packed_checkpoint_reproduces_in_memory_model(setup, smollm2_4bit, tmp_path, smollm2_dir):
-    base, tok, calib, evalw = setup
+def test_packed_checkpoint_reproduces_in_memory_model(smollm2_setup, smollm2_4bit, tmp_path, smollm2_dir):
+    base, tok, calib, evalw = smollm2_setup
     model, packed, report, cfg = smollm2_4bit
     assert len(report) == 7 * 30
     out = save_checkpoint(tmp_path / "smol-gptq", model, packed, cfg, source_dir=smollm2_dir)

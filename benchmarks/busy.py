@@ -11,7 +11,6 @@ quantizations side by side should each take about twice the lone time, not more.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -20,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import MODEL, quantize_cmd, write
+from benchmarks.common import MODEL, checkpoint_sha, quantize_cmd, write
 from gptq.assets import smollm2
 from gptq.runtime.cpu import cpu_info
 
@@ -31,13 +30,6 @@ BUSY = [sys.executable, "-c", "while True: pass"]
 def _env(extra: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
     return env | extra
-
-
-def _sha(ckpt: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(ckpt.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def _quantize(model_dir: Path, out: Path, env: dict) -> subprocess.Popen:
@@ -79,7 +71,7 @@ def _policy(model_dir: Path, out: Path, env: dict) -> dict:
     row["side_by_side_s"] = _wait_timed([_quantize(model_dir, out / f"pair{i}", env) for i in (0, 1)], t0)
     row["ratio_beside_busy_loop"] = row["beside_busy_loop_s"] / row["alone_s"]
     row["ratio_side_by_side"] = [t / row["alone_s"] for t in row["side_by_side_s"]]
-    hashes = {name: _sha(out / name) for name in ("alone", "busy", "pair0", "pair1")}
+    hashes = {name: checkpoint_sha(out / name) for name in ("alone", "busy", "pair0", "pair1")}
     row["sha256"] = hashes
     row["byte_identical"] = len(set(hashes.values())) == 1
     row["decode_quiet_tokens_per_s"] = _tokens_per_s(out / "alone", env)

@@ -3,6 +3,7 @@ command and evaluation windows, timing a child process, and writing a result."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -28,6 +29,15 @@ def wiki(name: str) -> Path:
         raise SystemExit(f"benchmark text {p} not found; set GPTQ_WIKITEXT to a folder with valid.tokens.txt "
                          "and wiki.test.raw (WikiText-2)")
     return p
+
+
+def checkpoint_sha(ckpt: Path) -> str:
+    """One hash over a checkpoint folder's files, names and bytes, leaving out the run report (its
+    seconds differ between runs): two checkpoints are byte-identical when these agree."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != "quantize_report.json"):
+        h.update(str(f.relative_to(ckpt)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def write(out: Path, name: str, result: dict, show: bool = False) -> None:
@@ -64,14 +74,19 @@ def quantize_cmd(model_dir: Path, *flags: str) -> list[str]:
             "--nsamples", "32", "--seqlen", "512", "--bits", "4", "--group-size", "64", *flags]
 
 
-def evaluate(ckpt: Path, model_dir: Path, cache: Path) -> dict:
+def evaluate(ckpt: Path, model_dir: Path, cache: Path, save_scores: Path | None = None,
+             paired: Path | None = None) -> dict:
     """``gptq.eval --reference`` on the quality benchmark's 8 x 2048 windows (the reference's
     distributions cached in ``cache`` for the next checkpoint): perplexity, Δ perplexity, KL
-    divergence and top-1 agreement against the source, each with its standard error."""
+    divergence and top-1 agreement against the source, each with its standard error. ``save_scores``:
+    keep the per-token scores there; ``paired``: also the differences from the scores saved there
+    (key "paired", with the paired standard errors)."""
     cmd = [sys.executable, "-m", "gptq.eval", str(ckpt), "--reference", str(model_dir), "--reference-cache",
            str(cache), "--dataset", str(wiki("wiki.test.raw")), "--max-windows", "8", "--json",
            "--backend", "torch", "--dtype", "float32"]
+    cmd += ["--save-scores", str(save_scores)] if save_scores else []
+    cmd += ["--paired", str(paired)] if paired else []
     r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     keep = ("perplexity", "perplexity_stderr", "delta_perplexity", "delta_perplexity_stderr", "kld_mean",
-            "kld_mean_stderr", "kld_p99", "top1_agreement", "top1_agreement_stderr")
-    return {k: r[k] for k in keep}
+            "kld_mean_stderr", "kld_p99", "top1_agreement", "top1_agreement_stderr", "paired")
+    return {k: r[k] for k in keep if k in r}

@@ -12,15 +12,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from calib import CalibrationDataError, eval_tokens, load_documents
 from gptq.cli import plain_warnings
-from gptq.evaluate.score import BOOTSTRAP, SEED, Scores, compare, reference_logprobs, summarize, token_nll
+from gptq.evaluate.score import (
+    BOOTSTRAP,
+    SEED,
+    Scores,
+    compare,
+    load_scores,
+    paired,
+    reference_logprobs,
+    save_scores,
+    summarize,
+    token_nll,
+    windows_sha,
+)
 
 
 @torch.no_grad()
@@ -94,8 +108,8 @@ def report(r: dict) -> str:
     """The human-readable result."""
     head = f"{r['dataset']}: {r['windows']} windows x {r['seqlen']} tokens ({r['tokens']} scored)"
     if "kld_mean" not in r:
-        return f"{r['dataset']} perplexity {_pm(r['perplexity'], r['perplexity_stderr'])} " \
-               f"({r['windows']} windows x {r['seqlen']} tokens)"
+        return "\n".join([(f"{r['dataset']} perplexity {_pm(r['perplexity'], r['perplexity_stderr'])} "
+                          f"({r['windows']} windows x {r['seqlen']} tokens)")] + _paired_lines(r))
     lines = [head + "; ± is the standard error over tokens, for percentiles a bootstrap over windows",
              f"perplexity            {_pm(r['perplexity'], r['perplexity_stderr'])}",
              f"reference perplexity  {_pm(r['reference_perplexity'], r['reference_perplexity_stderr'])}",
@@ -106,7 +120,39 @@ def report(r: dict) -> str:
     lines.append(f"               max    {r['kld_max']:.6f}")
     err = r["top1_agreement_stderr"]
     lines.append(f"top-1 agreement       {100 * r['top1_agreement']:.3f} %" + (f" ± {100 * err:.3f} %" if err else ""))
-    return "\n".join(lines)
+    return "\n".join(lines + _paired_lines(r))
+
+
+def _paired_lines(r: dict) -> list[str]:
+    """The --paired comparison, if any: this model minus the saved one, with the paired errors."""
+    p = r.get("paired")
+    if p is None:
+        return []
+    lines = [(f"against {p['against']} (this model minus that one; ± is the standard error of the paired "
+             "per-token differences):"),
+             f"  Δ mean NLL          {_pm(p['delta_nll_mean'], p['delta_nll_mean_stderr'], '{:+.6f}')}"]
+    if "delta_kld_mean" in p:
+        lines += [f"  Δ KL divergence     {_pm(p['delta_kld_mean'], p['delta_kld_mean_stderr'], '{:+.6f}')}",
+                  f"  Δ top-1 agreement   {_pm(100 * p['delta_top1_agreement'], 100 * p['delta_top1_agreement_stderr'], '{:+.3f}')} %"]
+    return lines
+
+
+def _paired_base(path: str, windows: torch.Tensor) -> Scores:
+    """The scores saved in ``path``, refused unless they cover exactly these windows."""
+    base, meta = load_scores(path)
+    if meta["windows_sha256"] != windows_sha(windows):
+        raise ValueError(f"--paired {path} was scored on other windows (another dataset, --seqlen or "
+                         "--max-windows, or another tokenizer): rerun both with the same options")
+    return base
+
+
+def check_writable_file(path: str) -> None:
+    """Refuse, before any long work, a file that could not be written: its folder must exist and be writable."""
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{path}: the folder {folder} does not exist; create it or choose another path")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"{path}: the folder {folder} is not writable; choose another path")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="activation dtype; auto = float32 on CPU, float16 on CUDA (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.add_argument("--save-scores", metavar="FILE",
+                   help="also write the per-token scores (NLL, and with a reference KL divergence and top-1 "
+                        "agreement) to FILE (safetensors), for a later --paired comparison")
+    p.add_argument("--paired", metavar="FILE",
+                   help="compare with the scores another checkpoint saved (--save-scores) on the same windows: "
+                        "the differences of mean NLL, mean KL divergence and top-1 agreement, with the standard "
+                        "errors of the paired per-token differences (far smaller than each figure's own: they "
+                        "say whether one checkpoint is better than the other beyond the evaluation's noise)")
     args = p.parse_args(argv)
     if args.seqlen < 2:
         p.error(f"--seqlen {args.seqlen} must be at least 2")
@@ -168,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         if tokenizer is None:
             raise CheckpointError(f"{args.model} has no tokenizer files")
         windows = eval_windows(tokenizer, args.dataset, args.seqlen, args.max_windows)
+        base = _paired_base(args.paired, windows) if args.paired else None
+        if args.save_scores:
+            check_writable_file(args.save_scores)
         missing = cache.missing(windows) if cache is not None else []
         if missing and ref_info is None:
             raise CheckpointError(f"--reference-cache {cache.root} lacks {len(missing)} of these {len(windows)} windows "
@@ -188,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference or cache is not None:
         result["reference"] = args.reference or meta.get("reference")
     result |= summarize(scores)
+    if base is not None:
+        result["paired"] = {"against": args.paired} | paired(base, scores)
+    if args.save_scores:
+        save_scores(scores, args.save_scores, windows, args.model)
+        result["scores"] = args.save_scores
     result["stderr"] = (f"*_stderr: standard error over tokens (perplexity: delta method), for percentiles a "
                         f"bootstrap over windows; *_stderr_windows: bootstrap over windows ({BOOTSTRAP} resamples, "
                         f"seed {SEED})")

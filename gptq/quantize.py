@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from calib import load_documents, sample_windows
 from gptq.cli import plain_warnings
-from gptq.core.config import ACT_ORDERS, EXPERT_TOKENS, ROTATIONS, SENSITIVITIES, CalibConfig, ConfigError, QuantConfig
+from gptq.core.config import ACT_ORDERS, EXPERT_TOKENS, GROUP_RANKS, ROTATIONS, SENSITIVITIES, CalibConfig, ConfigError, QuantConfig
 from gptq.formats.checkpoint import save_checkpoint
 from gptq.formats.registry import GGUF_TYPES, NAMES, get
 from gptq.io.modules import resolve_device
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:  # one declaration per option: cl
                         "fitted as each group comes up), dynamic (by diagonal across groups: permuted g_idx, "
                         "desc_act true, which vLLM >= 0.32 refuses). All but dynamic keep g_idx = k // group "
                         "(default: %(default)s)")
+    q.add_argument("--group-rank", choices=GROUP_RANKS, default=d.group_rank,
+                   help="group-aware act-order: rank the groups by their largest Hessian diagonal entry (max) or by "
+                        "the sum over their columns (sum) (default: %(default)s)")
     q.add_argument("--no-act-order", dest="act_order", action="store_const", const="none",
                    help="same as --act-order none")
     q.add_argument("--static-groups", dest="act_order", action="store_const", const="static",
@@ -292,7 +295,8 @@ def quant_config(args) -> QuantConfig:
     return QuantConfig(bits=args.bits, group_size=(args.group_size if args.group_size is not None
                                                else 64 if bnb else QuantConfig().group_size),
                        sym=args.sym, act_order=args.act_order, true_sequential=args.true_sequential, damp=args.damp,
-                       sort_channels=args.sort_channels, block_size=args.block_size, mse=args.mse,
+                       sort_channels=args.sort_channels, group_rank=args.group_rank, block_size=args.block_size,
+                       mse=args.mse,
                        format=args.format + ("+dq" if args.double_quant else ""), expert_tokens=args.expert_tokens,
                        expert_min_tokens=args.expert_min_tokens, fp_target=args.fp_target,
                        rotate="none" if args.rotate == "auto" else args.rotate, rotate_seed=args.rotate_seed,

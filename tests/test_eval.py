@@ -189,6 +189,44 @@ def test_a_reference_with_another_vocabulary_or_tokenizer_is_refused_before_load
         main([str(d), "--max-windows", "some"])
 
 
+def test_paired_scores_give_the_exact_differences_with_smaller_errors(tmp_path, bpe_dir, text, capsys):
+    """--save-scores then --paired: the differences are those of the two runs' own figures, their
+    errors are the paired per-token ones (by hand from the saved files) and smaller than the two
+    figures' own errors combined; a file against itself differs by exactly 0; other windows, a file
+    that is not a scores file and an unwritable path are refused before any model is loaded."""
+    from gptq.evaluate.score import load_scores
+
+    model, d = tiny(tmp_path, bpe_dir)
+    ck4 = gptq_checkpoint(tmp_path / "q4", model, d, bits=4)
+    ck3 = gptq_checkpoint(tmp_path / "q3", model, d, bits=3)
+    common = ["--reference", d, "--dataset", text, "--seqlen", 64, "--max-windows", 4, "--device", "cpu"]
+    sa, sb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a = eval_json(capsys, ck4, *common, "--save-scores", sa)
+    b = eval_json(capsys, ck3, *common, "--save-scores", sb, "--paired", sa)
+    p = b["paired"]
+    assert p["tokens"] == 4 * 63
+    assert p["delta_kld_mean"] == pytest.approx(b["kld_mean"] - a["kld_mean"], rel=1e-9, abs=1e-12)
+    assert p["delta_top1_agreement"] == pytest.approx(b["top1_agreement"] - a["top1_agreement"], abs=1e-12)
+    assert p["delta_nll_mean"] == pytest.approx(math.log(b["perplexity"]) - math.log(a["perplexity"]), rel=1e-9)
+    (la, _), (lb, meta) = load_scores(sa), load_scores(sb)
+    diff = (torch.stack(lb.kld) - torch.stack(la.kld)).double().numpy().ravel()
+    assert p["delta_kld_mean_stderr"] == pytest.approx(diff.std(ddof=1) / math.sqrt(diff.size), rel=1e-9)
+    assert p["delta_kld_mean_stderr"] < math.hypot(a["kld_mean_stderr"], b["kld_mean_stderr"])
+    assert p["delta_kld_mean_stderr_windows"] > 0 and meta["model"] == str(ck3)
+    assert torch.stack(la.top1).dtype == torch.bool
+    assert torch.stack(la.top1).double().mean().item() == pytest.approx(a["top1_agreement"], abs=1e-12)
+    same = eval_json(capsys, ck4, *common, "--paired", sa)["paired"]
+    assert same["delta_kld_mean"] == same["delta_nll_mean"] == same["delta_top1_agreement"] == 0.0
+    # refused, one line each, before any model is loaded
+    for extra, words in ((["--paired", sa, "--max-windows", 3], "other windows"),
+                         (["--paired", text], "not a scores file"),
+                         (["--save-scores", tmp_path / "nowhere" / "s.safetensors"], "does not exist")):
+        args = [str(x) for x in [ck4, *common, *extra]]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+
+
 def test_round_to_nearest_has_a_higher_mean_kld_than_gptq(tmp_path, bpe_dir):
     """On a tiny random model at 4 bits g32 (the gap is ~20 standard errors); the real model in
     the slow tier below."""

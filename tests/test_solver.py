@@ -144,6 +144,12 @@ def test_group_aware_order_ranks_groups_and_sorts_inside_them():
     perm, group_of = solve_order(diag, 3, "group-aware")
     assert perm.tolist() == [1, 2, 0, 6, 7, 4, 3, 5]  # group maxima 9 > 8 > 7; the short group inside
     assert group_of.tolist() == [0, 0, 0, 2, 2, 1, 1, 1]
+    # by the sum: 15 > 12 > 8.5, so the middle group comes before the short one
+    perm, group_of = solve_order(diag, 3, "group-aware", rank="sum")
+    assert perm.tolist() == [4, 3, 5, 1, 2, 0, 6, 7]
+    assert group_of.tolist() == [1, 1, 1, 0, 0, 0, 2, 2]
+    with pytest.raises(ConfigError, match="group_rank"):
+        QuantConfig(group_rank="median")
 
 
 def test_boolean_act_order_means_the_old_flags():

@@ -15,6 +15,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 #   dynamic      descending diag(H) across groups; grids as groups of the *solve* order come up,
 #                so g_idx is a permutation (desc_act: true; vLLM >= 0.32 refuses it)
 ACT_ORDERS = ("none", "static", "group-aware", "dynamic")
+GROUP_RANKS = ("max", "sum")  # group-aware: a group's importance, from its columns' diag(H)
 EXPERT_TOKENS = ("all", "routed")
 # rotations folded into the weights before solving (gptq.models.rotation):
 #   none      the model as it is
@@ -47,6 +48,8 @@ class QuantConfig:
     sym:             symmetric grid (zero fixed at 2**(bits-1)); asymmetric otherwise.
     act_order:       column order, one of ACT_ORDERS (above). Booleans are accepted for the
                      older API: True = "dynamic" (the paper's desc_act), False = "none".
+    group_rank:      group-aware act-order ranks the groups by the largest diag(H) of their columns
+                     ("max", GPTQModel's rule) or by its sum over them ("sum"); GROUP_RANKS.
     true_sequential: quantize q/k/v, then o, then up/gate, then down, each on inputs that the
                      already-quantized linears produce.
     damp:            fraction of mean(diag H) added to the diagonal before the Cholesky.
@@ -102,12 +105,15 @@ class QuantConfig:
     bits_per_weight: float = 0.0
     candidates: str = "auto"
     sensitivity: str = "hessian"
+    group_rank: str = "max"
 
     def __post_init__(self) -> None:
         if isinstance(self.act_order, bool):
             object.__setattr__(self, "act_order", "dynamic" if self.act_order else "none")
         if self.act_order not in ACT_ORDERS:
             raise ConfigError(f"act_order={self.act_order!r}; choose one of {ACT_ORDERS}")
+        if self.group_rank not in GROUP_RANKS:
+            raise ConfigError(f"group_rank={self.group_rank!r}; choose one of {GROUP_RANKS}")
         if self.rotate not in ROTATIONS:
             raise ConfigError(f"rotate={self.rotate!r}; choose one of {ROTATIONS}")
         if self.sensitivity not in SENSITIVITIES:

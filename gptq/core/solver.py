@@ -90,7 +90,7 @@ def concat_rows(parts: list[SolveResult]) -> SolveResult:
                        parts[0].g_idx, torch.cat([p.row_loss for p in parts]), None, parts[0].grid)
 
 
-def solve_order(diag: torch.Tensor, gs: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_order(diag: torch.Tensor, gs: int, mode: str, rank: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
     """The order the columns are solved in, and the group each solved column belongs to.
 
     diag: [n] diag(H). Returns perm [n] (solve position → input column) and group_of [n]
@@ -102,8 +102,9 @@ def solve_order(diag: torch.Tensor, gs: int, mode: str) -> tuple[torch.Tensor, t
         group-aware  perm [1 2 0 4 3 5]   group_of [0 0 0 1 1 1]   (group 0 holds the 9)
         dynamic      perm [1 4 3 5 2 0]   group_of [0 0 0 1 1 1]   (g_idx becomes [1 0 1 0 0 1])
 
-    Group-aware ranks groups by their largest diag(H) (their most important column) and sorts
-    columns inside each group, as GPTQModel's group-aware reordering does; a group's columns are
+    Group-aware ranks groups by their largest diag(H) (their most important column; ``rank="sum"``:
+    by the sum over their columns) and sorts columns inside each group, as GPTQModel's group-aware
+    reordering does; a group's columns are
     then solved consecutively, so its grid is fitted to error-updated columns (like dynamic) while
     g_idx stays k // group (like static)."""
     n = diag.numel()
@@ -119,8 +120,10 @@ def solve_order(diag: torch.Tensor, gs: int, mode: str) -> tuple[torch.Tensor, t
         raise ValueError(f"unknown act-order mode {mode!r}")
     group = cols // gs  # [n]
     ng = int(group[-1]) + 1
-    gmax = torch.full((ng,), -math.inf, dtype=diag.dtype, device=diag.device).scatter_reduce(
-        0, group, diag, "amax")  # [groups] most important column of each group
+    if rank not in ("max", "sum"):
+        raise ValueError(f"unknown group rank {rank!r}")
+    gmax = torch.full((ng,), -math.inf if rank == "max" else 0.0, dtype=diag.dtype, device=diag.device).scatter_reduce(
+        0, group, diag, "amax" if rank == "max" else "sum")  # [groups] each group's importance
     rank = torch.empty(ng, dtype=torch.int64, device=diag.device)
     rank[torch.argsort(gmax, descending=True, stable=True)] = torch.arange(ng, device=diag.device)
     # sort by (rank of the column's group, descending diag): two stable sorts
@@ -219,7 +222,7 @@ def _order(W: torch.Tensor, H: torch.Tensor, grid: GridSpec, per_fit: int, confi
                          "multiple and act-order none or group-aware")
     dead = dead_columns(H)  # always-zero inputs: H = 1 and W = 0 there
     diag = torch.diag(H).to(_dtype(W)).masked_fill(dead, 1)
-    perm, unit_of = (t.to(W.device) for t in solve_order(diag, unit, config.act_order))
+    perm, unit_of = (t.to(W.device) for t in solve_order(diag, unit, config.act_order, config.group_rank))
     return _Order(perm, unit_of, unit_of if per_fit == 1 else perm // gs, dead)
 
 

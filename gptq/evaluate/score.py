@@ -15,11 +15,16 @@ quantization.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 CHUNK = 256  # positions per KL block: bounds the float32 temporaries to a few CHUNK x vocab
 
@@ -148,4 +153,67 @@ def summarize(s: Scores, bootstrap: int = BOOTSTRAP, seed: int = SEED) -> dict:
         out[f"{k}_stderr_windows"] = v
         if k in PERCENTILES:
             out[f"{k}_stderr"] = v
+    return out
+
+
+# Per-token scores on disk (``gptq.eval --save-scores``): one safetensors file, [windows, seqlen - 1]
+# tensors nll, kld, top1 (uint8) and ref_nll (the last three only with a reference), and in its
+# metadata the sha256 of the windows' token ids, so that a paired comparison refuses other windows.
+
+def windows_sha(windows: torch.Tensor) -> str:
+    """The identity of a set of evaluation windows: sha256 of their token ids (int64)."""
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def save_scores(s: Scores, path: str | Path, windows: torch.Tensor, model: str) -> None:
+    """Write ``s`` to ``path`` (atomically: the whole file or none)."""
+    t = {"nll": torch.stack(s.nll).float()}
+    if s.kld:
+        t |= {"kld": torch.stack(s.kld).float(), "top1": torch.stack(s.top1).to(torch.uint8),
+              "ref_nll": torch.stack(s.ref_nll).float()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(t, tmp, metadata={"windows_sha256": windows_sha(windows), "model": model})
+    os.replace(tmp, path)
+
+
+def load_scores(path: str | Path) -> tuple[Scores, dict]:
+    """Scores written by ``save_scores`` and the file's metadata; ValueError naming the file when it is
+    not one."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: not a scores file written by gptq.eval --save-scores ({e})") from e
+    if "windows_sha256" not in meta or "nll" not in t:
+        raise ValueError(f"{path}: not a scores file written by gptq.eval --save-scores")
+    rows = {k: list(t[k].unbind(0)) if k in t else [] for k in ("nll", "ref_nll", "kld", "top1")}
+    rows["top1"] = [r.bool() for r in rows["top1"]]
+    return Scores(rows["nll"], rows["ref_nll"], rows["kld"], rows["top1"]), meta
+
+
+def paired(base: Scores, other: Scores, bootstrap: int = BOOTSTRAP, seed: int = SEED) -> dict:
+    """``other`` minus ``base`` on the same windows, token by token: the differences of mean NLL
+    (log perplexity), mean KL divergence and top-1 agreement, each with the standard error of the
+    paired differences over tokens (``*_stderr``) and a bootstrap over windows (``*_stderr_windows``).
+    Pairing removes what the two share (hard tokens are hard for both), so these errors are far
+    smaller than either figure's own; a difference more than two of them from 0 is beyond the
+    evaluation's noise."""
+    keys = ["nll"] + (["kld", "top1"] if base.kld and other.kld else [])
+    d = {}
+    for k in keys:
+        a, b = (torch.stack(getattr(s, k)).double().numpy() for s in (base, other))
+        if a.shape != b.shape:
+            raise ValueError(f"the two score sets cover {a.shape} and {b.shape} tokens: they must be the same windows")
+        d[k] = b - a
+    names = {"nll": "delta_nll_mean", "kld": "delta_kld_mean", "top1": "delta_top1_agreement"}
+    out: dict = {"tokens": int(d["nll"].size)}
+    W = d["nll"].shape[0]
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, W, W) for _ in range(bootstrap)] if W > 1 and bootstrap > 0 else []
+    for k, x in d.items():
+        out[names[k]], out[names[k] + "_stderr"] = _mean_se(x.ravel())
+        out[names[k] + "_stderr_windows"] = (float(np.std([x[r].mean() for r in draws], ddof=1)) if draws
+                                             else None)
     return out

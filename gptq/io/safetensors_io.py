@@ -268,7 +268,8 @@ def write_safetensors_streaming(path: Path, names: list[str], shapes: dict, dtyp
             t = get(n).contiguous()
             if tuple(t.shape) != tuple(shapes[n]) or t.dtype != dtypes[n]:
                 raise ValueError(f"{n}: expected {dtypes[n]} {tuple(shapes[n])}, got {t.dtype} {tuple(t.shape)}")
-            f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own buffer: no copy
 
 
 def regroup_shards(sources: list[Path], directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
@@ -346,8 +347,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_save(tensors: dict, path: Path) -> None:
+    """``tensors`` as one safetensors file at ``path``, whole or not at all (written under a temporary
+    name, then renamed), from the tensors' own memory (safetensors' save_file first copies every
+    tensor into a bytes object: the embeddings and head of a large vocabulary twice over)."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
+    names = sorted(tensors)
+    write_safetensors_streaming(tmp, names, {n: tuple(tensors[n].shape) for n in names},
+                                {n: tensors[n].dtype for n in names}, tensors.__getitem__)
     os.replace(tmp, path)
 
 

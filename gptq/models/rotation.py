@@ -148,6 +148,20 @@ def _set(param: nn.Parameter, value: torch.Tensor) -> None:
     param.data = value.to(param.dtype).contiguous()
 
 
+ROWS = 2048  # rows rotated at a time: the float64 temporaries stay at ROWS x hidden (a whole 49152 x 2048
+# head in float64 is 0.8 GB, and the product and its scaled input as much again: 2.4 GB at once)
+
+
+def _rows_times(w: torch.Tensor, Q: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(w · diag(scale)) @ Q computed in float64, ROWS rows at a time, returned in w's dtype: row by row
+    the same products as one whole matmul, with a bounded float64 footprint."""
+    out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    for s in range(0, w.shape[0], ROWS):
+        x = w[s : s + ROWS].double()
+        out[s : s + ROWS] = (x if scale is None else x * scale[None, :]) @ Q
+    return out
+
+
 class Rotator:
     """Rotates the blocks and the edges (embeddings, final norm, head) of one model, block by block
     if need be (the streaming path), with the same Q on every call, rank and run."""
@@ -205,7 +219,7 @@ class Rotator:
             norm = get_module(block, norm_name)
             scale = norm.weight.double() + self.offset
             for _, lin in _expand(block, READERS[norm_name]):
-                _set(lin.weight, (lin.weight.double() * scale[None, :]) @ self.Q)
+                _set(lin.weight, _rows_times(lin.weight, self.Q, scale))
             _set(norm.weight, torch.full_like(norm.weight, 1.0 - self.offset, dtype=torch.float64))
         if self.Q is not None:
             for _, lin in _expand(block, WRITERS):
@@ -238,12 +252,12 @@ class Rotator:
     # -- edges ------------------------------------------------------------------------------
     def embedding(self, weight: torch.Tensor) -> torch.Tensor:
         """E → EQ, in ``weight``'s dtype."""
-        return (weight.double() @ self.Q).to(weight.dtype)
+        return _rows_times(weight, self.Q)
 
     def head_and_norm(self, head: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The head with the final norm's scale folded in and Q applied, and the norm's new weight."""
-        w = (head.double() * (norm.double() + self.offset)[None, :]) @ self.Q
-        return w.to(head.dtype), torch.full_like(norm, 1.0 - self.offset)
+        w = _rows_times(head, self.Q, norm.double() + self.offset)
+        return w, torch.full_like(norm, 1.0 - self.offset)
 
     def edges(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The rotated embeddings, head and final norm from a checkpoint's tensors (a tied head,

@@ -341,3 +341,21 @@ def test_cli_default_rotates_an_untied_model_and_notes_a_tied_one(tmp_path, tiny
         assert report["quant_config"]["rotate"] == ("hadamard" if rotated else "none")
         err = capsys.readouterr().err
         assert ("its head is tied to the embeddings" in err) == (not rotated)
+
+
+def test_row_chunked_rotation_is_the_whole_product():
+    """Weights taller than the chunk are rotated ROWS rows at a time: the same (w · diag(s)) @ Q as one
+    float64 product, in the weight's dtype, with the float64 temporaries bounded by ROWS rows."""
+    from gptq.models.rotation import ROWS, _rows_times
+
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64, generator=g))[0]
+    s = torch.rand(64, dtype=torch.float64, generator=g) + 0.5
+    w = torch.randn(2 * ROWS + 5, 64, dtype=torch.float64, generator=g)
+    got = _rows_times(w, Q, s)
+    assert got.dtype == torch.float64 and got.shape == w.shape
+    torch.testing.assert_close(got, (w * s[None, :]) @ Q, rtol=1e-12, atol=1e-12)
+    wb = w.bfloat16()
+    got_b = _rows_times(wb, Q)
+    assert got_b.dtype == torch.bfloat16
+    torch.testing.assert_close(got_b.double(), (wb.double() @ Q).bfloat16().double(), rtol=2 ** -7, atol=0)

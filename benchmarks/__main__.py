@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 import benchmarks
-from benchmarks.ablation import ablation
+from benchmarks.common import write
+from benchmarks.ablation import RECHECK, ablation
 from benchmarks.act_order import act_order
 from benchmarks.busy import POLICIES, busy
 from benchmarks.codebooks import codebooks
@@ -23,7 +24,7 @@ from benchmarks.moe import moe
 from benchmarks.notebook import notebook
 from benchmarks.quality import quality
 from benchmarks.rotation import ROTATION_BITS, ROTATION_KINDS, rotation
-from benchmarks.scale import scale
+from benchmarks.scale import bar_1b3, scale
 from benchmarks.spill import spill
 
 RUNS = {  # NAME: run it with (--out as a Path, the parsed options)
@@ -33,10 +34,12 @@ RUNS = {  # NAME: run it with (--out as a Path, the parsed options)
     "kernel": lambda out, a: kernel(out),
     "cpu-kernel": lambda out, a: cpu_kernel(out),
     "ablation": lambda out, a: ablation(out),
+    "recheck": lambda out, a: ablation(out, RECHECK, "recheck"),
     "act-order": lambda out, a: act_order(out),
     "fp-target": lambda out, a: fp_target(out),
     "codebooks": lambda out, a: codebooks(out),
     "scale": lambda out, a: scale(out, a.with_13b),
+    "scale-1b3": lambda out, a: write(out, "scale_1b3", bar_1b3(out)),
     "spill": lambda out, a: spill(out),
     "moe": lambda out, a: moe(out, a.device),
     "distributed": lambda out, a: distributed(out, tuple(int(r) for r in a.ranks.split(",")), a.threads,

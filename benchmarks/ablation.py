@@ -22,6 +22,16 @@ ABLATIONS = {  # each row: our defaults with one setting switched off; the first
     "no full-precision targets": ["--fp-target", "0"],
 }
 
+RECHECK = {  # the defaults chosen on perplexity differences inside its noise, each against the defaults
+    "defaults": [],
+    "--act-order static": ["--act-order", "static"],
+    "--act-order dynamic": ["--act-order", "dynamic"],
+    "--no-sort-channels": ["--no-sort-channels"],
+    "--group-rank sum": ["--group-rank", "sum"],
+    "--fp-target 0.1": ["--fp-target", "0.1"],
+    "--fp-target 0.5": ["--fp-target", "0.5"],
+}
+
 
 def verdict(paired: dict, key: str, higher_is_better: bool) -> str:
     """"better", "worse" or "tie" for one paired difference (this row minus the baseline)."""

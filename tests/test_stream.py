@@ -312,7 +312,8 @@ def test_atomic_save_round_trips_every_dtype_and_leaves_no_temporary(tmp_path):
                "c.i32": torch.randint(-9, 9, (2, 2, 3), dtype=torch.int32, generator=g),
                "d.u8": torch.randint(0, 255, (4,), dtype=torch.uint8, generator=g),
                "e.f16": torch.randn(2, 3, generator=g).half().t(),  # not contiguous
-               "f.scalar": torch.tensor(1.5), "g.empty": torch.zeros(0, 4)}
+               "f.scalar": torch.tensor(1.5), "g.empty": torch.zeros(0, 4),
+               "h.strided1": torch.zeros(4, 256)[:1, :1].clone().as_strided((1, 1), (256, 256))}  # "contiguous"
     path = tmp_path / "shard.safetensors"
     atomic_save(tensors, path)
     back = load_file(path)

@@ -269,7 +269,9 @@ def write_safetensors_streaming(path: Path, names: list[str], shapes: dict, dtyp
             if tuple(t.shape) != tuple(shapes[n]) or t.dtype != dtypes[n]:
                 raise ValueError(f"{n}: expected {dtypes[n]} {tuple(shapes[n])}, got {t.dtype} {tuple(t.shape)}")
             if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own buffer: no copy
+                flat = t.reshape(-1)  # a contiguous tensor may still carry a stride on a size-1 dimension
+                flat = flat if flat.stride(0) == 1 else flat.clone(memory_format=torch.contiguous_format)
+                f.write(flat.view(torch.uint8).numpy())  # the tensor's own buffer: no copy
 
 
 def regroup_shards(sources: list[Path], directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:

@@ -11,7 +11,8 @@ import json
 import subprocess
 from pathlib import Path
 
-from benchmarks.common import evaluate, quantize_cmd, smollm2_eval, write
+from benchmarks.common import MODEL, evaluate, quantize_cmd, write
+from gptq.assets import smollm2
 
 ABLATIONS = {  # each row: our defaults with one setting switched off; the first row is the baseline
     "defaults": [],
@@ -43,7 +44,7 @@ def verdict(paired: dict, key: str, higher_is_better: bool) -> str:
 
 
 def ablation(out: Path, rows_flags: dict[str, list[str]] = ABLATIONS, name: str = "ablation") -> dict:
-    model_dir, _, _ = smollm2_eval()
+    model_dir = smollm2(MODEL)  # the evaluation runs in gptq.eval, which cuts its own windows
     scores = out / f"{name}-scores"
     scores.mkdir(parents=True, exist_ok=True)
     rows, base = {}, None

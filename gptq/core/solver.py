@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from gptq.core.config import QuantConfig
+from gptq.core.config import GROUP_RANKS, QuantConfig
 from gptq.core.grids import GridSpec
 from gptq.core.hessian import NonFiniteError, all_finite, dead_columns, inverse_cholesky
 
@@ -104,9 +104,8 @@ def solve_order(diag: torch.Tensor, gs: int, mode: str, rank: str = "max") -> tu
 
     Group-aware ranks groups by their largest diag(H) (their most important column; ``rank="sum"``:
     by the sum over their columns) and sorts columns inside each group, as GPTQModel's group-aware
-    reordering does; a group's columns are
-    then solved consecutively, so its grid is fitted to error-updated columns (like dynamic) while
-    g_idx stays k // group (like static)."""
+    reordering does; a group's columns are then solved consecutively, so its grid is fitted to
+    error-updated columns (like dynamic) while g_idx stays k // group (like static)."""
     n = diag.numel()
     cols = torch.arange(n, device=diag.device)
     if mode == "none":
@@ -120,14 +119,14 @@ def solve_order(diag: torch.Tensor, gs: int, mode: str, rank: str = "max") -> tu
         raise ValueError(f"unknown act-order mode {mode!r}")
     group = cols // gs  # [n]
     ng = int(group[-1]) + 1
-    if rank not in ("max", "sum"):
+    if rank not in GROUP_RANKS:
         raise ValueError(f"unknown group rank {rank!r}")
-    gmax = torch.full((ng,), -math.inf if rank == "max" else 0.0, dtype=diag.dtype, device=diag.device).scatter_reduce(
-        0, group, diag, "amax" if rank == "max" else "sum")  # [groups] each group's importance
-    rank = torch.empty(ng, dtype=torch.int64, device=diag.device)
-    rank[torch.argsort(gmax, descending=True, stable=True)] = torch.arange(ng, device=diag.device)
-    # sort by (rank of the column's group, descending diag): two stable sorts
-    perm = by_diag[torch.argsort(rank[group[by_diag]], stable=True)]
+    importance = torch.full((ng,), -math.inf if rank == "max" else 0.0, dtype=diag.dtype, device=diag.device
+                            ).scatter_reduce(0, group, diag, "amax" if rank == "max" else "sum")  # [groups]
+    place = torch.empty(ng, dtype=torch.int64, device=diag.device)  # each group's place in the solve order
+    place[torch.argsort(importance, descending=True, stable=True)] = torch.arange(ng, device=diag.device)
+    # sort by (place of the column's group, descending diag): two stable sorts
+    perm = by_diag[torch.argsort(place[group[by_diag]], stable=True)]
     return perm, perm // gs
 
 

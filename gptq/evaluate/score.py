@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from gptq.io.safetensors_io import atomic_save
 
 CHUNK = 256  # positions per KL block: bounds the float32 temporaries to a few CHUNK x vocab
 
@@ -171,10 +171,7 @@ def save_scores(s: Scores, path: str | Path, windows: torch.Tensor, model: str) 
     if s.kld:
         t |= {"kld": torch.stack(s.kld).float(), "top1": torch.stack(s.top1).to(torch.uint8),
               "ref_nll": torch.stack(s.ref_nll).float()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(t, tmp, metadata={"windows_sha256": windows_sha(windows), "model": model})
-    os.replace(tmp, path)
+    atomic_save(t, path, metadata={"windows_sha256": windows_sha(windows), "model": model})
 
 
 def load_scores(path: str | Path) -> tuple[Scores, dict]:

@@ -238,10 +238,10 @@ def write_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_b
     return names
 
 
-def _header(names: list[str], shapes: dict, dtypes: dict) -> bytes:
+def _header(names: list[str], shapes: dict, dtypes: dict, metadata: dict | None = None) -> bytes:
     """A safetensors header as this project writes it: the JSON (dtype, shape, data_offsets; metadata
-    format pt) padded with spaces to a multiple of 8."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    format pt and ``metadata``'s strings) padded with spaces to a multiple of 8."""
+    header, offset = {"__metadata__": {"format": "pt"} | (metadata or {})}, 0
     for n in names:
         nbytes = math.prod(shapes[n]) * torch.tensor([], dtype=dtypes[n]).element_size()
         header[n] = {"dtype": SAFETENSORS_DTYPES[dtypes[n]], "shape": list(shapes[n]),
@@ -256,11 +256,12 @@ def header_bytes(shapes: dict, dtypes: dict) -> int:
     return 8 + len(_header(sorted(shapes), shapes, dtypes))
 
 
-def write_safetensors_streaming(path: Path, names: list[str], shapes: dict, dtypes: dict, get) -> None:
+def write_safetensors_streaming(path: Path, names: list[str], shapes: dict, dtypes: dict, get,
+                                metadata: dict | None = None) -> None:
     """Write a safetensors file one tensor at a time (``get(name)`` → tensor), so a shard of many
     GB never sits in memory whole. Layout as the format defines it: an 8-byte little-endian header
     length, the JSON header (``_header``), then the tensors' bytes in header order."""
-    blob = _header(names, shapes, dtypes)
+    blob = _header(names, shapes, dtypes, metadata)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
@@ -348,14 +349,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def atomic_save(tensors: dict, path: Path) -> None:
-    """``tensors`` as one safetensors file at ``path``, whole or not at all (written under a temporary
-    name, then renamed), from the tensors' own memory (safetensors' save_file first copies every
-    tensor into a bytes object: the embeddings and head of a large vocabulary twice over)."""
+def atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """``tensors`` as one safetensors file at ``path`` (``metadata``: strings for its header), whole or
+    not at all (written under a temporary name, then renamed), from the tensors' own memory
+    (safetensors' save_file first copies every tensor into a bytes object: the embeddings and head of
+    a large vocabulary twice over)."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     names = sorted(tensors)
     write_safetensors_streaming(tmp, names, {n: tuple(tensors[n].shape) for n in names},
-                                {n: tensors[n].dtype for n in names}, tensors.__getitem__)
+                                {n: tensors[n].dtype for n in names}, tensors.__getitem__, metadata)
     os.replace(tmp, path)
 
 

@@ -46,9 +46,10 @@ bench-mix: $(STAMP)  ## mixed precision on SmolLM2: the budget run, the estimate
 bench-moe: $(STAMP)  ## MoE: a synthetic Qwen3-MoE-shaped model, experts solved as a batch vs one by one
 	$(PYTHON) -m benchmarks moe --out bench-results
 
-bench-scale: $(STAMP)  ## streaming quantization of synthetic models of growing size (peak RSS, s/block), a 1.3B model through the command (2.5 GiB bar, resume), activation spilling
+bench-scale: $(STAMP)  ## streaming quantization of synthetic models of growing size (peak RSS, s/block), a 1.3B model through the command (2.5 GiB bar, resume), activation spilling, glibc malloc's threshold (peak and time, side by side)
 	$(PYTHON) -m benchmarks scale --out bench-results
 	$(PYTHON) -m benchmarks spill --out bench-results
+	$(PYTHON) -m benchmarks malloc --out bench-results
 
 bench-busy: $(STAMP)  ## a busy machine: quantization alone, beside a busy loop and twice side by side (time ratios, same bytes), decoding beside a busy loop
 	$(PYTHON) -m benchmarks busy --out bench-results

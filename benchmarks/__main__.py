@@ -18,6 +18,7 @@ from benchmarks.decode_synthetic import decode_synthetic
 from benchmarks.distributed import DIST_WINDOWS, distributed
 from benchmarks.fp_target import fp_target
 from benchmarks.kernel import kernel
+from benchmarks.malloc import malloc
 from benchmarks.mix import mix, mix_curve
 from benchmarks.mix_estimates import mix_estimates
 from benchmarks.moe import moe
@@ -41,6 +42,7 @@ RUNS = {  # NAME: run it with (--out as a Path, the parsed options)
     "scale": lambda out, a: scale(out, a.with_13b),
     "scale-1b3": lambda out, a: write(out, "scale_1b3", bar_1b3(out)),
     "spill": lambda out, a: spill(out),
+    "malloc": lambda out, a: malloc(out),
     "moe": lambda out, a: moe(out, a.device),
     "distributed": lambda out, a: distributed(out, tuple(int(r) for r in a.ranks.split(",")), a.threads,
                                               tuple(int(v) for v in a.windows.split(","))),

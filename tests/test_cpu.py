@@ -61,3 +61,38 @@ def test_importing_gptq_sets_a_short_openmp_spin_unless_the_user_set_one(user, e
             "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == [str(v) for v in expected]
+
+
+MALLOC_PROBE = """
+import ctypes, sys
+import gptq
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 4 << 20
+libc.free(libc.malloc(size))  # glibc's default raises its mmap threshold to 4 MiB here
+before = libc.mallinfo2().hblkhd
+p = libc.malloc(size)
+print(libc.mallinfo2().hblkhd - before >= size)
+libc.free(p)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="glibc's malloc only")
+@pytest.mark.parametrize("user_setting", [None, "GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_"])
+def test_freed_large_blocks_go_back_to_the_system_unless_the_user_set_malloc(user_setting):
+    """Importing gptq fixes glibc's mmap threshold at 1 MiB: a 4 MiB block allocated again after one was
+    freed is still mapped (so freeing it returns it), where glibc's rising threshold would have put it
+    in the heap. A user's own malloc settings are left alone (and glibc's default then shows)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_")}
+    if user_setting == "GLIBC_TUNABLES":
+        env[user_setting] = ""
+    elif user_setting:
+        env[user_setting] = str(64 << 20)  # larger than the block: the heap
+    out = subprocess.run([sys.executable, "-c", MALLOC_PROBE], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(user_setting is None)]

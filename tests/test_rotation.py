@@ -146,18 +146,27 @@ def test_heads_only_keeps_the_tie_and_the_edges():
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
-def test_edges_from_checkpoint_tensors_match_the_in_memory_rotation():
-    """The streaming path rotates the embeddings, head and final norm from the stored tensors."""
-    config = family_config("llama-tied")
+@pytest.mark.parametrize("family", ["llama-tied", "llama"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_edges_from_checkpoint_tensors_match_the_in_memory_rotation(family, inplace):
+    """The streaming path rotates the embeddings, head and final norm from the stored tensors; in
+    place (the tensors it read are its own) the embeddings and an untied head are overwritten with
+    the same values, and a tied head is still made from the embeddings before they are rotated."""
+    config = family_config(family)
     model = random_model(config)
     tensors = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
-    tensors.pop("lm_head.weight")  # tied: not stored
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight")  # tied: not stored
+    ptrs = {k: v.data_ptr() for k, v in tensors.items()}
     rot = Rotator(config, "hadamard", seed=1)
-    edges = rot.edges(tensors)
+    edges = rot.edges(tensors, inplace=inplace)
     rot.rotate_model(model)
     assert set(edges) == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     for k, v in edges.items():
         assert torch.equal(v, model.state_dict()[k]), k
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        if k in ptrs:
+            assert (edges[k].data_ptr() == ptrs[k]) == inplace, k
 
 
 @pytest.mark.parametrize("family,reason", [("opt", "LayerNorms subtract the mean"), ("gpt2", "LayerNorms"),

@@ -152,10 +152,12 @@ ROWS = 2048  # rows rotated at a time: the float64 temporaries stay at ROWS x hi
 # head in float64 is 0.8 GB, and the product and its scaled input as much again: 2.4 GB at once)
 
 
-def _rows_times(w: torch.Tensor, Q: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def _rows_times(w: torch.Tensor, Q: torch.Tensor, scale: torch.Tensor | None = None,
+                inplace: bool = False) -> torch.Tensor:
     """(w · diag(scale)) @ Q computed in float64, ROWS rows at a time, returned in w's dtype: row by row
-    the same products as one whole matmul, with a bounded float64 footprint."""
-    out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    the same products as one whole matmul, with a bounded float64 footprint; ``inplace``: written over
+    ``w`` (each chunk is read before it is written), so no second matrix is held."""
+    out = w if inplace else torch.empty(w.shape, dtype=w.dtype, device=w.device)
     for s in range(0, w.shape[0], ROWS):
         x = w[s : s + ROWS].double()
         out[s : s + ROWS] = (x if scale is None else x * scale[None, :]) @ Q
@@ -250,23 +252,28 @@ class Rotator:
             return
 
     # -- edges ------------------------------------------------------------------------------
-    def embedding(self, weight: torch.Tensor) -> torch.Tensor:
+    def embedding(self, weight: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """E → EQ, in ``weight``'s dtype."""
-        return _rows_times(weight, self.Q)
+        return _rows_times(weight, self.Q, inplace=inplace)
 
-    def head_and_norm(self, head: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def head_and_norm(self, head: torch.Tensor, norm: torch.Tensor,
+                      inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The head with the final norm's scale folded in and Q applied, and the norm's new weight."""
-        w = _rows_times(head, self.Q, norm.double() + self.offset)
+        w = _rows_times(head, self.Q, norm.double() + self.offset, inplace=inplace)
         return w, torch.full_like(norm, 1.0 - self.offset)
 
-    def edges(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def edges(self, tensors: dict[str, torch.Tensor], inplace: bool = False) -> dict[str, torch.Tensor]:
         """The rotated embeddings, head and final norm from a checkpoint's tensors (a tied head,
-        absent from ``tensors``, starts from the embeddings and is stored from now on)."""
+        absent from ``tensors``, starts from the embeddings and is stored from now on). ``inplace``:
+        the embeddings and an untied head are overwritten (tensors the caller owns: on a 49152-token,
+        2048-wide model that is 0.4 GB not held twice)."""
         if self.Q is None:
             return {}  # the heads' rotation stays inside the blocks
         emb, norm = tensors[f"{EMBED}.weight"], tensors[f"{FINAL_NORM}.weight"]
-        new_head, new_norm = self.head_and_norm(tensors.get(f"{HEAD}.weight", emb), norm)
-        return {f"{EMBED}.weight": self.embedding(emb), f"{FINAL_NORM}.weight": new_norm, f"{HEAD}.weight": new_head}
+        head = tensors.get(f"{HEAD}.weight")
+        new_head, new_norm = self.head_and_norm(emb if head is None else head, norm, inplace and head is not None)
+        return {f"{EMBED}.weight": self.embedding(emb, inplace), f"{FINAL_NORM}.weight": new_norm,
+                f"{HEAD}.weight": new_head}
 
     def mark(self, config) -> None:
         """Record the rotation in ``config`` (saved into config.json) and untie the head there."""

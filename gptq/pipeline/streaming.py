@@ -401,7 +401,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     if not (partial / shard_name(nshards)).is_file():
         rest = {n: source.get(n).contiguous() for n in source.names() if not n.startswith(blocks_prefix + ".")}
         if rot is not None:
-            rest.update(rot.edges(rest))
+            rest.update(rot.edges(rest, inplace=True))  # read from disk: ours to overwrite
         atomic_save(rest, partial / shard_name(nshards))
     if rot is not None:
         rot.mark(model.config)

@@ -189,19 +189,46 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (``timeout``, a job scheduler): handled as Ctrl-C, exit status 143 (128 + 15)."""
 
 
+_ARRIVED: list[type[KeyboardInterrupt]] = []  # the interruptions our handlers raised, in order
+
+
 def _raise_terminated(signum, frame):
+    _ARRIVED.append(Terminated)
     raise Terminated
+
+
+def _raise_interrupted(signum, frame):
+    _ARRIVED.append(KeyboardInterrupt)
+    raise KeyboardInterrupt
+
+
+def interruption(e: BaseException) -> type[KeyboardInterrupt] | None:
+    """The interruption behind ``e``, if any: ``e`` itself, one in its chain, or the last signal our
+    handlers raised. A handler's exception is raised wherever Python was, and a library running
+    Python code at that moment may turn it into its own error (safetensors' reader reports a
+    SIGTERM that lands inside it as a failed read): that is still the user's stop, not bad input."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return type(seen)
+        seen = seen.__cause__ or seen.__context__
+    return _ARRIVED[-1] if _ARRIVED else None
 
 
 def catch_sigterm():
     """Turn SIGTERM into ``Terminated`` in this process (its main thread, where the handler is still
-    the default). Under torchrun this is how a rank learns that another one failed when the launcher
+    the default), and note Ctrl-C's KeyboardInterrupt as it is raised (where Python's own handler is
+    installed). Under torchrun this is how a rank learns that another one failed when the launcher
     notices first: the launcher sends SIGTERM to the survivors, which then say how to resume.
-    Returns the handler to restore, or None when nothing was installed."""
+    Returns the handlers to restore, or None when nothing was installed."""
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
         return None
-    return signal.signal(signal.SIGTERM, _raise_terminated)
+    _ARRIVED.clear()
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupted)
+    return previous
 
 
 def _ignore_sigterm(installed) -> None:
@@ -209,6 +236,21 @@ def _ignore_sigterm(installed) -> None:
     after another failed) must not cut it short with a traceback."""
     if installed is not None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _interrupted(kind: type[KeyboardInterrupt], args, out) -> int:
+    """The one message for a stopped run (what was kept, how to go on) and its exit status."""
+    state = Path(out or ".").resolve()
+    if not args.stream:
+        print("\ninterrupted. Nothing was written (use the default --stream for resumable runs).", file=sys.stderr)
+    elif out is not None and state.with_name(state.name + ".partial").is_dir():
+        why = ("stopped by torchrun (SIGTERM): another rank has probably failed, see its error above"
+               if launched() and issubclass(kind, Terminated) else "interrupted")
+        print(f"\n{why}. Progress is kept in {state.name}.partial: rerun the same command with --resume "
+              "to continue from the last completed block.", file=sys.stderr)
+    else:
+        print("\ninterrupted before any work was saved: rerun the same command.", file=sys.stderr)
+    return 143 if issubclass(kind, Terminated) else 130
 
 
 def check_model_dir(path: str):
@@ -415,23 +457,15 @@ def main(argv: list[str] | None = None) -> int:
             final = fmt.finish(Path(final), Path(final_out), Path(args.model), args.overwrite)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
         _ignore_sigterm(previous_sigterm)
-        state = Path(out or ".").resolve()
-        if not args.stream:
-            print("\ninterrupted. Nothing was written (use the default --stream for resumable runs).", file=sys.stderr)
-        elif out is not None and state.with_name(state.name + ".partial").is_dir():
-            why = ("stopped by torchrun (SIGTERM): another rank has probably failed, see its error above"
-                   if launched() and isinstance(e, Terminated) else "interrupted")
-            print(f"\n{why}. Progress is kept in {state.name}.partial: rerun the same command with --resume "
-                  "to continue from the last completed block.", file=sys.stderr)
-        else:
-            print("\ninterrupted before any work was saved: rerun the same command.", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return _interrupted(type(e), args, out)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError, OSError, SafetensorError) as e:
         _ignore_sigterm(previous_sigterm)
+        if previous_sigterm is not None and (kind := interruption(e)) is not None:
+            return _interrupted(kind, args, out)  # a stop that a library reported as its own error
         fail(str(e))
     finally:
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+        for signum, handler in (previous_sigterm or {}).items():
+            signal.signal(signum, handler)
     print_summary(report, seconds, final, fmt)
     return 0
 

@@ -23,6 +23,29 @@ quantize.quantize_streaming = functools.partial(quantize.quantize_streaming, on_
 sys.exit(quantize.main(sys.argv[1:]))
 """
 
+# the signal lands while a library runs Python code, and the library reports it as its own error
+# (safetensors' reader does): chained to the interruption, or with the chain lost
+SIGNAL_WRAPPED_AFTER_BLOCK_0 = """
+import functools, signal, sys
+from gptq import quantize
+
+SIGNUM, CHAINED = getattr(signal, sys.argv[1]), sys.argv[2] == "chained"
+
+def on_event(event, rank):
+    if event == "saved:0":
+        try:
+            signal.raise_signal(SIGNUM)
+        except KeyboardInterrupt:
+            if CHAINED:
+                raise RuntimeError("Error while deserializing header: interrupted")
+        else:
+            raise AssertionError("the handler did not raise")
+        raise RuntimeError("Error while deserializing header: interrupted")
+
+quantize.quantize_streaming = functools.partial(quantize.quantize_streaming, on_event=on_event)
+sys.exit(quantize.main(sys.argv[3:]))
+"""
+
 READ_ONLY_DIR = """
 import errno, os, sys
 ro = os.path.realpath(sys.argv[1])
@@ -177,6 +200,19 @@ def test_sigterm_is_handled_like_ctrl_c_and_resumes(tmp_path, tiny_tokenizer_dir
     assert full.returncode == 0, full.stderr
     assert (tmp_path / "o" / "model.safetensors").read_bytes() == (tmp_path / "full" / "model.safetensors").read_bytes()
     assert not (tmp_path / "o.partial").exists()
+
+
+@pytest.mark.parametrize("signum,chain,code", [("SIGTERM", "lost", 143), ("SIGINT", "chained", 130)])
+def test_a_stop_a_library_reports_as_its_own_error_is_still_a_stop(tmp_path, tiny_tokenizer_dir, signum, chain, code):
+    """SIGTERM or Ctrl-C turned into a library's error (its chain kept or lost) still ends as a stop:
+    the stop's exit status and "progress is kept" line, not "error: ..." with exit status 2."""
+    d = sharded_tiny(tmp_path, tiny_tokenizer_dir, layers=2)
+    text = calib_text(tmp_path)
+    r = python("-c", SIGNAL_WRAPPED_AFTER_BLOCK_0, signum, chain, *cli_args(quantize_cmd(d, tmp_path / "o"), text))
+    assert r.returncode == code, r.stderr
+    assert "error:" not in r.stderr and "Traceback" not in r.stderr
+    assert "interrupted. Progress is kept in o.partial: rerun the same command with --resume" in r.stderr
+    assert (tmp_path / "o.partial" / "progress.json").is_file()
 
 
 def test_resume_with_nothing_to_resume_says_so(tmp_path, tiny_model_dir):

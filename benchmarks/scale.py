@@ -72,7 +72,8 @@ def bar_1b3(out: Path) -> dict:
     rc, peak = _run_peak(cmd + ["--out", str(whole)])
     secs = time.perf_counter() - t0
     print(f"uninterrupted: exit {rc}, {secs:.0f} s, peak RSS {peak:.2f} GiB", flush=True)
-    rc_int, peak_int = _run_peak(cmd + ["--out", str(resumed)], stop=(resumed, b["stop_after"]))
+    stop_log = out / "scale_1b3-stopped.log"
+    rc_int, peak_int = _run_peak(cmd + ["--out", str(resumed)], stop=(resumed, b["stop_after"]), log=stop_log)
     print(f"stopped after block {b['stop_after']}: exit {rc_int}, peak RSS {peak_int:.2f} GiB", flush=True)
     rc_res, peak_res = _run_peak(cmd + ["--out", str(resumed), "--resume"])
     report = json.loads((whole / "quantize_report.json").read_text())
@@ -83,6 +84,7 @@ def bar_1b3(out: Path) -> dict:
            "seconds": round(secs, 1), "peak_rss_gib": round(peak, 2), "bar_gib": b["bar_gib"],
            "under_bar": rc == 0 and peak <= b["bar_gib"],
            "stopped_exit_code": rc_int, "resumed_exit_code": rc_res,
+           "stopped_message": (stop_log.read_text().strip().splitlines() or [""])[-1],
            "stopped_peak_rss_gib": round(peak_int, 2), "resumed_peak_rss_gib": round(peak_res, 2),
            "resume_byte_identical": rc == rc_res == 0 and rc_int != 0 and checkpoint_sha(whole) == checkpoint_sha(resumed)}
     print(b["name"], row)
@@ -95,19 +97,25 @@ def _shapes(f: Path) -> list[tuple[int, ...]]:
         return [tuple(h.get_slice(k).get_shape()) for k in h.keys()]  # noqa: SIM118
 
 
-def _run_peak(cmd: list[str], stop: tuple[Path, int] | None = None, env: dict | None = None) -> tuple[int, float]:
-    """Run ``cmd`` (in ``env``, default this one's); its exit code and its own peak RSS in GiB.
-    ``stop`` = (OUT, k): send SIGTERM once OUT.partial records block k as saved."""
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+def _run_peak(cmd: list[str], stop: tuple[Path, int] | None = None, env: dict | None = None,
+              log: Path | None = None) -> tuple[int, float]:
+    """Run ``cmd`` (in ``env``, default this one's; its stderr into ``log``); its exit code and its
+    own peak RSS in GiB. ``stop`` = (OUT, k): send SIGTERM once OUT.partial records block k as saved."""
+    err = subprocess.DEVNULL if log is None else log.open("w")
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+    done = None  # (pid, status, usage) once reaped: os.wait4, not Popen.poll, which would reap it unseen
     if stop is not None:
         progress = stop[0].with_name(stop[0].name + ".partial") / "progress.json"
-        while p.poll() is None:
+        while (done := os.wait4(p.pid, os.WNOHANG))[0] == 0:
             try:
                 if json.loads(progress.read_text())["completed"] > stop[1]:
                     p.send_signal(signal.SIGTERM)
+                    done = None
                     break
             except (OSError, ValueError, KeyError):
                 pass
             time.sleep(0.2)
-    _, status, usage = os.wait4(p.pid, 0)
+    _, status, usage = done or os.wait4(p.pid, 0)
+    if log is not None:
+        err.close()
     return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024**2

@@ -30,6 +30,7 @@ import functools, signal, sys
 from gptq import quantize
 
 SIGNUM, CHAINED = getattr(signal, sys.argv[1]), sys.argv[2] == "chained"
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job inherits it ignored)
 
 def on_event(event, rank):
     if event == "saved:0":

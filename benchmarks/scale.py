@@ -19,6 +19,7 @@ from benchmarks.common import MODEL, checkpoint_sha, wiki, write
 from benchmarks.stream_child import stream_child
 from benchmarks.synthetic import synthetic_llama
 from gptq.assets import smollm2
+from gptq.runtime.cpu import cpu_info
 
 SCALE_SHAPES = {  # name: (hidden, intermediate, heads, kv heads, layers)
     "h1024-L4": (1024, 2816, 16, 4, 4),
@@ -86,7 +87,8 @@ def bar_1b3(out: Path) -> dict:
            "stopped_exit_code": rc_int, "resumed_exit_code": rc_res,
            "stopped_message": (stop_log.read_text().strip().splitlines() or [""])[-1],
            "stopped_peak_rss_gib": round(peak_int, 2), "resumed_peak_rss_gib": round(peak_res, 2),
-           "resume_byte_identical": rc == rc_res == 0 and rc_int != 0 and checkpoint_sha(whole) == checkpoint_sha(resumed)}
+           "resume_byte_identical": rc == rc_res == 0 and rc_int != 0 and checkpoint_sha(whole) == checkpoint_sha(resumed),
+           "cpu": cpu_info()}
     print(b["name"], row)
     shutil.rmtree(out / "synthetic", ignore_errors=True)
     return row

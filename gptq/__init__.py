@@ -28,9 +28,9 @@ def _return_freed_memory() -> None:
     starts at 128 KiB and rises to every freed mmap'ed block's size (up to 32 MiB). Block weights,
     Hessians and activations are freed and reallocated block after block, so after the first few
     they all land in the heap, whose freed holes stay resident: quantizing an 8-layer, 2048-wide
-    model held 0.7-0.8 GB free inside malloc between blocks (mallinfo2) and peaked at 2.10 GB RSS;
+    model held 0.7-0.8 GiB free inside malloc between blocks (mallinfo2) and peaked at 2.04 GiB RSS;
     with the threshold fixed at 1 MiB, allocations of 1 MiB and more are mapped and returned to the
-    system when freed: 0.08 GB free between blocks, a 1.55 GB peak, no slower (docs/results.md,
+    system when freed: 0.08 GiB free between blocks, a 1.68 GiB peak, the same time (docs/results.md,
     "Memory"). Only on glibc, and never over the user's own malloc settings."""
     if sys.platform != "linux" or {"MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"} & os.environ.keys():
         return

@@ -205,8 +205,8 @@ def _raise_interrupted(signum, frame):
 def interruption(e: BaseException) -> type[KeyboardInterrupt] | None:
     """The interruption behind ``e``, if any: ``e`` itself, one in its chain, or the last signal our
     handlers raised. A handler's exception is raised wherever Python was, and a library running
-    Python code at that moment may turn it into its own error (safetensors' reader reports a
-    SIGTERM that lands inside it as a failed read): that is still the user's stop, not bad input."""
+    Python code at that moment may catch it and raise its own error instead: that is still the
+    user's stop, not bad input."""
     seen = e
     while seen is not None:
         if isinstance(seen, KeyboardInterrupt):

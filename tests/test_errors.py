@@ -23,8 +23,8 @@ quantize.quantize_streaming = functools.partial(quantize.quantize_streaming, on_
 sys.exit(quantize.main(sys.argv[1:]))
 """
 
-# the signal lands while a library runs Python code, and the library reports it as its own error
-# (safetensors' reader does): chained to the interruption, or with the chain lost
+# the signal lands while a library runs Python code, and the library catches the handler's exception
+# and raises its own error instead: chained to the interruption, or with the chain lost
 SIGNAL_WRAPPED_AFTER_BLOCK_0 = """
 import functools, signal, sys
 from gptq import quantize

@@ -106,19 +106,13 @@ class NestedAbsmax:
         return codes.to(torch.uint8)
 
 
-class CodebookFamily:
-    """Grids of one codebook (``TABLES[name]``): fit an absmax per row, round to the nearest value."""
+class TableGrid:
+    """Rounding onto a fixed, possibly non-uniform table of values times a scale: a code is the index
+    of the table value nearest to w / scale, and dequantizes to table[code] · scale. What a
+    codebook family and GGML's iq4_nl share; each adds its own way of fitting the scale."""
 
-    scale_dtype = torch.float32  # bitsandbytes stores absmax in float32
-    zero_dtype = torch.int32  # unused (zeros)
-    groups_per_fit = 1
-
-    def __init__(self, name: str, mse: bool = True, double_quant: bool = False):
-        if name not in TABLES:
-            raise ValueError(f"unknown codebook {name!r}; choose one of {sorted(TABLES)}")
-        self.name, self.mse, self.double_quant = name, mse, double_quant
-        self.nested: NestedAbsmax | None = None  # set by prepare() when double_quant
-        self.table = torch.tensor(TABLES[name], dtype=torch.float64)  # [16] code → value
+    def __init__(self, table: tuple[float, ...]):
+        self.table = torch.tensor(table, dtype=torch.float64)  # [16] code → value
         values, order = torch.sort(self.table, stable=True)
         self.order = order  # [16] sorted position → code
         self.mid = (values[1:] + values[:-1]) / 2  # [15] decision boundaries
@@ -132,7 +126,7 @@ class CodebookFamily:
         return self._cast[key]
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
-        """Codes (as w's float dtype, 0..15) of w against absmax ``scale`` (broadcast)."""
+        """Codes (as w's float dtype) of w against ``scale`` (broadcast)."""
         _, order, mid = self._to(w)
         return order[torch.bucketize(w / scale, mid)].to(w.dtype)
 
@@ -143,6 +137,21 @@ class CodebookFamily:
     def dequantize_into(self, codes, scale, zero, out: torch.Tensor) -> torch.Tensor:
         table, _, _ = self._to(scale)
         return torch.mul(table[codes.long()], scale, out=out)
+
+
+class CodebookFamily(TableGrid):
+    """Grids of one codebook (``TABLES[name]``): fit an absmax per row, round to the nearest value."""
+
+    scale_dtype = torch.float32  # bitsandbytes stores absmax in float32
+    zero_dtype = torch.int32  # unused (zeros)
+    groups_per_fit = 1
+
+    def __init__(self, name: str, mse: bool = True, double_quant: bool = False):
+        if name not in TABLES:
+            raise ValueError(f"unknown codebook {name!r}; choose one of {sorted(TABLES)}")
+        super().__init__(TABLES[name])
+        self.name, self.mse, self.double_quant = name, mse, double_quant
+        self.nested: NestedAbsmax | None = None  # set by prepare() when double_quant
 
     def prepare(self, W: torch.Tensor, group_size: int) -> None:
         """Fix the double-quantization state from the unquantized matrix W [out, in] (no-op without

@@ -3,15 +3,18 @@
 Every type quantizes runs of weights along a row (the input dimension), so a GGML block is one of
 the solver's groups (or, for the K-quants, a super-block of 8 or 16 groups):
 
-    type   group  stored per group / super-block                 value
-    q4_0    32    d fp16                                         d·(q − 8)        q 0..15
-    q5_0    32    d fp16                                         d·(q − 16)       q 0..31
-    q8_0    32    d fp16                                         d·(q − 128)      stored as int8 q − 128
-    q4_1    32    d, m fp16                                      d·q + m          q 0..15
-    q5_1    32    d, m fp16                                      d·q + m          q 0..31
-    q4_k    32    super-block of 8: d, dmin fp16; 6-bit sc, mn   (d·sc)·q − dmin·mn   q 0..15
-    q5_k    32    the same                                       (d·sc)·q − dmin·mn   q 0..31
-    q6_k    16    super-block of 16: d fp16; int8 sc             (d·sc)·(q − 32)      q 0..63
+    type    group  stored per group / super-block                 value
+    q4_0     32    d fp16                                         d·(q − 8)        q 0..15
+    q5_0     32    d fp16                                         d·(q − 16)       q 0..31
+    q8_0     32    d fp16                                         d·(q − 128)      stored as int8 q − 128
+    q4_1     32    d, m fp16                                      d·q + m          q 0..15
+    q5_1     32    d, m fp16                                      d·q + m          q 0..31
+    iq4_nl   32    d fp16                                         d·K[q]           q 0..15, K the 16-value table
+    q2_k     16    super-block of 16: d, dmin fp16; 4-bit sc, mn  (d·sc)·q − dmin·mn   q 0..3
+    q3_k     16    super-block of 16: d fp16; 6-bit sc            (d·(sc − 32))·(q − 4)  q 0..7
+    q4_k     32    super-block of 8: d, dmin fp16; 6-bit sc, mn   (d·sc)·q − dmin·mn   q 0..15
+    q5_k     32    the same                                       (d·sc)·q − dmin·mn   q 0..31
+    q6_k     16    super-block of 16: d fp16; int8 sc             (d·sc)·(q − 32)      q 0..63
 
 (layouts and arithmetic: ggml's ``ggml-common.h`` block structs and the ``gguf`` package's
 ``quants`` module, whose dequantizers are the reference in the tests). The K-quants store their
@@ -19,6 +22,9 @@ group scales quantized, so the solver must round against the stored ones: ``KQua
 whole super-block when its first column comes up (the solver asks it for ``groups_per_fit``
 groups at once), quantizes the 8 or 16 scales, and the columns are then rounded against exactly
 ``float32(d)·sc`` and ``float32(dmin)·mn``, the products the dequantizer computes.
+
+iq4_nl is a codebook grid (``codebook.TableGrid``): K is ggml's ``kvalues_iq4nl``, a non-uniform
+table from −127 to 113, and d carries a sign, so either end of the table can take a row's extreme.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from gptq.core.grids.search import best_of, shrink_search
+from gptq.core.grids.codebook import TableGrid
+from gptq.core.grids.search import best_of, by_rows, shrink_search
 from gptq.core.grids.uniform import Grid
 
 
@@ -38,9 +45,10 @@ class BlockType:
     name: str
     bits: int
     group: int  # weights per scale
-    kind: str  # "sym" | "min" | "kquant" | "kquant6"
+    kind: str  # "sym" | "min" | "table" | "kquant" | "kquant6" | "kquant3"
     per_fit: int = 1  # groups per super-block
     block_bytes: int = 0  # bytes per 32 (or 256) weights
+    scale_bits: int = 0  # K-quants: bits of each stored group scale (and minimum)
 
     @property
     def block_weights(self) -> int:
@@ -53,10 +61,16 @@ TYPES = {t.name: t for t in (
     BlockType("q5_0", 5, 32, "sym", 1, 22),
     BlockType("q5_1", 5, 32, "min", 1, 24),
     BlockType("q8_0", 8, 32, "sym", 1, 34),
-    BlockType("q4_k", 4, 32, "kquant", 8, 144),
-    BlockType("q5_k", 5, 32, "kquant", 8, 176),
-    BlockType("q6_k", 6, 16, "kquant6", 16, 210),
+    BlockType("iq4_nl", 4, 32, "table", 1, 18),
+    BlockType("q2_k", 2, 16, "kquant", 16, 84, 4),
+    BlockType("q3_k", 3, 16, "kquant3", 16, 110, 6),
+    BlockType("q4_k", 4, 32, "kquant", 8, 144, 6),
+    BlockType("q5_k", 5, 32, "kquant", 8, 176, 6),
+    BlockType("q6_k", 6, 16, "kquant6", 16, 210, 8),
 )}
+
+# ggml-common.h's kvalues_iq4nl: iq4_nl's code → value (times d)
+KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 def bits_per_weight(name: str) -> float:
@@ -163,6 +177,61 @@ class MinFamily:
         return torch.mul(codes, scale, out=out).add_(zero)
 
 
+class TableFamily(TableGrid):
+    """iq4_nl: w = d·K[q] with K = ``KVALUES_IQ4NL`` (−127 .. 113), d float16 of either sign.
+
+    The table is asymmetric, so the sign of d decides which side of a group reaches 127·|d|: the
+    solver tries both per row (d < 0 puts it on the positive side), and with mse shrunk ranges,
+    as SignedFamily does. Worked example: a group whose largest weight is 0.254 and whose most
+    negative is −0.2: d = −0.254/127 = −0.002 maps 0.254 to K[0] = −127 and −0.2 to K[15] = 113
+    (−0.226), where d = +0.002 would reach only 113·0.002 = 0.226 above zero."""
+
+    scale_dtype = torch.float16
+    zero_dtype = torch.int32  # unused (zeros)
+    groups_per_fit = 1
+
+    def __init__(self, mse: bool):
+        super().__init__(KVALUES_IQ4NL)
+        self.mse = mse
+        self.reach = float(max(abs(v) for v in KVALUES_IQ4NL))
+
+    def prepare(self, W, group_size):
+        pass
+
+    def state(self):
+        return None
+
+    def _d(self, amax, shrink, sign):  # [P, out]
+        d = _fp16(sign * shrink * amax / self.reach)
+        # the table has no 0: an all-zero group is stored with d = 0 (as llama.cpp does), a tiny one not
+        return torch.where(amax == 0, 0.0, torch.where(d == 0, torch.full_like(d, 2.0**-24), d))
+
+    def quantize(self, w, scale, zero=None):
+        # a zero d holds an all-zero group, which every code dequantizes to 0: divide by 1 there
+        return super().quantize(w, torch.where(scale == 0, torch.ones_like(scale), scale))
+
+    def fit(self, w, col_weight=None, group=None, cols=None) -> Grid:
+        w = w if w.dtype == torch.float64 else w.float()
+        out, k = w.shape
+        amax = w.abs().amax(dim=1)  # [out]
+        cw = torch.ones(k, dtype=w.dtype, device=w.device) if col_weight is None else col_weight.to(w.dtype)
+
+        def cost(shrink):  # [P, out] → weighted squared errors [2P, out]: every shrink with d < 0, then d > 0
+            def rows(r0, r1):
+                a, s, wr = amax[r0:r1], shrink[:, r0:r1], w[None, r0:r1]
+                d = torch.cat([self._d(a, s, -1.0), self._d(a, s, 1.0)])[..., None]  # [2P, rows, 1]
+                return self.dequantize(self.quantize(wr, d), d).sub_(wr).square_() @ cw
+
+            return by_rows(rows, out, 2 * shrink.shape[0] * k, 1 << 20)
+
+        if self.mse:
+            shrink, negative = shrink_search(cost, (out,), w)
+        else:  # the sign is chosen all the same
+            shrink, negative = best_of(cost, torch.ones(1, out, dtype=w.dtype, device=w.device))
+        sign = torch.where(negative == 0, -1.0, 1.0).to(w.dtype)  # variant 0: d < 0
+        return Grid(self._d(amax, shrink, sign), torch.zeros(out, dtype=w.dtype, device=w.device))
+
+
 @dataclass(frozen=True)
 class KScales:
     """The stored scales of a K-quant matrix: per super-block (unit) and row."""
@@ -184,12 +253,18 @@ class KScales:
 
 
 class KQuantFamily:
-    """q4_k / q5_k (affine, 8 groups of 32 with 6-bit scales and minimums under fp16 d, dmin) and
-    q6_k (symmetric, 16 groups of 16 with int8 scales under fp16 d), one super-block per fit.
+    """The K-quants, one super-block per fit:
+
+        q2_k          affine, 16 groups of 16, 4-bit scales and minimums under fp16 d, dmin
+        q4_k / q5_k   affine, 8 groups of 32, 6-bit scales and minimums under fp16 d, dmin
+        q3_k          signed, 16 groups of 16, 6-bit scales sc − 32 in [−32, 31] under fp16 d
+        q6_k          signed, 16 groups of 16, int8 scales under fp16 d
 
     Each group's (scale, min) is searched for the least col_weight-weighted error as for our own
-    grids; the super-block's scales are then quantized (d = max/63 or max/127 in float16, codes
-    rounded) and the group grids become the stored products, which the solver rounds against."""
+    grids (q3_k's scale with either sign, its 8 levels −4..3 being asymmetric, as SignedFamily
+    does); the super-block's scales are then quantized (d from the largest one, the codes rounded)
+    and the group grids become the stored products, which the solver rounds against. A group whose
+    weights are all zero takes no part in d: any stored scale rounds it exactly."""
 
     scale_dtype = torch.float32
     zero_dtype = torch.float32
@@ -198,8 +273,11 @@ class KQuantFamily:
         self.t, self.mse = t, mse
         self.maxq = 2**t.bits - 1
         self.groups_per_fit = t.per_fit
-        self.sym = t.kind == "kquant6"
-        self.scale_max = 127 if self.sym else 63
+        self.sym = t.kind in ("kquant6", "kquant3")  # w = s·(q − z), no minimum
+        self.z = 2 ** (t.bits - 1)  # the zero of a symmetric grid: 32 for q6_k, 4 for q3_k
+        self.signed = t.kind == "kquant3"  # both signs searched; d stores the largest scale as −32
+        self.variants = 2 if self.signed else 1
+        self.scale_max = 2 ** (t.scale_bits - 1) - 1 if t.kind == "kquant6" else 2**t.scale_bits - 1
         self.units: dict[int, tuple] = {}
 
     def prepare(self, W, group_size):
@@ -210,8 +288,14 @@ class KQuantFamily:
         parts = [self.units[u] for u in range(self.n_units)]
         return KScales(*(torch.stack([p[i] for p in parts]) for i in range(4)))
 
-    def _raw(self, x, shrink):
-        """Unquantized group grids for shrink factors [P, out, G]: scale, min (≥ 0, subtracted)."""
+    def _candidates(self, x, shrink):
+        """Unquantized group grids of x [out, G, gs] for shrink factors [P, out, G]: scale, min (≥ 0,
+        subtracted), each [V·P, out, G] (q3_k: every shrink with a negative scale, then positive)."""
+        if self.signed:
+            s = shrink * x.abs().amax(dim=-1) / self.z  # the level −4·s reaches the group's extreme
+            s = torch.where(s == 0, torch.ones_like(s), s)
+            s = torch.cat([-s, s])
+            return s, torch.zeros_like(s)
         if self.sym:
             amax = x.abs().amax(dim=-1)  # [out, G]
             s = 2 * shrink * amax / self.maxq
@@ -228,7 +312,28 @@ class KQuantFamily:
         return (e.square_() * cw).sum(dim=-1)
 
     def _zero(self, m, s):
-        return torch.full_like(s, 32.0) if self.sym else m
+        return torch.full_like(s, float(self.z)) if self.sym else m
+
+    def _store(self, s, m, live):
+        """The super-block's stored scales for group grids s, m [out, G] (``live``: groups with a
+        non-zero weight): d, dmin [out] and the codes sc, mn [out, G]."""
+        if self.signed:  # q3_k, as quantize_row_q3_K_ref: the largest scale (with its sign) stored as −32
+            ref = torch.where(live, s, torch.zeros_like(s))
+            ref = ref.gather(1, ref.abs().argmax(dim=1, keepdim=True))[:, 0]  # [out]
+            d = _fp16(ref / -32)
+            d = torch.where(d == 0, torch.full_like(d, 2.0**-24), d)
+            r = s / d[:, None]
+            sc = torch.clamp(torch.round(r), -32, 31)
+            sc = torch.where(sc == 0, torch.sign(r), sc)  # never a zero scale: codes are w / scale
+            return d, sc, torch.zeros_like(d), torch.zeros_like(sc)
+        d = _fp16(torch.where(live, s, torch.zeros_like(s)).amax(dim=1) / self.scale_max)  # [out]
+        d = torch.where(d == 0, torch.full_like(d, 2.0**-24), d)
+        sc = torch.clamp(torch.round(s / d[:, None]), 1, self.scale_max)
+        if self.sym:
+            return d, sc, torch.zeros_like(d), torch.zeros_like(sc)
+        dmin = _fp16(m.amax(dim=1) / self.scale_max)
+        mn = torch.where(dmin[:, None] > 0, torch.round(m / dmin[:, None].clamp(min=2.0**-24)), 0)
+        return d, sc, dmin, mn.clamp(0, self.scale_max)
 
     def fit(self, w, col_weight=None, group=None, cols=None) -> Grid:
         G, gs = self.t.per_fit, self.t.group
@@ -240,20 +345,23 @@ class KQuantFamily:
         if col_weight is not None:
             cw[cols] = col_weight.to(w.dtype)
         x, cw = x.view(out, G, gs), cw.view(G, gs)
-        if self.mse:  # a shrink per group of each row
-            shrink, _ = shrink_search(lambda cands: self._err(x[None], *self._raw(x, cands), cw), (out, G), w)
+
+        def cost(shrinks):  # [P, out, G] → weighted errors [V·P, out, G], a chunk of rows at a time
+            def rows(r0, r1):
+                xr = x[r0:r1]
+                return self._err(xr[None], *self._candidates(xr, shrinks[:, r0:r1]), cw)
+
+            return by_rows(rows, out, self.variants * shrinks.shape[0] * G * gs, 1 << 20)
+
+        ones = torch.ones(out, G, dtype=w.dtype, device=w.device)
+        if self.mse:  # a shrink (and for q3_k a sign) per group of each row
+            shrink, variant = shrink_search(cost, (out, G), w)
+        elif self.signed:  # the sign is chosen all the same
+            shrink, variant = best_of(cost, ones[None])
         else:
-            shrink = torch.ones(out, G, dtype=w.dtype, device=w.device)
-        s, m = self._raw(x, shrink)  # [out, G]
-        # quantize the super-block's scales (and minimums) as stored
-        d = _fp16(s.amax(dim=1) / self.scale_max)  # [out]
-        d = torch.where(d == 0, torch.full_like(d, 2.0**-24), d)
-        sc = torch.clamp(torch.round(s / d[:, None]), 1, self.scale_max)
-        if self.sym:
-            dmin, mn = torch.zeros_like(d), torch.zeros_like(sc)
-        else:
-            dmin = _fp16(m.amax(dim=1) / self.scale_max)
-            mn = torch.where(dmin[:, None] > 0, torch.round(m / dmin[:, None].clamp(min=2.0**-24)), 0).clamp(0, 63)
+            shrink, variant = ones, torch.zeros(out, G, dtype=torch.int64, device=w.device)
+        s, m = (t.gather(0, variant[None])[0] for t in self._candidates(x, shrink[None]))  # [out, G]
+        d, sc, dmin, mn = self._store(s, m, x.abs().amax(dim=-1) > 0)
         self.units[group] = (d.float(), sc.T.to(torch.int16), dmin.float(), mn.T.to(torch.int16))
         scale = d.float()[:, None] * sc.float()  # [out, G] float32 products, as the dequantizer forms them
         minimum = dmin.float()[:, None] * mn.float()
@@ -279,6 +387,8 @@ def ggml_family(name: str, mse: bool = True):
         return SignedFamily(t.bits, mse)
     if t.kind == "min":
         return MinFamily(t.bits, mse)
+    if t.kind == "table":
+        return TableFamily(mse)
     return KQuantFamily(t, mse)
 
 
@@ -301,6 +411,30 @@ def _high_bits32(q: np.ndarray) -> np.ndarray:
     return bits.sum(axis=-1, dtype=np.uint32)[..., None].view(np.uint8)
 
 
+def _bit_planes(b: np.ndarray) -> np.ndarray:
+    """[..., 256] bits → [..., 32] bytes: bit s of byte l is b[32·s + l] (q5_k's qh, q3_k's hmask)."""
+    planes = b.reshape(*b.shape[:-1], 8, 32)
+    return (planes << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=-2, dtype=np.uint8)
+
+
+def _crumbs(q: np.ndarray) -> np.ndarray:
+    """[..., 256] codes → [..., 64] bytes of their low 2 bits: in each half of 128, byte l holds
+    q[l], q[l + 32], q[l + 64], q[l + 96] at bits 0, 2, 4, 6 (q2_k's and q3_k's qs)."""
+    c = (q & 3).reshape(*q.shape[:-1], 2, 4, 32)  # [.., half, shift, 32]
+    return (c << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=-2, dtype=np.uint8).reshape(*q.shape[:-1], 64)
+
+
+def _q3_k_scales(sc: np.ndarray) -> np.ndarray:
+    """[..., 16] scales in [−32, 31] → q3_k's 12 bytes of l = sc + 32: byte j < 8 holds the low
+    nibbles of l[j] and l[j + 8]; byte 8 + i holds the top 2 bits of l[i], l[i + 4], l[i + 8],
+    l[i + 12] at bits 0, 2, 4, 6."""
+    u = (sc + 32).astype(np.uint8)
+    low = (u[..., :8] & 15) | ((u[..., 8:] & 15) << 4)  # [.., 8]
+    top = (u >> 4).reshape(*u.shape[:-1], 4, 4)  # [.., j // 4, j % 4]
+    high = (top << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=-2, dtype=np.uint8)  # [.., 4]
+    return np.concatenate([low, high], axis=-1)
+
+
 def pack_blocks(name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 state: KScales | None) -> torch.Tensor:
     """A solved matrix as GGML blocks: uint8 [out, in / block_weights * block_bytes].
@@ -313,7 +447,7 @@ def pack_blocks(name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: tor
         raise ValueError(f"{name} needs rows that are a multiple of {t.block_weights} weights, got {n}")
     q = codes.to(torch.uint8).numpy().reshape(out, n // t.block_weights, t.block_weights)  # [out, blocks, bw]
     parts: list[np.ndarray] = []
-    if t.kind in ("sym", "min"):
+    if t.kind in ("sym", "min", "table"):  # (iq4_nl: q4_0's layout, its codes index the table)
         parts.append(_f16_bytes(scales.T.contiguous().float()).reshape(out, -1, 2))
         if t.kind == "min":
             parts.append(_f16_bytes(zeros.T.contiguous().float()).reshape(out, -1, 2))
@@ -333,21 +467,25 @@ def pack_blocks(name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: tor
         qh = (q >> 4).reshape(out, -1, 2, 4, 32)  # [.., half, quarter, 32]
         qh = (qh[..., 0, :] | (qh[..., 1, :] << 2) | (qh[..., 2, :] << 4) | (qh[..., 3, :] << 6)).reshape(out, -1, 64)
         blocks = [ql, qh, sc.astype(np.int8).view(np.uint8), d]
+    elif t.kind == "kquant3":  # hmask (bit 2 of each code), qs (bits 0-1), scales, d
+        blocks = [_bit_planes((q >> 2) & 1), _crumbs(q), _q3_k_scales(sc), d]
     else:
         mn = state.mn.permute(2, 0, 1).numpy().astype(np.uint8)
         sc = sc.astype(np.uint8)
-        packed = np.concatenate([
-            (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),
-            (mn[..., :4] & 63) | ((mn[..., 4:] >> 4) << 6),
-            (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)], axis=-1)  # [out, units, 12]
         dmin = _f16_bytes(state.dmin.T.contiguous())[..., None].reshape(out, -1, 2)
-        pairs = q.reshape(out, -1, 4, 2, 32)  # [.., 64-chunk, low/high, 32]
-        qs = ((pairs[..., 0, :] & 15) | ((pairs[..., 1, :] & 15) << 4)).reshape(out, -1, 128)
-        blocks = [d, dmin, packed]
-        if t.bits == 5:
-            hb = ((q >> 4) & 1).reshape(out, -1, 8, 32)  # bit s of qh[l] = high bit of group s, position l
-            blocks.append((hb << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=2, dtype=np.uint8))
-        blocks.append(qs)
+        if t.bits == 2:  # scales (sc | mn << 4), qs, d, dmin
+            blocks = [(sc & 15) | (mn << 4), _crumbs(q), d, dmin]
+        else:
+            packed = np.concatenate([
+                (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),
+                (mn[..., :4] & 63) | ((mn[..., 4:] >> 4) << 6),
+                (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)], axis=-1)  # [out, units, 12]
+            pairs = q.reshape(out, -1, 4, 2, 32)  # [.., 64-chunk, low/high, 32]
+            qs = ((pairs[..., 0, :] & 15) | ((pairs[..., 1, :] & 15) << 4)).reshape(out, -1, 128)
+            blocks = [d, dmin, packed]
+            if t.bits == 5:
+                blocks.append(_bit_planes((q >> 4) & 1))  # bit s of qh[l] = high bit of group s, position l
+            blocks.append(qs)
     return torch.from_numpy(np.concatenate(blocks, axis=-1).reshape(out, -1).copy())
 
 

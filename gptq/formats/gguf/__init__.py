@@ -20,7 +20,7 @@ from gptq.core.config import ConfigError
 from gptq.core.grids import GridSpec
 from gptq.core.grids.ggml import TYPES
 from gptq.formats.base import Format, linear_inputs
-from gptq.formats.gguf.rules import FILE_TYPES, check_moe, plan
+from gptq.formats.gguf.rules import FILE_TYPES, check_moe, n_gqa, plan
 from gptq.formats.gguf.tokenizer import check_tokenizer
 from gptq.formats.gguf.writer import GgmlLinear, fixed_file_bytes, padded, write_gguf
 from gptq.io.safetensors_io import prepare_output
@@ -32,7 +32,7 @@ class GGUF(Format):
 
     # what a size budget chooses between by default: every block type this writer makes (llama.cpp loads any
     # per-tensor mix of them)
-    AUTO = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")
+    AUTO = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "iq4_nl", "q2_k", "q3_k")
     MIXED_EDGES = "q4_k_m"  # --format gguf with a budget: the embeddings and head typed as in a Q4_K_M file
 
     def __init__(self, config, file_type: str):
@@ -55,9 +55,10 @@ class GGUF(Format):
         arch = for_config(model.config)
         n_expert = getattr(model.config, arch.experts.count) if arch.experts is not None else 0
         try:
-            check_moe(model.config.to_dict())
+            hf = model.config.to_dict()
+            check_moe(hf)
             self.default, per_layer = plan(self.file_type, model.config.model_type, linear_inputs(model), arch.blocks,
-                                           n_expert)
+                                           n_expert, n_gqa(hf, model.config.model_type))
             if model_dir is not None:
                 check_tokenizer(Path(model_dir))  # refuse now, not after the solve
         except ValueError as e:
@@ -69,8 +70,8 @@ class GGUF(Format):
         return self.plan.get(name) or GridSpec.ggml(self.types.get(name, self.default))
 
     def candidates(self, spec: str) -> list[GridSpec]:
-        """"auto" (every type this writer makes: q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k) or a list
-        of them; a linear whose rows are not a multiple of a type's block cannot take it."""
+        """"auto" (every type this writer makes: q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, iq4_nl, q2_k,
+        q3_k) or a list of them; a linear whose rows are not a multiple of a type's block cannot take it."""
         names = self.AUTO if spec == "auto" else [t.strip().lower() for t in spec.split(",")]
         bad = [t for t in names if t not in TYPES]
         if bad:

@@ -1,7 +1,8 @@
 """llama-quantize's choice of GGML type per tensor, as data and small rules.
 
 From llama.cpp's ``src/llama-quant.cpp`` (``llama_tensor_get_type_impl`` and ``tensor_type_fallback``,
-llama.cpp as vendored in llama-cpp-python 0.3.36), its 8-expert rules included.
+llama.cpp as vendored in llama-cpp-python 0.3.36), its 8-expert rules included. Not modelled: the
+Falcon rules (no Falcon here) and the bump of attn_v to Q5_K in models llama.cpp classes as 70B.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from gptq.formats.gguf.names import ARCHITECTURES, BLOCK_NAMES, EXPERT_NAME, EXP
 
 # file type → (llama.cpp's LLAMA_FTYPE_MOSTLY_* number, the default block type)
 FILE_TYPES = {"q4_0": (2, "q4_0"), "q4_1": (3, "q4_1"), "q8_0": (7, "q8_0"), "q5_0": (8, "q5_0"),
-              "q5_1": (9, "q5_1"), "q4_k_s": (14, "q4_k"), "q4_k_m": (15, "q4_k"), "q5_k_s": (16, "q5_k"),
-              "q5_k_m": (17, "q5_k"), "q6_k": (18, "q6_k")}
-FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}  # when a row is not a multiple of 256
+              "q5_1": (9, "q5_1"), "q2_k": (10, "q2_k"), "q3_k_s": (11, "q3_k"), "q3_k_m": (12, "q3_k"),
+              "q3_k_l": (13, "q3_k"), "q4_k_s": (14, "q4_k"), "q4_k_m": (15, "q4_k"), "q5_k_s": (16, "q5_k"),
+              "q5_k_m": (17, "q5_k"), "q6_k": (18, "q6_k"), "iq4_nl": (25, "iq4_nl")}
+# when a row is not a multiple of 256 (iq4_nl's block is 32: it has no fallback)
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+LOW_BIT = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "iq4_nl")  # the file types ``_low_bit_type`` decides
 
 
 def _more_bits(i: int, n: int) -> bool:
@@ -31,6 +35,16 @@ def _fits(t: str, cols: int) -> str:
     return t
 
 
+def n_gqa(hf: dict, model_type: str) -> int:
+    """llama.cpp's ``n_gqa()``: attention heads per key/value head, from config.json's keys as the
+    writer stores them (GPT-2 and GPT-NeoX have no grouped-query attention)."""
+    heads = hf.get("num_attention_heads") or hf.get("n_head")
+    kv = hf.get("num_key_value_heads") or heads
+    if not heads or ARCHITECTURES.get(model_type) in ("gpt2", "gptneox"):
+        return 1
+    return heads // kv
+
+
 def role_of(rest: str) -> str:
     """The GGUF role of a block's linear (``self_attn.v_proj`` → attn_v; a routed expert's linear →
     ffn_gate_exps / ffn_up_exps / ffn_down_exps)."""
@@ -38,8 +52,38 @@ def role_of(rest: str) -> str:
     return EXPERT_ROLES[m.group(2)] if m else BLOCK_NAMES[rest]
 
 
+def _low_bit_type(ftype: str, role: str, i: int, n_layers: int, calibrated: bool, n_expert: int, n_gqa: int) -> str:
+    """The type in a Q2_K, Q3_K_S/M/L or IQ4_NL file, before the fallback. attn_qkv takes attn_v's rules:
+    llama-quant.cpp's ``category_is_attn_v`` counts fused q/k/v as attn_v, ahead of the branch written
+    for ATTENTION_QKV (llama-quantize's own files of GPT-2, whose q/k/v are fused, agree)."""
+    t = FILE_TYPES[ftype][1]
+    if n_expert == 8 and role in ("attn_v", "attn_qkv", "attn_k"):
+        return "q8_0"
+    if role in ("attn_v", "attn_qkv"):
+        if ftype == "q2_k":
+            return "q4_k" if n_gqa >= 4 else "q3_k"
+        if ftype == "q3_k_m":
+            return "q5_k" if i < 2 else "q4_k"  # the first two attn_v tensors
+        if ftype == "q3_k_l" or (ftype == "iq4_nl" and n_gqa >= 4):
+            return "q5_k"
+    elif role == "attn_output":
+        if n_expert == 8:  # (Q3_K_L is not in llama.cpp's list)
+            return t if ftype == "q3_k_l" else "q5_k"
+        return {"q2_k": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(ftype, t)
+    elif role.startswith("ffn_down"):
+        if ftype == "q2_k":
+            return "q3_k"
+        if ftype == "q3_k_m":
+            return "q5_k" if i < n_layers // 16 else "q4_k"
+        if ftype == "q3_k_l":
+            return "q5_k"
+        if ftype == "iq4_nl" and not calibrated and i < n_layers // 8:
+            return "q5_k"
+    return t
+
+
 def layer_type(ftype: str, role: str, i: int, n_layers: int, cols: int, calibrated: bool = True,
-               n_expert: int = 0) -> str:
+               n_expert: int = 0, n_gqa: int = 1) -> str:
     """The GGML type llama.cpp gives a decoder linear (role: the GGUF name, e.g. "attn_v", or a
     merged expert tensor, e.g. "ffn_down_exps") of layer i.
 
@@ -47,7 +91,10 @@ def layer_type(ftype: str, role: str, i: int, n_layers: int, cols: int, calibrat
     every GPTQ file is calibrated: the first eighth of the ffn_down tensors of a Q4_0 / Q5_0 file
     get Q4_1 / Q5_1 ("guard against craziness in the first few ffn_down layers", llama-quant.cpp).
     n_expert: llama-quant.cpp gives 8-expert models (Mixtral-8x7B's kind) Q8_0 attn_k / attn_v
-    ("bumping this to Q8_0 trades just ~128MB") and Q5_K attn_output in the K-quant mixes."""
+    ("bumping this to Q8_0 trades just ~128MB") and Q5_K attn_output in the K-quant mixes.
+    n_gqa: attention heads per key/value head (Q2_K's and IQ4_NL's attn_v take more bits from 4 up)."""
+    if ftype in LOW_BIT:
+        return _fits(_low_bit_type(ftype, role, i, n_layers, calibrated, n_expert, n_gqa), cols)
     t = FILE_TYPES[ftype][1]
     if role == "attn_v":
         if ftype in ("q4_k_m", "q5_k_m") and _more_bits(i, n_layers):
@@ -81,9 +128,10 @@ def output_type(ftype: str, cols: int) -> str:
 
 
 def plan(ftype: str, model_type: str, linears: dict[str, int], blocks: str = "model.layers",
-         n_expert: int = 0) -> tuple[str, tuple]:
+         n_expert: int = 0, n_gqa: int = 1) -> tuple[str, tuple]:
     """(default type, ((linear, type), ...)) for the decoder linears {full name: input size}
-    (routed experts by their own names, ``mlp.experts.3.down_proj``; n_expert routed per block)."""
+    (routed experts by their own names, ``mlp.experts.3.down_proj``; n_expert routed per block;
+    n_gqa attention heads per key/value head)."""
     if ftype not in FILE_TYPES:
         raise ValueError(f"unknown GGUF type {ftype!r}; choose one of {sorted(FILE_TYPES)}")
     if model_type not in ARCHITECTURES:
@@ -93,7 +141,7 @@ def plan(ftype: str, model_type: str, linears: dict[str, int], blocks: str = "mo
     per = []
     for name, cols in sorted(linears.items()):
         i, rest = name[len(blocks) + 1:].split(".", 1)
-        t = layer_type(ftype, role_of(rest), int(i), n_layers, cols, n_expert=n_expert)
+        t = layer_type(ftype, role_of(rest), int(i), n_layers, cols, n_expert=n_expert, n_gqa=n_gqa)
         if t != default:
             per.append((name, t))
     return default, tuple(per)

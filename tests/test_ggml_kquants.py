@@ -218,6 +218,24 @@ def test_fused_qkv_and_eight_experts_take_llama_cpps_rules():
     assert n_gqa({"n_head": 12}, "gpt2") == 1 and n_gqa({"num_attention_heads": 9, "num_key_value_heads": 3}, "llama") == 3
 
 
+def llama_256(tmp_path, bpe_dir):
+    """A 2-layer Llama with rows of 256 and 512 (4 heads on 2 key/value heads, an untied head) and the
+    test BPE tokenizer, saved: (model, directory)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=BPE_VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False), dtype=torch.float32).eval()
+    d = tmp_path / "tiny"
+    model.save_pretrained(d)
+    for f in bpe_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    return model, d
+
+
 @pytest.mark.parametrize("ftype, want", [
     ("q3_k_m", {"f32": 5, "q3_k": 9, "q4_k": 4, "q5_k": 2, "q6_k": 1}),
     ("q2_k", {"f32": 5, "q2_k": 9, "q3_k": 6, "q6_k": 1}),
@@ -229,23 +247,13 @@ def test_tiny_llama_file_reads_back_through_our_loader_with_the_solved_weights(t
     attn_output and ffn_down Q4_K; Q2_K: attn_v, attn_output, ffn_down Q3_K; the token embeddings the
     file's type, rounded; the head Q6_K); our loader reads it back with every linear equal to the solved
     weight and, with the file's embeddings and head, the logits of our dequantized model."""
-    import shutil
-
     from gguf import GGUFReader, quants
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from gptq.formats.gguf.writer import write_gguf
     from gptq.runtime.gguf_reader import load_gguf
 
     monkeypatch.setenv("GPTQ_GGUF_PRE", "default")  # the test tokenizer is none llama.cpp knows
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=BPE_VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False), dtype=torch.float32).eval()
-    d = tmp_path / "tiny"
-    model.save_pretrained(d)
-    for f in bpe_dir.iterdir():
-        shutil.copy(f, d / f.name)
+    model, d = llama_256(tmp_path, bpe_dir)
     cfg = QuantConfig(format=f"gguf:{ftype}")
     ids = torch.randint(0, BPE_VOCAB, (4, 64), generator=torch.Generator().manual_seed(1))
     packed, _ = quantize_model(model, ids, cfg, device="cpu", progress=False)
@@ -265,3 +273,38 @@ def test_tiny_llama_file_reads_back_through_our_loader_with_the_solved_weights(t
             ours.weight.copy_(torch.from_numpy(np.ascontiguousarray(quants.dequantize(t.data, t.tensor_type))))
         x = torch.randint(0, BPE_VOCAB, (2, 32), generator=torch.Generator().manual_seed(2))
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_budget_over_the_new_types_is_stored_at_the_planned_size(tmp_path, bpe_dir, monkeypatch, capsys):
+    """--format gguf --max-size choosing between Q2_K, Q3_K and IQ4_NL: the .gguf's bytes are the plan's
+    to the byte (fixed bytes from a dry run of the writer, each linear's blocks), each linear of the
+    type chosen, and more than one type chosen."""
+    import json
+    import re
+
+    from conftest import SAMPLE_TEXT
+    from gguf import GGUFReader
+
+    from gptq.formats.gguf.names import BLOCK_NAMES
+    from gptq.quantize import main
+
+    monkeypatch.setenv("GPTQ_GGUF_PRE", "default")
+    _, d = llama_256(tmp_path, bpe_dir)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(SAMPLE_TEXT)
+    args = [str(d), "--dataset", str(calib), "--nsamples", "4", "--seqlen", "32", "--quiet", "--format", "gguf",
+            "--candidates", "q2_k,q3_k,iq4_nl"]
+    with pytest.raises(SystemExit):
+        main(args + ["--out", str(tmp_path / "o"), "--max-size", "1"])
+    lo, hi = map(int, re.search(r"\((\d+) to (\d+) bytes\)", capsys.readouterr().err).groups())
+    budget = (lo + hi) // 2
+    assert main(args + ["--out", str(tmp_path / "o"), "--max-size", str(budget)]) == 0
+    file = next((tmp_path / "o").glob("*.gguf"))
+    rec = json.loads((tmp_path / "o" / "quantize_report.json").read_text())["mix"]
+    assert file.stat().st_size == rec["fixed_bytes"] + rec["linear_bytes"] <= budget
+    types = {t.name: t.tensor_type.name.lower() for t in GGUFReader(file).tensors}
+    chosen = {n: u["choice"] for u in rec["units"] for n in u["linears"]}
+    assert len(set(chosen.values())) > 1
+    for name, t in chosen.items():
+        i, rest = name.removeprefix("model.layers.").split(".", 1)
+        assert types[f"blk.{i}.{BLOCK_NAMES[rest]}.weight"] == t, name

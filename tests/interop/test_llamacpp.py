@@ -55,7 +55,7 @@ def reference(tmp_path_factory):
     return d, f16, imatrix
 
 
-@pytest.mark.parametrize("ftype", ["q4_0", "q4_k_m"])
+@pytest.mark.parametrize("ftype", ["q4_0", "q4_k_m", "q3_k_m"])
 def test_llama_cpp_runs_our_gguf_below_its_own_imatrix_quantization(reference, tmp_path, ftype):
     """Q4_0 over three calibration draws (GPTQ's rounding cascades: one draw moves the score by
     about 1 %): every one below llama.cpp's importance-matrix file, and their mean by more than 2 %."""
@@ -326,6 +326,72 @@ def test_llama_cpp_runs_our_budget_gguf_at_92_percent_of_its_q4_k_m(reference, t
           f"({mine.stat().st_size} B, {types})")
     assert mine.stat().st_size <= budget
     assert p_mine <= p_theirs
+
+
+def test_llama_cpp_runs_our_budget_gguf_at_the_size_of_its_q3_k_m(reference, tmp_path):
+    """--format gguf --max-size at the bytes of llama.cpp's own Q3_K_M made with the importance matrix:
+    the file is no larger and scores a lower perplexity in llama-perplexity. (SmolLM2's rows of 576 are
+    not multiples of 256, so llama.cpp's Q3_K_M falls back to Q4_0 / Q5_0 / Q5_1 there and keeps
+    Q4_K / Q5_K for ffn_down; the budget may pick any type we write, Q2_K / Q3_K / IQ4_NL included.)"""
+    d, f16, imatrix = reference
+    theirs = d / "smollm2-q3_k_m-imatrix-budget.gguf"
+    subprocess.run([tool("llama-quantize"), "--imatrix", str(imatrix), str(f16), str(theirs), "Q3_K_M", "2"],
+                   check=True, capture_output=True)
+    budget = theirs.stat().st_size
+    out = tmp_path / "ours"
+    subprocess.run([sys.executable, "-m", "gptq.quantize", str(ROOT / ".cache" / "smollm2"), "--dataset",
+                    str(WIKI / "valid.tokens.txt"), "--nsamples", "32", "--seqlen", "512", "--format", "gguf",
+                    "--max-size", str(budget), "--out", str(out), "--quiet"], check=True, cwd=ROOT)
+    mine = next(out.glob("*.gguf"))
+    p_theirs, p_mine = perplexity(theirs), perplexity(mine)
+    types = json.loads((out / "quantize_report.json").read_text())["gguf"]["tensor_types"]
+    print(f"\nllama.cpp Q3_K_M + imatrix {p_theirs:.4f} ({budget} B); ours at its size {p_mine:.4f} "
+          f"({mine.stat().st_size} B, {types})")
+    assert mine.stat().st_size <= budget
+    assert p_mine < p_theirs
+
+
+def test_llama_cpp_dequantizes_our_q2_k_q3_k_and_iq4_nl_blocks_bit_for_bit(tmp_path):
+    """A small Llama whose rows are multiples of 256 (so Q2_K and Q3_K are stored, not their
+    fallbacks) written by us as Q2_K, Q3_K_M and IQ4_NL files; llama-quantize --allow-requantize turns
+    each into F32 with ggml's own dequantizers, and every tensor equals the gguf package's
+    dequantization of our blocks (the solver's weights, tests/test_ggml_kquants.py) bit for bit.
+    llama-perplexity runs each file."""
+    import numpy as np
+    import torch
+    from gguf import GGUFReader, quants
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if not (WIKI / "valid.tokens.txt").is_file():
+        pytest.skip(f"WikiText-2 not found in {WIKI}")
+    torch.manual_seed(0)
+    d = tmp_path / "llama-256"
+    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 tie_word_embeddings=False, initializer_range=0.1)).save_pretrained(d)
+    AutoTokenizer.from_pretrained(ROOT / ".cache" / "smollm2").save_pretrained(d)
+    for ftype, block in (("q2_k", "Q2_K"), ("q3_k_m", "Q3_K"), ("iq4_nl", "IQ4_NL")):
+        out = tmp_path / f"ours-{ftype}"
+        subprocess.run([sys.executable, "-m", "gptq.quantize", str(d), "--dataset", str(WIKI / "valid.tokens.txt"),
+                        "--nsamples", "4", "--seqlen", "64", "--format", f"gguf:{ftype}", "--out", str(out),
+                        "--quiet"], check=True, cwd=ROOT, capture_output=True)
+        ours = next(out.glob("*.gguf"))
+        f32 = tmp_path / f"{ftype}-f32.gguf"
+        subprocess.run([tool("llama-quantize"), "--allow-requantize", str(ours), str(f32), "F32", "2"], check=True,
+                       capture_output=True)
+        theirs = {t.name: t for t in GGUFReader(f32).tensors}
+        types = set()
+        for t in GGUFReader(ours).tensors:
+            types.add(t.tensor_type.name)
+            mine = np.ascontiguousarray(quants.dequantize(t.data, t.tensor_type)).reshape(-1)
+            assert theirs[t.name].tensor_type.name == "F32"
+            assert np.array_equal(mine, np.asarray(theirs[t.name].data).reshape(-1)), (ftype, t.name)
+        assert block in types, (ftype, types)
+        r = subprocess.run([tool("llama-perplexity"), "-m", str(ours), "-f", str(WIKI / "wiki.test.raw"), "-c", "128",
+                            "--chunks", "2", "-t", "2"], capture_output=True, text=True, timeout=600)
+        m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
+        assert r.returncode == 0 and m, (r.stdout + r.stderr)[-3000:]
+        print(f"\n{ftype}: {sorted(types)}, every tensor as ggml dequantizes it; llama-perplexity {m.group(1)}")
 
 
 def test_our_eval_ranks_two_q4_0_files_as_llama_perplexity_kl_divergence_does(reference, kl_base, tmp_path):

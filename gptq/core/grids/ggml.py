@@ -183,8 +183,8 @@ class TableFamily(TableGrid):
     The table is asymmetric, so the sign of d decides which side of a group reaches 127·|d|: the
     solver tries both per row (d < 0 puts it on the positive side), and with mse shrunk ranges,
     as SignedFamily does. Worked example: a group whose largest weight is 0.254 and whose most
-    negative is −0.2: d = −0.254/127 = −0.002 maps 0.254 to K[0] = −127 and −0.2 to K[15] = 113
-    (−0.226), where d = +0.002 would reach only 113·0.002 = 0.226 above zero."""
+    negative is −0.2: d = −0.254/127 = −0.002 maps 0.254 exactly to K[0] = −127 (and −0.2 to
+    K[14] = 89, −0.178), where d = +0.002 would reach only 113·0.002 = 0.226 above zero."""
 
     scale_dtype = torch.float16
     zero_dtype = torch.int32  # unused (zeros)
@@ -237,9 +237,10 @@ class KScales:
     """The stored scales of a K-quant matrix: per super-block (unit) and row."""
 
     d: torch.Tensor  # [units, out] float32 holding float16 values
-    sc: torch.Tensor  # [units, groups_per_fit, out] int16: 6-bit (q4_k/q5_k) or int8 (q6_k) scales
-    dmin: torch.Tensor  # [units, out] (zeros for q6_k)
-    mn: torch.Tensor  # [units, groups_per_fit, out] 6-bit minimums (zeros for q6_k)
+    sc: torch.Tensor  # [units, groups_per_fit, out] int16: 4-bit (q2_k), 6-bit (q4_k/q5_k), sc − 32 in
+    #                   [−32, 31] (q3_k) or int8 (q6_k) scales
+    dmin: torch.Tensor  # [units, out] (zeros for q3_k, q6_k)
+    mn: torch.Tensor  # [units, groups_per_fit, out] 4-bit (q2_k) or 6-bit minimums (zeros for q3_k, q6_k)
 
     def rows(self, start: int, stop: int) -> KScales:
         return KScales(self.d[:, start:stop], self.sc[:, :, start:stop], self.dmin[:, start:stop],

@@ -126,6 +126,27 @@ def test_types_follow_llama_quantize_for_smollm2_shapes():
         plan("q4_0", "opt", linears)  # (llama.cpp has no OPT architecture)
 
 
+def test_fused_qkv_takes_attn_v_rules_in_the_k_mixes():
+    """Fused q/k/v (attn_qkv) gets attn_v's types: llama-quant.cpp's llama_tensor_get_type_impl tests
+    category_is_attn_v (attn_v and attn_qkv) ahead of its ATTENTION_QKV branch, so in Q4_K_M / Q5_K_M
+    the use_more_bits blocks (i_attention_wv of n_attention_wv, one attn_qkv per block) get Q6_K and
+    the others the file's type, not a flat Q5_K / Q6_K. 12 blocks: use_more_bits differs across them."""
+    more = [0, 3, 6, 9, 10, 11]  # use_more_bits(i, 12): i < 1, i >= 10, (i - 1) % 3 == 2
+    for family, blocks, qkv in (("phi3", "model.layers", "self_attn.qkv_proj"),
+                                ("gpt2", "transformer.h", "attn.c_attn"),
+                                ("gpt_neox", "gpt_neox.layers", "attention.query_key_value")):
+        linears = {f"{blocks}.{i}.{qkv}": 256 for i in range(12)}
+        for ftype, base in (("q4_k_m", "q4_k"), ("q5_k_m", "q5_k")):
+            default, per = plan(ftype, family, linears, blocks)
+            assert default == base and dict(per) == {f"{blocks}.{i}.{qkv}": "q6_k" for i in more}, (family, ftype)
+    # Q4_K_S: Q5_K for the first four, as attn_v; Q5_K_S, Q6_K, Q4_0 ... keep the file's type; 8 experts Q8_0
+    assert [layer_type("q4_k_s", "attn_qkv", i, 12, 256) for i in (3, 4)] == ["q5_k", "q4_k"]
+    assert [layer_type(f, "attn_qkv", 0, 12, 256) for f in ("q5_k_s", "q6_k", "q4_0")] == ["q5_k", "q6_k", "q4_0"]
+    assert layer_type("q4_k_m", "attn_qkv", 1, 12, 256, n_expert=8) == "q8_0"
+    # rows not a multiple of 256 (GPT-2 XL's 1600): tensor_type_fallback, Q6_K → Q8_0 and Q4_K → Q5_0
+    assert [layer_type("q4_k_m", "attn_qkv", i, 12, 1600) for i in (0, 1)] == ["q8_0", "q5_0"]
+
+
 def test_rope_permutation_interleaves_the_halves_of_each_head():
     x = torch.arange(8)[:, None]  # 2 heads of 4 rows: halves [0 1 | 2 3], [4 5 | 6 7]
     assert rope_permute(x, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
@@ -394,23 +415,24 @@ def test_tokenizers_gguf_cannot_express_are_refused_before_any_work(tmp_path, ti
 
 
 def test_phi3_keeps_its_fused_linears_in_hf_row_order(tmp_path, smollm2_dir):
-    """Phi-3 as conversion/phi.py writes it: architecture phi3, fused qkv_proj as attn_qkv (Q5_K in
-    Q4_K_M, llama-quantize's ATTENTION_QKV rule) and gate_up_proj as ffn_up, both in Hugging Face's
-    row order (NEOX rotary; llama.cpp's SwiGLU takes the first half as the gate, as Phi-3 does),
-    every block equal to the solved weight; the original context and the sliding window written."""
+    """Phi-3 as conversion/phi.py writes it: architecture phi3, fused qkv_proj as attn_qkv (in Q4_K_M
+    attn_v's rule, as llama-quant.cpp applies it to fused q/k/v: Q6_K in the use_more_bits block 1 of
+    2, Q4_K in block 0) and gate_up_proj as ffn_up, both in Hugging Face's row order (NEOX rotary;
+    llama.cpp's SwiGLU takes the first half as the gate, as Phi-3 does), every block equal to the
+    solved weight; the original context and the sliding window written."""
     from gguf import quants
 
     model, d = synthetic_llama(tmp_path, smollm2_dir, "phi3")
     per, reader, got = solved_gguf(tmp_path, model, d, "phi3")
-    assert {n: t for n, t in per.items() if "qkv" in n} == {f"model.layers.{i}.self_attn.qkv_proj": "q5_k"
-                                                            for i in range(2)}
+    assert {n: t for n, t in per.items() if "qkv" in n} == {"model.layers.1.self_attn.qkv_proj": "q6_k"}
     assert reader.fields["general.architecture"].contents() == "phi3"
     orig = model.config.original_max_position_embeddings  # (what conversion/phi.py reads too)
     assert reader.fields["phi3.rope.scaling.original_context_length"].contents() == orig
     assert reader.fields["phi3.attention.sliding_window"].contents() == 0
     assert reader.fields["phi3.rope.dimension_count"].contents() == 64
     for i in range(2):
-        for hf, gg, t in (("self_attn.qkv_proj", "attn_qkv", "Q5_K"), ("mlp.gate_up_proj", "ffn_up", "Q4_K")):
+        qkv_type = ("Q4_K", "Q6_K")[i]
+        for hf, gg, t in (("self_attn.qkv_proj", "attn_qkv", qkv_type), ("mlp.gate_up_proj", "ffn_up", "Q4_K")):
             g = got[f"blk.{i}.{gg}.weight"]
             assert g.tensor_type.name == t
             w = torch.from_numpy(np.ascontiguousarray(quants.dequantize(g.data, g.tensor_type)))
@@ -472,7 +494,9 @@ def test_gpt2_writes_its_fused_conv1d_linears_biases_and_position_embeddings(tmp
     model.save_pretrained(d)
     AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(d)
     per, reader, got = solved_gguf(tmp_path, model, d, "gpt2")
-    assert {n for n, t in per.items() if t == "q5_k"} == {f"transformer.h.{i}.attn.c_attn" for i in range(2)}
+    # fused q/k/v takes attn_v's Q4_K_M rule in llama-quant.cpp: Q6_K in the use_more_bits block 1 of 2
+    assert {n: t for n, t in per.items() if "c_attn" in n} == {"transformer.h.1.attn.c_attn": "q6_k"}
+    assert [got[f"blk.{i}.attn_qkv.weight"].tensor_type.name for i in range(2)] == ["Q4_K", "Q6_K"]
     f = reader.fields
     assert f["general.architecture"].contents() == "gpt2"
     assert f["gpt2.block_count"].contents() == 2 and f["gpt2.context_length"].contents() == 256

@@ -3,6 +3,13 @@
 From llama.cpp's ``src/llama-quant.cpp`` (``llama_tensor_get_type_impl`` and ``tensor_type_fallback``,
 llama.cpp as vendored in llama-cpp-python 0.3.36), its 8-expert rules included. Not modelled: the
 Falcon rules (no Falcon here) and the bump of attn_v to Q5_K in models llama.cpp classes as 70B.
+
+Fused q/k/v (attn_qkv: Phi-3, GPT-2, GPT-NeoX) takes attn_v's rules in every file type:
+``category_is_attn_v`` counts ATTENTION_QKV as attn_v, and ``llama_tensor_get_type_impl`` tests it
+ahead of the branch written for ATTENTION_QKV (Q5_K in Q4_K_M, Q6_K in Q5_K_M, Q4_K in Q3_K_M/L),
+which is therefore never reached. Its layer counter is attn_v's (``i_attention_wv`` over
+``n_attention_wv``, one attn_qkv per block), so ``use_more_bits`` sees the block index and the
+block count, as for attn_v.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ FILE_TYPES = {"q4_0": (2, "q4_0"), "q4_1": (3, "q4_1"), "q8_0": (7, "q8_0"), "q5
 # when a row is not a multiple of 256 (iq4_nl's block is 32: it has no fallback)
 FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 LOW_BIT = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "iq4_nl")  # the file types ``_low_bit_type`` decides
+# the roles llama-quant.cpp's ``category_is_attn_v`` takes as attn_v (its ATTENTION_KV_B, MLA's, is not written here)
+ATTN_V = ("attn_v", "attn_qkv")
 
 
 def _more_bits(i: int, n: int) -> bool:
@@ -53,13 +62,12 @@ def role_of(rest: str) -> str:
 
 
 def _low_bit_type(ftype: str, role: str, i: int, n_layers: int, calibrated: bool, n_expert: int, n_gqa: int) -> str:
-    """The type in a Q2_K, Q3_K_S/M/L or IQ4_NL file, before the fallback. attn_qkv takes attn_v's rules:
-    llama-quant.cpp's ``category_is_attn_v`` counts fused q/k/v as attn_v, ahead of the branch written
-    for ATTENTION_QKV (llama-quantize's own files of GPT-2, whose q/k/v are fused, agree)."""
+    """The type in a Q2_K, Q3_K_S/M/L or IQ4_NL file, before the fallback (attn_qkv as attn_v, see the
+    module's note; llama-quantize's own Q3_K_M file of an 8-layer GPT-2, whose q/k/v are fused, agrees)."""
     t = FILE_TYPES[ftype][1]
-    if n_expert == 8 and role in ("attn_v", "attn_qkv", "attn_k"):
+    if n_expert == 8 and role in (*ATTN_V, "attn_k"):
         return "q8_0"
-    if role in ("attn_v", "attn_qkv"):
+    if role in ATTN_V:
         if ftype == "q2_k":
             return "q4_k" if n_gqa >= 4 else "q3_k"
         if ftype == "q3_k_m":
@@ -96,15 +104,13 @@ def layer_type(ftype: str, role: str, i: int, n_layers: int, cols: int, calibrat
     if ftype in LOW_BIT:
         return _fits(_low_bit_type(ftype, role, i, n_layers, calibrated, n_expert, n_gqa), cols)
     t = FILE_TYPES[ftype][1]
-    if role == "attn_v":
+    if role in ATTN_V:  # attn_v and fused q/k/v alike (i: the block, as llama.cpp's i_attention_wv)
         if ftype in ("q4_k_m", "q5_k_m") and _more_bits(i, n_layers):
             t = "q6_k"
         elif ftype == "q4_k_s" and i < 4:
             t = "q5_k"
         if n_expert == 8:
             t = "q8_0"
-    elif role == "attn_qkv" and ftype in ("q4_k_m", "q5_k_m"):  # fused q/k/v (Phi-3)
-        t = {"q4_k_m": "q5_k", "q5_k_m": "q6_k"}[ftype]
     elif role == "attn_k" and n_expert == 8:
         t = "q8_0"
     elif role == "attn_output" and n_expert == 8 and ftype in ("q4_k_s", "q4_k_m"):

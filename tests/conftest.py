@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,47 @@ def spm_style_tokenizer(text: str, out, vocab_size: int = 400):
                             add_bos_token=True, add_eos_token=False)
     hf.save_pretrained(out)
     return hf
+
+
+def run_module(module: str, args, env: dict | None = None):
+    """``python -m MODULE ARGS`` run in this process, through the command's own ``main(argv)``, with
+    its stdout, stderr and exit status as a ``CompletedProcess``. A new interpreter costs seconds of
+    imports per call; the CLI tests whose subject is not the process itself (a signal, a kill, an
+    environment read at import time) use this instead. A fresh interpreter's warning filters are
+    installed for the call, so a warning prints as it would there (once, even if an earlier test
+    raised it); ``env`` is set for the call only. An exception ``main`` lets through ends as
+    Python's own would: its traceback on stderr, exit status 1."""
+    import contextlib
+    import importlib
+    import io
+    import subprocess
+    import traceback
+    import warnings
+
+    main = importlib.import_module(module).main
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    code = 0
+    with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        warnings.resetwarnings()  # CPython's default filters (a fresh interpreter's, not pytest's)
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+        os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        try:
+            code = main(argv) or 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return subprocess.CompletedProcess([sys.executable, "-m", module, *argv], code, out.getvalue(), err.getvalue())

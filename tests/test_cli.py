@@ -5,12 +5,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, SAMPLE_TEXT
+from conftest import ROOT, SAMPLE_TEXT, run_module
 
 from gptq.quantize import main as quantize_main
 
 
 def run(*args, **kw):
+    """``python -m ARGS`` in a new interpreter, as a user runs it (the other CLI tests run the
+    commands' ``main`` in this process: ``run_module``)."""
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT, timeout=600, **kw)
 
 
@@ -32,11 +34,11 @@ def test_quantize_cli_writes_checkpoint_and_report(tiny_model_dir, text_file, tm
     assert len(report["layers"]) == 14 and all(lay["loss"] >= 0 for lay in report["layers"])
     assert (out / "tokenizer.json").is_file()
     # refuse to overwrite without --overwrite, before doing any work
-    r = run("gptq.quantize", str(model), "--dataset", str(text_file), "--out", str(out))
+    r = run_module("gptq.quantize", [model, "--dataset", text_file, "--out", out])
     assert r.returncode == 2 and "--overwrite" in r.stderr
     # eval runs on the checkpoint and on the original
-    for m in (out, model):
-        r = run("gptq.eval", str(m), "--dataset", str(text_file), "--seqlen", "32", "--max-windows", "2", "--json")
+    for m, command in ((out, run), (model, lambda *a: run_module(a[0], a[1:]))):
+        r = command("gptq.eval", str(m), "--dataset", str(text_file), "--seqlen", "32", "--max-windows", "2", "--json")
         assert r.returncode == 0, r.stderr
         res = json.loads(r.stdout.strip().splitlines()[-1])
         assert res["windows"] == 2 and 1 < res["perplexity"] < 1e4

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_module
 from faults import KILL, RANK
 from test_stream import calib_text, sharded_tiny
 
@@ -75,9 +75,14 @@ def torchrun(n: int, *args, env=None):
                           env={**os.environ, **ONE_THREAD, **(env or {})})
 
 
-def single(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "gptq.quantize", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600, env={**os.environ, **ONE_THREAD, **(env or {})})
+def single(*args):
+    """One process with one thread, as each rank has: the command in this process (``run_module``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_module("gptq.quantize", args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def same_checkpoint(a, b):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, SAMPLE_TEXT
+from conftest import ROOT, SAMPLE_TEXT, run_module
 from test_stream import calib_text, quantize_cmd, run, sharded_tiny
 
 # ``python -c`` drivers for faults a test cannot cause from outside without timing
@@ -77,6 +77,10 @@ sys.exit(quantize.main(sys.argv[2:]))
 
 
 def python(*args, env=None):
+    """``python ARGS``: a ``-m`` command in this process (``run_module``) unless it needs an
+    environment of its own; a ``-c`` driver in a new process."""
+    if args[0] == "-m" and not env:
+        return run_module(args[1], args[2:])
     return subprocess.run([sys.executable, *map(str, args)], check=False, capture_output=True, text=True, cwd=ROOT,
                           timeout=600, env={**os.environ, **(env or {})})
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SAMPLE_TEXT, tiny_config
+from conftest import ROOT, SAMPLE_TEXT, run_module, tiny_config
 from safetensors.torch import load_file
 
 from gptq import QuantConfig, quantize_model, save_checkpoint
@@ -111,8 +111,12 @@ def calib_text(tmp_path):
 
 
 def run(cmd, text, env=None):
-    """The command; with a fault to inject (``env``: tests/faults.py's variables), through that driver."""
+    """The command, in this process (``run_module``); with an environment of its own (``env``: a
+    fault to inject, tests/faults.py's variables, through that driver; or settings read at import
+    time) in a new process."""
     cmd = [str(text) if c == "TEXT" else c for c in cmd]
+    if not env and cmd[1] == "-m":
+        return run_module(cmd[2], cmd[3:])
     if env and KILL_HOOK in env and cmd[1:3] == ["-m", "gptq.quantize"]:
         cmd = [cmd[0], str(ROOT / "tests" / "faults.py"), *cmd[3:]]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import BPE_VOCAB
 from test_stream import calib_text, quantize_cmd, run
 
 from gptq import QuantConfig, quantize_model, save_checkpoint, solve
@@ -152,9 +153,19 @@ def test_rope_permutation_interleaves_the_halves_of_each_head():
     assert rope_permute(x, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
+
+@pytest.fixture
+def small_vocab(bpe_dir, monkeypatch):
+    """conftest's 320-token byte-level BPE, for the family tests: what they check does not depend on
+    the vocabulary's size, and a 49,152-token one costs each of them about 10 s (the embeddings'
+    K-quant rounding, gguf's reader of the vocabulary). SmolLM2's own vocabulary and pre-tokenizer
+    are checked by test_gguf_file_holds_exactly_the_solved_weights."""
+    monkeypatch.setenv("GPTQ_GGUF_PRE", "default")  # a vocabulary llama.cpp does not know by name
+    return bpe_dir
+
 def synthetic_llama(tmp_path, tokenizer_dir, family="llama"):
-    """A small Llama (or Qwen2 / Qwen3) whose rows are multiples of 256 (real K-quants everywhere)
-    with SmolLM2's tokenizer."""
+    """A small Llama (or Qwen2 / Qwen3 / Phi) whose rows are multiples of 256 (real K-quants
+    everywhere) with the tokenizer of ``tokenizer_dir`` (its vocabulary size)."""
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
@@ -166,8 +177,10 @@ def synthetic_llama(tmp_path, tokenizer_dir, family="llama"):
     )
 
     torch.manual_seed(0)
-    kw = dict(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+    kw = dict(vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)), hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    if family == "phi3":  # Phi-3's default ids (32000...) lie outside a small vocabulary
+        kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if family == "phi":  # Phi-1/2: LayerNorms, biases everywhere, partial rotary, an untied head with a bias
         kw.update(tie_word_embeddings=False, partial_rotary_factor=0.5, num_key_value_heads=4)
     cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "phi3": Phi3Config,
@@ -244,13 +257,13 @@ def test_gguf_file_holds_exactly_the_solved_weights(tmp_path, smollm2_dir):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_qwen_families_keep_hf_row_order_with_their_biases_and_norms(tmp_path, smollm2_dir, family):
+def test_qwen_families_keep_hf_row_order_with_their_biases_and_norms(tmp_path, small_vocab, family):
     """Qwen2 / Qwen3 as convert_hf_to_gguf writes them: architecture qwen2 / qwen3, q/k rows in
     Hugging Face's order (NEOX rotary: no permutation), Qwen2's q/k/v biases and Qwen3's per-head
     q/k norms in F32, every solved block equal to the solved weight."""
     from gguf import quants
 
-    model, d = synthetic_llama(tmp_path, smollm2_dir, family)
+    model, d = synthetic_llama(tmp_path, small_vocab, family)
     _, reader, got = solved_gguf(tmp_path, model, d, family)
     assert reader.fields["general.architecture"].contents() == family
     assert reader.fields[f"{family}.attention.head_count_kv"].contents() == 2
@@ -295,7 +308,7 @@ def test_cli_gguf_writes_one_file_and_the_report(tmp_path, tiny_model_dir, monke
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_moe_experts_are_merged_per_layer_into_3d_tensors_of_the_solved_weights(tmp_path, smollm2_dir, family):
+def test_moe_experts_are_merged_per_layer_into_3d_tensors_of_the_solved_weights(tmp_path, small_vocab, family):
     """Mixtral (llama architecture) and Qwen3-MoE (qwen3moe), as convert_hf_to_gguf merges them: one
     [n_expert, rows, cols] tensor per layer and role whose expert e dequantizes to expert e's solved
     weight, the router in F32, the expert counts in the metadata; 8-expert models take llama.cpp's
@@ -310,12 +323,12 @@ def test_moe_experts_are_merged_per_layer_into_3d_tensors_of_the_solved_weights(
     from gptq.models.moe import unfuse
 
     cfg = moe_config(family, experts=4, hidden=64, inter=64)
-    cfg.vocab_size, cfg.norm_topk_prob = 49152, True
+    cfg.vocab_size, cfg.norm_topk_prob = BPE_VOCAB, True
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     d = tmp_path / family
     model.save_pretrained(d)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(d)
+    AutoTokenizer.from_pretrained(small_vocab).save_pretrained(d)
     arch = for_config(model.config)
     unfuse(model, arch)
     linears = {f"model.layers.{i}.{n}": get_module(b, n).in_features for i, b in enumerate(model.model.layers)
@@ -326,7 +339,7 @@ def test_moe_experts_are_merged_per_layer_into_3d_tensors_of_the_solved_weights(
     assert {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1]: t for n, t in per8
             if "self_attn" in n} == {"self_attn.k_proj": "q8_0", "self_attn.v_proj": "q8_0", "self_attn.o_proj": "q5_k"}
     cfgq = QuantConfig(bits=4, group_size=32, format="gguf:q4_0")
-    ids = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, BPE_VOCAB, (4, 64), generator=torch.Generator().manual_seed(1))
     packed, _ = quantize_model(model, ids, cfgq, device="cpu", progress=False)
     stage = save_checkpoint(tmp_path / "stage", model, packed, cfgq, source_dir=d)
     info = write_gguf(stage, tmp_path / "m.gguf", "q4_0", d)
@@ -414,7 +427,7 @@ def test_tokenizers_gguf_cannot_express_are_refused_before_any_work(tmp_path, ti
         check_tokenizer(d)
 
 
-def test_phi3_keeps_its_fused_linears_in_hf_row_order(tmp_path, smollm2_dir):
+def test_phi3_keeps_its_fused_linears_in_hf_row_order(tmp_path, small_vocab):
     """Phi-3 as conversion/phi.py writes it: architecture phi3, fused qkv_proj as attn_qkv (in Q4_K_M
     attn_v's rule, as llama-quant.cpp applies it to fused q/k/v: Q6_K in the use_more_bits block 1 of
     2, Q4_K in block 0) and gate_up_proj as ffn_up, both in Hugging Face's row order (NEOX rotary;
@@ -422,7 +435,7 @@ def test_phi3_keeps_its_fused_linears_in_hf_row_order(tmp_path, smollm2_dir):
     solved weight; the original context and the sliding window written."""
     from gguf import quants
 
-    model, d = synthetic_llama(tmp_path, smollm2_dir, "phi3")
+    model, d = synthetic_llama(tmp_path, small_vocab, "phi3")
     per, reader, got = solved_gguf(tmp_path, model, d, "phi3")
     assert {n: t for n, t in per.items() if "qkv" in n} == {"model.layers.1.self_attn.qkv_proj": "q6_k"}
     assert reader.fields["general.architecture"].contents() == "phi3"
@@ -452,11 +465,11 @@ def assert_stored_linear(got, name: str, weight: torch.Tensor, bias: torch.Tenso
     assert b.tensor_type.name == "F32" and torch.equal(torch.from_numpy(np.array(b.data)), bias.float()), name
 
 
-def test_phi2_writes_its_biases_layernorms_and_partial_rotary(tmp_path, smollm2_dir):
+def test_phi2_writes_its_biases_layernorms_and_partial_rotary(tmp_path, small_vocab):
     """Phi-1/2 as conversion/phi.py writes them (architecture phi2): q/k/v, dense, fc1, fc2 as attn_q/
     k/v, attn_output, ffn_up, ffn_down with their biases in F32, LayerNorm weights and biases, the
     untied head with its bias, the rotary dimensions of the partial rotary factor, no BOS."""
-    model, d = synthetic_llama(tmp_path, smollm2_dir, "phi")
+    model, d = synthetic_llama(tmp_path, small_vocab, "phi")
     _, reader, got = solved_gguf(tmp_path, model, d, "phi")
     f = reader.fields
     assert f["general.architecture"].contents() == "phi2"
@@ -477,7 +490,7 @@ def test_phi2_writes_its_biases_layernorms_and_partial_rotary(tmp_path, smollm2_
     assert got["output.weight"].tensor_type.name == "Q6_K"
 
 
-def test_gpt2_writes_its_fused_conv1d_linears_biases_and_position_embeddings(tmp_path, smollm2_dir):
+def test_gpt2_writes_its_fused_conv1d_linears_biases_and_position_embeddings(tmp_path, small_vocab):
     """GPT-2 as convert_hf_to_gguf writes it (architecture gpt2): its blocks under transformer.h,
     c_attn / c_proj / c_fc / mlp.c_proj as attn_qkv / attn_output / ffn_up / ffn_down (Conv1D
     weights stored [in, out]: the blocks hold their transpose, one row per output), biases and
@@ -486,13 +499,13 @@ def test_gpt2_writes_its_fused_conv1d_linears_biases_and_position_embeddings(tmp
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_embd=256, n_layer=2, n_head=4, n_positions=256)).eval()
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=BPE_VOCAB, n_embd=256, n_layer=2, n_head=4, n_positions=256)).eval()
     for name, p in model.named_parameters():
         if name.endswith("bias") or ".ln_" in name:
             p.data.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
     d = tmp_path / "synth-gpt2"
     model.save_pretrained(d)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(d)
+    AutoTokenizer.from_pretrained(small_vocab).save_pretrained(d)
     per, reader, got = solved_gguf(tmp_path, model, d, "gpt2")
     # fused q/k/v takes attn_v's Q4_K_M rule in llama-quant.cpp: Q6_K in the use_more_bits block 1 of 2
     assert {n: t for n, t in per.items() if "c_attn" in n} == {"transformer.h.1.attn.c_attn": "q6_k"}
@@ -514,7 +527,7 @@ def test_gpt2_writes_its_fused_conv1d_linears_biases_and_position_embeddings(tmp
     assert got["output_norm.bias"].tensor_type.name == "F32"
 
 
-def test_gpt_neox_reorders_its_fused_qkv_rows_as_the_converter_does(tmp_path, smollm2_dir):
+def test_gpt_neox_reorders_its_fused_qkv_rows_as_the_converter_does(tmp_path, small_vocab):
     """GPT-NeoX (architecture gptneox): query_key_value's rows and bias go from Hugging Face's
     per-head [q, k, v] to all q, all k, all v (conversion/gptneox.py), exactly, since block rows are
     independent; dense / dense_h_to_4h / dense_4h_to_h with their biases; the rotary fraction and
@@ -524,7 +537,7 @@ def test_gpt_neox_reorders_its_fused_qkv_rows_as_the_converter_does(tmp_path, sm
     from gptq.formats.gguf.writer import neox_qkv_rows
 
     torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=49152, hidden_size=256, num_attention_heads=4,
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=BPE_VOCAB, hidden_size=256, num_attention_heads=4,
                                              num_hidden_layers=2, intermediate_size=1024,
                                              max_position_embeddings=256)).eval()
     for name, p in model.named_parameters():
@@ -532,7 +545,7 @@ def test_gpt_neox_reorders_its_fused_qkv_rows_as_the_converter_does(tmp_path, sm
             p.data.normal_(0.0, 0.1)
     d = tmp_path / "synth-neox"
     model.save_pretrained(d)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(d)
+    AutoTokenizer.from_pretrained(small_vocab).save_pretrained(d)
     assert torch.equal(neox_qkv_rows(torch.arange(12), 2), torch.tensor([0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]))
     _, reader, got = solved_gguf(tmp_path, model, d, "gpt_neox")
     f = reader.fields

@@ -427,8 +427,6 @@ def main(argv: list[str] | None = None) -> int:
         if rot is not None:
             rot.check_model(skel)
         if qcfg.mixed:  # an impossible budget is refused now, with the feasible range
-            if launched():
-                raise ConfigError("a size budget (mixed precision) is not supported under torchrun yet; run one process")
             mix.setup(skel, fmt, qcfg, args.model, None if rot is None else rot.record)
         for w in fmt.warnings:
             print(f"warning: {w}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Several ranks (torchrun, gloo on CPU): the same bytes as one process, whatever the number of
 ranks; a killed rank stops the others with a message; --resume continues with any number of ranks."""
 
+import json
 import os
 import subprocess
 import sys
@@ -198,3 +199,27 @@ def test_fp_target_under_torchrun_writes_the_bytes_one_process_writes(tmp_path, 
     r = torchrun(2, *args(model, text, tmp_path / "n2", "--fp-target", "0.25"), env={"GPTQ_DISTRIBUTED": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     same_checkpoint(tmp_path / "one", tmp_path / "n2")
+
+
+def test_a_size_budget_under_torchrun_is_one_process_plan_and_bytes_also_resumed(tmp_path, calib):
+    """--bits-per-weight under torchrun: the measuring pass is shared out like the main one (5 windows:
+    3 batches, rank 1 idle in the last round; the "/block" estimate also gathers per-batch sums), and
+    the plan (its estimated errors to the bit) and the bytes are one process's; rank 1 killed after
+    block 0, --resume reads the kept plan back on every rank and writes the same bytes."""
+    model, text = calib
+    budget = ["--nsamples", "5", "--candidates", "2g32,4g32,8g32", "--bits-per-weight", "4.5",
+              "--sensitivity", "hessian/block"]
+    r = single(*args(model, text, tmp_path / "one", *budget))
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "one" / "quantize_report.json").read_text())["mix"]
+    assert len({u["choice"] for u in plan["units"]}) > 1  # a mix, not one grid everywhere
+    r = torchrun(2, *args(model, text, tmp_path / "two", *budget))
+    assert r.returncode == 0, r.stderr[-3000:]
+    same_checkpoint(tmp_path / "one", tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "quantize_report.json").read_text())["mix"] == plan
+    killed = torchrun(2, *args(model, text, tmp_path / "k", *budget), env={KILL: "0", RANK: "1"})
+    assert killed.returncode != 0 and (tmp_path / "k.partial" / "mix.json").is_file()
+    r = torchrun(2, *args(model, text, tmp_path / "k", *budget, "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    same_checkpoint(tmp_path / "one", tmp_path / "k")
+    assert json.loads((tmp_path / "k" / "quantize_report.json").read_text())["mix"] == plan

@@ -21,6 +21,9 @@ run is one process, so the block loop reads the same either way):
   a GPU library may pick other kernels for other shapes). Grids whose state spans rows
   (double-quantized absmax, GGML types) are solved whole by an ``owner`` rank, balanced by solve
   cost (longest first onto the least loaded rank), and broadcast.
+- A size budget's first pass (``mix.measure``) runs the same way: each rank its own batches, the
+  Hessian partials exchanged after every round, per-batch sums gathered and added in batch order;
+  the errors, and so the plan, are then taken from rank 0 (``broadcast``).
 - Mixture-of-experts blocks: the experts' recorded inputs are gathered to every rank in batch
   order and each rank solves every expert as one process would (``pipeline._gather_batches``).
 - Rank 0 alone writes the checkpoint, progress and report (``stream.py``); each rank saves its

@@ -16,6 +16,14 @@ the residual stream entering the block ("/residual": later RMSNorms divide an er
 scaled by what the unit's coarsest option does to the block's output over that output's energy
 ("/block"). ``benchmarks mix-estimates`` measures how each ranks single units' damage, ``benchmarks
 mix`` what each allocation does end to end (where the default is best: docs/results.md).
+
+Under ``torchrun`` the first pass is shared out as the main one is: each rank runs its own calibration
+batches through the block, the ranks' Hessian partials are exchanged and added in batch order
+(``distributed.exchange``), and the per-batch sums (the residual stream's energy, a block's output
+error) are gathered and added in batch order, so every rank holds one process's H and sums bit for
+bit, and each computes the errors from them (every unit on every rank: they are cheap next to the
+forward passes, except with the "gptq" estimate). The errors are then taken from rank 0
+(``distributed.broadcast``), so the plan is the same on every rank by construction.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from gptq.io.modules import get_module, in_features, run_block, set_weight_matri
 from gptq.models.architectures import for_config
 from gptq.pipeline.activations import Activations, block_args
 from gptq.pipeline.capture import hessians
+from gptq.pipeline.distributed import SINGLE, World, all_gather, broadcast, exchange
 
 
 @dataclass(frozen=True)
@@ -162,15 +171,18 @@ def _mb(n: int) -> str:
 @torch.no_grad()
 def measure(model: nn.Module, inputs, config: QuantConfig, shapes: list[Shape], unit_options: list[tuple[int, ...]],
             grids: list[GridSpec], dev, store: Activations | None = None, before_block=None, after_block=None,
-            progress: bool = True, on_weight=None) -> list[list[float]]:
+            progress: bool = True, on_weight=None, world: World = SINGLE) -> list[list[float]]:
     """The estimated error of each unit's options (``config.sensitivity``): one pass of the
     calibration batches through the full-precision blocks (``before_block(i, block)`` /
-    ``after_block(i, block)`` load and release weights when streaming). ``inputs``: block 0's.
-    ``on_weight(name, option, Ŵ)`` sees every candidate weight (``benchmarks mix-estimates``)."""
+    ``after_block(i, block)`` load and release weights when streaming). ``inputs``: block 0's
+    (with several ranks, ``world``: this rank's batches, ``distributed.my_batches``; the answer is
+    one process's, the same on every rank). ``on_weight(name, option, Ŵ)`` sees every candidate
+    weight (``benchmarks mix-estimates``)."""
     store = store or Activations()
     arch = for_config(model.config)
     blocks = get_module(model, arch.blocks)
     kind, _, reach = config.sensitivity.partition("/")
+    n_rounds = broadcast(len(inputs), 0, world)  # rank 0 holds the most batches
     by_block: dict[int, list[int]] = {}
     for k, s in enumerate(shapes):
         by_block.setdefault(int(s.names[0][len(arch.blocks) + 1:].split(".")[0]), []).append(k)
@@ -181,12 +193,20 @@ def measure(model: nn.Module, inputs, config: QuantConfig, shapes: list[Shape], 
             before_block(i, block)
         home = next(block.parameters()).device
         block.to(dev)
-        energy = _energy([x.hidden for x in inputs])
         groups = [{n: get_module(block, n) for n in g} for g in arch.sequential]
         outputs = store.new()
-        with hessians(groups, stop=False) as accs:
-            for x in inputs:
-                outputs.append(run_block(block, x))
+        with hessians(groups, stop=False, staged=not world.single) as accs:
+            if world.single:
+                for x in inputs:
+                    outputs.append(run_block(block, x))
+            else:  # in rounds, the partials exchanged after each (as the main pass: loop._run_pass)
+                firsts = [accs[next(iter(g))] for g in groups]
+                for j in range(n_rounds):
+                    if j < len(inputs):
+                        outputs.append(run_block(block, inputs[j]))
+                    exchange(firsts, world)
+        energy = _energy([x.hidden for x in inputs], world) if reach == "residual" else None
+        out_energy = _energy(outputs, world) if reach == "block" and by_block.get(i) else None
         for k in by_block.get(i, ()):
             names = [n[len(arch.blocks) + 1 + len(str(i)) + 1:] for n in shapes[k].names]
             H = accs[names[0]].hessian()
@@ -210,8 +230,8 @@ def measure(model: nn.Module, inputs, config: QuantConfig, shapes: list[Shape], 
             if reach == "residual":
                 errors[k] = [e / energy for e in errors[k]]
             elif reach == "block":  # what the coarsest option does to the block's output, per unit of its error
-                factor = _block_error(block, inputs, outputs, coarsest[1]) / max(coarsest[0], 1e-30)
-                errors[k] = [e * factor / _energy(outputs) for e in errors[k]]
+                factor = _block_error(block, inputs, outputs, coarsest[1], world) / max(coarsest[0], 1e-30)
+                errors[k] = [e * factor / out_energy for e in errors[k]]
             del H, Ws, coarsest
         del accs
         if i + 1 < len(blocks):
@@ -219,28 +239,40 @@ def measure(model: nn.Module, inputs, config: QuantConfig, shapes: list[Shape], 
         block.to(home)
         if after_block is not None:
             after_block(i, block)
-    return errors
+    return broadcast(errors, 0, world)  # rank 0's: one plan on every rank, whatever each computed
 
 
-def _energy(hidden) -> float:
-    """Mean squared norm of the residual stream per token, over the batches."""
-    return sum(float(h.float().pow(2).sum(-1).mean()) for h in hidden) / len(hidden)
+def _in_batch_order(mine: list[float], world: World) -> list[float]:
+    """Per-batch values of this rank's batches → every batch's, in batch order, on every rank (batch
+    k is the (k // size)-th of rank k mod size: ``distributed.my_batches``)."""
+    if world.single:
+        return mine
+    per_rank = all_gather(mine, world)
+    return [per_rank[k % world.size][k // world.size] for k in range(sum(map(len, per_rank)))]
+
+
+def _energy(hidden, world: World = SINGLE) -> float:
+    """Mean squared norm of the residual stream per token, over the batches (all ranks' batches,
+    added in batch order)."""
+    per_batch = _in_batch_order([float(h.float().pow(2).sum(-1).mean()) for h in hidden], world)
+    return sum(per_batch) / len(per_batch)
 
 
 @torch.no_grad()
-def _block_error(block: nn.Module, inputs, outputs, weights: dict) -> float:
+def _block_error(block: nn.Module, inputs, outputs, weights: dict, world: World = SINGLE) -> float:
     """Mean squared change per token of the block's output when the linears ``weights`` names
-    ({name: Ŵ}) hold those weights (each restored afterwards)."""
+    ({name: Ŵ}) hold those weights (each restored afterwards); over all ranks' batches."""
     old = {n: weight_matrix(get_module(block, n)).clone() for n in weights}
     try:
         for n, Q in weights.items():
             set_weight_matrix(get_module(block, n), Q.to(old[n].dtype))
-        total_err = sum(float((run_block(block, x).float() - y.float()).pow(2).sum(-1).mean())
-                        for x, y in zip(inputs, outputs))
+        per_batch = [float((run_block(block, x).float() - y.float()).pow(2).sum(-1).mean())
+                     for x, y in zip(inputs, outputs)]
     finally:
         for n, W in old.items():
             set_weight_matrix(get_module(block, n), W)
-    return total_err / len(inputs)
+    per_batch = _in_batch_order(per_batch, world)
+    return sum(per_batch) / len(per_batch)
 
 
 def spend(grids: list[GridSpec], units: list[Unit], budget_bytes: int, fixed: int) -> Plan:
@@ -289,10 +321,11 @@ def setup(model: nn.Module, fmt, config: QuantConfig, source_dir=None, rotation=
 
 
 def plan(st: Setup, model: nn.Module, inputs, config: QuantConfig, dev, store=None, before_block=None,
-         after_block=None, progress: bool = True) -> Plan:
-    """Measure (``measure``) and spend the budget (``core.mix.allocate``)."""
+         after_block=None, progress: bool = True, world: World = SINGLE) -> Plan:
+    """Measure (``measure``; with several ranks, each on its own batches) and spend the budget
+    (``core.mix.allocate``): the same plan on every rank."""
     errors = measure(model, inputs, config, list(st.shapes), list(st.options), list(st.grids), dev, store,
-                     before_block, after_block, progress)
+                     before_block, after_block, progress, world=world)
     units = [Unit(s.names, o, b, tuple(e)) for s, o, b, e in zip(st.shapes, st.options, st.bytes, errors)]
     return spend(list(st.grids), units, st.budget, st.fixed)
 

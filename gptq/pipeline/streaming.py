@@ -62,7 +62,7 @@ from gptq.pipeline.activations import (
     save_item,
     should_spill,
 )
-from gptq.pipeline.distributed import SINGLE, World, barrier, check_batches, my_batches
+from gptq.pipeline.distributed import SINGLE, World, barrier, broadcast, check_batches, my_batches
 from gptq.pipeline.loop import capture_block_inputs, quantize_blocks
 
 STATE = "progress.json"
@@ -271,12 +271,17 @@ MIX = "mix.json"  # the budget's plan, kept for --resume
 def _mix_plan(model, fmt: Format, qcfg: QuantConfig, model_dir, rot, partial: Path, resuming: bool, inputs, dev,
               store, mat: Materializer, progress: bool, world: World) -> None:
     """A size budget's plan (``pipeline.mix``) into ``fmt``: measured in a first pass that loads each block
-    as the main pass does, or read back from an interrupted run (the same choices)."""
-    if not world.single:
-        raise ValueError("a size budget (mixed precision) is not supported under torchrun yet; run one process")
+    as the main pass does, or read back from an interrupted run (the same choices). With several ranks
+    the pass is shared out like the main one (each rank its own batches, the Hessians exchanged), the
+    plan is one process's on every rank, rank 0 keeps it, and on --resume rank 0 reads it back and
+    hands it to the others."""
     st = mix.setup(model, fmt, qcfg, model_dir, None if rot is None else rot.record)
-    if resuming and (partial / MIX).is_file():
-        chosen = mix.plan_from_record(st, json.loads((partial / MIX).read_text()))
+    saved = None
+    if resuming:
+        saved = broadcast(json.loads((partial / MIX).read_text()) if world.main and (partial / MIX).is_file()
+                          else None, 0, world)
+    if saved is not None:
+        chosen = mix.plan_from_record(st, saved)
     else:
         def before(i, block):
             mat.load(f"{arch.blocks}.{i}")
@@ -285,11 +290,12 @@ def _mix_plan(model, fmt: Format, qcfg: QuantConfig, model_dir, rot, partial: Pa
 
         arch = for_config(model.config)
         chosen = mix.plan(st, model, inputs, qcfg, dev, store, before, lambda i, _b: mat.release(f"{arch.blocks}.{i}"),
-                          progress)
-        atomic_write_text(partial / MIX, json.dumps(chosen.record()))
+                          progress and world.main, world)
+        if world.main:
+            atomic_write_text(partial / MIX, json.dumps(chosen.record()))
     fmt.set_plan(chosen.by_linear())
     fmt.mix = chosen.record()
-    if progress:
+    if progress and world.main:
         print(chosen.table(limit=12), file=sys.stderr)
 
 

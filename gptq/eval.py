@@ -155,7 +155,7 @@ def check_writable_file(path: str) -> None:
         raise PermissionError(f"{path}: the folder {folder} is not writable; choose another path")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gptq.eval", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a model directory, quantized (GPTQ, bitsandbytes) or not, or a .gguf file")
@@ -187,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
                         "the differences of mean NLL, mean KL divergence and top-1 agreement, with the standard "
                         "errors of the paired per-token differences (far smaller than each figure's own: they "
                         "say whether one checkpoint is better than the other beyond the evaluation's noise)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.seqlen < 2:
         p.error(f"--seqlen {args.seqlen} must be at least 2")

@@ -9,7 +9,8 @@ from conftest import BPE_VOCAB
 
 from gptq import QuantConfig, quantize_model, save_checkpoint, solve
 from gptq.core.grids import GridSpec
-from gptq.core.grids.ggml import KVALUES_IQ4NL, TYPES, dequantize_blocks, pack_blocks
+from gptq.core.grids.ggml import KVALUES_IQ4NL, TYPES
+from gptq.formats.gguf.blocks import dequantize_blocks, pack_blocks
 from gptq.core.solver import round_to_nearest
 from gptq.formats.gguf.rules import FILE_TYPES, layer_type, n_gqa, output_type, plan
 

@@ -11,7 +11,8 @@ from test_stream import calib_text, quantize_cmd, run
 
 from gptq import QuantConfig, quantize_model, save_checkpoint, solve
 from gptq.core.grids import GridSpec
-from gptq.core.grids.ggml import TYPES, dequantize_blocks, pack_blocks
+from gptq.core.grids.ggml import TYPES
+from gptq.formats.gguf.blocks import dequantize_blocks, pack_blocks
 from gptq.core.solver import round_to_nearest
 from gptq.formats.gguf.rules import layer_type, output_type, plan
 from gptq.formats.gguf.writer import rope_permute, write_gguf

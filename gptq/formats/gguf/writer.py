@@ -45,7 +45,8 @@ from safetensors import safe_open
 
 from gptq.core.config import QuantConfig
 from gptq.core.grids import GridSpec
-from gptq.core.grids.ggml import TYPES, bits_per_weight, dequantize_blocks, pack_blocks
+from gptq.core.grids.ggml import TYPES, bits_per_weight
+from gptq.formats.gguf.blocks import dequantize_blocks, pack_blocks
 from gptq.core.solver import round_to_nearest
 from gptq.formats.gguf.names import (
     ARCHITECTURES,

@@ -197,6 +197,16 @@ def smollm2_4bit(smollm2_setup):
     return model, packed, report, cfg
 
 
+@pytest.fixture(scope="session")
+def smollm2_ppl(smollm2_setup, smollm2_4bit):
+    """Perplexities on ``smollm2_setup``'s evaluation windows, each computed once per run:
+    {"fp32": the source model, "gptq-4-64": ``smollm2_4bit``'s model}."""
+    from gptq.eval import perplexity
+
+    base, _, _, evalw = smollm2_setup
+    return {"fp32": perplexity(base, evalw), "gptq-4-64": perplexity(smollm2_4bit[0], evalw)}
+
+
 def spm_style_tokenizer(text: str, out, vocab_size: int = 400):
     """A Llama-2-style tokenizer as transformers converts SentencePiece BPE ones (▁ for spaces,
     <unk> <s> </s>, byte-fallback tokens <0x00>..<0xFF>, merges in training order), trained on

@@ -12,7 +12,7 @@ def test_walkthrough_executes(smollm2_dir, wikitext):  # the notebook reads ../s
     nb = notebook(quick=True)  # executed in memory; the committed copy keeps the full run
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "quick=True" in text
-    assert "quantized 28 linears" in text  # quick mode keeps 4 blocks × 7 linears
+    assert "quantized 14 linears" in text  # quick mode keeps 2 blocks × 7 linears
     assert text.count("-bit g64:  RTN") == 4
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                  if "image/png" in o.get("data", {}))

@@ -20,23 +20,24 @@ def rtn_model(base, cfg):
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (3, 128)])
-def test_gptq_beats_round_to_nearest(smollm2_setup, smollm2_4bit, bits, group_size):
+def test_gptq_beats_round_to_nearest(smollm2_setup, smollm2_4bit, smollm2_ppl, bits, group_size):
     base, tok, calib, evalw = smollm2_setup
     cfg = QuantConfig(bits=bits, group_size=group_size)
     if (bits, group_size) == (smollm2_4bit[3].bits, smollm2_4bit[3].group_size):
-        gptq_model = smollm2_4bit[0]  # the run's shared solve of these settings
+        ours = smollm2_ppl["gptq-4-64"]  # the run's shared solve of these settings
     else:
-        gptq_model = copy.deepcopy(base)
-        quantize_model(gptq_model, calib, cfg, device="cpu", progress=False)
-    fp = perplexity(base, evalw)
+        gptq_model = copy.deepcopy(base)  # on half the windows: the gap to RTN is wide at 3 bits
+        quantize_model(gptq_model, calib[: len(calib) // 2], cfg, device="cpu", progress=False)
+        ours = perplexity(gptq_model, evalw)
+    fp = smollm2_ppl["fp32"]
     rtn = perplexity(rtn_model(base, QuantConfig(bits=bits, group_size=group_size, mse=False)), evalw)
-    ours = perplexity(gptq_model, evalw)
     print(f"\n{bits}-bit g{group_size}: fp32 {fp:.2f}  RTN {rtn:.2f}  GPTQ {ours:.2f}")
     assert fp < ours < rtn
     assert ours - fp < 0.6 * (rtn - fp)  # GPTQ closes a good part of the gap, not a rounding error's worth
 
 
-def test_packed_checkpoint_reproduces_in_memory_model(smollm2_setup, smollm2_4bit, tmp_path, smollm2_dir):
+def test_packed_checkpoint_reproduces_in_memory_model(smollm2_setup, smollm2_4bit, smollm2_ppl, tmp_path,
+                                                      smollm2_dir):
     base, tok, calib, evalw = smollm2_setup
     model, packed, report, cfg = smollm2_4bit
     assert len(report) == 7 * 30
@@ -49,7 +50,7 @@ def test_packed_checkpoint_reproduces_in_memory_model(smollm2_setup, smollm2_4bi
     with torch.no_grad():
         got = loaded.generate(ids, **kw)
     assert torch.equal(got, want), (tok.decode(got[0]), tok.decode(want[0]))
-    ppl_mem = perplexity(model, evalw)
+    ppl_mem = smollm2_ppl["gptq-4-64"]  # the in-memory model's
     for backend, dtype in (("torch", "float32"), ("cpu", "bfloat16")):
         m, _ = load(out, device="cpu", backend=backend, dtype=dtype)
         ppl = perplexity(m, evalw)

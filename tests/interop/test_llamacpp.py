@@ -306,15 +306,15 @@ def test_llama_cpp_runs_a_rotated_gguf_closer_to_the_source_than_the_unrotated_f
     assert scores["hadamard"][1] > scores["none"][1]
 
 
-def test_llama_cpp_runs_our_budget_gguf_at_92_percent_of_its_q4_k_m(reference, tmp_path):
-    """--format gguf --max-size at 92 % of the bytes of llama.cpp's own Q4_K_M made with the importance
-    matrix (issue 24): the file is no larger than that and scores no higher perplexity in llama-perplexity.
-    llama.cpp loads a file whose tensor types are chosen one by one."""
+def budget_against_llama_cpp(reference, tmp_path, ftype: str, fraction: float):
+    """llama.cpp's own ``ftype`` file of SmolLM2 made with the importance matrix, and ours from
+    ``--format gguf --max-size`` at ``fraction`` of its bytes; returns (budget, their bytes, our
+    bytes, their perplexity, ours) after printing both with our file's tensor types."""
     d, f16, imatrix = reference
-    theirs = d / "smollm2-q4_k_m-imatrix-budget.gguf"
-    subprocess.run([tool("llama-quantize"), "--imatrix", str(imatrix), str(f16), str(theirs), "Q4_K_M", "2"],
+    theirs = d / f"smollm2-{ftype.lower()}-imatrix-budget.gguf"
+    subprocess.run([tool("llama-quantize"), "--imatrix", str(imatrix), str(f16), str(theirs), ftype, "2"],
                    check=True, capture_output=True)
-    budget = int(0.92 * theirs.stat().st_size)
+    budget = int(fraction * theirs.stat().st_size)
     out = tmp_path / "ours"
     subprocess.run([sys.executable, "-m", "gptq.quantize", str(ROOT / ".cache" / "smollm2"), "--dataset",
                     str(WIKI / "valid.tokens.txt"), "--nsamples", "32", "--seqlen", "512", "--format", "gguf",
@@ -322,9 +322,17 @@ def test_llama_cpp_runs_our_budget_gguf_at_92_percent_of_its_q4_k_m(reference, t
     mine = next(out.glob("*.gguf"))
     p_theirs, p_mine = perplexity(theirs), perplexity(mine)
     types = json.loads((out / "quantize_report.json").read_text())["gguf"]["tensor_types"]
-    print(f"\nllama.cpp Q4_K_M + imatrix {p_theirs:.4f} ({theirs.stat().st_size} B); ours at 92 % {p_mine:.4f} "
-          f"({mine.stat().st_size} B, {types})")
-    assert mine.stat().st_size <= budget
+    print(f"\nllama.cpp {ftype} + imatrix {p_theirs:.4f} ({theirs.stat().st_size} B); ours at {fraction:.0%} "
+          f"{p_mine:.4f} ({mine.stat().st_size} B, {types})")
+    return budget, theirs.stat().st_size, mine.stat().st_size, p_theirs, p_mine
+
+
+def test_llama_cpp_runs_our_budget_gguf_at_92_percent_of_its_q4_k_m(reference, tmp_path):
+    """--format gguf --max-size at 92 % of the bytes of llama.cpp's own Q4_K_M made with the importance
+    matrix (issue 24): the file is no larger than that and scores no higher perplexity in llama-perplexity.
+    llama.cpp loads a file whose tensor types are chosen one by one."""
+    budget, _, size, p_theirs, p_mine = budget_against_llama_cpp(reference, tmp_path, "Q4_K_M", 0.92)
+    assert size <= budget
     assert p_mine <= p_theirs
 
 
@@ -333,21 +341,8 @@ def test_llama_cpp_runs_our_budget_gguf_at_the_size_of_its_q3_k_m(reference, tmp
     the file is no larger and scores a lower perplexity in llama-perplexity. (SmolLM2's rows of 576 are
     not multiples of 256, so llama.cpp's Q3_K_M falls back to Q4_0 / Q5_0 / Q5_1 there and keeps
     Q4_K / Q5_K for ffn_down; the budget may pick any type we write, Q2_K / Q3_K / IQ4_NL included.)"""
-    d, f16, imatrix = reference
-    theirs = d / "smollm2-q3_k_m-imatrix-budget.gguf"
-    subprocess.run([tool("llama-quantize"), "--imatrix", str(imatrix), str(f16), str(theirs), "Q3_K_M", "2"],
-                   check=True, capture_output=True)
-    budget = theirs.stat().st_size
-    out = tmp_path / "ours"
-    subprocess.run([sys.executable, "-m", "gptq.quantize", str(ROOT / ".cache" / "smollm2"), "--dataset",
-                    str(WIKI / "valid.tokens.txt"), "--nsamples", "32", "--seqlen", "512", "--format", "gguf",
-                    "--max-size", str(budget), "--out", str(out), "--quiet"], check=True, cwd=ROOT)
-    mine = next(out.glob("*.gguf"))
-    p_theirs, p_mine = perplexity(theirs), perplexity(mine)
-    types = json.loads((out / "quantize_report.json").read_text())["gguf"]["tensor_types"]
-    print(f"\nllama.cpp Q3_K_M + imatrix {p_theirs:.4f} ({budget} B); ours at its size {p_mine:.4f} "
-          f"({mine.stat().st_size} B, {types})")
-    assert mine.stat().st_size <= budget
+    budget, theirs, size, p_theirs, p_mine = budget_against_llama_cpp(reference, tmp_path, "Q3_K_M", 1.0)
+    assert budget == theirs and size <= budget
     assert p_mine < p_theirs
 
 

@@ -191,6 +191,25 @@ def test_moe_models_under_torchrun_write_the_same_bytes(tmp_path, tiny_tokenizer
         same_checkpoint(tmp_path / "one", tmp_path / out)
 
 
+def test_a_moe_size_budget_under_torchrun_is_one_process_plan_and_bytes(tmp_path, tiny_tokenizer_dir):
+    """--bits-per-weight on a Mixtral under torchrun: the experts' routing is gathered in batch order for
+    the measuring pass as for the solve, so the plan (its estimated errors to the bit) and the bytes are
+    one process's."""
+    from test_moe import moe_dir
+
+    d, text = moe_dir(tmp_path, tiny_tokenizer_dir, layers=2)
+    budget = ["--candidates", "2g32,4g32,8g32", "--bits-per-weight", "4.5", "--expert-tokens", "routed",
+              "--expert-min-tokens", "4"]
+    r = single(*args(d, text, tmp_path / "one", *budget))
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "one" / "quantize_report.json").read_text())["mix"]
+    assert len({u["choice"] for u in plan["units"]}) > 1
+    r = torchrun(2, *args(d, text, tmp_path / "two", *budget))
+    assert r.returncode == 0, r.stderr[-3000:]
+    same_checkpoint(tmp_path / "one", tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "quantize_report.json").read_text())["mix"] == plan
+
+
 def test_fp_target_under_torchrun_writes_the_bytes_one_process_writes(tmp_path, calib):
     """The cross terms are exchanged like the Hessians (partials added in batch order)."""
     model, text = calib

@@ -237,11 +237,89 @@ def test_bad_budgets_are_refused_before_any_work(tmp_path, tiny_model_dir, calib
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.partial*"))
 
 
-def test_moe_budget_is_refused(tmp_path, tiny_model_dir, calib, capsys):
+def test_moe_budget_is_refused_where_the_format_cannot_mix_expert_layers(tmp_path, tiny_model_dir, calib, capsys):
     model = tiny_model_dir("mixtral")
-    with pytest.raises(SystemExit):
-        _run(model, calib, tmp_path / "o", "--bits-per-weight", "3.5")
-    assert "mixture-of-experts" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        _run(model, calib, tmp_path / "o", "--bits-per-weight", "3.5", "--format", "compressed-tensors")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "mixture-of-experts" in err and "--format gptq" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+# ---- mixture-of-experts: one choice per block's experts ------------------------------------------
+
+
+def _experts_layer(arch, i: int) -> str:
+    """The name a block's experts layer has in the checkpoint (vLLM's fused MoE layer's prefix)."""
+    return arch.checkpoint_name(f"{arch.blocks}.{i}.{arch.experts.path}.0.gate_proj").rsplit(".", 2)[0]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_budget_mixes_whole_expert_layers_and_loads(tmp_path, family):
+    """A block's routed experts are one unit (every expert's gate, up and down on one grid, as vLLM's
+    fused MoE layer and GGUF's expert tensors need); the mix is real, the bytes are the plan's, the
+    overrides give every stored expert linear and the experts layer itself its grid, and the loaded
+    checkpoint computes what the solved model in memory does."""
+    from test_moe import moe_model, windows
+
+    from gptq import quantize_model, save_checkpoint
+    from gptq.formats.registry import get
+    from gptq.models.architectures import for_config
+    from gptq.models.moe import unfuse
+    from gptq.runtime.load import load
+
+    model = moe_model(family)
+    arch = for_config(model.config)
+    unfuse(model, arch)
+    qc = QuantConfig(bits_per_weight=4.5, candidates="2g32,4g32,8g32")
+    fmt = get(qc).bind(model)
+    packed, _ = quantize_model(model, windows(), qc, device="cpu", progress=False, fmt=fmt)
+    rec = fmt.mix
+    experts = [u for u in rec["units"] if ".experts." in u["linears"][0]]
+    assert len(experts) == 2 and all(len(u["linears"]) == 8 * 3 for u in experts)
+    assert all(".experts." not in n for u in rec["units"] if u not in experts for n in u["linears"])
+    assert len({u["choice"] for u in rec["units"]}) > 1  # a real mix
+    for u in rec["units"]:  # every linear of a unit (every expert of a block) on the unit's grid
+        assert {f"{packed[n].grid.bits}g{packed[n].grid.group_size}" for n in u["linears"]} == {u["choice"]}
+    weights = sum(math.prod(p.scales.shape[1:]) * p.g_idx.numel() for p in packed.values())
+    assert rec["linear_bytes"] <= rec["budget_bytes"] == int(4.5 * weights // 8)
+    with torch.no_grad():
+        logits = model(windows(seed=2)).logits
+    out = save_checkpoint(tmp_path / "q", model, packed, qc)
+    assert _linear_bytes(out) == rec["linear_bytes"]
+    qc_json = json.loads((out / "config.json").read_text())["quantization_config"]
+    for i, u in enumerate(experts):  # vLLM looks a fused MoE layer up by its own name: one setting
+        assert "{}g{}".format(*module_settings(qc_json, _experts_layer(arch, i))) == u["choice"]
+    loaded, _ = load(out, device="cpu", backend="torch", dtype="float32")
+    for u in rec["units"]:
+        for n in u["linears"]:
+            layer = loaded.get_submodule(n)
+            assert f"{layer.bits}g{layer.group_size}" == u["choice"], n
+            assert module_settings(qc_json, arch.checkpoint_name(n)) == (layer.bits, layer.group_size)
+    with torch.no_grad():
+        got = loaded(windows(seed=2)).logits
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, logits, rtol=0, atol=1e-4)
+
+
+def test_moe_max_size_is_met_exactly_streaming_and_in_memory(tmp_path, tiny_model_dir, calib):
+    """--max-size on a Mixtral: the files are the plan's bytes to the byte, under the budget, and the
+    streaming and in-memory runs write the same tensors and overrides."""
+    model = tiny_model_dir("mixtral")
+    budget = 330_000  # candidates span 247,952 to 419,024 bytes for this model
+    assert _run(model, calib, tmp_path / "s", "--max-size", str(budget)) == 0
+    assert _run(model, calib, tmp_path / "m", "--max-size", str(budget), "--no-stream") == 0
+    for d in ("s", "m"):
+        rec = json.loads((tmp_path / d / "quantize_report.json").read_text())["mix"]
+        assert _linear_bytes(tmp_path / d) == rec["linear_bytes"]
+        assert _file_bytes(tmp_path / d) == rec["fixed_bytes"] + rec["linear_bytes"] <= budget
+        assert len({u["choice"] for u in rec["units"]}) > 1
+    a, b = _tensors(tmp_path / "s"), _tensors(tmp_path / "m")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert "model.layers.1.block_sparse_moe.experts.7.w2.qweight" in a
+    qs = [json.loads((tmp_path / d / "config.json").read_text())["quantization_config"] for d in ("s", "m")]
+    assert qs[0] == qs[1] and qs[0]["dynamic"]
 
 
 def _tensors(d):
@@ -388,3 +466,36 @@ def test_sensitivities_scale_the_same_per_unit_errors():
             assert max(ratios) == pytest.approx(min(ratios), rel=1e-9) and ratios[0] > 0 and math.isfinite(ratios[0])
     # the model is unchanged by the measurement (weights restored after each block pass)
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, tiny_model("llama").float().model.layers[0].mlp.down_proj.weight)
+
+
+def test_moe_expert_unit_estimates_weigh_experts_by_their_routed_rows():
+    """The experts' unit under each estimate: more bits, less error; an expert the router never
+    picks adds nothing (its weights scaled up change no error), and with --sensitivity gptq it is
+    solved on the identity like the main pass's starved experts."""
+    from test_moe import moe_model, starve, windows
+
+    from gptq.formats.registry import get
+    from gptq.models.architectures import for_config
+    from gptq.models.moe import unfuse
+    from gptq.pipeline import mix
+    from gptq.pipeline.loop import capture_block_inputs
+
+    model = moe_model("mixtral", layers=1)
+    unfuse(model, for_config(model.config))
+    starve(model, 3)
+    grids = get(QuantConfig(bits_per_weight=4)).bind(model).candidates("2g32,4g32,8g32")
+    shapes = mix.unit_shapes(model)
+    opts = [tuple(range(3)) for _ in shapes]
+    k = next(j for j, s in enumerate(shapes) if ".experts." in s.names[0])
+    assert shapes[k].names[:3] == tuple(f"model.layers.0.mlp.experts.0.{n}" for n in ("gate_proj", "up_proj",
+                                                                                        "down_proj"))
+    inputs = capture_block_inputs(model, windows(), 2)
+    cfgs = {s: QuantConfig(sensitivity=s, expert_tokens="routed", expert_min_tokens=8)
+            for s in ("hessian", "gptq", "hessian/block")}
+    errs = {s: mix.measure(model, inputs, c, shapes, opts, grids, "cpu", progress=False) for s, c in cfgs.items()}
+    for s, e in errs.items():
+        assert e[k][0] > e[k][1] > e[k][2] > 0, s
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts[3].down_proj.weight.mul_(100)
+    again = mix.measure(model, inputs, cfgs["hessian"], shapes, opts, grids, "cpu", progress=False)
+    assert again == errs["hessian"]

@@ -44,12 +44,14 @@ class Format:
     name = ""
     staged = False  # True: the checkpoint directory is a stage that ``finish`` turns into the output
     mixture_of_experts = True  # whether routed experts can be stored
+    mixed_experts = False  # whether a size budget can mix grids in a mixture-of-experts model (one per expert layer)
 
     def __init__(self, config: QuantConfig):
         self.config = config
         self.warnings: list[str] = []  # what the user should know (printed once, as one line each)
         self.plan: dict[str, GridSpec] = {}  # a budget's per-linear choice (``set_plan``)
         self.mix: dict | None = None  # and its record for the report (``pipeline.mix.Plan.record``)
+        self.arch = None  # the model family (``bind``): how the checkpoint names the linears
 
     def check(self) -> None:
         """Refuse settings this format cannot store (ConfigError naming the setting and the fix)."""
@@ -57,7 +59,7 @@ class Format:
     def bind(self, model: torch.nn.Module, model_dir: Path | None = None) -> Format:
         """This format for one model (its per-linear plan, dtype, refusals); the model may be a
         skeleton on the meta device. Refuses a model the format cannot store, before any work."""
-        arch = for_config(model.config)
+        arch = self.arch = for_config(model.config)
         if arch.experts is not None and not self.mixture_of_experts:
             raise ConfigError(f"the model is a mixture-of-experts model ({model.config.model_type}): --format "
                               f"{self.name} cannot store routed experts; use --format gptq, compressed-tensors or "
@@ -87,15 +89,17 @@ class Format:
                    for dtype, shape in self.linear_tensors(out, inputs, grid).values())
 
     def fixed_bytes(self, model: torch.nn.Module, source_dir, quantized: set[str], untie_head: bool,
-                    extra: dict | None = None) -> int:
+                    extra: dict | None = None, grids: dict | None = None) -> int:
         """The bytes of the weight files that do not depend on the mix (for ``--max-size``): every tensor
         that is not a quantized linear's weight, in the source's dtype as written (the linears' biases in
         float16), a head the rotation unties, and the headers (the linears' tensors as this format names
-        them, on a representative grid: the mix changes only the digits of their shapes). One file's
-        headers: a checkpoint split into shards spends a few hundred bytes more per shard."""
+        them, on a representative grid, or on each linear's own with ``grids`` {linear: GridSpec}: the mix
+        changes only the digits of their shapes and offsets, a few bytes, which ``pipeline.mix`` settles
+        once the plan is known). One file's headers: a checkpoint split into shards spends a few hundred
+        bytes more per shard."""
         arch = for_config(model.config)
         source = TensorSource(source_dir)
-        linear_of = {arch.checkpoint_name(f"{n}.weight") for n in quantized}
+        linear_of = {arch.checkpoint_name(f"{n}.weight"): n for n in quantized}
         biases = {arch.checkpoint_name(f"{n}.bias") for n in quantized}
         sample = self.grid(next(iter(quantized)))
         shapes, dtypes, fixed = {}, {}, 0
@@ -103,7 +107,8 @@ class Format:
             shape = source.shape(name)
             if name in linear_of:
                 prefix = name.removesuffix(".weight")
-                for k, (dt, shp) in self.linear_tensors(shape[0], shape[1], sample).items():
+                grid = sample if grids is None else grids[linear_of[name]]
+                for k, (dt, shp) in self.linear_tensors(shape[0], shape[1], grid).items():
                     shapes[f"{prefix}.{k}"], dtypes[f"{prefix}.{k}"] = shp, dt
                 continue
             shapes[name], dtypes[name] = shape, torch.float16 if name in biases else source.dtype(name)

@@ -101,6 +101,7 @@ def save_checkpoint(
         write_tensors(tmp, checkpoint_tensors(model, packed, float_dtype), max_shard_bytes)
         fmt = get(config)
         if config.mixed:  # each linear's grid, as the budget chose it, from what was packed
+            fmt.arch = for_config(model.config)  # the checkpoint's names for them
             fmt.set_plan({name: p.grid for name, p in packed.items()})
         write_metadata(tmp, model.config, fmt.quantization_config(), source_dir, extra_files)
         move_into_place(tmp, final)

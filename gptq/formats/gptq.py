@@ -49,6 +49,8 @@ class GPTQ(Format):
     """v1 (``gptq``: zeros stored minus one, so an asymmetric zero of 0 cannot be stored and the
     grids keep zeros ≥ 1) or v2 (``gptq_v2``: zeros as they are)."""
 
+    mixed_experts = True  # one setting per block's experts layer, as vLLM's fused MoE layers take it
+
     def __init__(self, config, version: str = "gptq"):
         super().__init__(config)
         self.name = self.version = version
@@ -124,7 +126,11 @@ class GPTQ(Format):
     def _dynamic(self) -> dict:
         """A budget's mix as GPTQModel's ``dynamic`` overrides (which vLLM reads too): the most common
         (bits, group) by number of linears is the base; every other linear matched by an anchored regex that
-        also names the layer engines fuse it into (q/k/v → qkv_proj, gate/up → gate_up_proj)."""
+        also names the layer engines fuse it into (q/k/v → qkv_proj, gate/up → gate_up_proj), under the
+        names the checkpoint stores (Mixtral's experts: block_sparse_moe.experts.{e}.w1/w3/w2). A block's
+        routed experts on one setting (as a budget chooses them: ``pipeline.mix``) get one pattern that
+        also matches the experts layer itself (``model.layers.3.mlp.experts``): the name vLLM looks its
+        fused MoE layer up by, one setting for all of its experts."""
         if not self.plan:
             return {}
         weight = Counter()
@@ -132,15 +138,41 @@ class GPTQ(Format):
             weight[(g.bits, g.group_size)] += 1
         base = weight.most_common(1)[0][0]
         out: dict = {"bits": base[0], "group_size": base[1], "dynamic": {}}
+        layers = self._expert_layers()
         leaves: dict[tuple, list[str]] = {}  # (parent module, bits, group) → leaf names
         for name, g in sorted(self.plan.items()):
-            if (g.bits, g.group_size) != base:
-                parent, _, leaf = name.rpartition(".")
+            if (g.bits, g.group_size) != base and layers.get(name, (None, False))[1] is False:
+                parent, _, leaf = self._stored(name).rpartition(".")
                 leaves.setdefault((parent, g.bits, g.group_size), []).append(leaf)
         for (parent, bits, group), names in sorted(leaves.items()):
             fused = [f for f, parts in FUSED.items() if set(parts) <= set(names)]
             alt = "|".join(re.escape(n) for n in names + fused)
             out["dynamic"][f"+:^{re.escape(parent)}\\.({alt})$"] = {"bits": bits, "group_size": group}
+        for layer, (bits, group), names in sorted(set(v for v in layers.values() if v[1])):
+            if (bits, group) != base:
+                alt = "|".join(re.escape(n) for n in names)
+                out["dynamic"][f"+:^{re.escape(layer)}(\\.\\d+\\.({alt}))?$"] = {"bits": bits, "group_size": group}
+        return out
+
+    def _stored(self, name: str) -> str:
+        return name if self.arch is None else self.arch.checkpoint_name(name)
+
+    def _expert_layers(self) -> dict[str, tuple]:
+        """{routed expert linear: (its experts layer as stored, (bits, group) if the whole layer has that one
+        setting else False, the stored leaf names)} for the plan's routed experts."""
+        if self.arch is None or self.arch.experts is None:
+            return {}
+        rx = re.compile(rf"{re.escape(self.arch.blocks)}\.\d+\.{re.escape(self.arch.experts.path)}\.\d+\.[^.]+")
+        by_layer: dict[str, list[str]] = {}
+        for name in self.plan:
+            if rx.fullmatch(name):
+                by_layer.setdefault(self._stored(name).rsplit(".", 2)[0], []).append(name)
+        out = {}
+        for layer, names in by_layer.items():
+            settings = {(self.plan[n].bits, self.plan[n].group_size) for n in names}
+            leaves = tuple(sorted({self._stored(n).rsplit(".", 1)[1] for n in names}))
+            one = next(iter(settings)) if len(settings) == 1 else False
+            out.update({n: (layer, one, leaves) for n in names})
         return out
 
     def default_out(self, model: str) -> str:

@@ -142,14 +142,19 @@ def unfuse(model: nn.Module, arch) -> nn.Module:
 
 
 @contextmanager
-def record_routing(experts: nn.Module, into: list, stop: bool):
+def record_routing(experts: nn.Module, into: list, stop: bool, weights: bool = False):
     """Keep (hidden [T, H], top_k_index [T, k]) for every call of the experts module, in call
-    order; with ``stop`` cut the forward pass short there (the experts' output is not needed)."""
+    order (``weights``: also top_k_weights [T, k], as a third item); with ``stop`` cut the forward
+    pass short there (the experts' output is not needed)."""
 
     def hook(_module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
         idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
-        into.append((x.detach(), idx.detach()))
+        if weights:
+            w = args[2] if len(args) > 2 else kwargs["top_k_weights"]
+            into.append((x.detach(), idx.detach(), w.detach()))
+        else:
+            into.append((x.detach(), idx.detach()))
         if stop:
             raise StopForward
 
@@ -160,7 +165,7 @@ def record_routing(experts: nn.Module, into: list, stop: bool):
 def routed_counts(routing, n_experts: int) -> torch.Tensor:
     """[E] calibration tokens routed to each expert."""
     counts = torch.zeros(n_experts, dtype=torch.int64)
-    for _, idx in routing:
+    for _, idx, *_w in routing:
         idx = idx.reshape(-1).cpu()
         counts += torch.bincount(idx[idx < n_experts], minlength=n_experts)
     return counts

@@ -9,8 +9,11 @@ over the blocks estimates the error every candidate grid would cause in every gr
     core.mix.allocate ──► Plan {linear: GridSpec} ──fmt.set_plan──► the usual solve
 
 A unit is the linears that read one input (q/k/v; gate/up): one Hessian, and one layer in the
-engines that fuse them, so one choice. The estimate (``QuantConfig.sensitivity``) is the output
-error tr(ΔW H ΔWᵀ) the candidate causes on the full-precision inputs, ΔW from round-to-nearest
+engines that fuse them, so one choice. A block's routed experts (mixture-of-experts models) are one
+unit too, every expert's gate, up and down: the engines run them as one layer on one setting; each
+expert's error is taken on its routed rows (``_expert_errors``). The estimate
+(``QuantConfig.sensitivity``) is the output error tr(ΔW H ΔWᵀ) the candidate causes on the
+full-precision inputs, ΔW from round-to-nearest
 ("hessian", the default) or from the GPTQ solve ("gptq"), optionally divided by the mean energy of
 the residual stream entering the block ("/residual": later RMSNorms divide an error by that norm) or
 scaled by what the unit's coarsest option does to the block's output over that output's energy
@@ -21,13 +24,15 @@ Under ``torchrun`` the first pass is shared out as the main one is: each rank ru
 batches through the block, the ranks' Hessian partials are exchanged and added in batch order
 (``distributed.exchange``), and the per-batch sums (the residual stream's energy, a block's output
 error) are gathered and added in batch order, so every rank holds one process's H and sums bit for
-bit, and each computes the errors from them (every unit on every rank: they are cheap next to the
-forward passes, except with the "gptq" estimate). The errors are then taken from rank 0
+bit (the routed experts' recorded inputs are gathered in batch order, ``experts.gather_batches``, as
+the main pass gathers them), and each computes the errors from them (every unit on every rank: they
+are cheap next to the forward passes, except with the "gptq" estimate). The errors are then taken from rank 0
 (``distributed.broadcast``), so the plan is the same on every rank by construction.
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +43,14 @@ from gptq.core.config import ConfigError, QuantConfig
 from gptq.core.grids import GridSpec
 from gptq.core.mix import BudgetError, Unit, allocate, bounds, total
 from gptq.core.solver import round_to_nearest, solve
+from gptq.core.hessian import HessianAccumulator
 from gptq.io.modules import get_module, in_features, run_block, set_weight_matrix, weight_matrix
 from gptq.models.architectures import for_config
+from gptq.models.moe import expert_rows, record_routing, routed_counts
 from gptq.pipeline.activations import Activations, block_args
 from gptq.pipeline.capture import hessians
 from gptq.pipeline.distributed import SINGLE, World, all_gather, broadcast, exchange
+from gptq.pipeline.experts import gather_batches
 
 
 @dataclass(frozen=True)
@@ -52,14 +60,20 @@ class Shape:
 
 
 def unit_shapes(model: nn.Module) -> list[Shape]:
-    """The units of a (skeleton) model: per block, each group of linears sharing an input."""
+    """The units of a (skeleton) model: per block, each group of linears sharing an input, and the
+    block's routed experts (every expert's gate, up and down) as one unit where the first of their
+    groups is declared: the engines store and run a block's experts as one layer on one setting
+    (vLLM's fused MoE layer takes one quantization setting for its gate/up and down; GGUF keeps each
+    role of all experts in one tensor of one type)."""
     arch = for_config(model.config)
-    if arch.experts is not None:
-        raise ConfigError(f"a size budget (mixed precision) is not supported for mixture-of-experts models "
-                          f"({model.config.model_type}) yet; quantize at one --bits")
+    routed = [n for g in arch.sequential if arch.routed(g) for n in g]
     out = []
     for i, block in enumerate(get_module(model, arch.blocks)):
         for group in arch.sequential:
+            if arch.routed(group):
+                if group[0] != routed[0]:
+                    continue  # in the experts' unit already
+                group = arch.expand(routed, len(get_module(block, arch.experts.path)))
             mods = [get_module(block, n) for n in group]
             out.append(Shape(tuple(f"{arch.blocks}.{i}.{n}" for n in group),
                              tuple((_out_features(m), in_features(m)) for m in mods)))
@@ -193,9 +207,14 @@ def measure(model: nn.Module, inputs, config: QuantConfig, shapes: list[Shape], 
             before_block(i, block)
         home = next(block.parameters()).device
         block.to(dev)
-        groups = [{n: get_module(block, n) for n in g} for g in arch.sequential]
+        groups = [{n: get_module(block, n) for n in g} for g in arch.sequential if not arch.routed(g)]
+        routing = None if arch.experts is None else store.new()
         outputs = store.new()
-        with hessians(groups, stop=False, staged=not world.single) as accs:
+        with ExitStack() as stack:
+            if routing is not None:  # what the routed experts receive, and from whom they are chosen
+                stack.enter_context(record_routing(get_module(block, arch.experts.path), routing, stop=False,
+                                                   weights=True))
+            accs = stack.enter_context(hessians(groups, stop=False, staged=not world.single))
             if world.single:
                 for x in inputs:
                     outputs.append(run_block(block, x))
@@ -205,34 +224,30 @@ def measure(model: nn.Module, inputs, config: QuantConfig, shapes: list[Shape], 
                     if j < len(inputs):
                         outputs.append(run_block(block, inputs[j]))
                     exchange(firsts, world)
+        if routing is not None and not world.single:  # every batch's routing on every rank, in batch order
+            routing = gather_batches(routing, n_rounds, world, store)
         energy = _energy([x.hidden for x in inputs], world) if reach == "residual" else None
         out_energy = _energy(outputs, world) if reach == "block" and by_block.get(i) else None
+        seen = None if on_weight is None else (lambda n, opt, Q, i=i: on_weight(f"{arch.blocks}.{i}.{n}", opt, Q))
         for k in by_block.get(i, ()):
             names = [n[len(arch.blocks) + 1 + len(str(i)) + 1:] for n in shapes[k].names]
-            H = accs[names[0]].hessian()
-            Ws = [weight_matrix(get_module(block, n)).float() for n in names]
-            coarsest = None  # (error, {linear: Ŵ}) of the option with the largest error
-            for opt in unit_options[k]:
-                err, Qs = 0.0, {}
-                for n, W in zip(names, Ws):
-                    grid = grids[opt]
-                    Q = (round_to_nearest(W, config, grid).weight if kind == "hessian"
-                         else solve(W, H, config, n, None, grid).weight)
-                    if on_weight is not None:
-                        on_weight(f"{arch.blocks}.{i}.{n}", opt, Q)
-                    D = W - Q.float()  # [out, in]
-                    err += float(((D @ H) * D).sum())
-                    if reach == "block":
-                        Qs[n] = Q
-                errors[k].append(err)
-                if reach == "block" and (coarsest is None or err > coarsest[0]):
-                    coarsest = (err, Qs)
+            if arch.experts is not None and names[0].startswith(arch.experts.path + "."):
+                measured = _expert_errors(block, arch, routing, unit_options[k], grids, config, kind,
+                                          reach == "block", seen)
+            else:
+                H = accs[names[0]].hessian()
+                measured = _errors([(n, weight_matrix(get_module(block, n)).float(), H, H) for n in names],
+                                   unit_options[k], grids, config, kind, reach == "block", seen)
+                del H
+            errors[k] = [err for err, _ in measured]
             if reach == "residual":
                 errors[k] = [e / energy for e in errors[k]]
             elif reach == "block":  # what the coarsest option does to the block's output, per unit of its error
+                coarsest = max(measured, key=lambda m: m[0])  # (error, {linear: Ŵ}) of the largest error
                 factor = _block_error(block, inputs, outputs, coarsest[1], world) / max(coarsest[0], 1e-30)
                 errors[k] = [e * factor / out_energy for e in errors[k]]
-            del H, Ws, coarsest
+            del measured
+        del routing
         del accs
         if i + 1 < len(blocks):
             inputs = store.inputs(outputs, block_args(inputs))
@@ -240,6 +255,79 @@ def measure(model: nn.Module, inputs, config: QuantConfig, shapes: list[Shape], 
         if after_block is not None:
             after_block(i, block)
     return broadcast(errors, 0, world)  # rank 0's: one plan on every rank, whatever each computed
+
+
+def _errors(linears, options, grids: list[GridSpec], config: QuantConfig, kind: str, keep: bool, seen=None,
+            into: list | None = None) -> list[tuple[float, dict]]:
+    """Per option, (Σ tr(ΔW H ΔWᵀ) over ``linears`` = [(name, W, H to solve on, H to weigh the error
+    by)], {name: Ŵ} if ``keep``): ΔW from round-to-nearest (``kind`` "hessian") or the GPTQ solve
+    ("gptq"). ``into``: the per-option results to add to (a unit measured a few linears at a time)."""
+    out = into if into is not None else [(0.0, {}) for _ in options]
+    for j, opt in enumerate(options):
+        err, Qs = out[j]
+        for n, W, H_solve, H in linears:
+            grid = grids[opt]
+            Q = (round_to_nearest(W, config, grid).weight if kind == "hessian"
+                 else solve(W, H_solve, config, n, None, grid).weight)
+            if seen is not None:
+                seen(n, opt, Q)
+            D = W - Q.float()  # [out, in]
+            err += float(((D @ H) * D).sum())
+            if keep:
+                Qs[n] = Q
+        out[j] = (err, Qs)
+    return out
+
+
+def _expert_errors(block: nn.Module, arch, routing, options, grids: list[GridSpec], config: QuantConfig, kind: str,
+                   keep: bool, seen=None) -> list[tuple[float, dict]]:
+    """``_errors`` of a block's routed experts as one unit, expert by expert (one expert's Hessians
+    held at a time). Each expert's error is weighed by what reaches the block's output: its rows,
+    each times its routing weight, over all calibration tokens (H = 2 Σ w² x xᵀ / N, on the scale of
+    a dense unit's 2 X Xᵀ / N; its down projection's on the expert's full-precision hidden rows), so
+    an expert the router seldom picks counts little. With the "gptq" estimate each expert is solved
+    as the main pass solves it (``experts.solve_experts``): on its routed rows, or every row with
+    ``expert_tokens="all"``, and on the identity below ``expert_min_tokens`` rows."""
+    experts = get_module(block, arch.experts.path)
+    base = arch.experts.path
+    n_tokens = sum(int(x.shape[0]) for x, *_ in routing)
+    routed = routed_counts(routing, len(experts))
+    all_tokens = config.expert_tokens == "all"
+    out = [(0.0, {}) for _ in options]
+    for e, ex in enumerate(experts):
+        n_in, n_mid = in_features(ex.gate_proj), in_features(ex.down_proj)
+        dev = ex.gate_proj.weight.device
+        h_in = torch.zeros(n_in, n_in, device=dev)
+        h_mid = torch.zeros(n_mid, n_mid, device=dev)
+        starved = (n_tokens if all_tokens else int(routed[e])) < config.expert_min_tokens
+        solve_in = solve_mid = None
+        if kind == "gptq" and not starved:
+            solve_in, solve_mid = HessianAccumulator(n_in, dev), HessianAccumulator(n_mid, dev)
+        for x, idx, w in routing:
+            x, idx, w = x.to(dev), idx.to(dev), w.to(dev)
+            token, slot = torch.where(idx == e)
+            if token.numel():
+                rows = x[token]
+                wt = w[token, slot].float()[:, None]
+                a, b = rows.float() * wt, ex.hidden(rows).float() * wt
+                h_in.addmm_(a.T, a)
+                h_mid.addmm_(b.T, b)
+            if solve_in is not None:
+                rows = expert_rows(x, idx, e, all_tokens)
+                if rows.shape[0]:
+                    solve_in.add(rows)
+                    solve_mid.add(ex.hidden(rows))
+        h_in.mul_(2.0 / n_tokens)
+        h_mid.mul_(2.0 / n_tokens)
+        if solve_in is not None and solve_in.count:
+            s_in, s_mid = solve_in.hessian(), solve_mid.hessian()
+        else:  # round-to-nearest, or a starved expert solved as the main pass solves it
+            s_in, s_mid = torch.eye(n_in, device=dev), torch.eye(n_mid, device=dev)
+        lin = [(f"{base}.{e}.{leaf}", weight_matrix(getattr(ex, leaf)).float(), H_s, H)
+               for leaf, H_s, H in (("gate_proj", s_in, h_in), ("up_proj", s_in, h_in), ("down_proj", s_mid, h_mid))]
+        _errors(lin, options, grids, config, kind, keep, seen, into=out)
+        del h_in, h_mid, s_in, s_mid, lin
+    return out
 
 
 def _in_batch_order(mine: list[float], world: World) -> list[float]:
@@ -295,6 +383,8 @@ class Setup:
     bytes: tuple[tuple[int, ...], ...]
     budget: int
     fixed: int
+    max_size: int = 0  # --max-size (0: a bits-per-weight budget)
+    fixed_of: object = None  # --max-size: {linear: GridSpec} → the fixed bytes exactly, headers on those grids
 
 
 def setup(model: nn.Module, fmt, config: QuantConfig, source_dir=None, rotation=None) -> Setup:
@@ -302,10 +392,14 @@ def setup(model: nn.Module, fmt, config: QuantConfig, source_dir=None, rotation=
     budget with the feasible range (``check_feasible``), before any long work. ``rotation``: the
     rotation's record (``models.rotation.Rotation``) when the model is rotated: an untied head is
     stored, and the record travels in the metadata."""
+    if for_config(model.config).experts is not None and not fmt.mixed_experts:
+        raise ConfigError(f"a size budget (mixed precision) for a mixture-of-experts model ({model.config.model_type}) "
+                          f"is supported with --format gptq or gptq_v2, not --format {fmt.name}; use one of those, or "
+                          "quantize at one setting without a budget")
     grids = fmt.candidates(config.candidates)
     shapes = unit_shapes(model)
     opts = [options(fmt, s, grids, config.candidates == "auto") for s in shapes]
-    fixed = 0
+    fixed, fixed_of = 0, None
     if config.max_size:
         if source_dir is None:
             raise ConfigError("--max-size needs the model directory (to count the tensors stored as they are); "
@@ -313,11 +407,15 @@ def setup(model: nn.Module, fmt, config: QuantConfig, source_dir=None, rotation=
         untie = rotation is not None and rotation.untied
         extra = {} if rotation is None else {"gptq_rotation": rotation.as_dict()} | (
             {"tie_word_embeddings": False} if untie else {})
-        fixed = fmt.fixed_bytes(model, source_dir, {n for s in shapes for n in s.names}, untie, extra)
+        quantized = {n for s in shapes for n in s.names}
+        fixed = fmt.fixed_bytes(model, source_dir, quantized, untie, extra)
+
+        def fixed_of(by_linear):
+            return fmt.fixed_bytes(model, source_dir, quantized, untie, extra, by_linear)
     weights = sum(o * i for s in shapes for o, i in s.shapes)
     check_feasible(config, [b for _, b in opts], weights, fixed, grids)
     return Setup(tuple(grids), tuple(shapes), tuple(o for o, _ in opts), tuple(b for _, b in opts),
-                 budget(config, shapes, fixed), fixed)
+                 budget(config, shapes, fixed), fixed, config.max_size or 0, fixed_of)
 
 
 def plan(st: Setup, model: nn.Module, inputs, config: QuantConfig, dev, store=None, before_block=None,
@@ -327,7 +425,22 @@ def plan(st: Setup, model: nn.Module, inputs, config: QuantConfig, dev, store=No
     errors = measure(model, inputs, config, list(st.shapes), list(st.options), list(st.grids), dev, store,
                      before_block, after_block, progress, world=world)
     units = [Unit(s.names, o, b, tuple(e)) for s, o, b, e in zip(st.shapes, st.options, st.bytes, errors)]
-    return spend(list(st.grids), units, st.budget, st.fixed)
+    return settle(st, spend(list(st.grids), units, st.budget, st.fixed))
+
+
+def settle(st: Setup, chosen: Plan) -> Plan:
+    """--max-size: the headers on the chosen grids (their shapes' and offsets' digits differ from the
+    representative grid's by a few bytes), and the budget spent again that many bytes lower while the
+    file would exceed it; the plan then records the exact fixed bytes."""
+    if st.fixed_of is None:
+        return chosen
+    for _ in range(16):
+        fixed = st.fixed_of(chosen.by_linear())
+        over = fixed + total(list(chosen.units), list(chosen.choice))[0] - st.max_size
+        if over <= 0:
+            return Plan(chosen.grids, chosen.units, chosen.choice, st.max_size - fixed, fixed)
+        chosen = spend(list(st.grids), list(chosen.units), chosen.budget - over, chosen.fixed)
+    raise BudgetError(f"--max-size {st.max_size}: no plan found whose file fits it to the byte; raise it a little")
 
 
 def plan_from_record(st: Setup, record: dict) -> Plan:
@@ -341,4 +454,5 @@ def plan_from_record(st: Setup, record: dict) -> Plan:
         errs = tuple(saved[label(st.grids[k])] for k in o)
         units.append(Unit(s.names, o, b, errs))
         choice.append(o.index(by_label[r["choice"]]))
-    return Plan(st.grids, tuple(units), tuple(choice), st.budget, st.fixed)
+    return Plan(st.grids, tuple(units), tuple(choice), record.get("budget_bytes", st.budget),
+                record.get("fixed_bytes", st.fixed))

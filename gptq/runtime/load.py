@@ -218,6 +218,10 @@ def load(path: str | Path, device: str = "auto", backend: str = "auto", dtype: s
     model, plain, tensors = _meta_model(config, tensors, act_dtype)
     # the model's names (routed experts stored fused or under another family's names are renamed here)
     renamed = sorted({k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")})
+    try:  # each stored module's setting under the name our model gives it (Mixtral's w1 → gate_proj)
+        settings = {for_config(config).model_name(p): s for p, s in settings.items()}
+    except UnsupportedModelError:
+        pass
     base = (qc["bits"], qc["group_size"])
     settings = {p: settings[p] if p in settings else base if "compressed_tensors" in qc else module_settings(qc, p)
                 for p in renamed}

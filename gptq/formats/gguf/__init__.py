@@ -89,7 +89,8 @@ class GGUF(Format):
     def linear_bytes(self, out: int, inputs: int, grid: GridSpec) -> int:
         return padded(super().linear_bytes(out, inputs, grid))  # each tensor's data is aligned in the file
 
-    def fixed_bytes(self, model, source_dir, quantized: set[str], untie_head: bool, extra: dict | None = None) -> int:
+    def fixed_bytes(self, model, source_dir, quantized: set[str], untie_head: bool, extra: dict | None = None,
+                    grids: dict | None = None) -> int:  # a tensor's type does not change its header entry
         arch = for_config(model.config)
         stored = {arch.checkpoint_name(f"{n}.weight") for n in quantized}
         return fixed_file_bytes(Path(source_dir), self.file_type, stored, extra, untie_head)

@@ -499,3 +499,44 @@ def test_moe_expert_unit_estimates_weigh_experts_by_their_routed_rows():
         model.model.layers[0].mlp.experts[3].down_proj.weight.mul_(100)
     again = mix.measure(model, inputs, cfgs["hessian"], shapes, opts, grids, "cpu", progress=False)
     assert again == errs["hessian"]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_gguf_budget_is_the_planned_size_with_one_type_per_expert_tensor(tmp_path, bpe_dir, calib, monkeypatch,
+                                                                            capsys, family):
+    """--format gguf with --max-size on a mixture-of-experts model: a block's experts take one type, so
+    each merged [n_expert, rows, cols] tensor (ffn_gate_exps, ffn_up_exps, ffn_down_exps) is of the
+    unit's choice, and the file's bytes are the plan's (each merged tensor padded once)."""
+    import shutil
+
+    from conftest import moe_config
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from gptq.formats.gguf.names import BLOCK_NAMES
+
+    monkeypatch.setenv("GPTQ_GGUF_PRE", "default")
+    cfg = moe_config(family, experts=4)
+    cfg.vocab_size, cfg.norm_topk_prob = BPE_VOCAB, True
+    torch.manual_seed(0)
+    model = tmp_path / family
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(model)
+    for f in bpe_dir.iterdir():
+        shutil.copy(f, model / f.name)
+    flags = ("--format", "gguf", "--candidates", "q4_0,q5_0,q8_0")
+    with pytest.raises(SystemExit):
+        _run(model, calib, tmp_path / "o", *flags, "--max-size", "1")
+    lo, hi = map(int, re.search(r"\((\d+) to (\d+) bytes\)", capsys.readouterr().err).groups())
+    budget = (lo + hi) // 2
+    assert _run(model, calib, tmp_path / "o", *flags, "--max-size", str(budget)) == 0
+    (file,) = (tmp_path / "o").glob("*.gguf")
+    rec = json.loads((tmp_path / "o" / "quantize_report.json").read_text())["mix"]
+    assert file.stat().st_size == rec["fixed_bytes"] + rec["linear_bytes"] <= budget
+    types = {t.name: t.tensor_type.name.lower() for t in GGUFReader(file).tensors}
+    assert len({u["choice"] for u in rec["units"]}) > 1
+    roles = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+    for u in rec["units"]:
+        for name in u["linears"]:
+            i, rest = name.removeprefix("model.layers.").split(".", 1)
+            tensor = f"blk.{i}.{roles[rest.rsplit('.', 1)[1]]}" if ".experts." in rest else f"blk.{i}.{BLOCK_NAMES[rest]}"
+            assert types[f"{tensor}.weight"] == u["choice"], name

@@ -44,7 +44,7 @@ class Format:
     name = ""
     staged = False  # True: the checkpoint directory is a stage that ``finish`` turns into the output
     mixture_of_experts = True  # whether routed experts can be stored
-    mixed_experts = False  # whether a size budget can mix grids in a mixture-of-experts model (one per expert layer)
+    mixed_experts = False  # whether a size budget can mix grids in a mixture-of-experts model (one per experts layer)
 
     def __init__(self, config: QuantConfig):
         self.config = config
@@ -87,6 +87,10 @@ class Format:
     def linear_bytes(self, out: int, inputs: int, grid: GridSpec) -> int:
         return sum(math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
                    for dtype, shape in self.linear_tensors(out, inputs, grid).values())
+
+    def unit_bytes(self, names, shapes, grid: GridSpec) -> int:
+        """The bytes a unit's linears (full ``names``, [out, in] ``shapes``) take on ``grid``."""
+        return sum(self.linear_bytes(o, i, grid) for o, i in shapes)
 
     def fixed_bytes(self, model: torch.nn.Module, source_dir, quantized: set[str], untie_head: bool,
                     extra: dict | None = None, grids: dict | None = None) -> int:

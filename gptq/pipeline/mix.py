@@ -90,7 +90,7 @@ def options(fmt, shape: Shape, grids: list[GridSpec], auto: bool) -> tuple[tuple
     if not ok:
         raise ConfigError(f"none of the candidates {labels(grids)} can store {', '.join(shape.names)} "
                           f"(input sizes {sorted({n for _, n in shape.shapes})}); add one that can (--candidates)")
-    return tuple(ok), tuple(sum(fmt.linear_bytes(o, i, grids[k]) for o, i in shape.shapes) for k in ok)
+    return tuple(ok), tuple(fmt.unit_bytes(shape.names, shape.shapes, grids[k]) for k in ok)
 
 
 def short(names) -> str:
@@ -394,7 +394,7 @@ def setup(model: nn.Module, fmt, config: QuantConfig, source_dir=None, rotation=
     stored, and the record travels in the metadata."""
     if for_config(model.config).experts is not None and not fmt.mixed_experts:
         raise ConfigError(f"a size budget (mixed precision) for a mixture-of-experts model ({model.config.model_type}) "
-                          f"is supported with --format gptq or gptq_v2, not --format {fmt.name}; use one of those, or "
+                          f"is supported with --format gptq, gptq_v2 or gguf, not --format {fmt.name}; use one of those, or "
                           "quantize at one setting without a budget")
     grids = fmt.candidates(config.candidates)
     shapes = unit_shapes(model)

@@ -10,6 +10,7 @@ them), then removes the stage.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 from pathlib import Path
@@ -88,6 +89,23 @@ class GGUF(Format):
 
     def linear_bytes(self, out: int, inputs: int, grid: GridSpec) -> int:
         return padded(super().linear_bytes(out, inputs, grid))  # each tensor's data is aligned in the file
+
+    mixed_experts = True  # a block's experts on one type: each role one 3-D tensor, as the writer merges them
+
+    def unit_bytes(self, names, shapes, grid: GridSpec) -> int:
+        """A routed expert's linears join one tensor per layer and role (``blk.N.ffn_gate_exps``), padded
+        once; every other linear is its own tensor."""
+        merged: dict[str, int] = {}
+        plain = 0
+        rx = None if self.arch is None or self.arch.experts is None else re.compile(
+            rf"\.{re.escape(self.arch.experts.path)}\.\d+\.")
+        for name, (o, i) in zip(names, shapes):
+            if rx is not None and rx.search(name):
+                role = rx.sub(f".{self.arch.experts.path}.*.", name)
+                merged[role] = merged.get(role, 0) + Format.linear_bytes(self, o, i, grid)
+            else:
+                plain += self.linear_bytes(o, i, grid)
+        return plain + sum(padded(b) for b in merged.values())
 
     def fixed_bytes(self, model, source_dir, quantized: set[str], untie_head: bool, extra: dict | None = None,
                     grids: dict | None = None) -> int:  # a tensor's type does not change its header entry

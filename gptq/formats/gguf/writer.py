@@ -327,11 +327,15 @@ def fixed_file_bytes(source: Path, ftype: str, quantized: set[str], extra: dict 
     w.add_name(source.name)
     _write_metadata(w, m, ftype, source)
     data = sum(padded(ti.nbytes) for ti in w.tensors[-1].values())  # tensors the metadata adds (Phi-3's rope factors)
+    experts: dict[tuple[str, str], tuple] = {}  # (layer, role) → the merged tensor's shape [n_expert, rows, cols]
     for key in sorted(shapes):
         name, expert = gguf_name(key, m)
-        if expert is not None:
-            raise ValueError("a size budget for GGUF files of mixture-of-experts models is not supported yet")
         shape = shapes[key]
+        if expert is not None:  # joins its layer's tensor of that role, on the budget's one type for them
+            if key not in quantized:
+                raise ValueError(f"{key}: expert tensors are written as solved GGML blocks only")
+            experts[expert[:2]] = (m.n_expert, *shape)
+            continue
         if key in quantized:  # its type is the budget's choice: the info's size does not depend on it
             w.add_tensor_info(name, shape, np.float32, 0, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             continue
@@ -343,6 +347,8 @@ def fixed_file_bytes(source: Path, ftype: str, quantized: set[str], extra: dict 
         w.add_tensor_info(name, shape, np.float32, nbytes,
                           raw_dtype=None if t is None else gguf.GGMLQuantizationType[t.upper()])
         data += padded(nbytes)
+    for (i, role), shape in sorted(experts.items()):
+        w.add_tensor_info(f"blk.{i}.{role}.weight", shape, np.float32, 0, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()

@@ -562,6 +562,25 @@ def test_gpt_neox_reorders_its_fused_qkv_rows_as_the_converter_does(tmp_path, sm
             assert_stored_linear(got, f"blk.{i}.{gg}", ref.weight, ref.bias)
 
 
+def test_an_untied_head_of_another_name_leaves_the_embeddings_their_own_type(tmp_path, small_vocab):
+    """GPT-NeoX's head is ``embed_out``, not ``lm_head``: through the command (the streamed stage
+    keeps the source's names) the embeddings still count as untied and take the file's type, as
+    llama-quantize gives them, and the head Q6_K."""
+    from gguf import GGUFReader
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    d = tmp_path / "neox"
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=BPE_VOCAB, hidden_size=256, num_attention_heads=4, num_hidden_layers=2,
+                                     intermediate_size=512, max_position_embeddings=256)).save_pretrained(d)
+    for f in small_vocab.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    r = run(quantize_cmd(d, tmp_path / "g", "--format", "gguf:q4_k_m", group_size=None), calib_text(tmp_path))
+    assert r.returncode == 0, r.stderr
+    types = {t.name: t.tensor_type.name for t in GGUFReader(next((tmp_path / "g").glob("*.gguf"))).tensors}
+    assert (types["token_embd.weight"], types["output.weight"]) == ("Q4_K", "Q6_K")
+
+
 def test_resume_after_the_solve_writes_the_gguf_from_the_finished_stage(tmp_path, tiny_model_dir, monkeypatch):
     """Killed while the .gguf was being written (the solve done, OUT.stage complete): --resume writes
     the file from the stage without solving again, the same bytes as an uninterrupted run; a stage

@@ -233,6 +233,66 @@ def test_llama_cpp_runs_our_phi3_gguf_as_the_model_it_is(reference, tmp_path):
     assert_scores_like_smollm2(our_gguf(d, tmp_path), reference[1], "Phi-3")
 
 
+def fused_qkv_model(family: str, d, tokenizer_dir, layers: int = 12):
+    """A random model of a family with fused q/k/v, rows of 256 (K-quants everywhere), ``layers``
+    blocks (so that use_more_bits differs between blocks), saved with the tokenizer."""
+    import shutil
+
+    import torch
+    from conftest import BPE_VOCAB
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, Phi3Config
+
+    cfg = {"phi3": lambda: Phi3Config(vocab_size=BPE_VOCAB, hidden_size=256, intermediate_size=512,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                                      max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+           "gpt2": lambda: GPT2Config(vocab_size=BPE_VOCAB, n_embd=256, n_layer=layers, n_head=4, n_positions=256,
+                                      bos_token_id=0, eos_token_id=0),
+           "gpt_neox": lambda: GPTNeoXConfig(vocab_size=BPE_VOCAB, hidden_size=256, num_attention_heads=4,
+                                             num_hidden_layers=layers, intermediate_size=1024,
+                                             max_position_embeddings=256)}[family]()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    return d
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt2", "gpt_neox"])
+def test_llama_quantize_types_every_tensor_of_a_fused_qkv_model_as_we_do(tmp_path, bpe_dir, monkeypatch, family):
+    """Our Q4_K_M and Q5_K_M files of a 12-block model with fused q/k/v hold, tensor by tensor, the
+    types llama-quantize itself picks when it requantizes our Q8_0 file of the same model to that
+    file type (llama-quant.cpp: attn_qkv takes attn_v's rules, Q6_K in the use_more_bits blocks)."""
+    from conftest import SAMPLE_TEXT, run_module
+    from gguf import GGUFReader
+
+    quantize = tool("llama-quantize")
+    monkeypatch.setenv("GPTQ_GGUF_PRE", "default")  # the test vocabulary is none llama.cpp knows by name
+    model = fused_qkv_model(family, tmp_path / family, bpe_dir)
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT)
+
+    def ours(ftype):
+        out = tmp_path / f"ours-{ftype}"
+        r = run_module("gptq.quantize", [model, "--dataset", text, "--nsamples", "4", "--seqlen", "32", "--format",
+                                         f"gguf:{ftype}", "--out", out, "--quiet"])
+        assert r.returncode == 0, r.stderr
+        return next(out.glob("*.gguf"))
+
+    def types(path):
+        return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+
+    q8 = ours("q8_0")
+    for ftype in ("q4_k_m", "q5_k_m"):
+        theirs = tmp_path / f"theirs-{ftype}.gguf"
+        r = subprocess.run([quantize, "--allow-requantize", str(q8), str(theirs), ftype.upper(), "2"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        want, got = types(theirs), types(ours(ftype))
+        assert got == want, {n: (got.get(n), t) for n, t in want.items() if got.get(n) != t}
+        qkv = [want[f"blk.{i}.attn_qkv.weight"] for i in range(12)]
+        assert "Q6_K" in qkv and len(set(qkv)) == 2, qkv  # the rule really differs between blocks
+
+
 def test_llama_cpp_tokenizes_our_sentencepiece_style_vocabulary_as_transformers_does(reference, tmp_path):
     """A Llama-2-style tokenizer (SentencePiece BPE with byte fallback, trained here on WikiText-2
     valid) written by us as a llama vocabulary: llama.cpp's tokenizer gives the token ids

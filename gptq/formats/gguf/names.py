@@ -15,6 +15,7 @@ TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "l
              "model.final_layernorm": "output_norm",  # (Phi-1/2's final LayerNorm)
              "transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm",
              "gpt_neox.embed_in": "token_embd", "gpt_neox.final_layer_norm": "output_norm", "embed_out": "output"}
+HEADS = tuple(f"{k}.weight" for k, v in TOP_NAMES.items() if v == "output")  # a head of its own: not tied
 # GPT-2's config.json names → the usual ones
 STANDARD_NAMES = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
                   "n_positions": "max_position_embeddings", "n_inner": "intermediate_size"}

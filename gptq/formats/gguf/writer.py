@@ -54,6 +54,7 @@ from gptq.formats.gguf.names import (
     BLOCK_NAMES,
     EXPERT_NAME,
     EXPERT_ROLES,
+    HEADS,
     LAYER_NORM,
     ROPE_PERMUTED,
     STANDARD_NAMES,
@@ -307,6 +308,13 @@ def padded(nbytes: int) -> int:
     return gguf.GGUFWriter.ggml_pad(nbytes, gguf.GGUF_DEFAULT_ALIGNMENT)
 
 
+def _has_head(keys) -> bool:
+    """Whether a checkpoint's tensors (``keys``, staged ``.ggml_<type>`` ones included) hold an output
+    head of their own (``lm_head``, GPT-NeoX's ``embed_out``): if not, the head is tied to the token
+    embeddings, which then take the head's type."""
+    return any(k.split(".ggml_")[0] in HEADS for k in keys)
+
+
 def fixed_file_bytes(source: Path, ftype: str, quantized: set[str], extra: dict | None, untied: bool) -> int:
     """The bytes of the .gguf that ``write_gguf`` would write from ``source`` (a model directory) that do
     not depend on the decoder linears' types: the header, metadata and tokenizer, every tensor's info,
@@ -319,8 +327,8 @@ def fixed_file_bytes(source: Path, ftype: str, quantized: set[str], extra: dict 
     for f in sorted(source.glob("*.safetensors")):
         with safe_open(f, "pt") as h:
             shapes.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
-    tied = not untied and "lm_head.weight" not in shapes
-    if untied and "lm_head.weight" not in shapes:
+    tied = not untied and not _has_head(shapes)
+    if untied and not _has_head(shapes):
         shapes["lm_head.weight"] = next(v for k, v in shapes.items() if k.endswith(("embed_tokens.weight", "wte.weight")))
     scratch = Path(tempfile.mkdtemp(prefix="gptq-gguf-size-")) / "dry.gguf"
     w = gguf.GGUFWriter(scratch, m.arch)
@@ -371,7 +379,7 @@ def write_gguf(stage: Path, path: Path, ftype: str, source: Path | None = None) 
     _write_metadata(w, m, ftype, stage)
     handles = [safe_open(f, "pt") for f in sorted(stage.glob("*.safetensors"))]
     where = {k: h for h in handles for k in h.keys()}
-    tied = "lm_head.weight" not in where and "lm_head.weight.ggml_q8_0" not in where
+    tied = not _has_head(where)
     out = _Tensors(w)
     experts: dict[tuple[str, str], dict[int, tuple[str, torch.Tensor]]] = {}  # (layer, role) → {e: blocks}
     for key in sorted(where):

@@ -55,7 +55,7 @@ def reference(tmp_path_factory):
     return d, f16, imatrix
 
 
-@pytest.mark.parametrize("ftype", ["q4_0", "q4_k_m", "q3_k_m"])
+@pytest.mark.parametrize("ftype", ["q4_0", "q4_k_m", "q3_k_m", "q2_k", "q3_k_s", "q3_k_l", "iq4_nl"])
 def test_llama_cpp_runs_our_gguf_below_its_own_imatrix_quantization(reference, tmp_path, ftype):
     """Q4_0 over three calibration draws (GPTQ's rounding cascades: one draw moves the score by
     about 1 %): every one below llama.cpp's importance-matrix file, and their mean by more than 2 %."""

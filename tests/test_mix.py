@@ -365,32 +365,41 @@ def test_resume_and_no_stream_give_the_same_bytes(tmp_path, tiny_model_dir, cali
     assert re.match(r"\+:\^model", next(iter(configs[0]["dynamic"])))
 
 
+def gguf_budget_run(cfg, model, bpe_dir, calib, monkeypatch, capsys):
+    """A random model of ``cfg`` saved at ``model`` with conftest's BPE, quantized to ``tmp/o`` (beside
+    ``model``) as GGUF over q4_0/q5_0/q8_0 at the middle of the feasible range that a refused
+    budget names; returns (model, budget)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("GPTQ_GGUF_PRE", "default")  # the tiny test tokenizer is none llama.cpp knows
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(model)
+    for f in bpe_dir.iterdir():
+        shutil.copy(f, model / f.name)
+    out = model.parent / "o"
+    flags = ("--format", "gguf", "--candidates", "q4_0,q5_0,q8_0")
+    with pytest.raises(SystemExit):
+        _run(model, calib, out, *flags, "--max-size", "1")
+    lo, hi = map(int, re.search(r"\((\d+) to (\d+) bytes\)", capsys.readouterr().err).groups())
+    budget = (lo + hi) // 2
+    assert _run(model, calib, out, *flags, "--max-size", str(budget)) == 0
+    return model, budget
+
+
 def test_gguf_budget_file_is_the_planned_size_with_the_planned_types(tmp_path, bpe_dir, calib, monkeypatch, capsys):
     """--format gguf with --max-size: the .gguf's bytes are the plan's (header, metadata, tokenizer and
     the edges from a dry run of the writer, the linears' blocks), each linear of the type chosen; the file
     loads. The tiny model is rotated (--rotate auto), so the rotation record is in the metadata too."""
-    import shutil
-
     from gguf import GGUFReader
-    from transformers import AutoModelForCausalLM
 
     from gptq.formats.gguf.names import BLOCK_NAMES
     from gptq.runtime.load import load_any
 
-    monkeypatch.setenv("GPTQ_GGUF_PRE", "default")  # the tiny test tokenizer is none llama.cpp knows
     cfg = tiny_config("llama")
     cfg.vocab_size = BPE_VOCAB  # a byte-level BPE with merges, as GGUF needs to be read back
-    torch.manual_seed(0)
-    model = tmp_path / "tiny-llama"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(model)
-    for f in bpe_dir.iterdir():
-        shutil.copy(f, model / f.name)
-    flags = ("--format", "gguf", "--candidates", "q4_0,q5_0,q8_0")
-    with pytest.raises(SystemExit):
-        _run(model, calib, tmp_path / "o", *flags, "--max-size", "1")
-    lo, hi = map(int, re.search(r"\((\d+) to (\d+) bytes\)", capsys.readouterr().err).groups())
-    budget = (lo + hi) // 2
-    assert _run(model, calib, tmp_path / "o", *flags, "--max-size", str(budget)) == 0
+    model, budget = gguf_budget_run(cfg, tmp_path / "tiny-llama", bpe_dir, calib, monkeypatch, capsys)
     files = list((tmp_path / "o").glob("*.gguf"))
     assert [f.name for f in files] == [f"{model.name}-mixed-{budget}B.gguf"]
     rec = json.loads((tmp_path / "o" / "quantize_report.json").read_text())["mix"]
@@ -507,28 +516,14 @@ def test_moe_gguf_budget_is_the_planned_size_with_one_type_per_expert_tensor(tmp
     """--format gguf with --max-size on a mixture-of-experts model: a block's experts take one type, so
     each merged [n_expert, rows, cols] tensor (ffn_gate_exps, ffn_up_exps, ffn_down_exps) is of the
     unit's choice, and the file's bytes are the plan's (each merged tensor padded once)."""
-    import shutil
-
     from conftest import moe_config
     from gguf import GGUFReader
-    from transformers import AutoModelForCausalLM
 
     from gptq.formats.gguf.names import BLOCK_NAMES
 
-    monkeypatch.setenv("GPTQ_GGUF_PRE", "default")
     cfg = moe_config(family, experts=4)
     cfg.vocab_size, cfg.norm_topk_prob = BPE_VOCAB, True
-    torch.manual_seed(0)
-    model = tmp_path / family
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(model)
-    for f in bpe_dir.iterdir():
-        shutil.copy(f, model / f.name)
-    flags = ("--format", "gguf", "--candidates", "q4_0,q5_0,q8_0")
-    with pytest.raises(SystemExit):
-        _run(model, calib, tmp_path / "o", *flags, "--max-size", "1")
-    lo, hi = map(int, re.search(r"\((\d+) to (\d+) bytes\)", capsys.readouterr().err).groups())
-    budget = (lo + hi) // 2
-    assert _run(model, calib, tmp_path / "o", *flags, "--max-size", str(budget)) == 0
+    model, budget = gguf_budget_run(cfg, tmp_path / family, bpe_dir, calib, monkeypatch, capsys)
     (file,) = (tmp_path / "o").glob("*.gguf")
     rec = json.loads((tmp_path / "o" / "quantize_report.json").read_text())["mix"]
     assert file.stat().st_size == rec["fixed_bytes"] + rec["linear_bytes"] <= budget

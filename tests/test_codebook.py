@@ -85,3 +85,27 @@ def test_codebook_settings_are_checked_and_saved_as_bitsandbytes(tmp_path):
     assert all(isinstance(p, Bnb4bitLinear) for p in packed.values())
     out = save_checkpoint(tmp_path / "ck", model, packed, cfg)
     assert '"bitsandbytes"' in (out / "config.json").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_the_clipping_search_scores_each_candidate_as_quantize_then_dequantize(name, double_quant, monkeypatch):
+    """The search takes a candidate's value from the sorted table at w's bucket, in place (faster than
+    quantize's codes then dequantize's lookup); its errors equal the plain computation's exactly."""
+    from gptq.core.grids import codebook, search
+
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(40, 128, generator=g) * 0.05
+    W[5, 7] = 2.0
+    cw = torch.rand(64, generator=g) + 0.1
+    fam = CodebookFamily(name, True, double_quant)
+    fam.prepare(W, 64)
+    seen = []
+    monkeypatch.setattr(codebook, "shrink_search",
+                        lambda cost, shape, like: seen.append(cost) or search.shrink_search(cost, shape, like))
+    w = W[:, 64:]
+    fam.fit(w, cw, group=1)
+    shrink = 0.2 + 0.8 * torch.rand(5, 40, generator=g)
+    absmax = w.abs().amax(dim=1)
+    s = fam._snap(shrink * absmax, 1)[..., None]
+    assert torch.equal(seen[0](shrink), (fam.dequantize(fam.quantize(w, s), s) - w).square() @ cw)

@@ -9,7 +9,9 @@ from conftest import BPE_VOCAB
 
 from gptq import QuantConfig, quantize_model, save_checkpoint, solve
 from gptq.core.grids import GridSpec
-from gptq.core.grids.ggml import KVALUES_IQ4NL, TYPES
+from gptq.core.grids import ggml
+from gptq.core.grids.ggml import KVALUES_IQ4NL, TYPES, KQuantFamily, MinFamily, ggml_family
+from gptq.core.grids.search import shrink_search
 from gptq.formats.gguf.blocks import dequantize_blocks, pack_blocks
 from gptq.core.solver import round_to_nearest
 from gptq.formats.gguf.rules import FILE_TYPES, layer_type, n_gqa, output_type, plan
@@ -65,6 +67,51 @@ def test_a_zero_group_takes_no_part_in_its_super_blocks_scale(t):
     a, b = (round_to_nearest(x, CFG, GridSpec.ggml(t)) for x in (W, tiny))
     assert torch.equal(a.weight[:, live], b.weight[:, live]) and torch.equal(a.scale_state.d, b.scale_state.d)
     assert torch.equal(a.weight[:, 32:48], torch.zeros(8, 16))
+
+
+def _explicit_errors(fam, w, cw, shrink):
+    """The clipping search's errors [V·P, out(, G)] for ``shrink`` computed the plain way: the family's
+    own quantize then dequantize (what the search's in-place arithmetic must equal)."""
+    if isinstance(fam, KQuantFamily):
+        x = w.view(w.shape[0], fam.t.per_fit, fam.t.group)
+        s, m = fam._candidates(x, shrink)
+        z = fam._zero(m, s)[..., None]
+        e = fam.dequantize(fam.quantize(x, s[..., None], z), s[..., None], z) - x
+        return (e.square() * cw.view(fam.t.per_fit, fam.t.group)).sum(dim=-1)
+    if isinstance(fam, MinFamily):
+        lo, hi = w.min(dim=1).values, w.max(dim=1).values
+        d, m = (t[..., None] for t in fam._grid(shrink * lo, shrink * hi))
+        return (fam.dequantize(fam.quantize(w, d, m), d, m) - w).square() @ cw
+    amax = w.abs().amax(dim=1)
+    z = getattr(fam, "z", None)
+    d = torch.cat([fam._d(amax, shrink, -1.0), fam._d(amax, shrink, 1.0)])[..., None]  # d < 0 first
+    return (fam.dequantize(fam.quantize(w, d, z), d, z) - w).square() @ cw
+
+
+@pytest.mark.parametrize("t", sorted(TYPES))
+def test_the_clipping_search_scores_each_candidate_as_quantize_then_dequantize(t, monkeypatch):
+    """The search computes each candidate's error in place on one temporary, a chunk of rows at a time
+    (several times faster than the family's quantize/dequantize on the whole matrix); its errors equal
+    the plain computation's exactly, for every type, with column weights, a zero group and an outlier."""
+    g = torch.Generator().manual_seed(4)
+    fam = ggml_family(t)
+    unit = TYPES[t].block_weights
+    w = torch.randn(40, unit, generator=g) * 0.05
+    w[3, :16] = 0
+    w[5, 7] = 2.0
+    cw = torch.rand(unit, generator=g) + 0.1
+    seen = []
+
+    def spy(cost, shape, like):
+        seen.append((cost, shape))
+        return shrink_search(cost, shape, like)
+
+    monkeypatch.setattr(ggml, "shrink_search", spy)
+    fam.prepare(w, TYPES[t].group)
+    fam.fit(w, cw, group=0, cols=torch.arange(unit))
+    (cost, shape), = seen
+    shrink = 0.2 + 0.8 * torch.rand(5, *shape, generator=g)
+    assert torch.equal(cost(shrink), _explicit_errors(fam, w, cw, shrink))
 
 
 @pytest.mark.parametrize("t, most", [("q2_k", 0.6), ("q3_k", 0.55), ("iq4_nl", 0.5)])

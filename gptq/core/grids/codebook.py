@@ -197,15 +197,19 @@ class CodebookFamily(TableGrid):
             return Grid(self._snap(absmax, group).to(w.dtype), zero)
         cw = torch.ones(w.shape[1], dtype=w.dtype, device=w.device) if col_weight is None else col_weight.to(w.dtype)
 
+        table, order, mid = self._to(w)
+        values = table[order]  # the table sorted: values[i] = table[order[i]], the code's value
+
         def cost(shrinks: torch.Tensor) -> torch.Tensor:  # [P, out] → weighted squared errors [P, out]
             stored = self._snap(shrinks * absmax, group).to(w.dtype)  # [P, out] candidate absmax as stored
 
             def rows(r0: int, r1: int) -> torch.Tensor:
                 wr = w[None, r0:r1]  # [1, rows, k]
                 s = stored[:, r0:r1, None]  # [P, rows, 1]
-                return self.dequantize(self.quantize(wr, s), s).sub_(wr).square_() @ cw
+                # ŵ − w as quantize/dequantize compute it: the sorted table's value at w's bucket, times s
+                return values[torch.bucketize(wr / s, mid)].mul_(s).sub_(wr).square_() @ cw
 
-            return by_rows(rows, w.shape[0], shrinks.shape[0] * w.shape[1], 1 << 20)
+            return by_rows(rows, w.shape[0], shrinks.shape[0] * w.shape[1], 1 << 18)
 
         best, _ = shrink_search(cost, (w.shape[0],), w)
         # the absmax as stored, so the solver rounds against exactly what is written

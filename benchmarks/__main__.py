@@ -20,7 +20,7 @@ from benchmarks.fp_target import fp_target
 from benchmarks.kernel import kernel
 from benchmarks.malloc import malloc
 from benchmarks.mix import mix, mix_curve
-from benchmarks.mix_estimates import mix_estimates
+from benchmarks.mix_estimates import MODELS, mix_estimates
 from benchmarks.moe import moe
 from benchmarks.notebook import notebook
 from benchmarks.quality import quality
@@ -48,7 +48,7 @@ RUNS = {  # NAME: run it with (--out as a Path, the parsed options)
                                               tuple(int(v) for v in a.windows.split(","))),
     "rotation": lambda out, a: rotation(out, tuple(int(b) for b in a.bits.split(",")), tuple(a.rotate.split(","))),
     "mix": lambda out, a: mix(out),
-    "mix-estimates": lambda out, a: mix_estimates(out),
+    "mix-estimates": lambda out, a: mix_estimates(out, a.model),
     "mix-curve": lambda out, a: mix_curve(out),
     "busy": lambda out, a: busy(out, tuple(a.policies.split(","))),
     "notebook": lambda out, a: notebook(),
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rotation: bit widths (default: %(default)s)")
     p.add_argument("--rotate", default=",".join(ROTATION_KINDS),
                    help="rotation: --rotate values compared at each bit width (default: %(default)s)")
+    p.add_argument("--model", choices=MODELS, default=MODELS[0],
+                   help="mix-estimates: the model studied (synthetic: a random Llama wider than SmolLM2)")
     p.add_argument("--policies", default=",".join(POLICIES),
                    help="busy: OpenMP settings compared (default: %(default)s)")
     p.add_argument("--out", default="bench-results", help="folder for JSON results and the checkpoint")

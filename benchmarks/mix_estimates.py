@@ -1,4 +1,5 @@
-"""Which cheap estimate predicts what a unit's quantization does to the whole model: on SmolLM2 each
+"""Which cheap estimate predicts what a unit's quantization does to the whole model: on SmolLM2 (or,
+``--model synthetic``, a random model wider than it: ``SYNTHETIC``) each
 unit (q/k/v, o, gate/up, down of a block) alone is solved with GPTQ onto one candidate (3-bit g64),
 written into the otherwise full-precision model, and the KL divergence of its next-token
 distributions from the full-precision model's is measured on held-out text. Every estimate of
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from benchmarks.common import smollm2_eval, wiki, write
 from calib import load_documents, sample_windows
@@ -36,20 +37,44 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
+# the synthetic model: wider than SmolLM2 (1024 against 576, its MLP 2816 against 1536), grouped-query
+# attention 16/4 heads, 8 blocks, SmolLM2's vocabulary; transformers' own initialisation with a larger
+# spread than its default 0.02, so that its next-token distributions are peaked (logits of standard
+# deviation ~1.6) and a unit's damage is not lost in a near-uniform output
+SYNTHETIC = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
+                 num_hidden_layers=8, vocab_size=49152, initializer_range=0.05, tie_word_embeddings=False,
+                 max_position_embeddings=2048)
+MODELS = ("smollm2", "synthetic")
+
+
+def _load(which: str, model_dir: Path):
+    """The model studied, fp32, and its description."""
+    if which == "smollm2":
+        return (AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
+                "SmolLM2-135M-Instruct fp32")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SYNTHETIC)).eval()
+    shape = ", ".join(f"{k} {v}" for k, v in SYNTHETIC.items())
+    return model, f"a random Llama ({shape}; seed 0) fp32"
+
+
 @torch.no_grad()
-def mix_estimates(out: Path, eval_windows: int = 4, eval_len: int = 512) -> dict:
+def mix_estimates(out: Path, which: str = "smollm2", eval_windows: int = 4, eval_len: int = 512) -> dict:
+    """The correlations on ``which`` model: SmolLM2, or the synthetic one (``SYNTHETIC``, fed the same
+    text through SmolLM2's tokenizer)."""
     model_dir, tok, _ = smollm2_eval()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model, what = _load(which, model_dir)
     docs, mode = load_documents(str(wiki("valid.tokens.txt")), "calib")
     windows = sample_windows(docs, tok, 32, 512, 0, mode)
     held_out = sample_windows(load_documents(str(wiki("wiki.test.raw")), "calib")[0], tok, eval_windows, eval_len, 1,
                               "stream")
     shapes = mix.unit_shapes(model)
     inputs = capture_block_inputs(model, windows, 8, "cpu")
-    setup = (f"SmolLM2-135M-Instruct fp32; 32 x 512 WikiText-2 valid calibration; each unit alone GPTQ-solved "
+    setup = (f"{what}; 32 x 512 WikiText-2 valid calibration; each unit alone GPTQ-solved "
              f"onto {GRID.bits}-bit g{GRID.group_size} (full-precision Hessian), KL of next-token distributions "
              f"against the full-precision model on {eval_windows} x {eval_len} tokens of wiki.test.raw")
-    cached = out / "mix_estimates_units.json"
+    stem = "mix_estimates" if which == "smollm2" else f"mix_estimates_{which}"
+    cached = out / f"{stem}_units.json"
     measured = None
     if cached.is_file():  # the per-unit KL does not depend on the estimates: measured once, reused
         old = json.loads(cached.read_text())
@@ -76,13 +101,13 @@ def mix_estimates(out: Path, eval_windows: int = 4, eval_len: int = 512) -> dict
                      "pearson_log": round(_pearson(log_e, log_m), 4), "seconds": e["seconds"]})
     result = {
         "setup": setup,
-        "command": "python -m benchmarks mix-estimates", "cpu": cpu_info(), "rows": rows,
+        "command": f"python -m benchmarks mix-estimates --model {which}", "cpu": cpu_info(), "rows": rows,
         "units": [{"linears": [n.removeprefix("model.layers.") for n in sh.names], "kl": m,
                    **{s: estimates[s]["errors"][k] for s in estimates}} for k, (sh, m) in enumerate(zip(shapes, measured))],
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    write(out, "mix_estimates", {k: v for k, v in result.items() if k != "units"}, show=True)
-    write(out, "mix_estimates_units", result)
+    write(out, stem, {k: v for k, v in result.items() if k != "units"}, show=True)
+    write(out, f"{stem}_units", result)
     return result
 
 

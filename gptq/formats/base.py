@@ -28,6 +28,7 @@ from gptq.core.config import ConfigError, QuantConfig
 from gptq.core.grids import GridSpec
 from gptq.io.modules import get_module, in_features
 from gptq.io.safetensors_io import TensorSource, header_bytes
+from gptq.models import rotation
 from gptq.models.architectures import for_config
 
 
@@ -117,9 +118,9 @@ class Format:
                 continue
             shapes[name], dtypes[name] = shape, torch.float16 if name in biases else source.dtype(name)
             fixed += math.prod(shape) * torch.tensor([], dtype=dtypes[name]).element_size()
-        if untie_head and "lm_head.weight" not in shapes:
-            emb = next(n for n in shapes if n.endswith("embed_tokens.weight"))
-            shapes["lm_head.weight"], dtypes["lm_head.weight"] = shapes[emb], dtypes[emb]
+        head, emb = f"{rotation.HEAD}.weight", f"{rotation.EMBED}.weight"  # the names the rotation unties
+        if untie_head and head not in shapes:
+            shapes[head], dtypes[head] = shapes[emb], dtypes[emb]
             fixed += math.prod(shapes[emb]) * torch.tensor([], dtype=dtypes[emb]).element_size()
         return fixed + header_bytes(shapes, dtypes)
 

@@ -383,7 +383,6 @@ class Setup:
     bytes: tuple[tuple[int, ...], ...]
     budget: int
     fixed: int
-    max_size: int = 0  # --max-size (0: a bits-per-weight budget)
     fixed_of: object = None  # --max-size: {linear: GridSpec} → the fixed bytes exactly, headers on those grids
 
 
@@ -415,7 +414,7 @@ def setup(model: nn.Module, fmt, config: QuantConfig, source_dir=None, rotation=
     weights = sum(o * i for s in shapes for o, i in s.shapes)
     check_feasible(config, [b for _, b in opts], weights, fixed, grids)
     return Setup(tuple(grids), tuple(shapes), tuple(o for o, _ in opts), tuple(b for _, b in opts),
-                 budget(config, shapes, fixed), fixed, config.max_size or 0, fixed_of)
+                 budget(config, shapes, fixed), fixed, fixed_of)
 
 
 def plan(st: Setup, model: nn.Module, inputs, config: QuantConfig, dev, store=None, before_block=None,
@@ -425,10 +424,10 @@ def plan(st: Setup, model: nn.Module, inputs, config: QuantConfig, dev, store=No
     errors = measure(model, inputs, config, list(st.shapes), list(st.options), list(st.grids), dev, store,
                      before_block, after_block, progress, world=world)
     units = [Unit(s.names, o, b, tuple(e)) for s, o, b, e in zip(st.shapes, st.options, st.bytes, errors)]
-    return settle(st, spend(list(st.grids), units, st.budget, st.fixed))
+    return settle(st, spend(list(st.grids), units, st.budget, st.fixed), config.max_size)
 
 
-def settle(st: Setup, chosen: Plan) -> Plan:
+def settle(st: Setup, chosen: Plan, max_size: int) -> Plan:
     """--max-size: the headers on the chosen grids (their shapes' and offsets' digits differ from the
     representative grid's by a few bytes), and the budget spent again that many bytes lower while the
     file would exceed it; the plan then records the exact fixed bytes."""
@@ -436,11 +435,11 @@ def settle(st: Setup, chosen: Plan) -> Plan:
         return chosen
     for _ in range(16):
         fixed = st.fixed_of(chosen.by_linear())
-        over = fixed + total(list(chosen.units), list(chosen.choice))[0] - st.max_size
+        over = fixed + total(list(chosen.units), list(chosen.choice))[0] - max_size
         if over <= 0:
-            return Plan(chosen.grids, chosen.units, chosen.choice, st.max_size - fixed, fixed)
+            return Plan(chosen.grids, chosen.units, chosen.choice, max_size - fixed, fixed)
         chosen = spend(list(st.grids), list(chosen.units), chosen.budget - over, chosen.fixed)
-    raise BudgetError(f"--max-size {st.max_size}: no plan found whose file fits it to the byte; raise it a little")
+    raise BudgetError(f"--max-size {max_size}: no plan found whose file fits it to the byte; raise it a little")
 
 
 def plan_from_record(st: Setup, record: dict) -> Plan:

@@ -253,10 +253,14 @@ def test_bitsandbytes_loads_our_nf4_checkpoint(default_checkpoint, tmp_path, dou
     assert theirs["ppl"] < 0.95 * own["ppl"]
 
 
-def test_gptqmodel_loads_our_moe_checkpoint(tmp_path, tiny_tokenizer_dir):
+@pytest.mark.parametrize("budget", [(), ("--bits-per-weight", "3.8", "--candidates", "3g64,4g64")],
+                         ids=["uniform", "mixed"])
+def test_gptqmodel_loads_our_moe_checkpoint(tmp_path, tiny_tokenizer_dir, budget):
     """A small random Qwen3-MoE (8 experts, 2 active) quantized by us: GPTQModel finds every
     per-expert tensor under the names it expects and scores the same perplexity as our loader.
-    (vLLM's CPU build has no GPTQ MoE kernel: gptq.inspect says so.)"""
+    Mixed: a size budget puts each block's experts on 3 or 4 bits (one dynamic override per experts
+    layer); GPTQModel reads them, with its torch kernel as for the dense mix. (vLLM's CPU build has
+    no GPTQ MoE kernel: gptq.inspect says so.)"""
     import shutil
     import sys
 
@@ -271,14 +275,19 @@ def test_gptqmodel_loads_our_moe_checkpoint(tmp_path, tiny_tokenizer_dir):
         shutil.copy(f, tmp_path / "m" / f.name)
     (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
     subprocess.run([sys.executable, "-m", "gptq.quantize", str(tmp_path / "m"), "--dataset", str(tmp_path / "calib.txt"),
-                    "--nsamples", "8", "--seqlen", "64", "--group-size", "64", "--out", str(tmp_path / "q"), "--quiet"],
-                   check=True, cwd=ROOT)
+                    "--nsamples", "8", "--seqlen", "64", "--group-size", "64", *budget, "--out", str(tmp_path / "q"),
+                    "--quiet"], check=True, cwd=ROOT)
+    if budget:
+        qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+        experts = {k: v.get("bits", qc["bits"]) for k, v in qc["dynamic"].items() if "experts" in k}
+        assert _mix_of(tmp_path / "q") == {(3, 64), (4, 64)} and experts, qc["dynamic"]
+        print(f"\nexperts' overrides: {experts}")
     windows = torch.randint(0, 256, (2, 128), generator=torch.Generator().manual_seed(0))
     torch.save(windows, tmp_path / "windows.pt")
     theirs = run_client(py, "client_gptqmodel.py", tmp_path / "q", tmp_path / "windows.pt",
-                        env={"GPTQMODEL_CPU_WORKERS": "2"})
+                        *(["torch"] if budget else []), env={"GPTQMODEL_CPU_WORKERS": "2"})
     mine = ours(tmp_path / "q", windows)
-    print(f"\nQwen3-MoE: GPTQModel {theirs['ppl']:.4f} vs ours {mine:.4f}")
+    print(f"\nQwen3-MoE ({'mixed' if budget else 'uniform'}): GPTQModel {theirs['ppl']:.4f} vs ours {mine:.4f}")
     assert abs(theirs["ppl"] - mine) / mine < 0.005
 
 

@@ -178,10 +178,20 @@ def test_llama_cpp_runs_our_gguf_of_families_smollm2_cannot_become(reference, tm
         GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_embd=576, n_layer=4, n_head=9, n_positions=2048,
                                    bos_token_id=0, eos_token_id=0)).save_pretrained(d)
         AutoTokenizer.from_pretrained(ROOT / ".cache" / "smollm2").save_pretrained(d)
-    r = subprocess.run([tool("llama-perplexity"), "-m", str(our_gguf(d, tmp_path)), "-f", str(WIKI / "wiki.test.raw"),
-                        "-c", "128", "--chunks", "2", "-t", "2"], capture_output=True, text=True, timeout=600)
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
-    assert r.returncode == 0 and m and float(m.group(1)) > 1, (r.stdout + r.stderr)[-3000:]
+    short_run(our_gguf(d, tmp_path))
+
+
+def copies_of_the_mlp(model, sd):
+    """Fill a Mixtral made from SmolLM2: every expert a copy of the block's MLP, a random router."""
+    import torch
+
+    for i, layer in enumerate(model.model.layers):
+        mlp = f"model.layers.{i}.mlp."
+        n = layer.mlp.experts.gate_up_proj.shape[0]
+        gate_up = torch.cat([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]])
+        layer.mlp.experts.gate_up_proj.copy_(gate_up.expand(n, -1, -1))
+        layer.mlp.experts.down_proj.copy_(sd[mlp + "down_proj.weight"].expand(n, -1, -1))
+        layer.mlp.gate.weight.normal_(0, 0.5)
 
 
 def test_llama_cpp_runs_our_mixtral_gguf_as_the_model_it_is(reference, tmp_path):
@@ -192,19 +202,7 @@ def test_llama_cpp_runs_our_mixtral_gguf_as_the_model_it_is(reference, tmp_path)
     score like SmolLM2."""
     from transformers import MixtralConfig
 
-    experts = 4
-
-    def copies_of_the_mlp(model, sd):
-        import torch
-
-        for i, layer in enumerate(model.model.layers):
-            mlp = f"model.layers.{i}.mlp."
-            gate_up = torch.cat([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]])
-            layer.mlp.experts.gate_up_proj.copy_(gate_up.expand(experts, -1, -1))
-            layer.mlp.experts.down_proj.copy_(sd[mlp + "down_proj.weight"].expand(experts, -1, -1))
-            layer.mlp.gate.weight.normal_(0, 0.5)
-
-    d = relabelled_smollm2(tmp_path, "smol-mixtral", MixtralConfig, copies_of_the_mlp, num_local_experts=experts,
+    d = relabelled_smollm2(tmp_path, "smol-mixtral", MixtralConfig, copies_of_the_mlp, num_local_experts=4,
                            num_experts_per_tok=2, head_dim=64, sliding_window=None)
     assert_scores_like_smollm2(our_gguf(d, tmp_path), reference[1], "a 4-expert Mixtral")
 
@@ -412,9 +410,7 @@ def test_llama_cpp_dequantizes_our_q2_k_q3_k_and_iq4_nl_blocks_bit_for_bit(tmp_p
     each into F32 with ggml's own dequantizers, and every tensor equals the gguf package's
     dequantization of our blocks (the solver's weights, tests/test_ggml_kquants.py) bit for bit.
     llama-perplexity runs each file."""
-    import numpy as np
     import torch
-    from gguf import GGUFReader, quants
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     if not (WIKI / "valid.tokens.txt").is_file():
@@ -431,22 +427,70 @@ def test_llama_cpp_dequantizes_our_q2_k_q3_k_and_iq4_nl_blocks_bit_for_bit(tmp_p
                         "--nsamples", "4", "--seqlen", "64", "--format", f"gguf:{ftype}", "--out", str(out),
                         "--quiet"], check=True, cwd=ROOT, capture_output=True)
         ours = next(out.glob("*.gguf"))
-        f32 = tmp_path / f"{ftype}-f32.gguf"
-        subprocess.run([tool("llama-quantize"), "--allow-requantize", str(ours), str(f32), "F32", "2"], check=True,
-                       capture_output=True)
-        theirs = {t.name: t for t in GGUFReader(f32).tensors}
-        types = set()
-        for t in GGUFReader(ours).tensors:
-            types.add(t.tensor_type.name)
-            mine = np.ascontiguousarray(quants.dequantize(t.data, t.tensor_type)).reshape(-1)
-            assert theirs[t.name].tensor_type.name == "F32"
-            assert np.array_equal(mine, np.asarray(theirs[t.name].data).reshape(-1)), (ftype, t.name)
+        types = set(dequantized_as_we_do(ours, tmp_path).values())
         assert block in types, (ftype, types)
-        r = subprocess.run([tool("llama-perplexity"), "-m", str(ours), "-f", str(WIKI / "wiki.test.raw"), "-c", "128",
-                            "--chunks", "2", "-t", "2"], capture_output=True, text=True, timeout=600)
-        m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
-        assert r.returncode == 0 and m, (r.stdout + r.stderr)[-3000:]
-        print(f"\n{ftype}: {sorted(types)}, every tensor as ggml dequantizes it; llama-perplexity {m.group(1)}")
+        print(f"\n{ftype}: {sorted(types)}, every tensor as ggml dequantizes it; llama-perplexity {short_run(ours)}")
+
+
+def dequantized_as_we_do(ours, tmp_path) -> dict[str, str]:
+    """llama-quantize --allow-requantize turns our file into F32 with ggml's own dequantizers: every
+    tensor must equal the gguf package's dequantization of our blocks bit for bit. Returns each
+    tensor's type in our file."""
+    import numpy as np
+    from gguf import GGUFReader, quants
+
+    f32 = tmp_path / f"{ours.stem}-f32.gguf"
+    subprocess.run([tool("llama-quantize"), "--allow-requantize", str(ours), str(f32), "F32", "2"], check=True,
+                   capture_output=True)
+    theirs = {t.name: t for t in GGUFReader(f32).tensors}
+    types = {}
+    for t in GGUFReader(ours).tensors:
+        types[t.name] = t.tensor_type.name
+        mine = np.ascontiguousarray(quants.dequantize(t.data, t.tensor_type)).reshape(-1)
+        assert theirs[t.name].tensor_type.name == "F32"
+        assert np.array_equal(mine, np.asarray(theirs[t.name].data).reshape(-1)), (ours.name, t.name)
+    f32.unlink()
+    return types
+
+
+def short_run(path) -> float:
+    """llama-perplexity on 2 windows of 128 tokens: the file loads and runs (a finite perplexity)."""
+    r = subprocess.run([tool("llama-perplexity"), "-m", str(path), "-f", str(WIKI / "wiki.test.raw"), "-c", "128",
+                        "--chunks", "2", "-t", "2"], capture_output=True, text=True, timeout=600)
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
+    assert r.returncode == 0 and m and float(m.group(1)) > 1, (r.stdout + r.stderr)[-3000:]
+    return float(m.group(1))
+
+
+def test_llama_cpp_reads_our_budget_gguf_of_a_mixtral_type_by_type(tmp_path):
+    """--format gguf --max-size of SmolLM2 as a 4-expert Mixtral (its first 4 blocks, every expert a
+    copy of the MLP, a random router) at the middle of the feasible range a refused budget names:
+    each block's experts take one type (the merged ffn_*_exps tensors), chosen block by block.
+    llama-quantize dequantizes every tensor of the file as we do, so llama.cpp reads each merged
+    tensor's own type; the file is no larger than the budget and llama-perplexity runs it (4 blocks of
+    30 are not a language model: its perplexity only shows that the file runs)."""
+    if not (WIKI / "valid.tokens.txt").is_file():
+        pytest.skip(f"WikiText-2 not found in {WIKI}")
+    from transformers import MixtralConfig
+
+    d = relabelled_smollm2(tmp_path, "smol-mixtral-4", MixtralConfig, copies_of_the_mlp, num_local_experts=4,
+                           num_experts_per_tok=2, head_dim=64, sliding_window=None, num_hidden_layers=4)
+    out = tmp_path / "ours"
+    cmd = [sys.executable, "-m", "gptq.quantize", str(d), "--dataset", str(WIKI / "valid.tokens.txt"), "--nsamples",
+           "8", "--seqlen", "256", "--format", "gguf", "--candidates", "q4_0,q5_0,q8_0,q4_k,q6_k", "--out", str(out)]
+    r = subprocess.run([*cmd, "--max-size", "1"], capture_output=True, text=True, cwd=ROOT)
+    lo, hi = map(int, re.search(r"\((\d+) to (\d+) bytes\)", r.stderr).groups())
+    budget = (lo + hi) // 2
+    subprocess.run([*cmd, "--max-size", str(budget), "--quiet"], check=True, cwd=ROOT)
+    ours = next(out.glob("*.gguf"))
+    assert ours.stat().st_size <= budget
+    types = dequantized_as_we_do(ours, tmp_path)
+    experts = {n: t for n, t in types.items() if "_exps" in n}
+    assert len(experts) == 4 * 3 and all(t == types[f"blk.{n.split('.')[1]}.ffn_up_exps.weight"]
+                                         for n, t in experts.items())
+    assert len(set(types[n] for n in types if n.startswith("blk."))) > 1  # a mix
+    print(f"\nbudget {budget} B (feasible {lo} to {hi}); ours {ours.stat().st_size} B; experts: "
+          f"{ {n: t for n, t in sorted(experts.items()) if 'up' in n} }; llama-perplexity {short_run(ours)}")
 
 
 def test_our_eval_ranks_two_q4_0_files_as_llama_perplexity_kl_divergence_does(reference, kl_base, tmp_path):

@@ -36,13 +36,37 @@ def _exact(record: dict) -> float:
     return total(units, choice)[1]
 
 
-def mix(out: Path, mixes=MIXES) -> dict:
-    model_dir, _, _ = smollm2_eval()
+# on the synthetic model: the cheap estimates and the two that measure the block's output
+SYNTHETIC_MIXES = tuple(("3g64,4g64", s) for s in ("hessian", "hessian/residual", "hessian/block", "gptq/block"))
+
+
+def _synthetic_model(out: Path, tok) -> Path:
+    """``mix_estimates.SYNTHETIC`` saved in bf16 with SmolLM2's tokenizer (once)."""
+    import torch
+
+    from benchmarks.mix_estimates import load_model
+
+    d = out / "synthetic-model"
+    if not (d / "config.json").is_file():
+        model, _ = load_model("synthetic", None)
+        model.to(torch.bfloat16).save_pretrained(d)
+        tok.save_pretrained(d)
+    return d
+
+
+def mix(out: Path, mixes=MIXES, which: str = "smollm2") -> dict:
+    """The budget benchmark on SmolLM2, or (``which`` "synthetic") on ``mix_estimates.SYNTHETIC``
+    with ``SYNTHETIC_MIXES``, unrotated (``--rotate none``) as its per-unit study is."""
+    model_dir, tok, _ = smollm2_eval()
     cache = out / "reference-cache"
     ckpt = out / "mix-ckpt"
+    extra: tuple[str, ...] = ()
+    if which == "synthetic":
+        model_dir, mixes, extra = _synthetic_model(out, tok), SYNTHETIC_MIXES, ("--rotate", "none")
+        cache, ckpt = out / "reference-cache-synthetic", out / "mix-ckpt-synthetic"
     rows = []
     for bits in (3, 4):
-        report = _quantize(model_dir, ckpt, "--bits", str(bits))
+        report = _quantize(model_dir, ckpt, "--bits", str(bits), *extra)
         rows.append({"run": f"uniform {bits}g64", "bytes": _bytes(ckpt), "quantize_seconds": report["seconds"],
                      **evaluate(ckpt, model_dir, cache)})
         print(json.dumps(rows[-1]), flush=True)
@@ -50,7 +74,7 @@ def mix(out: Path, mixes=MIXES) -> dict:
     target = lo["bytes"] + (hi["bytes"] - lo["bytes"]) // 2
     for candidates, sensitivity in mixes:
         report = _quantize(model_dir, ckpt, "--max-size", str(target), "--candidates", candidates,
-                           "--sensitivity", sensitivity)
+                           "--sensitivity", sensitivity, *extra)
         rec = report["mix"]
         row = {"run": f"mixed {candidates} {sensitivity}", "bytes": _bytes(ckpt), "budget": target,
                "quantize_seconds": report["seconds"], **evaluate(ckpt, model_dir, cache)}
@@ -62,15 +86,17 @@ def mix(out: Path, mixes=MIXES) -> dict:
                 "choices": _counts(rec)}
         print(json.dumps(row), flush=True)
         rows.append(row)
+    what = ("SmolLM2-135M-Instruct, --rotate auto (none: tied head)" if which == "smollm2" else
+            "the synthetic model of benchmarks/mix_estimates.py (a random Llama, bf16), --rotate none")
     result = {
-        "setup": "SmolLM2-135M-Instruct, 32 x 512 WikiText-2 valid calibration, --rotate auto (none: tied head); "
+        "setup": f"{what}, 32 x 512 WikiText-2 valid calibration; "
                  "eval wiki.test.raw 8 x 2048, fp32, KL against the bf16 source in fp32; budget = uniform 3g64 "
                  "bytes + half the difference to uniform 4g64",
         "command": " ".join(quantize_cmd(model_dir, "--max-size", str(target), "--candidates", "C",
-                                         "--sensitivity", "S")[1:]),
+                                         "--sensitivity", "S", *extra)[1:]),
         "cpu": cpu_info(), "rows": rows,
     }
-    write(out, "mix", result, show=True)
+    write(out, "mix" if which == "smollm2" else f"mix_{which}", result, show=True)
     return result
 
 

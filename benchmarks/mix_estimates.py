@@ -47,7 +47,7 @@ SYNTHETIC = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=1
 MODELS = ("smollm2", "synthetic")
 
 
-def _load(which: str, model_dir: Path):
+def load_model(which: str, model_dir: Path):
     """The model studied, fp32, and its description."""
     if which == "smollm2":
         return (AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
@@ -63,7 +63,7 @@ def mix_estimates(out: Path, which: str = "smollm2", eval_windows: int = 4, eval
     """The correlations on ``which`` model: SmolLM2, or the synthetic one (``SYNTHETIC``, fed the same
     text through SmolLM2's tokenizer)."""
     model_dir, tok, _ = smollm2_eval()
-    model, what = _load(which, model_dir)
+    model, what = load_model(which, model_dir)
     docs, mode = load_documents(str(wiki("valid.tokens.txt")), "calib")
     windows = sample_windows(docs, tok, 32, 512, 0, mode)
     held_out = sample_windows(load_documents(str(wiki("wiki.test.raw")), "calib")[0], tok, eval_windows, eval_len, 1,

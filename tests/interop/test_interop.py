@@ -253,7 +253,7 @@ def test_bitsandbytes_loads_our_nf4_checkpoint(default_checkpoint, tmp_path, dou
     assert theirs["ppl"] < 0.95 * own["ppl"]
 
 
-@pytest.mark.parametrize("budget", [(), ("--bits-per-weight", "3.8", "--candidates", "3g64,4g64")],
+@pytest.mark.parametrize("budget", [(), ("--bits-per-weight", "4.2", "--candidates", "3g64,4g64")],
                          ids=["uniform", "mixed"])
 def test_gptqmodel_loads_our_moe_checkpoint(tmp_path, tiny_tokenizer_dir, budget):
     """A small random Qwen3-MoE (8 experts, 2 active) quantized by us: GPTQModel finds every

@@ -299,6 +299,35 @@ def _mix_plan(model, fmt: Format, qcfg: QuantConfig, model_dir, rot, partial: Pa
         print(chosen.table(limit=12), file=sys.stderr)
 
 
+def _resume_point(state: dict, partial: Path, block_shards: list[str], fp_target: bool, inputs, store, mine,
+                  n_batches: int):
+    """Where an interrupted run stops: (the first block to solve, the report so far, that block's inputs,
+    its full-precision inputs with --fp-target or None), checking that every completed block's shard
+    is there."""
+    first = state["completed"] + 1
+    missing = [name for name in block_shards[:first] if not (partial / name).is_file()]
+    if missing:
+        raise ResumeError(f"{partial}: shard(s) {missing} of completed blocks are missing; pass --overwrite")
+    reference = None
+    if first < len(block_shards):
+        folder = partial / state.get("activations", "?")
+        if fp_target:
+            reference = _restore_inputs(folder, inputs, store, mine, n_batches, "fp-")
+        inputs = _restore_inputs(folder, inputs, store, mine, n_batches)
+    return first, state["report"], inputs, reference
+
+
+def _save_edges(source: TensorSource, blocks_prefix: str, rot, path: Path) -> None:
+    """The last shard: every tensor outside the blocks, from the source (the edges rotated); kept if an
+    interrupted run had written it."""
+    if path.is_file():
+        return
+    rest = {n: source.get(n).contiguous() for n in source.names() if not n.startswith(blocks_prefix + ".")}
+    if rot is not None:
+        rest.update(rot.edges(rest, inplace=True))  # read from disk: ours to overwrite
+    atomic_save(rest, path)
+
+
 def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor, dtype: torch.dtype,
                        device: str = "auto", batch_size: int = 8, resume: bool = False, overwrite: bool = False,
                        progress: bool = True, extra_report: dict | None = None,
@@ -362,16 +391,8 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
             extra_report["mix"] = fmt.mix
     first, report, reference = 0, [], None
     if state is not None:
-        first = state["completed"] + 1
-        report = state["report"]
-        missing = [shard_name(k + 1) for k in range(first) if not (partial / shard_name(k + 1)).is_file()]
-        if missing:
-            raise ResumeError(f"{partial}: shard(s) {missing} of completed blocks are missing; pass --overwrite")
-        if first < nblocks:
-            folder = partial / state.get("activations", "?")
-            if qcfg.fp_target:
-                reference = _restore_inputs(folder, inputs, store, mine, len(batches), "fp-")
-            inputs = _restore_inputs(folder, inputs, store, mine, len(batches))
+        first, report, inputs, reference = _resume_point(state, partial, [shard_name(k + 1) for k in range(nblocks)],
+                                                         bool(qcfg.fp_target), inputs, store, mine, len(batches))
 
     def before(i, block):
         mat.load(f"{blocks_prefix}.{i}")
@@ -403,12 +424,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     if not world.main:  # rank 0 assembles the checkpoint
         return final, report, mat
 
-    # the last shard: every tensor outside the blocks, from the source (the edges rotated)
-    if not (partial / shard_name(nshards)).is_file():
-        rest = {n: source.get(n).contiguous() for n in source.names() if not n.startswith(blocks_prefix + ".")}
-        if rot is not None:
-            rest.update(rot.edges(rest, inplace=True))  # read from disk: ours to overwrite
-        atomic_save(rest, partial / shard_name(nshards))
+    _save_edges(source, blocks_prefix, rot, partial / shard_name(nshards))
     if rot is not None:
         rot.mark(model.config)
     summary = (extra_report or {}) | {"seconds": round(time.perf_counter() - t_start, 2), "layers": report}

@@ -231,22 +231,27 @@ def measure(model: nn.Module, inputs, config: QuantConfig, shapes: list[Shape], 
         seen = None if on_weight is None else (lambda n, opt, Q, i=i: on_weight(f"{arch.blocks}.{i}.{n}", opt, Q))
         for k in by_block.get(i, ()):
             names = [n[len(arch.blocks) + 1 + len(str(i)) + 1:] for n in shapes[k].names]
-            if arch.experts is not None and names[0].startswith(arch.experts.path + "."):
-                measured = _expert_errors(block, arch, routing, unit_options[k], grids, config, kind,
-                                          reach == "block", seen)
-            else:
-                H = accs[names[0]].hessian()
-                measured = _errors([(n, weight_matrix(get_module(block, n)).float(), H, H) for n in names],
-                                   unit_options[k], grids, config, kind, reach == "block", seen)
-                del H
-            errors[k] = [err for err, _ in measured]
+            experts = arch.experts is not None and names[0].startswith(arch.experts.path + ".")
+            H = None if experts else accs[names[0]].hessian()
+
+            def unit(opts, keep, seen=None):  # [(error, {linear: Ŵ} if keep)] per option of ``opts``
+                if experts:
+                    return _expert_errors(block, arch, routing, opts, grids, config, kind, keep, seen)
+                return _errors([(n, weight_matrix(get_module(block, n)).float(), H, H) for n in names], opts, grids,
+                               config, kind, keep, seen)
+
+            errors[k] = [err for err, _ in unit(unit_options[k], False, seen)]
             if reach == "residual":
                 errors[k] = [e / energy for e in errors[k]]
             elif reach == "block":  # what the coarsest option does to the block's output, per unit of its error
-                coarsest = max(measured, key=lambda m: m[0])  # (error, {linear: Ŵ}) of the largest error
-                factor = _block_error(block, inputs, outputs, coarsest[1], world) / max(coarsest[0], 1e-30)
+                # its weights made again rather than every option's kept: a block's experts on every
+                # candidate would not fit in memory
+                j = max(range(len(errors[k])), key=lambda o: errors[k][o])  # the first of the largest error
+                (err, weights), = unit((unit_options[k][j],), True)
+                factor = _block_error(block, inputs, outputs, weights, world) / max(err, 1e-30)
                 errors[k] = [e * factor / out_energy for e in errors[k]]
-            del measured
+                del weights
+            del H
         del routing
         del accs
         if i + 1 < len(blocks):

@@ -54,16 +54,18 @@ def _synthetic_model(out: Path, tok) -> Path:
     return d
 
 
-def mix(out: Path, mixes=MIXES, which: str = "smollm2") -> dict:
-    """The budget benchmark on SmolLM2, or (``which`` "synthetic") on ``mix_estimates.SYNTHETIC``
-    with ``SYNTHETIC_MIXES``, unrotated (``--rotate none``) as its per-unit study is."""
+def mix(out: Path, mixes=None, which: str = "smollm2") -> dict:
+    """The budget benchmark on SmolLM2, or (``which`` "synthetic") on ``mix_estimates.SYNTHETIC``,
+    unrotated (``--rotate none``) as its per-unit study is; ``mixes`` (candidates, sensitivity) pairs,
+    by default ``MIXES`` or ``SYNTHETIC_MIXES``."""
     model_dir, tok, _ = smollm2_eval()
     cache = out / "reference-cache"
     ckpt = out / "mix-ckpt"
     extra: tuple[str, ...] = ()
     if which == "synthetic":
-        model_dir, mixes, extra = _synthetic_model(out, tok), SYNTHETIC_MIXES, ("--rotate", "none")
+        model_dir, extra = _synthetic_model(out, tok), ("--rotate", "none")
         cache, ckpt = out / "reference-cache-synthetic", out / "mix-ckpt-synthetic"
+    mixes = mixes or (MIXES if which == "smollm2" else SYNTHETIC_MIXES)
     rows = []
     for bits in (3, 4):
         report = _quantize(model_dir, ckpt, "--bits", str(bits), *extra)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptq.core.grids.search import by_rows, shrink_search
+from gptq.core.grids.search import by_rows, chunk, shrink_search
 from gptq.core.grids.uniform import Grid
 
 TABLES = {
@@ -209,7 +209,7 @@ class CodebookFamily(TableGrid):
                 # ŵ − w as quantize/dequantize compute it: the sorted table's value at w's bucket, times s
                 return values[torch.bucketize(wr / s, mid)].mul_(s).sub_(wr).square_() @ cw
 
-            return by_rows(rows, w.shape[0], shrinks.shape[0] * w.shape[1], 1 << 18)
+            return by_rows(rows, w.shape[0], shrinks.shape[0] * w.shape[1], chunk(w))
 
         best, _ = shrink_search(cost, (w.shape[0],), w)
         # the absmax as stored, so the solver rounds against exactly what is written

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from gptq.core.grids.codebook import TableGrid
-from gptq.core.grids.search import best_of, by_rows, shrink_search
+from gptq.core.grids.search import best_of, by_rows, chunk, shrink_search
 from gptq.core.grids.uniform import Grid
 
 
@@ -70,11 +70,6 @@ TYPES = {t.name: t for t in (
 
 # ggml-common.h's kvalues_iq4nl: iq4_nl's code → value (times d)
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-
-
-# elements of one chunk of the clipping search's [candidates, rows, weights] temporaries: rows are
-# independent, and a chunk that stays in a CPU's cache is several times faster than the whole matrix
-CHUNK = 1 << 18
 
 
 def bits_per_weight(name: str) -> float:
@@ -123,7 +118,7 @@ class SignedFamily:
                 e = torch.div(wr, d).round_().add_(self.z).clamp_(0, self.maxq).sub_(self.z).mul_(d).sub_(wr)
                 return e.square_() @ cw
 
-            return by_rows(rows, out, 2 * shrink.shape[0] * w.shape[1], CHUNK)
+            return by_rows(rows, out, 2 * shrink.shape[0] * w.shape[1], chunk(w))
 
         if self.mse:
             shrink, negative = shrink_search(cost, (out,), w)
@@ -178,7 +173,7 @@ class MinFamily:
                 e = torch.sub(wr, m).div_(d).round_().clamp_(0, self.maxq).mul_(d).add_(m).sub_(wr)
                 return e.square_() @ cw
 
-            return by_rows(rows, w.shape[0], shrink.shape[0] * w.shape[1], CHUNK)
+            return by_rows(rows, w.shape[0], shrink.shape[0] * w.shape[1], chunk(w))
 
         b, _ = shrink_search(cost, (w.shape[0],), w)
         return Grid(*self._grid(b * lo, b * hi))
@@ -242,7 +237,7 @@ class TableFamily(TableGrid):
                 pos = torch.bucketize(wr / torch.where(d == 0, torch.ones_like(d), d), mid)
                 return values[pos].mul_(d).sub_(wr).square_() @ cw
 
-            return by_rows(rows, out, 2 * shrink.shape[0] * k, CHUNK)
+            return by_rows(rows, out, 2 * shrink.shape[0] * k, chunk(w))
 
         if self.mse:
             shrink, negative = shrink_search(cost, (out,), w)
@@ -376,7 +371,7 @@ class KQuantFamily:
                 xr = x[r0:r1]
                 return self._err(xr[None], *self._candidates(xr, shrinks[:, r0:r1]), cw)
 
-            return by_rows(rows, out, self.variants * shrinks.shape[0] * G * gs, CHUNK)
+            return by_rows(rows, out, self.variants * shrinks.shape[0] * G * gs, chunk(w))
 
         ones = torch.ones(out, G, dtype=w.dtype, device=w.device)
         if self.mse:  # a shrink (and for q3_k a sign) per group of each row

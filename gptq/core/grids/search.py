@@ -23,6 +23,12 @@ MSE_FINE = torch.arange(-3, 4) * 0.01  # then ±3 % around each row's best, in 1
 
 Cost = Callable[[torch.Tensor], torch.Tensor]  # shrinks [P, *shape] → errors [V·P, *shape]
 
+def chunk(like: torch.Tensor) -> int:
+    """Elements of one chunk of a search's [candidates, rows, weights] temporaries (``by_rows``): on a
+    CPU one that stays in cache (several times faster than the whole matrix at once), on a GPU large
+    and bounded (~256 MB)."""
+    return 1 << 18 if like.device.type == "cpu" else 1 << 26
+
 
 def best_of(cost: Cost, shrinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The candidate of least cost per entry, the first one on ties: shrinks [P, *shape] → (best shrink

@@ -46,7 +46,8 @@ RUNS = {  # NAME: run it with (--out as a Path, the parsed options)
     "moe": lambda out, a: moe(out, a.device),
     "distributed": lambda out, a: distributed(out, tuple(int(r) for r in a.ranks.split(",")), a.threads,
                                               tuple(int(v) for v in a.windows.split(","))),
-    "rotation": lambda out, a: rotation(out, tuple(int(b) for b in a.bits.split(",")), tuple(a.rotate.split(","))),
+    "rotation": lambda out, a: rotation(out, tuple(int(b) for b in a.bits.split(",")), tuple(a.rotate.split(",")),
+                                        tuple(a.flags.split())),
     "mix": lambda out, a: mix(out, which=a.model),
     "mix-estimates": lambda out, a: mix_estimates(out, a.model),
     "mix-curve": lambda out, a: mix_curve(out),
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="rotation: bit widths (default: %(default)s)")
     p.add_argument("--rotate", default=",".join(ROTATION_KINDS),
                    help="rotation: --rotate values compared at each bit width (default: %(default)s)")
+    p.add_argument("--flags", default="", help="rotation: more gptq.quantize flags for every row, e.g. --flags=--sym")
     p.add_argument("--model", choices=MODELS, default=MODELS[0],
                    help="mix, mix-estimates: the model studied (synthetic: a random Llama wider than SmolLM2)")
     p.add_argument("--policies", default=",".join(POLICIES),

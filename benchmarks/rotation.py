@@ -50,7 +50,7 @@ def rotation(out: Path, bits=ROTATION_BITS, kinds=ROTATION_KINDS, extra: tuple[s
             print(json.dumps(row), flush=True)
             rows.append(row)
     result = {
-        "setup": "SmolLM2-135M-Instruct, group 64 sym, 32 x 512 WikiText-2 valid calibration; eval wiki.test.raw "
+        "setup": "SmolLM2-135M-Instruct, group 64, 32 x 512 WikiText-2 valid calibration; eval wiki.test.raw "
                  "8 x 2048, fp32, KL against the bf16 source in fp32",
         "command": " ".join(quantize_cmd(model_dir, "--bits", "B", "--rotate", "KIND", *extra)[1:]),
         "rotation_seconds_fp32_in_memory": {k: rotation_seconds(model_dir, k) for k in kinds if k != "none"},

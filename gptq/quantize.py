@@ -37,10 +37,11 @@ from gptq.pipeline.run import quantize_model
 from gptq.pipeline.streaming import ResumeError, quantize_streaming, skeleton
 from gptq.runtime.cpu import cpu_info, fast_dtype
 
-EPILOG = """defaults: 4-bit, group 128, symmetric, group-aware act-order, MSE clipping on, true-sequential
-on, damp 0.01, 128 windows x 2048 tokens of C4. The act-order mode and MSE clipping were chosen by
-measurement (README, "Choosing the defaults"); they add no inference cost, and the default
-checkpoint keeps g_idx = k // group (desc_act false), which vLLM, TGI and GPTQModel all serve.
+EPILOG = """defaults: 4-bit, group 128, symmetric (asymmetric at 2 and 3 bits), group-aware act-order, MSE
+clipping on, true-sequential on, damp 0.01, 128 windows x 2048 tokens of C4. The act-order mode,
+MSE clipping and the symmetry were chosen by measurement (docs/results.md); they add no inference
+cost, and the default checkpoint keeps g_idx = k // group (desc_act false), which vLLM, TGI and
+GPTQModel all serve.
 
 examples:
   python -m gptq.quantize ./Llama-3-8B --dataset c4 --bits 4
@@ -78,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:  # one declaration per option: cl
                    help="input columns per (scale, zero); -1 = one per output row (default: 128; 64 with --format "
                         "bnb-*)")
     q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=d.sym,
-                   help="symmetric grid; --no-sym for asymmetric (default: %(default)s)")
+                   help="symmetric grid; --no-sym for asymmetric (default: symmetric at 4 and 8 bits, the grids vLLM's "
+                        "Marlin kernels take; asymmetric at 2 and 3 bits, which Marlin does not serve either way and "
+                        "where a free zero point lowers the error a lot; in a size budget each candidate by its bits)")
     q.add_argument("--act-order", choices=ACT_ORDERS, default=d.act_order,
                    help="order the columns are solved in: none (input order), static (by Hessian diagonal, grids "
                         "fixed first), group-aware (groups by importance, columns by diagonal inside each; grids "
@@ -135,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:  # one declaration per option: cl
                         "inputs after round-to-nearest (hessian) or the GPTQ solve (gptq); /residual = divided by "
                         "the energy of the residual stream entering the block; /block = scaled by what the unit's "
                         "coarsest candidate does to the block's output, over that output's energy (one more pass of "
-                        "the block per unit; predicts the damage best: docs/results.md) (default: %(default)s)")
+                        "the block per unit). The default allocated best across the models measured "
+                        "(docs/results.md); hessian makes the first pass cheaper (default: %(default)s)")
     q.add_argument("--block-size", type=int, default=d.block_size,
                    help="columns per lazy-batch block; speed only (default: %(default)s)")
     q.add_argument("--format", default=d.format, choices=[n for n in NAMES if "+" not in n] + ["gguf"], metavar="FORMAT",

@@ -98,6 +98,27 @@ def test_budget_below_the_smallest_is_refused():
 # ---- the GPTQ format's overrides -------------------------------------------------------------------
 
 
+def test_the_base_of_a_mix_of_marlin_settings_is_the_most_common_and_vllm_refuses_a_marlin_base_with_others():
+    fmt = GPTQ(QuantConfig(bits_per_weight=4), "gptq")
+    four, eight = fmt.candidates("4g128,8g32")
+    names = [f"model.layers.0.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    fmt.set_plan({n: (eight if n.endswith("o_proj") else four) for n in names})
+    qc = fmt.quantization_config()
+    assert (qc["bits"], qc["group_size"], qc["sym"]) == (4, 128, True)
+    assert list(qc["dynamic"].values()) == [{"bits": 8, "group_size": 32}]
+    v = {v.engine: v for v in verdicts(qc, [(512, 512)])}["vLLM (GPU)"]
+    assert v.status == "serves", v
+    # a checkpoint from elsewhere: a Marlin base with a 3-bit override (gptq_utils.override_config raises)
+    other = qc | {"dynamic": {"+:^model\\.layers\\.0\\.self_attn\\.o_proj$": {"bits": 3, "group_size": 64}}}
+    v = {v.engine: v for v in verdicts(other, [(512, 512)])}["vLLM (GPU)"]
+    assert v.status == "refuses" and any('quantization="gptq"' in r for r in v.reasons), v
+    # the same with the symmetry overridden: Marlin's TYPE_MAP has no asymmetric 4-bit
+    other = qc | {"dynamic": {"+:^model\\.layers\\.0\\.self_attn\\.o_proj$": {"bits": 4, "group_size": 128,
+                                                                               "sym": False}}}
+    v = {v.engine: v for v in verdicts(other, [(512, 512)])}["vLLM (GPU)"]
+    assert v.status == "refuses", v
+
+
 def test_dynamic_overrides_match_fused_and_unfused_names():
     fmt = GPTQ(QuantConfig(bits_per_weight=4), "gptq")
     three, four, eight = fmt.candidates("3g64,4g128,8g32")
@@ -109,17 +130,23 @@ def test_dynamic_overrides_match_fused_and_unfused_names():
              "model.layers.0.mlp.up_proj": three}
     fmt.set_plan(plan)
     qc = fmt.quantization_config()
-    assert (qc["bits"], qc["group_size"]) == (4, 128)  # the most common setting is the base
+    # 3 bits is asymmetric by default and no Marlin setting: vLLM would pick Marlin from a 4-bit base and
+    # then refuse the 3-bit layers, so the base is the most common setting Marlin does not take
+    assert (three.sym, four.sym, eight.sym) == (False, True, True)
+    assert (qc["bits"], qc["group_size"], qc["sym"]) == (3, 64, False)
+    overrides = {tuple(sorted(o.items())) for o in qc["dynamic"].values()}
+    assert overrides == {(("bits", 4), ("group_size", 128), ("sym", True)), (("bits", 8), ("group_size", 32), ("sym", True))}
     for name, g in plan.items():
         assert module_settings(qc, name) == (g.bits, g.group_size), name
     # vLLM matches the fused layers' names (gptq_utils.get_dynamic_override on qkv_proj / gate_up_proj)
     assert module_settings(qc, "model.layers.1.self_attn.qkv_proj") == (3, 64)
     assert module_settings(qc, "model.layers.0.self_attn.qkv_proj") == (4, 128)
     assert module_settings(qc, "model.layers.0.mlp.gate_up_proj") == (3, 64)
-    assert module_settings(qc, "model.layers.10.mlp.down_proj") == (4, 128)  # anchored: layer 1 ≠ 10
+    assert module_settings(qc, "model.layers.10.mlp.down_proj") == (3, 64)  # the base: layer 1's 4g128 is anchored
     assert sorted(settings_used(qc)) == [(3, 64), (4, 128), (8, 32)]
     vs = {v.engine: v for v in verdicts(qc, [(512, 512)])}
-    assert vs["vLLM (GPU)"].status == "slower" and any("3-bit g64 layers" in r for r in vs["vLLM (GPU)"].reasons)
+    assert vs["vLLM (GPU)"].status == "slower" and any("3-bit g64 asym layers" in r for r in vs["vLLM (GPU)"].reasons)
+    assert any("every layer runs on vLLM's GPTQ kernel" in r for r in vs["vLLM (GPU)"].reasons)
     assert vs["vLLM (CPU)"].status == "refuses"
     assert vs["transformers + GPTQModel"].status == "slower"  # its CPU auto kernel is 4-bit only
     assert any("BACKEND.TORCH" in r for r in vs["transformers + GPTQModel"].reasons)

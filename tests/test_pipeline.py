@@ -110,6 +110,28 @@ def test_checkpoint_format_matches_document(tmp_path):
     assert not list(tmp_path.glob("*.partial-*"))
 
 
+def test_the_default_grid_is_symmetric_at_4_and_8_bits_and_asymmetric_below(tmp_path):
+    assert [QuantConfig(bits=b).grid().sym for b in (2, 3, 4, 8)] == [False, False, True, True]
+    assert QuantConfig(bits=3, sym=True).grid().sym and not QuantConfig(bits=4, sym=False).grid().sym
+    model = tiny_model("llama")
+    cfg = QuantConfig(bits=3, group_size=32)
+    packed, _ = quantize_model(model, windows(), cfg, device="cpu", progress=False)
+    out = save_checkpoint(tmp_path / "ck", model, packed, cfg)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["sym"], qc["checkpoint_format"]) == (3, False, "gptq")
+    with safe_open(out / "model.safetensors", "pt") as sf:
+        zeros = sf.get_tensor("model.layers.0.self_attn.q_proj.qzeros")
+    # a symmetric grid's zero is 2^(bits−1) = 4 everywhere; these vary per group, and stay ≥ 1 (v1 stores zero − 1)
+    from gptq.core.pack import unpack_qzeros
+    z = unpack_qzeros(zeros, 3, "gptq")
+    assert z.unique().numel() > 1 and int(z.min()) >= 1
+    # and it loads back: our loader reads the stored zero points
+    q, _ = load(out, device="cpu", backend="torch", dtype="float32")
+    x = windows(2, 16)
+    with torch.no_grad():
+        assert torch.isfinite(q(x).logits).all()
+
+
 def test_unsupported_family_is_named():
     from transformers import BertConfig, T5Config
 

@@ -42,7 +42,7 @@ def reference_gptq(W, H, cfg):
     grids = {}
     if static:
         for g in range(math.ceil(n / gs)):
-            grids[g] = find_grid(W[:, g * gs:(g + 1) * gs], cfg.bits, cfg.sym, cfg.mse, None, 0)
+            grids[g] = find_grid(W[:, g * gs:(g + 1) * gs], cfg.bits, cfg.sym_at(cfg.bits), cfg.mse, None, 0)
     W, H = W[:, perm], H[perm][:, perm]
     Hd = H + cfg.damp * torch.diag(H).mean() * torch.eye(n, dtype=torch.float64)
     U = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
@@ -52,7 +52,7 @@ def reference_gptq(W, H, cfg):
             grid = grids[int(perm[j]) // gs]
         elif j == 0 or group_of[j] != group_of[j - 1]:  # a group's first column in solve order
             end = j + int((group_of[j:] == group_of[j]).sum())  # its columns are consecutive
-            grid = find_grid(W[:, j:end], cfg.bits, cfg.sym, cfg.mse, 1 / torch.diag(U)[j:end] ** 2, 0)
+            grid = find_grid(W[:, j:end], cfg.bits, cfg.sym_at(cfg.bits), cfg.mse, 1 / torch.diag(U)[j:end] ** 2, 0)
         Q[:, j] = dequantize(quantize(W[:, j], grid.scale, grid.zero, cfg.maxq), grid.scale, grid.zero)
         err = (W[:, j] - Q[:, j]) / U[j, j]
         W[:, j:] -= torch.outer(err, U[j, j:])

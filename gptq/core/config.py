@@ -31,7 +31,8 @@ ROTATIONS = ("none", "hadamard", "random", "heads")
 # taken as it is, or divided by the energy of the residual stream entering the block ("/residual": later
 # RMSNorms divide an error there by that norm), or ("/block") scaled by what the unit's coarsest candidate
 # does to the block's output (one more pass of the block per unit) over the output's energy: a reader's
-# error reaches the residual stream only through attention or the MLP
+# error reaches the residual stream only through attention or the MLP. The default, gptq/block, is the
+# one estimate that allocated well on both SmolLM2 and a larger synthetic model (docs/results.md)
 SENSITIVITIES = ("hessian", "gptq", "hessian/residual", "gptq/residual", "hessian/block", "gptq/block")
 
 
@@ -45,7 +46,8 @@ class QuantConfig:
 
     bits:            2, 3, 4 or 8.
     group_size:      input columns sharing one (scale, zero) per output row; -1 = whole row.
-    sym:             symmetric grid (zero fixed at 2**(bits-1)); asymmetric otherwise.
+    sym:             symmetric grid (zero fixed at 2**(bits-1)); asymmetric otherwise. None (the default):
+                     by bit width (``sym_at``): symmetric at 4 and 8 bits, asymmetric at 2 and 3.
     act_order:       column order, one of ACT_ORDERS (above). Booleans are accepted for the
                      older API: True = "dynamic" (the paper's desc_act), False = "none".
     group_rank:      group-aware act-order ranks the groups by the largest diag(H) of their columns
@@ -87,7 +89,7 @@ class QuantConfig:
 
     bits: int = 4
     group_size: int = 128
-    sym: bool = True
+    sym: bool | None = None
     act_order: str = "group-aware"
     true_sequential: bool = True
     damp: float = 0.01
@@ -104,7 +106,7 @@ class QuantConfig:
     max_size: int = 0
     bits_per_weight: float = 0.0
     candidates: str = "auto"
-    sensitivity: str = "hessian"
+    sensitivity: str = "gptq/block"
     group_rank: str = "max"
 
     def __post_init__(self) -> None:
@@ -145,7 +147,15 @@ class QuantConfig:
     def grid(self) -> GridSpec:
         """The uniform integer grid of these bits, group size and symmetry (a format may give a
         linear another one: ``gptq.formats``)."""
-        return GridSpec("int", self.bits, self.group_size, self.sym)
+        return GridSpec("int", self.bits, self.group_size, self.sym_at(self.bits))
+
+    def sym_at(self, bits: int) -> bool:
+        """Whether a grid of ``bits`` is symmetric: as set, or by bit width. Symmetric at 4 and 8 bits,
+        the only grids vLLM's Marlin kernels take (gptq_marlin TYPE_MAP: (4, True), (8, True)); asymmetric
+        at 2 and 3 bits, which no Marlin kernel serves either way and where a free zero point lowers the
+        error a lot (SmolLM2, 3-bit g64: perplexity 26.07 against 28.00; 2-bit: 68.6 against 1604;
+        docs/results.md)."""
+        return self.sym if self.sym is not None else bits >= 4
 
     @property
     def maxq(self) -> int:

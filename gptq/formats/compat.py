@@ -22,6 +22,14 @@ from gptq.io.safetensors_io import tensor_files
 # GPTQ_MARLIN_MIN_THREAD_N = 64, GPTQ_MARLIN_MIN_THREAD_K = 128, verify_marlin_supports_shape
 MARLIN_GROUPS = (-1, 32, 64, 128)
 MARLIN_MIN_N, MARLIN_MIN_K = 64, 128
+# gptq_marlin.py: TYPE_MAP, the (bits, sym) pairs its Marlin path takes
+MARLIN_TYPES = ((4, True), (8, True))
+
+
+def marlin_setting(bits: int, group: int, sym: bool) -> bool:
+    """Whether vLLM's gptq_marlin takes this setting as a checkpoint's base
+    (GPTQMarlinConfig.is_gptq_marlin_compatible: (bits, sym) in TYPE_MAP and a Marlin group size)."""
+    return (bits, sym) in MARLIN_TYPES and group in MARLIN_GROUPS
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ def vllm_gpu(qc: dict, shapes) -> Verdict:
     # gptq_marlin.py: TYPE_MAP has (4, True) and (8, True) only, i.e. symmetric 4/8-bit
     if bits not in (4, 8):
         slow.append(f"Marlin takes 4- or 8-bit weights, not {bits}-bit")
-    if not sym:
+    if not sym and bits in (4, 8):
         slow.append("Marlin's GPTQ path takes symmetric grids only (sym: true)")
     if group not in MARLIN_GROUPS:
         slow.append(f"Marlin takes group_size -1, 32, 64 or 128, not {group}")
@@ -131,13 +139,29 @@ def verdicts(qc: dict, shapes, moe: bool = False) -> list[Verdict]:
     """``moe``: the model has routed experts (``is_moe`` of its config). A mixed checkpoint (GPTQModel's
     ``dynamic`` overrides) is judged per setting it uses: an engine is as good as its worst one."""
     shapes = [(int(k), int(n)) for k, n in shapes]
-    variants = settings_used(qc)
+    variants = _variants(qc)
     if len(variants) == 1:
         return [vllm_cpu(qc, shapes, moe) if engine is vllm_cpu else engine(qc, shapes) for engine in ENGINES]
-    merged = merge({f"{b}-bit g{g}": [vllm_cpu(qc | {"bits": b, "group_size": g}, shapes, moe) if engine is vllm_cpu
-                                      else engine(qc | {"bits": b, "group_size": g}, shapes) for engine in ENGINES]
-                    for b, g in variants})
-    if any(b != 4 for b, _ in variants):
+    merged = merge({f"{b}-bit g{g}{'' if sym else ' asym'}":
+                    [vllm_cpu(qc | over, shapes, moe) if engine is vllm_cpu else engine(qc | over, shapes)
+                     for engine in ENGINES]
+                    for b, g, sym in variants for over in [{"bits": b, "group_size": g, "sym": sym}]})
+    marlin = [marlin_setting(*v) for v in variants]
+    if not all(marlin):
+        # vLLM chooses gptq_marlin or plain gptq once, from the base setting
+        # (GPTQMarlinConfig.is_gptq_marlin_compatible); under gptq_marlin each override is checked against
+        # Marlin's TYPE_MAP and one it lacks is refused (gptq_utils.override_config: "Unsupported
+        # quantization config"); under plain gptq every layer, 4-bit ones too, runs on its GPTQ kernel
+        k = next(i for i, v in enumerate(merged) if v.engine == "vLLM (GPU)")
+        v = merged[k]
+        if marlin[0]:
+            merged[k] = Verdict(v.engine, "refuses", v.reasons + (
+                "the base setting is one Marlin takes, so vLLM picks gptq_marlin and then refuses the layers it "
+                "cannot run; start it with quantization=\"gptq\" (every layer on its GPTQ kernel)",))
+        elif any(marlin):
+            merged[k] = Verdict(v.engine, "slower" if v.status == "serves" else v.status, v.reasons + (
+                "the base setting is not one Marlin takes, so every layer runs on vLLM's GPTQ kernel",))
+    if any(b != 4 for b, _, _ in variants):
         # measured with GPTQModel 7.7 on CPU (make interop, test_gptqmodel_honours_our_mixed_precision_overrides):
         # the automatic kernel choice is made once from the base setting (TorchFusedLinear, 4-bit only) and
         # fails on the other layers; backend=BACKEND.TORCH (2-8 bits) serves the mix
@@ -176,6 +200,18 @@ def module_settings(qc: dict, name: str) -> tuple[int, int] | None:
         elif re.match(pattern.removeprefix("+:"), name):
             return over.get("bits", qc["bits"]), over.get("group_size", qc.get("group_size", -1))
     return qc["bits"], qc.get("group_size", -1)
+
+
+def _variants(qc: dict) -> list[tuple[int, int, bool]]:
+    """(bits, group size, sym) of the base and of every ``dynamic`` override, the base first."""
+    def setting(over: dict) -> tuple[int, int, bool]:
+        return (over.get("bits", qc["bits"]), over.get("group_size", qc.get("group_size", -1)),
+                bool(over.get("sym", qc.get("sym", True))))
+    found = {setting({}): None}
+    for pattern, over in (qc.get("dynamic") or {}).items():
+        if not pattern.startswith("-:") and isinstance(over, dict):
+            found[setting(over)] = None
+    return list(found)
 
 
 def settings_used(qc: dict) -> list[tuple[int, int]]:

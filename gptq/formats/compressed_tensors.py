@@ -104,7 +104,7 @@ class CompressedTensors(Format):
     def _grid(self, bits: int, group: int) -> GridSpec:
         # scales rounded to values both the model's dtype and float16 hold (bf16 values are float16 values
         # above 6e-5), so the stored scale, the one vLLM reads and our loader's float16 copy agree
-        return GridSpec("int", bits, group, self.config.sym,
+        return GridSpec("int", bits, group, self.config.sym_at(bits),
                         scale_dtype=torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float16)
 
     # what vLLM serves through Marlin (CompressedTensorsWNA16): 4 bits at group 128/64/32, 8 bits at 128
@@ -142,7 +142,7 @@ class CompressedTensors(Format):
 
     def _weights(self, bits: int, group: int) -> dict:
         c = self.config
-        return {"num_bits": bits, "type": "int", "symmetric": c.sym, "strategy": "channel" if group == -1 else "group",
+        return {"num_bits": bits, "type": "int", "symmetric": c.sym_at(bits), "strategy": "channel" if group == -1 else "group",
                 "group_size": None if group == -1 else group, "dynamic": False,
                 "actorder": None if c.act_order == "none" else "weight", "block_structure": None,
                 "observer": "minmax", "observer_kwargs": {}}

@@ -23,7 +23,7 @@ from gptq.core.config import SUPPORTED_BITS
 from gptq.core.grids import GridSpec
 from gptq.core.pack import pack_qweight, pack_qzeros
 from gptq.formats.base import Format, indivisible, int_candidates
-from gptq.formats.compat import format_verdicts, is_moe, layer_shapes, verdicts
+from gptq.formats.compat import format_verdicts, is_moe, layer_shapes, marlin_setting, verdicts
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ class GPTQ(Format):
         return self.plan.get(name) or self._grid(self.config.bits, self.config.group_size)
 
     def _grid(self, bits: int, group: int) -> GridSpec:
-        c = self.config
-        return GridSpec("int", bits, group, c.sym, min_zero=int(self.version == "gptq" and not c.sym))
+        sym = self.config.sym_at(bits)
+        return GridSpec("int", bits, group, sym, min_zero=int(self.version == "gptq" and not sym))
 
     # what vLLM's Marlin kernels serve (gptq_marlin.py TYPE_MAP; MARLIN_SUPPORTED_GROUP_SIZES): the default
     # candidates of a size budget, so a mixed checkpoint keeps the fast kernels everywhere
@@ -112,7 +112,7 @@ class GPTQ(Format):
             "group_size": c.group_size,
             # only the dynamic order leaves a permuted g_idx: every other mode keeps k // group
             "desc_act": c.act_order == "dynamic",
-            "sym": c.sym,
+            "sym": c.sym_at(c.bits),
             "static_groups": c.act_order == "static",
             "act_order": c.act_order,
             "true_sequential": c.true_sequential,
@@ -133,32 +133,38 @@ class GPTQ(Format):
         fused MoE layer up by, one setting for all of its experts."""
         if not self.plan:
             return {}
-        weight = Counter()
-        for name, g in self.plan.items():
-            weight[(g.bits, g.group_size)] += 1
-        base = weight.most_common(1)[0][0]
-        out: dict = {"bits": base[0], "group_size": base[1], "dynamic": {}}
+        weight = Counter((g.bits, g.group_size, g.sym) for g in self.plan.values())
+        # vLLM picks its Marlin path or its plain GPTQ one once, from the base, and under Marlin refuses an
+        # override Marlin cannot run (compat.verdicts): where some layers are such, the base is the most
+        # common of theirs, so every layer loads (on the GPTQ kernel)
+        off = Counter({k: n for k, n in weight.items() if not marlin_setting(*k)})
+        base = (off or weight).most_common(1)[0][0]
+        out: dict = {"bits": base[0], "group_size": base[1], "sym": base[2], "dynamic": {}}
+
+        def override(bits, group, sym) -> dict:
+            return {"bits": bits, "group_size": group} | ({} if sym == base[2] else {"sym": sym})
+
         layers = self._expert_layers()
-        leaves: dict[tuple, list[str]] = {}  # (parent module, bits, group) → leaf names
+        leaves: dict[tuple, list[str]] = {}  # (parent module, bits, group, sym) → leaf names
         for name, g in sorted(self.plan.items()):
-            if (g.bits, g.group_size) != base and layers.get(name, (None, False))[1] is False:
+            if (g.bits, g.group_size, g.sym) != base and layers.get(name, (None, False))[1] is False:
                 parent, _, leaf = self._stored(name).rpartition(".")
-                leaves.setdefault((parent, g.bits, g.group_size), []).append(leaf)
-        for (parent, bits, group), names in sorted(leaves.items()):
+                leaves.setdefault((parent, g.bits, g.group_size, g.sym), []).append(leaf)
+        for (parent, *setting), names in sorted(leaves.items()):
             fused = [f for f, parts in FUSED.items() if set(parts) <= set(names)]
             alt = "|".join(re.escape(n) for n in names + fused)
-            out["dynamic"][f"+:^{re.escape(parent)}\\.({alt})$"] = {"bits": bits, "group_size": group}
-        for layer, (bits, group), names in sorted(set(v for v in layers.values() if v[1])):
-            if (bits, group) != base:
+            out["dynamic"][f"+:^{re.escape(parent)}\\.({alt})$"] = override(*setting)
+        for layer, setting, names in sorted(set(v for v in layers.values() if v[1])):
+            if setting != base:
                 alt = "|".join(re.escape(n) for n in names)
-                out["dynamic"][f"+:^{re.escape(layer)}(\\.\\d+\\.({alt}))?$"] = {"bits": bits, "group_size": group}
+                out["dynamic"][f"+:^{re.escape(layer)}(\\.\\d+\\.({alt}))?$"] = override(*setting)
         return out
 
     def _stored(self, name: str) -> str:
         return name if self.arch is None else self.arch.checkpoint_name(name)
 
     def _expert_layers(self) -> dict[str, tuple]:
-        """{routed expert linear: (its experts layer as stored, (bits, group) if the whole layer has that one
+        """{routed expert linear: (its experts layer as stored, (bits, group, sym) if the whole layer has that one
         setting else False, the stored leaf names)} for the plan's routed experts."""
         if self.arch is None or self.arch.experts is None:
             return {}
@@ -169,7 +175,7 @@ class GPTQ(Format):
                 by_layer.setdefault(self._stored(name).rsplit(".", 2)[0], []).append(name)
         out = {}
         for layer, names in by_layer.items():
-            settings = {(self.plan[n].bits, self.plan[n].group_size) for n in names}
+            settings = {(self.plan[n].bits, self.plan[n].group_size, self.plan[n].sym) for n in names}
             leaves = tuple(sorted({self._stored(n).rsplit(".", 1)[1] for n in names}))
             one = next(iter(settings)) if len(settings) == 1 else False
             out.update({n: (layer, one, leaves) for n in names})

@@ -14,11 +14,12 @@ unit too, every expert's gate, up and down: the engines run them as one layer on
 expert's error is taken on its routed rows (``_expert_errors``). The estimate
 (``QuantConfig.sensitivity``) is the output error tr(ΔW H ΔWᵀ) the candidate causes on the
 full-precision inputs, ΔW from round-to-nearest
-("hessian", the default) or from the GPTQ solve ("gptq"), optionally divided by the mean energy of
+("hessian") or from the GPTQ solve ("gptq"), optionally divided by the mean energy of
 the residual stream entering the block ("/residual": later RMSNorms divide an error by that norm) or
 scaled by what the unit's coarsest option does to the block's output over that output's energy
-("/block"). ``benchmarks mix-estimates`` measures how each ranks single units' damage, ``benchmarks
-mix`` what each allocation does end to end (where the default is best: docs/results.md).
+("/block"; "gptq/block" is the default). ``benchmarks mix-estimates`` measures how each ranks single
+units' damage, ``benchmarks mix`` what each allocation does end to end: the default is the one
+estimate that allocated well both on SmolLM2 and on a larger synthetic model (docs/results.md).
 
 Under ``torchrun`` the first pass is shared out as the main one is: each rank runs its own calibration
 batches through the block, the ranks' Hessian partials are exchanged and added in batch order

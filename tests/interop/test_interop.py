@@ -158,6 +158,26 @@ def mixed_4bit_checkpoint(default_checkpoint):
                              "--candidates", "4g32,4g64")
 
 
+@pytest.fixture(scope="module")
+def three_bit_checkpoint(default_checkpoint):
+    """Uniform 3-bit g64 with the defaults: an asymmetric grid at 3 bits (QuantConfig.sym_at), v1 zeros."""
+    return _quantize_smollm2(default_checkpoint[0].parent / "smollm2-3bit", "--bits", "3")
+
+
+def test_gptqmodel_loads_our_default_3bit_asymmetric_checkpoint(default_checkpoint, three_bit_checkpoint):
+    """The default 3-bit grid is asymmetric, stored as v1 (zero − 1): GPTQModel converts the zeros at load
+    and scores what our loader does (its torch kernel: the automatic CPU one is 4-bit only)."""
+    py = client_python("gptqmodel")
+    _, windows, path = default_checkpoint
+    qc = json.loads((three_bit_checkpoint / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["sym"], qc["checkpoint_format"]) == (3, False, "gptq")
+    theirs = run_client(py, "client_gptqmodel.py", three_bit_checkpoint, path, "torch",
+                        env={"GPTQMODEL_CPU_WORKERS": "2"})
+    mine = ours(three_bit_checkpoint, windows)
+    print(f"\n3-bit asymmetric: GPTQModel {theirs['ppl']:.4f} ({theirs['kernels']}) vs ours {mine:.4f}")
+    assert abs(theirs["ppl"] - mine) / mine < 0.005
+
+
 def _mix_of(ckpt: Path) -> set:
     qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
     return {(o.get("bits", qc["bits"]), o.get("group_size", qc["group_size"])) for o in qc["dynamic"].values()} | {
@@ -171,6 +191,10 @@ def test_gptqmodel_honours_our_mixed_precision_overrides(default_checkpoint, mix
     py = client_python("gptqmodel")
     _, windows, path = default_checkpoint
     assert _mix_of(mixed_checkpoint) == {(3, 64), (4, 64)}
+    # the base is the 3-bit setting (asymmetric, not one Marlin takes), the 4-bit layers overridden back to sym
+    qc = json.loads((mixed_checkpoint / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["sym"]) == (3, False)
+    assert all(o["sym"] is True for o in qc["dynamic"].values() if o["bits"] == 4)
     theirs = run_client(py, "client_gptqmodel.py", mixed_checkpoint, path, "torch", env={"GPTQMODEL_CPU_WORKERS": "2"})
     mine = ours(mixed_checkpoint, windows)
     print(f"\nmixed 3/4-bit: GPTQModel {theirs['ppl']:.4f} ({theirs['kernels']}) vs ours {mine:.4f}")
@@ -190,7 +214,8 @@ def test_vllm_serves_a_mix_of_4bit_group_sizes(default_checkpoint, mixed_4bit_ch
 
 def test_vllm_cpu_refuses_3bit_layers_as_inspect_says(mixed_checkpoint):
     """vLLM's CPU GPTQ kernel takes 4-bit weights only (compat.vllm_cpu): the 3/4-bit mix is refused
-    there, and gptq.inspect says so beforehand (on a GPU vLLM serves it: Marlin and its GPTQ kernel)."""
+    there, and gptq.inspect says so beforehand (on a GPU vLLM serves it on its GPTQ kernel: the base
+    setting is the 3-bit one, so it does not pick Marlin)."""
     from gptq.inspect import describe
 
     verdict = {e["engine"]: e for e in describe(mixed_checkpoint)["engines"]}["vLLM (CPU)"]

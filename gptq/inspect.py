@@ -24,7 +24,7 @@ from gptq.formats.compat import (
     format_verdicts,
     is_moe,
     layer_shapes,
-    module_settings,
+    module_setting,
     packed_shapes,
     quantized_names,
     verdicts,
@@ -87,8 +87,8 @@ def _mix(d: Path, qc: dict) -> dict:
         return {}
     counts: dict[str, int] = {}
     for name in quantized_names(d):
-        s = module_settings(qc, name)
-        key = "unquantized" if s is None else f"{s[0]}-bit g{s[1]}"
+        s = module_setting(qc, name)
+        key = "unquantized" if s is None else f"{s[0]}-bit g{s[1]}{'' if s[2] else ' asym'}"
         counts[key] = counts.get(key, 0) + 1
     return {"mix": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
 
@@ -153,9 +153,9 @@ def format_description(info: dict) -> str:
                 f"{info['safetensors_bytes'] / 1e6:.1f} MB of safetensors")
         if info.get("mix"):
             how = "GPTQModel dynamic overrides" if fmt == "gptq" else "one config group per setting"
-            head += (f"\nmixed precision ({how}; the base setting above is the most common): "
+            head += (f"\nmixed precision ({how}; the base setting is the one above): "
                      + ", ".join(f"{k} x{v}" for k, v in info["mix"].items())
-                     + ". Marlin (vLLM GPU) serves 4- and 8-bit layers; 2-/3-bit ones run on slower kernels")
+                     + ". Which kernels each setting gets: the engines below")
     vs = [Verdict(e["engine"], e["status"], tuple(e["reasons"])) for e in info["engines"]]
     return head + _rotation_line(info.get("rotation")) + "\nserved by:\n" + format_verdicts(vs)
 

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from gptq.core.config import ConfigError, QuantConfig
 from gptq.core.mix import BudgetError, Unit, allocate, allocate_exact, bounds, greedy, total
-from gptq.formats.compat import module_settings, settings_used, verdicts
+from gptq.formats.compat import marlin_setting, module_setting, module_settings, settings_used, verdicts
 from gptq.formats.gptq import GPTQ
 from gptq.quantize import main as quantize_main
 
@@ -232,6 +232,13 @@ def test_max_size_is_met_exactly_and_loads(tmp_path, tiny_model_dir, calib):
         layer = m.get_submodule(name)
         assert f"{layer.bits}g{layer.group_size}" == label
         assert module_settings(qc, name) == (layer.bits, layer.group_size)
+        # each candidate's own default symmetry (asymmetric below 4 bits), as the overrides say
+        assert module_setting(qc, name)[2] is (layer.bits >= 4), name
+    assert not marlin_setting(qc["bits"], qc["group_size"], qc["sym"])  # 2/3-bit layers: a non-Marlin base
+    from gptq.inspect import describe
+    mix = describe(out)["mix"]
+    assert sum(mix.values()) == len(chosen)
+    assert all(k.endswith(" asym") == (int(k.split("-")[0]) < 4) for k in mix), mix
     logits = m(torch.randint(0, 256, (1, 16))).logits
     assert torch.isfinite(logits).all()
 

@@ -189,17 +189,26 @@ def merge(by_setting: dict[str, list[Verdict]]) -> list[Verdict]:
     return out
 
 
-def module_settings(qc: dict, name: str) -> tuple[int, int] | None:
-    """(bits, group size) of one module under GPTQModel's ``dynamic`` overrides, matched as GPTQModel and
-    vLLM match them (gptq_utils.get_dynamic_override: the first pattern that ``re.match``-es the module
+def module_setting(qc: dict, name: str) -> tuple[int, int, bool] | None:
+    """(bits, group size, sym) of one module under GPTQModel's ``dynamic`` overrides, matched as GPTQModel
+    and vLLM match them (gptq_utils.get_dynamic_override: the first pattern that ``re.match``-es the module
     name wins; "-:" = left unquantized → None)."""
-    for pattern, over in (qc.get("dynamic") or {}).items():
+    over: dict = {}
+    for pattern, o in (qc.get("dynamic") or {}).items():
         if pattern.startswith("-:"):
             if re.match(pattern[2:], name):
                 return None
         elif re.match(pattern.removeprefix("+:"), name):
-            return over.get("bits", qc["bits"]), over.get("group_size", qc.get("group_size", -1))
-    return qc["bits"], qc.get("group_size", -1)
+            over = o
+            break
+    return (over.get("bits", qc["bits"]), over.get("group_size", qc.get("group_size", -1)),
+            bool(over.get("sym", qc.get("sym", True))))
+
+
+def module_settings(qc: dict, name: str) -> tuple[int, int] | None:
+    """(bits, group size) of one module (``module_setting`` without the symmetry)."""
+    s = module_setting(qc, name)
+    return None if s is None else s[:2]
 
 
 def _variants(qc: dict) -> list[tuple[int, int, bool]]:

@@ -25,7 +25,10 @@ TABLE = [
     ((4, True, -1, "dynamic", "gptq", LLAMA_SHAPES), ("serves", "serves", "serves", "serves", "refuses")),
     ((8, True, 64, "group-aware", "gptq", LLAMA_SHAPES), ("serves", "refuses", "slower", "serves", "refuses")),
     ((3, True, 128, "group-aware", "gptq", LLAMA_SHAPES), ("slower", "refuses", "slower", "serves", "refuses")),
-    ((4, False, 128, "group-aware", "gptq", LLAMA_SHAPES), ("slower", "serves", "serves", "slower", "refuses")),
+    ((4, False, 128, "group-aware", "gptq", LLAMA_SHAPES), ("slower", "serves", "serves", "refuses", "refuses")),
+    # the default grid at 3 bits is asymmetric: v1 for vLLM, v2 for GPTQModel
+    ((3, None, 64, "group-aware", "gptq", LLAMA_SHAPES), ("slower", "refuses", "slower", "refuses", "refuses")),
+    ((3, None, 64, "group-aware", "gptq_v2", LLAMA_SHAPES), ("refuses", "refuses", "slower", "serves", "refuses")),
     ((4, False, 128, "group-aware", "gptq_v2", LLAMA_SHAPES), ("refuses", "serves", "serves", "serves", "refuses")),
     ((4, True, 256, "group-aware", "gptq", LLAMA_SHAPES), ("slower", "serves", "serves", "serves", "refuses")),
     # SmolLM2: group 128 leaves a ragged last group at 576; 576 % 128 != 0 also misses Marlin's tiles

@@ -148,7 +148,14 @@ def test_dynamic_overrides_match_fused_and_unfused_names():
     assert vs["vLLM (GPU)"].status == "slower" and any("3-bit g64 asym layers" in r for r in vs["vLLM (GPU)"].reasons)
     assert any("every layer runs on vLLM's GPTQ kernel" in r for r in vs["vLLM (GPU)"].reasons)
     assert vs["vLLM (CPU)"].status == "refuses"
-    assert vs["transformers + GPTQModel"].status == "slower"  # its CPU auto kernel is 4-bit only
+    # GPTQModel loads asymmetric v1 files from its own producer only; in v2 it serves the mix, with its
+    # torch kernel on CPU (the automatic one is 4-bit only)
+    assert vs["transformers + GPTQModel"].status == "refuses"
+    assert any("gptq_v2" in r for r in vs["transformers + GPTQModel"].reasons)
+    v2 = GPTQ(QuantConfig(bits_per_weight=4), "gptq_v2")
+    v2.set_plan({n: v2.candidates(f"{g.bits}g{g.group_size}")[0] for n, g in plan.items()})
+    vs = {v.engine: v for v in verdicts(v2.quantization_config(), [(512, 512)])}
+    assert vs["transformers + GPTQModel"].status == "slower"
     assert any("BACKEND.TORCH" in r for r in vs["transformers + GPTQModel"].reasons)
 
 

@@ -117,12 +117,16 @@ def tgi(qc: dict, shapes) -> Verdict:
 
 
 def gptqmodel(qc: dict, shapes) -> Verdict:
-    # GPTQModel (the GPTQ backend of transformers) converts v1 to v2 at load by adding 1 to every
-    # zero point; for asymmetric grids its docs ask for the v2 format so zero 0 stays representable
+    # GPTQModel (the GPTQ backend of transformers) loads an asymmetric v1 checkpoint only if its
+    # meta.quantizer names gptqmodel >= 0.9.0 (models/loader.py: "Loading of a sym=False model with
+    # format=FORMAT.GPTQ is only supported if produced by gptqmodel version >= 0.9.0"; measured with 7.7,
+    # make interop): a guard against older tools' asymmetric v1 files, whose zero 0 wrapped around.
+    # Asymmetric v2 it reads natively.
     if not qc.get("sym", True) and qc.get("checkpoint_format", "gptq") == "gptq":
-        return Verdict("transformers + GPTQModel", "slower",
-                       ("asymmetric v1 (checkpoint_format gptq) is converted at load; GPTQModel recommends "
-                        "--format gptq_v2 for asymmetric grids",))
+        return Verdict("transformers + GPTQModel", "refuses",
+                       ("asymmetric grids in v1 (checkpoint_format gptq) load only from GPTQModel's own files; "
+                        "write --format gptq_v2 for GPTQModel and transformers (vLLM then misreads the zero "
+                        "points), or --sym",))
     return Verdict("transformers + GPTQModel", "serves", ())
 
 
@@ -225,11 +229,7 @@ def _variants(qc: dict) -> list[tuple[int, int, bool]]:
 
 def settings_used(qc: dict) -> list[tuple[int, int]]:
     """The (bits, group size) settings a GPTQ quantization_config uses: the base, and every ``dynamic`` override."""
-    found = {(qc["bits"], qc.get("group_size", -1)): None}
-    for pattern, over in (qc.get("dynamic") or {}).items():
-        if not pattern.startswith("-:") and isinstance(over, dict):
-            found[(over.get("bits", qc["bits"]), over.get("group_size", qc.get("group_size", -1)))] = None
-    return list(found)
+    return list(dict.fromkeys(v[:2] for v in _variants(qc)))
 
 
 def is_moe(config: dict) -> bool:

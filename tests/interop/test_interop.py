@@ -146,9 +146,17 @@ def _quantize_smollm2(out: Path, *flags: str) -> Path:
 
 @pytest.fixture(scope="module")
 def mixed_checkpoint(default_checkpoint):
-    """A 3/4-bit mix (--candidates 3g64,4g64) at 3.8 bits per weight: GPTQModel dynamic overrides."""
+    """A 3/4-bit mix (--candidates 3g64,4g64) at 3.8 bits per weight: GPTQModel dynamic overrides. (The
+    cheap estimate: what is checked here is how the engines read the file, not the allocation.)"""
     return _quantize_smollm2(default_checkpoint[0].parent / "smollm2-mixed", "--bits-per-weight", "3.8",
-                             "--candidates", "3g64,4g64")
+                             "--candidates", "3g64,4g64", "--sensitivity", "hessian")
+
+
+@pytest.fixture(scope="module")
+def mixed_v2_checkpoint(default_checkpoint):
+    """The same mix in checkpoint_format gptq_v2, the layout GPTQModel reads asymmetric grids in."""
+    return _quantize_smollm2(default_checkpoint[0].parent / "smollm2-mixed-v2", "--bits-per-weight", "3.8",
+                             "--candidates", "3g64,4g64", "--sensitivity", "hessian", "--format", "gptq_v2")
 
 
 @pytest.fixture(scope="module")
@@ -160,17 +168,17 @@ def mixed_4bit_checkpoint(default_checkpoint):
 
 @pytest.fixture(scope="module")
 def three_bit_checkpoint(default_checkpoint):
-    """Uniform 3-bit g64 with the defaults: an asymmetric grid at 3 bits (QuantConfig.sym_at), v1 zeros."""
-    return _quantize_smollm2(default_checkpoint[0].parent / "smollm2-3bit", "--bits", "3")
+    """Uniform 3-bit g64 with the default grid there (asymmetric: QuantConfig.sym_at) in gptq_v2."""
+    return _quantize_smollm2(default_checkpoint[0].parent / "smollm2-3bit", "--bits", "3", "--format", "gptq_v2")
 
 
 def test_gptqmodel_loads_our_default_3bit_asymmetric_checkpoint(default_checkpoint, three_bit_checkpoint):
-    """The default 3-bit grid is asymmetric, stored as v1 (zero − 1): GPTQModel converts the zeros at load
-    and scores what our loader does (its torch kernel: the automatic CPU one is 4-bit only)."""
+    """The default 3-bit grid is asymmetric; in gptq_v2 GPTQModel reads its zero points as they are and
+    scores what our loader does (its torch kernel: the automatic CPU one is 4-bit only)."""
     py = client_python("gptqmodel")
     _, windows, path = default_checkpoint
     qc = json.loads((three_bit_checkpoint / "config.json").read_text())["quantization_config"]
-    assert (qc["bits"], qc["sym"], qc["checkpoint_format"]) == (3, False, "gptq")
+    assert (qc["bits"], qc["sym"], qc["checkpoint_format"]) == (3, False, "gptq_v2")
     theirs = run_client(py, "client_gptqmodel.py", three_bit_checkpoint, path, "torch",
                         env={"GPTQMODEL_CPU_WORKERS": "2"})
     mine = ours(three_bit_checkpoint, windows)
@@ -184,12 +192,27 @@ def _mix_of(ckpt: Path) -> set:
         (qc["bits"], qc["group_size"])}
 
 
-def test_gptqmodel_honours_our_mixed_precision_overrides(default_checkpoint, mixed_checkpoint):
-    """GPTQModel reads the dynamic overrides; on CPU its automatic kernel choice (TorchFusedLinear, 4-bit
-    only, picked from the base setting) fails on the 3-bit layers, so it is asked for its torch kernel
-    (2-8 bits, half-precision activations: bf16), as gptq.inspect advises."""
+def test_gptqmodel_refuses_an_asymmetric_v1_checkpoint_as_inspect_says(default_checkpoint, mixed_checkpoint):
+    """GPTQModel loads asymmetric v1 files only from its own producer (its loader checks meta.quantizer):
+    the v1 mix, whose 3-bit base is asymmetric, is refused, and gptq.inspect says so beforehand."""
+    from gptq.inspect import describe
+
+    verdict = {e["engine"]: e for e in describe(mixed_checkpoint)["engines"]}["transformers + GPTQModel"]
+    assert verdict["status"] == "refuses" and any("gptq_v2" in r for r in verdict["reasons"])
+    r = subprocess.run([str(client_python("gptqmodel")), str(HERE / "client_gptqmodel.py"), str(mixed_checkpoint),
+                        str(default_checkpoint[2]), "torch"], capture_output=True, text=True, timeout=3000, cwd=HERE,
+                       env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+    assert r.returncode != 0 and "sym=False" in r.stderr, r.stderr[-3000:]
+
+
+def test_gptqmodel_honours_our_mixed_precision_overrides(default_checkpoint, mixed_v2_checkpoint):
+    """GPTQModel reads the dynamic overrides (the gptq_v2 mix: it loads asymmetric grids in v2); on CPU its
+    automatic kernel choice (TorchFusedLinear, 4-bit only, picked from the base setting) fails on the 3-bit
+    layers, so it is asked for its torch kernel (2-8 bits, half-precision activations: bf16), as gptq.inspect
+    advises."""
     py = client_python("gptqmodel")
     _, windows, path = default_checkpoint
+    mixed_checkpoint = mixed_v2_checkpoint
     assert _mix_of(mixed_checkpoint) == {(3, 64), (4, 64)}
     # the base is the 3-bit setting (asymmetric, not one Marlin takes), the 4-bit layers overridden back to sym
     qc = json.loads((mixed_checkpoint / "config.json").read_text())["quantization_config"]
@@ -278,13 +301,14 @@ def test_bitsandbytes_loads_our_nf4_checkpoint(default_checkpoint, tmp_path, dou
     assert theirs["ppl"] < 0.95 * own["ppl"]
 
 
-@pytest.mark.parametrize("budget", [(), ("--bits-per-weight", "4.2", "--candidates", "3g64,4g64")],
+@pytest.mark.parametrize("budget", [(), ("--bits-per-weight", "4.2", "--candidates", "3g64,4g64", "--format", "gptq_v2")],
                          ids=["uniform", "mixed"])
 def test_gptqmodel_loads_our_moe_checkpoint(tmp_path, tiny_tokenizer_dir, budget):
     """A small random Qwen3-MoE (8 experts, 2 active) quantized by us: GPTQModel finds every
     per-expert tensor under the names it expects and scores the same perplexity as our loader.
     Mixed: a size budget puts each block's experts on 3 or 4 bits (one dynamic override per experts
-    layer); GPTQModel reads them, with its torch kernel as for the dense mix. (vLLM's CPU build has
+    layer; gptq_v2, as 3-bit grids are asymmetric); GPTQModel reads them, with its torch kernel as for the
+    dense mix. (vLLM's CPU build has
     no GPTQ MoE kernel: gptq.inspect says so.)"""
     import shutil
     import sys

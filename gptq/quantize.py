@@ -41,7 +41,8 @@ EPILOG = """defaults: 4-bit, group 128, symmetric (asymmetric at 2 and 3 bits), 
 clipping on, true-sequential on, damp 0.01, 128 windows x 2048 tokens of C4. The act-order mode,
 MSE clipping and the symmetry were chosen by measurement (docs/results.md); they add no inference
 cost, and the default checkpoint keeps g_idx = k // group (desc_act false), which vLLM, TGI and
-GPTQModel all serve.
+GPTQModel all serve (an asymmetric 2- or 3-bit file: GPTQModel and transformers need --format
+gptq_v2, vLLM the default v1).
 
 examples:
   python -m gptq.quantize ./Llama-3-8B --dataset c4 --bits 4

@@ -197,14 +197,17 @@ def module_setting(qc: dict, name: str) -> tuple[int, int, bool] | None:
     """(bits, group size, sym) of one module under GPTQModel's ``dynamic`` overrides, matched as GPTQModel
     and vLLM match them (gptq_utils.get_dynamic_override: the first pattern that ``re.match``-es the module
     name wins; "-:" = left unquantized → None)."""
-    over: dict = {}
-    for pattern, o in (qc.get("dynamic") or {}).items():
+    for pattern, over in (qc.get("dynamic") or {}).items():
         if pattern.startswith("-:"):
             if re.match(pattern[2:], name):
                 return None
         elif re.match(pattern.removeprefix("+:"), name):
-            over = o
-            break
+            return _setting(qc, over)
+    return _setting(qc, {})
+
+
+def _setting(qc: dict, over: dict) -> tuple[int, int, bool]:
+    """(bits, group size, sym) of one ``dynamic`` override ({} = the base) over the base config."""
     return (over.get("bits", qc["bits"]), over.get("group_size", qc.get("group_size", -1)),
             bool(over.get("sym", qc.get("sym", True))))
 
@@ -217,13 +220,10 @@ def module_settings(qc: dict, name: str) -> tuple[int, int] | None:
 
 def _variants(qc: dict) -> list[tuple[int, int, bool]]:
     """(bits, group size, sym) of the base and of every ``dynamic`` override, the base first."""
-    def setting(over: dict) -> tuple[int, int, bool]:
-        return (over.get("bits", qc["bits"]), over.get("group_size", qc.get("group_size", -1)),
-                bool(over.get("sym", qc.get("sym", True))))
-    found = {setting({}): None}
+    found = {_setting(qc, {}): None}
     for pattern, over in (qc.get("dynamic") or {}).items():
         if not pattern.startswith("-:") and isinstance(over, dict):
-            found[setting(over)] = None
+            found[_setting(qc, over)] = None
     return list(found)
 
 

@@ -29,8 +29,8 @@ moe      streaming quantization of a synthetic Qwen3-MoE-shaped model (64 expert
 distributed the streaming CLI as one process and under torchrun with 2 ranks (1 thread each):
          seconds per block, identical checkpoints.
 rotation the quality benchmark rotated (--rotate hadamard) against not, at 3, 2 and 4 bits.
-rotation-learned a residual rotation learned from the Hadamard one on the error GPTQ would leave in the
-         linears reading the stream, against Hadamard and none in the same run (3 bits; an experiment).
+rotation-learned the error the solver would leave in each group of linears under no rotation, Hadamard
+         and --rotate learned (3 bits): the diagnostic behind the learned rotation's objective.
 mix      mixed precision: uniform 3g64 and 4g64, then --max-size at the 3-bit size plus half the
          difference for several candidate sets / estimates; share of the 3→4-bit gap recovered,
          and the greedy allocation against the exact knapsack on the run's own estimates.

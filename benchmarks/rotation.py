@@ -26,7 +26,8 @@ def _bytes(folder: Path) -> int:
 
 
 def rotation_seconds(model_dir: Path, kind: str) -> float:
-    """The rotation alone, on the whole float32 model in memory."""
+    """The rotation alone, on the whole float32 model in memory (not ``learned``, whose learning the
+    row's report times)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     t0 = time.perf_counter()
     rotator(model.config, QuantConfig(rotate=kind)).rotate_model(model)
@@ -47,13 +48,16 @@ def rotation(out: Path, bits=ROTATION_BITS, kinds=ROTATION_KINDS, extra: tuple[s
             report = json.loads((ckpt / "quantize_report.json").read_text())
             row = {"bits": b, "rotate": kind, "bytes": _bytes(ckpt), "quantize_seconds": report["seconds"],
                    **evaluate(ckpt, model_dir, cache)}
+            if "rotation_learning" in report:  # --rotate learned: its objective, steps and seconds
+                row["rotation_learning"] = report["rotation_learning"]
             print(json.dumps(row), flush=True)
             rows.append(row)
     result = {
         "setup": "SmolLM2-135M-Instruct, group 64, 32 x 512 WikiText-2 valid calibration; eval wiki.test.raw "
                  "8 x 2048, fp32, KL against the bf16 source in fp32",
         "command": " ".join(quantize_cmd(model_dir, "--bits", "B", "--rotate", "KIND", *extra)[1:]),
-        "rotation_seconds_fp32_in_memory": {k: rotation_seconds(model_dir, k) for k in kinds if k != "none"},
+        "rotation_seconds_fp32_in_memory": {k: rotation_seconds(model_dir, k) for k in kinds
+                                            if k not in ("none", "learned")},
         "cpu": cpu_info(), "rows": rows,
     }
     write(out, "rotation", result, show=True)

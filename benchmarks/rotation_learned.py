@@ -1,41 +1,27 @@
-"""A learned residual rotation, measured against the Hadamard one and against none in the same run
-(an experiment toward a 10 % perplexity gain at 3 bits; not a ``--rotate`` option yet).
+"""The estimated error of each group of linears under no rotation, the Hadamard rotation and the
+learned one (``--rotate learned``, ``gptq.core.learned_rotation``): the diagnostic behind that
+objective, on SmolLM2 at 3 bits (``python -m benchmarks rotation-learned``; the quality of the three
+rotations is ``python -m benchmarks rotation --bits 3 --rotate none,hadamard,learned``).
 
-The residual rotation Q (``gptq.models.rotation``, R1) starts as the randomised Hadamard matrix and is
-moved along the orthogonal group, Q = Q₀ · exp(A − Aᵀ) with A trained by Adam (SpinQuant trains its
-rotations on the orthogonal group too, with Cayley SGD on the model's loss; Liu et al. 2024). The
-objective here needs no pass through the model, only each block's input statistics: for every linear
-that reads the residual stream (q/k/v with the heads' rotation R2 on v, gate/up; norms folded in), the
-error GPTQ leaves when it quantizes the rotated weight W Q column by column on the rotated Hessian
-Qᵀ H Q, approximated as
-
-    Σ_ij E_ij² / U_jj²,   E = WQ − rtn(WQ),   U = chol((Qᵀ H Q + λI)⁻¹) (upper)
-
-(GPTQ's error for column j is its rounding error over U_jj²; Frantar et al. 2023, eq. 3 with the
-Cholesky form of §4), with round-to-nearest onto the asymmetric group grid, its rounding passed through
-straight. Each linear's error counts relative to its value at Q₀. The linears writing the stream (o,
-down) are left out of the objective: their error energy under Q grows (down_proj's by half between
-no rotation and Hadamard) while the quantized model's perplexity falls, so it does not predict
-quality; the readers' error does (it orders no rotation, Hadamard and learned rotations as their
-perplexities).
-
-The learned Q is applied with the library's own ``Rotator`` (the same folding, the same exactness),
-the rotated model saved in bf16 and quantized by the quality benchmark's command with ``--rotate
-none``; the three rows are evaluated by ``gptq.eval --reference`` against the source."""
+The statistics are this benchmark's own, in float64: per block, what the linears reading the residual
+stream receive (each norm's input over its RMS; norms folded into the readers, the heads' rotation R2 on
+v) and what the writers (o, down) receive. Readers are scored as the objective scores them (Σ E²/U_jj² on
+the rotated Hessian); writers by the same estimate on Qᵀ W, whose input the residual rotation does not
+touch. The finding it records: the Hadamard rotation lowers the readers' error and raises the down
+projections' by half while the quantized model gets better, so the objective leaves the writers out.
+"""
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks.common import evaluate, quantize_cmd, smollm2_eval, wiki, write
+from benchmarks.common import smollm2_eval, wiki, write
 from calib import load_documents, sample_windows
+from gptq.core.learned_rotation import damped_inverse, learn_rotation, reader_error, straight_round
 from gptq.models.rotation import ATTN_NORM, MLP_NORM, Rotator
 from gptq.runtime.cpu import cpu_info
 
@@ -87,39 +73,24 @@ def weights(model, rot: Rotator) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def rtn(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """Round-to-nearest onto the asymmetric min/max grid of each ``group`` columns, the rounding passed
-    straight through to the gradient."""
-    maxq = 2**bits - 1
-    g = w.reshape(w.shape[0], -1, group)
-    lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
-    s = ((hi - lo) / maxq).clamp(min=1e-8)
-    z = torch.round(-lo / s).detach()
-    x = g / s + z
-    q = torch.clamp(x + (torch.round(x) - x).detach(), 0, maxq)
-    return ((q - z) * s).reshape(w.shape)
-
-
 READERS, WRITERS = ("attn", "mlp"), ("o", "down")
 
 
 def gptq_error(W: torch.Tensor, Hinv: torch.Tensor, Q: torch.Tensor, bits: int, group: int,
                reads: bool = True) -> torch.Tensor:
-    """Σ E² / U_jj² (module docstring) for a reader W Q on the rotated inverse Hessian Qᵀ H⁻¹ Q, or
-    (``reads=False``) a writer Qᵀ W on its own."""
-    Wr = W @ Q if reads else Q.T @ W
-    U = torch.linalg.cholesky(Q.T @ Hinv @ Q if reads else Hinv, upper=True)
-    return ((Wr - rtn(Wr, bits, group)).pow(2) / U.diagonal().pow(2)[None]).sum()
+    """The library's objective term (``reader_error``) for a reader W Q, or (``reads=False``) the same
+    estimate for a writer Qᵀ W on its own inverse Hessian (its input is not rotated by Q)."""
+    if reads:
+        return reader_error(W, Hinv, Q, bits, group, sym=False)
+    Wr = Q.T @ W
+    U = torch.linalg.cholesky(Hinv, upper=True)
+    return ((Wr - straight_round(Wr, bits, group, sym=False)).pow(2) / U.diagonal().pow(2)[None]).sum()
 
 
-def _inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
-    return torch.linalg.inv(H + damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)).float()
-
-
-def learn_rotation(model, windows, bits: int = 3, group: int = 64, steps: int = 400, lr: float = 5e-3,
-                   per_step: int = 8, seed: int = 0, damp: float = 0.01) -> tuple[Rotator, dict]:
-    """A ``Rotator`` whose residual Q (float64, orthogonal) is the learned one, its heads' R2 the one the
-    objective used, and a log of the objective. ``model`` is left as it was."""
+def learn(model, windows, bits: int = 3, group: int = 64, steps: int = 400, lr: float = 5e-3,
+          seed: int = 0, damp: float = 0.01) -> dict:
+    """The library's learning (``core.learned_rotation.learn_rotation``) on this benchmark's float64
+    statistics, and the estimated error by group of linears under no rotation, Hadamard and learned."""
     model.requires_grad_(False)
     rot = Rotator(model.config, "hadamard", seed)
     t0 = time.perf_counter()
@@ -128,43 +99,26 @@ def learn_rotation(model, windows, bits: int = 3, group: int = 64, steps: int = 
     B = torch.block_diag(*[rot.R] * rot.n_heads)  # o_proj reads its input under R2
     for h in hess:
         h["o"] = B.T @ h["o"] @ B
-    terms = [(key, w[key].float(), _inverse(h[key], damp)) for w, h in zip(weights(model, rot), hess)
+    terms = [(key, w[key].float(), damped_inverse(h[key], damp)) for w, h in zip(weights(model, rot), hess)
              for key in READERS + WRITERS]
     readers = [(W, Hi) for key, W, Hi in terms if key in READERS]
-    Q0 = rot.Q.float()
 
-    def totals(Q) -> dict:  # the error summed over every block, by group of linears (a diagnostic)
+    def totals(Q) -> dict:  # the error summed over every block, by group of linears
         with torch.no_grad():
             return {key: round(sum(gptq_error(W, Hi, Q, bits, group, key in READERS).item()
                                    for k, W, Hi in terms if k == key), 1) for key in READERS + WRITERS}
 
-    with torch.no_grad():
-        base = [gptq_error(W, Hi, Q0, bits, group).item() for W, Hi in readers]
-    A = torch.zeros_like(Q0, requires_grad=True)
-    opt = torch.optim.Adam([A], lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    log, t0 = [], time.perf_counter()
-    for step in range(steps):
-        Q = Q0 @ torch.matrix_exp(A - A.T)
-        pick = torch.randperm(len(readers), generator=gen)[:per_step].tolist()
-        loss = sum(gptq_error(*readers[j], Q, bits, group) / base[j] for j in pick) / len(pick)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        log.append(loss.item())
+    def progress(step, objective):
         if step % 50 == 0 or step == steps - 1:
-            print(f"step {step}: objective {sum(log[-50:]) / len(log[-50:]):.4f} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    with torch.no_grad():
-        u, _, vh = torch.linalg.svd((Q0 @ torch.matrix_exp(A - A.T)).double())
-        Q = u @ vh  # orthogonal to float64 precision
-        final = [gptq_error(W, Hi, Q.float(), bits, group).item() / b for (W, Hi), b in zip(readers, base)]
-    rot.__dict__["Q"] = Q  # the learned Q in place of the Hadamard one; R2 and the folding as --rotate does
-    return rot, {"objective_relative_to_hadamard": round(sum(final) / len(final), 4),
-               "seconds_hessians": round(seconds_hessians, 1),
-               "seconds_learning": round(time.perf_counter() - t0, 1),
-               "error_by_group": {"none": totals(torch.eye(Q0.shape[0])), "hadamard": totals(Q0),
-                                  "learned": totals(Q.float())}}
+            print(f"step {step}: objective {objective:.4f}", flush=True)
+
+    Q, info = learn_rotation(lambda j: readers[j][0], [Hi for _, Hi in readers], rot.Q, bits=bits, group=group,
+                             sym=False, steps=steps, lr=lr, seed=seed, progress=progress)
+    Q0 = rot.Q.float()
+    return {"objective_relative_to_hadamard": info["objective"], "seconds_hessians": round(seconds_hessians, 1),
+            "seconds_learning": info["seconds"],
+            "error_by_group": {"none": totals(torch.eye(Q0.shape[0])), "hadamard": totals(Q0),
+                               "learned": totals(Q.float())}}
 
 
 def rotation_learned(out: Path, bits: int = 3, steps: int = 400, lr: float = 5e-3) -> dict:
@@ -172,28 +126,8 @@ def rotation_learned(out: Path, bits: int = 3, steps: int = 400, lr: float = 5e-
     docs, mode = load_documents(str(wiki("valid.tokens.txt")), "calib")
     windows = sample_windows(docs, tok, 32, 512, 0, mode)  # the quality benchmark's calibration windows
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    rot, learning = learn_rotation(model, windows, bits=bits, steps=steps, lr=lr)
-    rotated = out / "rotation-learned-model"
-    rot.rotate_model(model)
-    del model.config.gptq_rotation
-    if rotated.exists():
-        shutil.rmtree(rotated)
-    model.to(torch.bfloat16).save_pretrained(rotated)
-    tok.save_pretrained(rotated)
-    del model
-    cache, ckpt = out / "reference-cache", out / "rotation-ckpt"
-    rows = []
-    for name, source, kind in (("none", model_dir, "none"), ("hadamard", model_dir, "hadamard"),
-                               ("learned", rotated, "none")):
-        cmd = quantize_cmd(source, "--bits", str(bits), "--rotate", kind, "--out", str(ckpt), "--overwrite", "--quiet")
-        print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        report = json.loads((ckpt / "quantize_report.json").read_text())
-        row = {"rotation": name, "quantize_seconds": report["seconds"], **evaluate(ckpt, model_dir, cache)}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    result = {"setup": f"SmolLM2-135M-Instruct, {bits}-bit g64 (default grid), 32 x 512 WikiText-2 valid "
-                       "calibration; eval wiki.test.raw 8 x 2048 fp32, KL against the bf16 source",
-              "learning": {"steps": steps, "lr": lr, **learning}, "rows": rows, "cpu": cpu_info()}
+    result = {"setup": f"SmolLM2-135M-Instruct, {bits}-bit g64 asymmetric grid, 32 x 512 WikiText-2 valid "
+                       "calibration, float64 statistics", "steps": steps, "lr": lr,
+              **learn(model, windows, bits=bits, steps=steps, lr=lr), "cpu": cpu_info()}
     write(out, "rotation_learned", result, show=True)
     return result

@@ -165,8 +165,10 @@ def _rotation_line(rot: dict | None) -> str:
         return ""
     parts = [f"residual stream by {rot['residual']}" if rot["residual"] else "",
              f"attention heads' values by {rot['heads']}" if rot["heads"] else ""]
+    learned = rot.get("objective")
     return (f"\nrotated before solving (--rotate {rot['kind']}, seed {rot['seed']}): "
-            + ", ".join(p for p in parts if p) + ("; the head untied from the embeddings" if rot["untied"] else ""))
+            + ", ".join(p for p in parts if p) + ("; the head untied from the embeddings" if rot["untied"] else "")
+            + ("" if learned is None else f" (the readers' estimated error at {learned} of the Hadamard start's)"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -220,6 +220,19 @@ def test_fp_target_under_torchrun_writes_the_bytes_one_process_writes(tmp_path, 
     same_checkpoint(tmp_path / "one", tmp_path / "n2")
 
 
+def test_a_learned_rotation_under_torchrun_is_one_process_rotation_and_bytes(tmp_path, calib):
+    """--rotate learned: the statistics pass shared out like the main one (partials added in batch order),
+    Q learned on rank 0 and handed to rank 1; the checkpoint is the one one process writes."""
+    model, text = calib
+    flags = ("--rotate", "learned", "--rotate-steps", "5", "--bits", "3")
+    r = single(*args(model, text, tmp_path / "one", *flags))
+    assert r.returncode == 0, r.stderr
+    r = torchrun(2, *args(model, text, tmp_path / "n2", *flags), env={"GPTQ_DISTRIBUTED": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    same_checkpoint(tmp_path / "one", tmp_path / "n2")
+    assert json.loads((tmp_path / "n2" / "config.json").read_text())["gptq_rotation"]["kind"] == "learned"
+
+
 def test_a_size_budget_under_torchrun_is_one_process_plan_and_bytes_also_resumed(tmp_path, calib):
     """--bits-per-weight under torchrun: the measuring pass is shared out like the main one (5 windows:
     3 batches, rank 1 idle in the last round; the "/block" estimate also gathers per-batch sums), and

@@ -223,16 +223,18 @@ def tensors_of(d):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama-tied", "mixtral"])
-def test_streaming_rotates_block_by_block_to_the_in_memory_bytes(tmp_path, tiny_tokenizer_dir, family):
+@pytest.mark.parametrize("family,kind", [("llama-tied", "hadamard"), ("mixtral", "hadamard"),
+                                         ("llama-tied", "learned")])
+def test_streaming_rotates_block_by_block_to_the_in_memory_bytes(tmp_path, tiny_tokenizer_dir, family, kind):
     """Each block rotated as it is loaded, the edges at the end from the stored tensors: the same
-    checkpoint as rotating the whole model in memory; a tied head is stored untied."""
+    checkpoint as rotating the whole model in memory; a tied head is stored untied. A learned rotation
+    is learned from a first pass that loads the blocks one at a time: the same Q as in memory."""
     from gptq import QuantConfig, quantize_model, save_checkpoint
     from gptq.pipeline.streaming import quantize_streaming
 
     d = saved_model(tmp_path, tiny_tokenizer_dir, family_config(family))
     windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    cfg = QuantConfig(bits=3, group_size=32, rotate="hadamard", rotate_seed=7)
+    cfg = QuantConfig(bits=3, group_size=32, rotate=kind, rotate_seed=7, rotate_steps=10)
     out_s, _, _ = quantize_streaming(d, tmp_path / "s", cfg, windows, torch.float32, device="cpu", progress=False)
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     model = unfuse(model, for_config(model.config))
@@ -247,7 +249,8 @@ def test_streaming_rotates_block_by_block_to_the_in_memory_bytes(tmp_path, tiny_
     for out in (out_s, out_m):
         saved = json.loads((out / "config.json").read_text())
         assert saved["tie_word_embeddings"] is False
-        assert saved["gptq_rotation"]["kind"] == "hadamard" and saved["gptq_rotation"]["seed"] == 7
+        assert saved["gptq_rotation"]["kind"] == kind and saved["gptq_rotation"]["seed"] == 7
+        assert (saved["gptq_rotation"]["objective"] is None) == (kind != "learned")
 
 
 @pytest.mark.parametrize("fmt,bits", [("gptq", 8), ("compressed-tensors", 8), ("bnb-nf4", 4), ("gguf:q8_0", 8)])
@@ -368,3 +371,170 @@ def test_row_chunked_rotation_is_the_whole_product():
     got_b = _rows_times(wb, Q)
     assert got_b.dtype == torch.bfloat16
     torch.testing.assert_close(got_b.double(), (wb.double() @ Q).bfloat16().double(), rtol=2 ** -7, atol=0)
+
+
+# -- the learned rotation (--rotate learned) ---------------------------------------------------
+
+
+def test_straight_rounding_lands_on_the_grid():
+    """Every value on one of its group's 2^bits levels, within half a step, each level a whole number of
+    steps from 0 (the zero point is a code); a last group shorter than the group size (40 = 32 + 8 columns) is rounded on its own range."""
+    from gptq.core.learned_rotation import straight_round
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 40, generator=g)
+    for sym in (False, True):
+        q = straight_round(w, 3, 32, sym)
+        for cols in (slice(0, 32), slice(32, 40)):
+            wg, qg = w[:, cols], q[:, cols]
+            for r in range(6):
+                levels = torch.unique(qg[r])
+                assert len(levels) <= 8
+                lo, hi = min(wg[r].min().item(), 0.0), max(wg[r].max().item(), 0.0)
+                step = (2 * max(-lo, hi) if sym else hi - lo) / 7
+                assert (qg[r] - wg[r]).abs().max().item() <= step / 2 + 1e-6
+                k = levels / step  # whole steps from 0: the zero point is a whole number of steps
+                assert torch.allclose(k, k.round(), atol=1e-4)
+    assert torch.equal(straight_round(torch.zeros(2, 8), 3, 4, False), torch.zeros(2, 8))
+
+
+def _learning_problem(n=64, terms=4):
+    from gptq.core.learned_rotation import damped_inverse
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(terms):
+        spread = torch.logspace(0, 1.5, n)[torch.randperm(n, generator=g)]  # channels of unequal energy
+        X = torch.randn(512, n, generator=g) * spread
+        W = torch.randn(48, n, generator=g)
+        W[:, :2] *= 8  # two outlier columns
+        out.append((W, damped_inverse(X.T @ X / 512, 0.01)))
+    return out
+
+
+def test_learned_rotation_lowers_its_objective_and_stays_orthogonal_and_reproducible():
+    from gptq.core.hadamard import orthogonal
+    from gptq.core.learned_rotation import learn_rotation, reader_error
+
+    terms = _learning_problem()
+    Q0 = orthogonal(64, "hadamard", 0)[0]
+    kw = dict(bits=3, group=32, sym=False, steps=60, per_step=2, seed=1)
+    Q, info = learn_rotation(lambda j: terms[j][0], [h for _, h in terms], Q0, **kw)
+    assert Q.dtype == torch.float64
+    assert (Q.T @ Q - torch.eye(64, dtype=torch.float64)).abs().max().item() < 1e-12
+    assert (Q - Q0).abs().max().item() > 0.05  # it moved
+    ratios = [(reader_error(W, Hi, Q.float(), 3, 32, False) / reader_error(W, Hi, Q0.float(), 3, 32, False)).item()
+              for W, Hi in terms]
+    assert info["objective"] == pytest.approx(sum(ratios) / len(ratios), abs=1e-4)
+    assert info["objective"] < 0.9, info  # Hadamard = 1
+    Q2, info2 = learn_rotation(lambda j: terms[j][0], [h for _, h in terms], Q0, **kw)
+    assert torch.equal(Q, Q2) and info2["objective"] == info["objective"]
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-tied", "phi3", "gemma", "qwen3_moe"])
+def test_learned_rotation_keeps_the_logits(family):
+    """Learned from the model's own statistics (the model untouched meanwhile), then applied as every
+    rotation is: the same logits; the record carries the objective, below the Hadamard start's 1."""
+    from gptq import QuantConfig
+    from gptq.pipeline.activations import Activations
+    from gptq.pipeline.learned import learn_residual
+    from gptq.pipeline.loop import capture_block_inputs
+
+    config = family_config(family)
+    model = random_model(config)
+    ids = torch.randint(0, config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(1))
+    cfg = QuantConfig(bits=3, group_size=32, rotate="learned", rotate_steps=20)
+    rot = Rotator(model.config, "learned", 0, steps=20)
+    Q0 = rot.Q.clone()
+    with torch.no_grad():
+        before = model(ids).logits
+        info = learn_residual(rot, model, capture_block_inputs(model, ids, 2, "cpu"), cfg, torch.device("cpu"),
+                              Activations(), progress=False)
+        assert torch.equal(model(ids).logits, before)  # learning leaves the model as it was
+        record = rot.rotate_model(model)
+        after = model(ids).logits
+    assert (after - before).abs().max().item() < 2e-5 * before.abs().max().item() + 1e-6
+    assert (rot.Q - Q0).abs().max().item() > 0.05
+    assert record.kind == "learned" and record.residual.startswith("learned from hadamard 64 in 20 steps")
+    assert record.objective == info["objective"] < 1.0
+    assert model.config.gptq_rotation == record.as_dict()
+
+
+def test_a_learned_rotation_is_not_applied_before_it_is_learned():
+    config = family_config("llama")
+    model = random_model(config)
+    w = model.model.layers[0].self_attn.q_proj.weight.clone()
+    rot = Rotator(model.config, "learned")
+    with pytest.raises(RuntimeError, match="learned from the calibration data"):
+        rot.rotate_model(model)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, w)
+    with pytest.raises(ValueError, match="not orthogonal"):
+        rot.set_learned(2 * torch.eye(64, dtype=torch.float64), 1.0)
+
+
+def test_resume_reads_the_learned_rotation_back(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """Interrupted after block 0: --resume takes Q from the run folder (learning again is not possible:
+    it is made to fail) and writes the bytes an uninterrupted run writes."""
+    from gptq import QuantConfig
+    from gptq.pipeline import streaming
+    from tests.test_distributed import same_checkpoint
+
+    d = saved_model(tmp_path, tiny_tokenizer_dir, family_config("llama"))
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(bits=3, group_size=32, rotate="learned", rotate_steps=10)
+    kw = dict(device="cpu", progress=False)
+    streaming.quantize_streaming(d, tmp_path / "full", cfg, windows, torch.float32, **kw)
+
+    def stop(event, _rank):
+        if event == "saved:0":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        streaming.quantize_streaming(d, tmp_path / "r", cfg, windows, torch.float32, on_event=stop, **kw)
+    assert (tmp_path / "r.partial" / streaming.ROTATION).is_file()
+
+    def fail(*a, **k):
+        raise AssertionError("learned again on --resume")
+
+    monkeypatch.setattr(streaming, "learn_residual", fail)
+    streaming.quantize_streaming(d, tmp_path / "r", cfg, windows, torch.float32, resume=True, **kw)
+    same_checkpoint(tmp_path / "full", tmp_path / "r")
+    other = QuantConfig(bits=3, group_size=32, rotate="learned", rotate_steps=11)
+    from gptq.io.safetensors_io import TensorSource
+
+    fps = {_fp(d, TensorSource(d), c, windows) for c in (cfg, other, QuantConfig(bits=3, group_size=32,
+                                                                                    rotate="hadamard"))}
+    assert len(fps) == 3  # the steps and the kind are part of what --resume checks
+
+
+def _fp(d, source, cfg, windows):
+    from gptq.pipeline.streaming import _fingerprint
+
+    return _fingerprint(d, source, cfg, windows, torch.float32, 8)
+
+
+def test_cli_learned_rotation_is_recorded_and_inspected(tmp_path, tiny_tokenizer_dir):
+    import json
+
+    from gptq.inspect import describe, format_description
+    from gptq.quantize import main
+    from tests.conftest import SAMPLE_TEXT
+
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT)
+    d = saved_model(tmp_path, tiny_tokenizer_dir, family_config("llama"))
+    base = [str(d), "--dataset", str(text), "--nsamples", "2", "--seqlen", "32", "--group-size", "32", "--quiet",
+            "--bits", "3", "--rotate", "learned"]
+    with pytest.raises(SystemExit):
+        main(base + ["--rotate-steps", "0", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+    for stream in ("--stream", "--no-stream"):
+        out = tmp_path / f"q{stream}"
+        assert main(base + ["--rotate-steps", "5", stream, "--out", str(out)]) == 0
+        cfg = json.loads((out / "config.json").read_text())["gptq_rotation"]
+        report = json.loads((out / "quantize_report.json").read_text())
+        assert cfg["kind"] == "learned" and 0 < cfg["objective"] < 1.5
+        assert report["rotation"] == cfg and report["quant_config"]["rotate_steps"] == 5
+        text_out = format_description(describe(out))
+        assert "rotated before solving (--rotate learned, seed 0)" in text_out
+        assert "learned from hadamard 64 in 5 steps" in text_out

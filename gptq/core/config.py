@@ -23,7 +23,8 @@ EXPERT_TOKENS = ("all", "routed")
 #             a tied head untied) and every attention head's values/outputs by another
 #   random    the same with Haar-random orthogonal matrices
 #   heads     only the heads' rotation (Hadamard): embeddings, norms and a tied head stay as they are
-ROTATIONS = ("none", "hadamard", "random", "heads")
+#   learned   as hadamard, the residual matrix then learned from the calibration data (gptq.core.learned_rotation)
+ROTATIONS = ("none", "hadamard", "random", "heads", "learned")
 # how a mixed-precision run (a size budget) estimates the error each candidate grid would cause in a
 # linear (gptq.pipeline.mix): the output error tr(ΔW H ΔWᵀ) on the full-precision model's inputs of
 #   hessian   round-to-nearest onto the candidate (cheap)
@@ -77,6 +78,7 @@ class QuantConfig:
                      are solved plainly either way.
     rotate:          rotate the model before solving, in its weights only (ROTATIONS, above); the checkpoint
                      keeps its architecture. rotate_seed seeds the rotation's signs (or the random matrix).
+    rotate_steps:    --rotate learned: the optimizer's steps (gptq.core.learned_rotation).
     max_size:        mixed precision: the bytes the written weight files may take in all (0 = no budget); each
                      group of linears sharing an input gets one of ``candidates`` (gptq.pipeline.mix).
     bits_per_weight: mixed precision: the budget as average bits per quantized weight, scales and zeros
@@ -103,6 +105,7 @@ class QuantConfig:
     fp_target: float = 0.25
     rotate: str = "none"
     rotate_seed: int = 0
+    rotate_steps: int = 400
     max_size: int = 0
     bits_per_weight: float = 0.0
     candidates: str = "auto"
@@ -118,6 +121,8 @@ class QuantConfig:
             raise ConfigError(f"group_rank={self.group_rank!r}; choose one of {GROUP_RANKS}")
         if self.rotate not in ROTATIONS:
             raise ConfigError(f"rotate={self.rotate!r}; choose one of {ROTATIONS}")
+        if self.rotate_steps < 1:
+            raise ConfigError(f"--rotate-steps {self.rotate_steps} must be at least 1")
         if self.sensitivity not in SENSITIVITIES:
             raise ConfigError(f"sensitivity={self.sensitivity!r}; choose one of {SENSITIVITIES}")
         if self.max_size < 0 or self.bits_per_weight < 0:

@@ -75,6 +75,7 @@ class Rotation:
     residual: str  # how Q was built ("hadamard 36x16"), "" when not rotated
     heads: str  # how R was built, "" when not rotated
     untied: bool  # the head was tied to the embeddings and is stored separately now
+    objective: float | None = None  # --rotate learned: the readers' estimated error under Q, relative to Q₀
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +102,8 @@ def rotator(model_config, qcfg) -> Rotator | None:
     a model it would change."""
     if qcfg.rotate == "none":
         return None
+    if qcfg.rotate == "learned":
+        return Rotator(model_config, "learned", qcfg.rotate_seed, steps=qcfg.rotate_steps)
     if qcfg.rotate == "heads":
         rot = Rotator(model_config, "hadamard", qcfg.rotate_seed, residual=False)
         rot.record = replace(rot.record, kind="heads")
@@ -168,8 +171,9 @@ class Rotator:
     """Rotates the blocks and the edges (embeddings, final norm, head) of one model, block by block
     if need be (the streaming path), with the same Q on every call, rank and run."""
 
-    def __init__(self, config, kind: str, seed: int = 0, residual: bool = True, heads: bool = True):
-        if kind not in KINDS:
+    def __init__(self, config, kind: str, seed: int = 0, residual: bool = True, heads: bool = True,
+                 steps: int = 0):
+        if kind not in KINDS + ("learned",):
             raise RotationError(f"--rotate {kind!r}; choose one of {ROTATIONS}")
         check_rotatable(config)
         self.config = config
@@ -179,20 +183,63 @@ class Rotator:
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.offset = NORM_OFFSET.get(config.model_type, 0.0)
         self.kind, self.seed, self.residual, self.heads = kind, seed, residual, heads
+        # learned: Q starts as the Hadamard one and is set by ``set_learned`` before anything is rotated
+        self.base = "hadamard" if kind == "learned" else kind
+        self.pending = kind == "learned"
         tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
-        self.record = Rotation(kind, seed, construction(self.hidden, kind) if residual else "",
-                               construction(self.head_dim, kind) if heads else "", untied=tied and residual)
+        how = construction(self.hidden, self.base)
+        self.record = Rotation(kind, seed, (f"learned from {how} in {steps} steps" if self.pending else how)
+                               if residual else "", construction(self.head_dim, self.base) if heads else "",
+                               untied=tied and residual)
+        self.steps = steps
 
     # the matrices are built on first use: checking a model (the command, before any work) needs neither
     @cached_property
     def Q(self) -> torch.Tensor | None:
         """The residual stream's rotation (hidden × hidden, float64), or None."""
-        return orthogonal(self.hidden, self.kind, self.seed)[0] if self.residual else None
+        return orthogonal(self.hidden, self.base, self.seed)[0] if self.residual else None
 
     @cached_property
     def R(self) -> torch.Tensor | None:
         """Every attention head's value rotation (head_dim × head_dim, float64), or None."""
-        return orthogonal(self.head_dim, self.kind, self.seed + 1)[0] if self.heads else None
+        return orthogonal(self.head_dim, self.base, self.seed + 1)[0] if self.heads else None
+
+    def set_learned(self, Q: torch.Tensor, objective: float) -> None:
+        """The learned residual rotation (``--rotate learned``: ``pipeline.learned``), in place of Q₀."""
+        if Q.shape != (self.hidden, self.hidden):
+            raise ValueError(f"a learned rotation of shape {tuple(Q.shape)} for hidden size {self.hidden}")
+        err = (Q.double().T @ Q.double() - torch.eye(self.hidden, dtype=torch.float64)).abs().max().item()
+        if err > 1e-8:
+            raise ValueError(f"the learned rotation is not orthogonal (|QᵀQ − I| = {err:.1e})")
+        self.__dict__["Q"] = Q.double().cpu()
+        self.pending = False
+        self.record = replace(self.record, objective=objective)
+
+    def _ready(self) -> None:
+        if self.pending:
+            raise RuntimeError("--rotate learned: the rotation is learned from the calibration data before "
+                               "anything is rotated (gptq.pipeline.learned)")
+
+    @torch.no_grad()
+    def readers(self, block: nn.Module) -> dict[str, torch.Tensor]:
+        """What the learned rotation's objective sees of one block (not yet rotated): per norm, every linear
+        reading it stacked ([out, hidden], float32) with the norm's scale folded in, the values' rows under
+        the heads' rotation R as ``rotate_block`` leaves them."""
+        out = {}
+        for norm_name in (ATTN_NORM, MLP_NORM):
+            scale = get_module(block, norm_name).weight.double() + self.offset
+            parts = []
+            for name, lin in _expand(block, READERS[norm_name]):
+                w = lin.weight.double() * scale[None]
+                v = next(((v, o) for v, o in VALUES if v == name), None)
+                if v is not None and self.R is not None:
+                    hd = self.head_dim
+                    start = (self.n_heads + self.n_kv) * hd if name.endswith("qkv_proj") else 0
+                    rows = slice(start, start + self.n_kv * hd)
+                    w[rows] = (self.R.T @ w[rows].view(self.n_kv, hd, -1)).reshape(self.n_kv * hd, -1)
+                parts.append(w.float())
+            out[norm_name] = torch.cat(parts)
+        return out
 
     # -- checks -----------------------------------------------------------------------------
     def check_block(self, block: nn.Module, where: str = "block") -> None:
@@ -217,6 +264,7 @@ class Rotator:
     def rotate_block(self, block: nn.Module) -> None:
         """Fold the block's norms into their readers and rotate it, in place (any dtype; computed in float64).
         The model was checked first (``check_model``, on the skeleton too)."""
+        self._ready()
         for norm_name in (ATTN_NORM, MLP_NORM) if self.Q is not None else ():
             norm = get_module(block, norm_name)
             scale = norm.weight.double() + self.offset
@@ -254,6 +302,7 @@ class Rotator:
     # -- edges ------------------------------------------------------------------------------
     def embedding(self, weight: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """E → EQ, in ``weight``'s dtype."""
+        self._ready()
         return _rows_times(weight, self.Q, inplace=inplace)
 
     def head_and_norm(self, head: torch.Tensor, norm: torch.Tensor,
@@ -267,6 +316,7 @@ class Rotator:
         absent from ``tensors``, starts from the embeddings and is stored from now on). ``inplace``:
         the embeddings and an untied head are overwritten (tensors the caller owns: on a 49152-token,
         2048-wide model that is 0.4 GB not held twice)."""
+        self._ready()
         if self.Q is None:
             return {}  # the heads' rotation stays inside the blocks
         emb, norm = tensors[f"{EMBED}.weight"], tensors[f"{FINAL_NORM}.weight"]

@@ -20,6 +20,7 @@ from gptq.models.architectures import for_config
 from gptq.models.rotation import rotator
 from gptq.pipeline import mix
 from gptq.pipeline.activations import Activations, activation_bytes, should_spill
+from gptq.pipeline.learned import learn_residual
 from gptq.pipeline.loop import LayerReport, capture_block_inputs, quantize_blocks
 
 
@@ -49,9 +50,6 @@ def quantize_model(
     dev = resolve_device(device)
     model.eval()
     rot = rotator(model.config, config)
-    if rot is not None:
-        rot.rotate_model(model)
-    fmt = fmt or get(config).bind(model)
     dtype = next(model.parameters()).dtype
     spill = should_spill(activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype,
                                           bool(config.fp_target)), max_memory, dev)
@@ -65,6 +63,13 @@ def quantize_model(
 
     with tempfile.TemporaryDirectory(prefix="gptq-activations-") if spill else nullcontext() as tmp:
         store = Activations(tmp, dev)
+        if rot is not None and rot.pending:  # --rotate learned: from the unrotated model's statistics
+            rot.check_model(model)
+            learn_residual(rot, model, capture_block_inputs(model, windows, batch_size, dev, store), config, dev,
+                           store, progress=progress)
+        if rot is not None:
+            rot.rotate_model(model)
+        fmt = fmt or get(config).bind(model)
         inputs = capture_block_inputs(model, windows, batch_size, dev, store)
         if config.mixed:
             st = mix.setup(model, fmt, config, source_dir, None if rot is None else rot.record)

@@ -63,6 +63,7 @@ from gptq.pipeline.activations import (
     should_spill,
 )
 from gptq.pipeline.distributed import SINGLE, World, barrier, broadcast, check_batches, my_batches
+from gptq.pipeline.learned import learn_residual
 from gptq.pipeline.loop import capture_block_inputs, quantize_blocks
 
 STATE = "progress.json"
@@ -328,6 +329,40 @@ def _save_edges(source: TensorSource, blocks_prefix: str, rot, path: Path) -> No
     atomic_save(rest, path)
 
 
+ROTATION = "rotation.safetensors"  # --rotate learned: the learned Q, kept for --resume
+
+
+def _learned_rotation(model, rot, qcfg: QuantConfig, partial: Path, resuming: bool, windows: torch.Tensor,
+                      batch_size: int, dev, store, mat: Materializer, progress: bool, world: World,
+                      extra_report: dict | None) -> None:
+    """``--rotate learned``: Q learned from a first pass over the unrotated blocks (``pipeline.learned``),
+    loaded and released one at a time, and kept in ``partial``; or, on --resume, read back by rank 0 and
+    handed to the others (the same Q)."""
+    saved = None
+    if resuming:
+        if world.main and not (partial / ROTATION).is_file():
+            raise ResumeError(f"{partial}: the learned rotation ({ROTATION}) is missing; pass --overwrite")
+        if world.main:
+            with safe_open(partial / ROTATION, "pt") as f:
+                saved = (f.get_tensor("Q"), f.get_tensor("objective").item())
+        saved = broadcast(saved, 0, world)
+    if saved is not None:
+        rot.set_learned(*saved)
+    else:
+        prefix = for_config(model.config).blocks
+        inputs = capture_block_inputs(model, windows, batch_size, dev, store)
+        info = learn_residual(rot, model, inputs, qcfg, dev, store, lambda i, _b: mat.load(f"{prefix}.{i}"),
+                              lambda i, _b: mat.release(f"{prefix}.{i}"), world, progress and world.main)
+        del inputs
+        if world.main:
+            atomic_save({"Q": rot.Q, "objective": torch.tensor(rot.record.objective, dtype=torch.float64)},
+                        partial / ROTATION)
+        if extra_report is not None:
+            extra_report["rotation_learning"] = info
+    if extra_report is not None:
+        extra_report["rotation"] = rot.record.as_dict()
+
+
 def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor, dtype: torch.dtype,
                        device: str = "auto", batch_size: int = 8, resume: bool = False, overwrite: bool = False,
                        progress: bool = True, extra_report: dict | None = None,
@@ -380,6 +415,9 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     batches = windows.split(batch_size)
     mine = my_batches(len(batches), world)  # this rank's batches, by global index
     mat.load("", exclude=blocks_prefix)  # embeddings (and whatever else precedes block 0)
+    if rot is not None and rot.pending:
+        _learned_rotation(model, rot, qcfg, partial, state is not None, torch.cat([batches[k] for k in mine]),
+                          batch_size, dev, store, mat, progress, world, extra_report)
     if rot is not None:
         rot.rotate_embedding(model)
     inputs = capture_block_inputs(model, torch.cat([batches[k] for k in mine]), batch_size, dev, store)

@@ -1,0 +1,107 @@
+"""A residual rotation learned for the solver (``--rotate learned``): pure tensor code, no model.
+
+The residual rotation Q (``gptq.models.rotation``, QuaRot/SpinQuant's R1) starts as the randomised
+Hadamard matrix and moves along the orthogonal group, Q = Q₀ · exp(A − Aᵀ), with A trained by Adam
+(SpinQuant trains its rotations on the orthogonal group too, with Cayley SGD on the model's loss; Liu et
+al. 2024). The objective needs no pass through the model, only the statistics of what the linears reading
+the residual stream receive: for each such group of linears W (q/k/v, gate/up; norms folded in), the
+error GPTQ leaves when it quantizes W Q column by column on the rotated Hessian Qᵀ H Q, approximated as
+
+    Σ_ij E_ij² / U_jj²,   E = WQ − round(WQ),   U = chol(Qᵀ (H + λI)⁻¹ Q) (upper)
+
+(GPTQ's error for column j is its rounding error over U_jj²; Frantar et al. 2023, eq. 3 in the Cholesky
+form of its §4), round-to-nearest onto the run's uniform grid (bits, group, symmetric or not) with the
+rounding passed straight through to the gradient. Each group's error counts relative to its value at Q₀.
+
+The linears writing the stream (attention output, down projections) are left out: their error grows
+under a rotation (a few large residual channels mixed into every row) while the quantized model gets
+better, so it does not predict quality, where the readers' error does (docs/results.md, "A learned
+residual rotation", with the objectives tried and dropped).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def straight_round(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Tensor:
+    """``w`` rounded to the nearest level of its group's min/max grid (asymmetric, or symmetric about 0
+    with the zero at 2^(bits−1)), the rounding's gradient passed straight through; a last group shorter
+    than ``group`` is padded with zeros (which no grid's range excludes)."""
+    rows, cols = w.shape
+    group = cols if group <= 0 else group
+    pad = -cols % group
+    g = torch.nn.functional.pad(w, (0, pad)).reshape(rows, -1, group)
+    maxq = 2**bits - 1
+    lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
+    if sym:
+        top = torch.maximum(-lo, hi)
+        s = (2 * top / maxq).clamp(min=1e-8)
+        z = torch.full_like(s, (maxq + 1) / 2)
+    else:
+        s = ((hi - lo) / maxq).clamp(min=1e-8)
+        z = torch.round(-lo / s).detach()
+    x = g / s + z
+    q = torch.clamp(x + (torch.round(x) - x).detach(), 0, maxq)
+    return ((q - z) * s).reshape(rows, -1)[:, :cols]
+
+
+def damped_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """(H + λI)⁻¹ with λ = ``damp`` · mean(diag H), as the solver damps (float64 inside, float32 out)."""
+    H = H.double()
+    lam = damp * H.diagonal().mean().clamp(min=1e-12)
+    return torch.linalg.inv(H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)).float()
+
+
+def reader_error(W: torch.Tensor, Hinv: torch.Tensor, Q: torch.Tensor, bits: int, group: int,
+                 sym: bool) -> torch.Tensor:
+    """Σ E² / U_jj² (module docstring) for the readers ``W`` ([out, hidden]) of an input whose damped
+    inverse Hessian is ``Hinv``, rotated by ``Q``."""
+    Wr = W @ Q
+    U = torch.linalg.cholesky(Q.T @ Hinv @ Q, upper=True)
+    return ((Wr - straight_round(Wr, bits, group, sym)).pow(2) / U.diagonal().pow(2)[None]).sum()
+
+
+def learn_rotation(weights: Callable[[int], torch.Tensor], hinv: list[torch.Tensor], Q0: torch.Tensor, *,
+                   bits: int, group: int, sym: bool, steps: int = 400, lr: float = 5e-3, per_step: int = 8,
+                   seed: int = 0, progress: Callable[[int, float], None] | None = None
+                   ) -> tuple[torch.Tensor, dict]:
+    """The learned Q (float64, orthogonal to its precision) from ``Q0``, and a record of the run.
+
+    ``hinv[j]``: the damped inverse Hessian of term j (float32, on the device to compute on);
+    ``weights(j)``: term j's readers, [out, hidden] (fetched when a step picks the term, so a caller may
+    load them from disk). Each step takes ``per_step`` terms drawn by a generator seeded with ``seed``:
+    the same inputs give the same Q. ``progress(step, objective)`` is called after every step."""
+    dev = hinv[0].device
+    Q0 = Q0.to(dev, torch.float32)
+    n = len(hinv)
+
+    def error(j: int, Q: torch.Tensor) -> torch.Tensor:
+        return reader_error(weights(j).to(dev, torch.float32), hinv[j], Q, bits, group, sym)
+
+    with torch.no_grad():
+        base = [error(j, Q0).item() for j in range(n)]
+    base = [max(b, 1e-30) for b in base]
+    A = torch.zeros_like(Q0, requires_grad=True)
+    opt = torch.optim.Adam([A], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        with torch.enable_grad():  # callers (the pipeline) may run under no_grad
+            Q = Q0 @ torch.matrix_exp(A - A.T)
+            pick = torch.randperm(n, generator=gen)[:per_step].tolist()
+            loss = sum(error(j, Q) / base[j] for j in pick) / len(pick)
+            opt.zero_grad()
+            loss.backward()
+        opt.step()
+        if progress is not None:
+            progress(step, loss.item())
+    with torch.no_grad():
+        u, _, vh = torch.linalg.svd((Q0 @ torch.matrix_exp(A - A.T)).double())
+        Q = u @ vh  # the nearest orthogonal matrix, to float64 precision
+        final = [error(j, Q.float()).item() / base[j] for j in range(n)]
+    return Q.cpu(), {"steps": steps, "objective": round(sum(final) / n, 4),
+                     "seconds": round(time.perf_counter() - t0, 1)}

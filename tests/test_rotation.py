@@ -255,9 +255,9 @@ def test_streaming_rotates_block_by_block_to_the_in_memory_bytes(tmp_path, tiny_
 
 @pytest.mark.parametrize("fmt,bits", [("gptq", 8), ("compressed-tensors", 8), ("bnb-nf4", 4), ("gguf:q8_0", 8)])
 def test_every_format_stores_a_rotated_model_that_loads_back(tmp_path, bpe_dir, fmt, bits, monkeypatch):
-    """Through the command line (streaming), rotated and not: each checkpoint loads back through our
-    loader (the GGUF through its reader) and computes what the source does, the rotated one about as
-    closely as the unrotated one (the rotation itself is exact; only the rounding differs)."""
+    """Through the command line (streaming), rotated (Hadamard, learned) and not: each checkpoint loads
+    back through our loader (the GGUF through its reader) and computes what the source does, the rotated
+    ones about as closely as the unrotated one (the rotation itself is exact; only the rounding differs)."""
     from gptq.inspect import describe, format_description
     from gptq.quantize import main
     from gptq.runtime.load import load_any
@@ -274,11 +274,11 @@ def test_every_format_stores_a_rotated_model_that_loads_back(tmp_path, bpe_dir, 
     with torch.no_grad():
         ref = torch.log_softmax(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(ids).logits, -1)
     kl = {}
-    for rotate in ("none", "hadamard"):
+    for rotate in ("none", "hadamard", "learned"):
         out = tmp_path / f"q-{rotate}"
         args = [str(d), "--dataset", str(text), "--nsamples", "4", "--seqlen", "32", "--bits", str(bits),
                 "--group-size", "64" if fmt.startswith("bnb") else "32", "--format", fmt, "--rotate", rotate,
-                "--out", str(out), "--quiet"]
+                "--rotate-steps", "20", "--out", str(out), "--quiet"]
         assert main(args) == 0
         path = next(out.glob("*.gguf")) if fmt.startswith("gguf") else out
         model, _ = load_any(str(path), device="cpu", dtype="float32")
@@ -286,9 +286,10 @@ def test_every_format_stores_a_rotated_model_that_loads_back(tmp_path, bpe_dir, 
             lp = torch.log_softmax(model(ids).logits.float(), -1)
         kl[rotate] = (ref.exp() * (ref - lp)).sum(-1).mean().item()
         rot = describe(path)["rotation"]
-        assert (rot is None) if rotate == "none" else (rot["kind"] == "hadamard" and rot["untied"])
-    assert kl["hadamard"] < 3 * kl["none"] + 1e-4, kl
-    assert kl["hadamard"] < (1e-2 if bits == 8 else 0.1), kl
+        assert (rot is None) if rotate == "none" else (rot["kind"] == rotate and rot["untied"])
+    for rotate in ("hadamard", "learned"):
+        assert kl[rotate] < 3 * kl["none"] + 1e-4, kl
+        assert kl[rotate] < (1e-2 if bits == 8 else 0.1), kl
     assert "rotated before solving (--rotate hadamard, seed 0)" in format_description(describe(path))
 
 

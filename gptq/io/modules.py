@@ -155,6 +155,21 @@ def replay_outputs(module: nn.Module, outputs: list):
         del module.forward
 
 
+@contextmanager
+def block_on_device(i: int, block: nn.Module, dev, before=None, after=None):
+    """Block ``i`` on ``dev`` for the with-block: ``before(i, block)`` first (streaming loads its weights
+    there), then moved; afterwards moved back and ``after(i, block)`` (streaming releases them). Nothing
+    of the after part runs when the with-block raises."""
+    if before is not None:
+        before(i, block)
+    home = next(block.parameters()).device
+    block.to(dev)
+    yield block
+    block.to(home)
+    if after is not None:
+        after(i, block)
+
+
 def run_block(block: nn.Module, inp: BlockInputs) -> torch.Tensor | None:
     """Run one block on one batch; None if a capture hook stopped it early."""
     try:

@@ -15,6 +15,10 @@ heads (R2)     one orthogonal R (head_dim × head_dim) on every attention head's
                W → W R. Attention mixes value rows linearly, so the output is unchanged; the same R
                for every head keeps grouped-query attention exact.
 
+``--rotate learned`` starts Q as the Hadamard matrix and learns it from the calibration data before
+anything is rotated (``gptq.core.learned_rotation``, ``gptq.pipeline.learned``); ``Rotator.readers`` gives
+the learning what each block's readers look like under the folding and R, ``set_learned`` the result.
+
 A model whose head is tied to its embeddings has its head untied: the head becomes W diag(w) Q
 while the embeddings become EQ, so the checkpoint stores one more vocab × hidden matrix
 (``Rotation.untied``; docs/results.md gives what it costs and what it buys).
@@ -191,7 +195,6 @@ class Rotator:
         self.record = Rotation(kind, seed, (f"learned from {how} in {steps} steps" if self.pending else how)
                                if residual else "", construction(self.head_dim, self.base) if heads else "",
                                untied=tied and residual)
-        self.steps = steps
 
     # the matrices are built on first use: checking a model (the command, before any work) needs neither
     @cached_property
@@ -231,12 +234,9 @@ class Rotator:
             parts = []
             for name, lin in _expand(block, READERS[norm_name]):
                 w = lin.weight.double() * scale[None]
-                v = next(((v, o) for v, o in VALUES if v == name), None)
-                if v is not None and self.R is not None:
-                    hd = self.head_dim
-                    start = (self.n_heads + self.n_kv) * hd if name.endswith("qkv_proj") else 0
-                    rows = slice(start, start + self.n_kv * hd)
-                    w[rows] = (self.R.T @ w[rows].view(self.n_kv, hd, -1)).reshape(self.n_kv * hd, -1)
+                if self.R is not None and name in {v for v, _ in VALUES}:
+                    rows = self._value_rows(name)
+                    w[rows] = (self.R.T @ w[rows].view(self.n_kv, self.head_dim, -1)).reshape(w[rows].shape)
                 parts.append(w.float())
             out[norm_name] = torch.cat(parts)
         return out
@@ -279,6 +279,11 @@ class Rotator:
         if self.R is not None:
             self._rotate_values(block)
 
+    def _value_rows(self, v_name: str) -> slice:
+        """The value rows of ``v_name`` (v_proj, or the v part of a fused qkv_proj)."""
+        start = (self.n_heads + self.n_kv) * self.head_dim if v_name.endswith("qkv_proj") else 0
+        return slice(start, start + self.n_kv * self.head_dim)
+
     def _rotate_values(self, block: nn.Module) -> None:
         hd, R = self.head_dim, self.R
         for v_name, o_name in VALUES:
@@ -286,8 +291,7 @@ class Rotator:
             if not found:
                 continue
             v, o = found[0][1], get_module(block, o_name)
-            start = (self.n_heads + self.n_kv) * hd if v_name.endswith("qkv_proj") else 0
-            rows = slice(start, start + self.n_kv * hd)
+            rows = self._value_rows(v_name)
             w = v.weight.double()
             w[rows] = (R.T @ w[rows].view(self.n_kv, hd, -1)).reshape(self.n_kv * hd, -1)
             _set(v.weight, w)

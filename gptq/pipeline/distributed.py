@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from gptq.core.config import ConfigError
+from gptq.io.modules import run_block
 
 TIMEOUT_ENV = "GPTQ_DIST_TIMEOUT"
 
@@ -166,6 +167,20 @@ def exchange(accumulators: list, world: World) -> None:
             if int(f):
                 acc.add_partial(p, int(f))
         del parts
+
+
+def run_in_rounds(block, inputs, outputs, accumulators: list, world: World, n_rounds: int) -> None:
+    """Run ``block`` on each of this rank's batches (``inputs``), appending to ``outputs``; with several
+    ranks in ``n_rounds`` rounds, the staged partials of ``accumulators`` exchanged after each (a rank
+    out of batches still takes part), as the main pass does."""
+    if world.single:
+        for x in inputs:
+            outputs.append(run_block(block, x))
+        return
+    for j in range(n_rounds):
+        if j < len(inputs):
+            outputs.append(run_block(block, inputs[j]))
+        exchange(accumulators, world)
 
 
 def all_gather(obj, world: World) -> list:

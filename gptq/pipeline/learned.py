@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 from gptq.core.config import QuantConfig
 from gptq.core.hessian import HessianAccumulator
 from gptq.core.learned_rotation import damped_inverse, learn_rotation
-from gptq.io.modules import BlockInputs, get_module, hooked, run_block
+from gptq.io.modules import BlockInputs, block_on_device, get_module, hooked
 from gptq.models.architectures import for_config
 from gptq.models.rotation import ATTN_NORM, MLP_NORM, Rotator
 from gptq.pipeline.activations import Activations, block_args
-from gptq.pipeline.distributed import SINGLE, World, broadcast, exchange
+from gptq.pipeline.distributed import SINGLE, World, broadcast, run_in_rounds
 
 NORMS = (ATTN_NORM, MLP_NORM)
 Hook = Callable[[int, nn.Module], None]
@@ -54,31 +54,16 @@ def norm_hessians(model: nn.Module, inputs: Sequence[BlockInputs], dev: torch.de
     n_rounds = broadcast(len(inputs), 0, world)  # rank 0 holds the most batches
     out = []
     for i in tqdm(range(len(blocks)), desc="rotation statistics", unit="block", disable=not progress):
-        block = blocks[i]
-        if before_block is not None:
-            before_block(i, block)
-        home = next(block.parameters()).device
-        block.to(dev)
-        accs = {}
-        with ExitStack() as stack:
+        with block_on_device(i, blocks[i], dev, before_block, after_block) as block, ExitStack() as stack:
+            accs = {}
             for name in NORMS:
                 norm = get_module(block, name)
                 acc = accs[name] = HessianAccumulator(norm.weight.shape[0], dev, staged=not world.single)
                 stack.enter_context(hooked(norm, lambda m, a, acc=acc: acc.add(_normalized(m, a[0])), pre=True))
             outputs = store.new()
-            if world.single:
-                for x in inputs:
-                    outputs.append(run_block(block, x))
-            else:
-                for j in range(n_rounds):
-                    if j < len(inputs):
-                        outputs.append(run_block(block, inputs[j]))
-                    exchange(list(accs.values()), world)
+            run_in_rounds(block, inputs, outputs, list(accs.values()), world, n_rounds)
         out.append({name: acc.hessian() for name, acc in accs.items()})
         inputs = store.inputs(outputs, block_args(inputs))
-        block.to(home)
-        if after_block is not None:
-            after_block(i, block)
     return out
 
 

@@ -45,12 +45,19 @@ from gptq.core.grids import GridSpec
 from gptq.core.mix import BudgetError, Unit, allocate, bounds, total
 from gptq.core.solver import round_to_nearest, solve
 from gptq.core.hessian import HessianAccumulator
-from gptq.io.modules import get_module, in_features, run_block, set_weight_matrix, weight_matrix
+from gptq.io.modules import (
+    block_on_device,
+    get_module,
+    in_features,
+    run_block,
+    set_weight_matrix,
+    weight_matrix,
+)
 from gptq.models.architectures import for_config
 from gptq.models.moe import expert_rows, record_routing, routed_counts
 from gptq.pipeline.activations import Activations, block_args
 from gptq.pipeline.capture import hessians
-from gptq.pipeline.distributed import SINGLE, World, all_gather, broadcast, exchange
+from gptq.pipeline.distributed import SINGLE, World, all_gather, broadcast, run_in_rounds
 from gptq.pipeline.experts import gather_batches
 
 
@@ -203,63 +210,48 @@ def measure(model: nn.Module, inputs, config: QuantConfig, shapes: list[Shape], 
         by_block.setdefault(int(s.names[0][len(arch.blocks) + 1:].split(".")[0]), []).append(k)
     errors: list[list[float]] = [[] for _ in shapes]
     for i in tqdm(range(len(blocks)), desc="measuring sensitivity", unit="block", disable=not progress):
-        block = blocks[i]
-        if before_block is not None:
-            before_block(i, block)
-        home = next(block.parameters()).device
-        block.to(dev)
-        groups = [{n: get_module(block, n) for n in g} for g in arch.sequential if not arch.routed(g)]
-        routing = None if arch.experts is None else store.new()
-        outputs = store.new()
-        with ExitStack() as stack:
-            if routing is not None:  # what the routed experts receive, and from whom they are chosen
-                stack.enter_context(record_routing(get_module(block, arch.experts.path), routing, stop=False,
-                                                   weights=True))
-            accs = stack.enter_context(hessians(groups, stop=False, staged=not world.single))
-            if world.single:
-                for x in inputs:
-                    outputs.append(run_block(block, x))
-            else:  # in rounds, the partials exchanged after each (as the main pass: loop._run_pass)
-                firsts = [accs[next(iter(g))] for g in groups]
-                for j in range(n_rounds):
-                    if j < len(inputs):
-                        outputs.append(run_block(block, inputs[j]))
-                    exchange(firsts, world)
-        if routing is not None and not world.single:  # every batch's routing on every rank, in batch order
-            routing = gather_batches(routing, n_rounds, world, store)
-        energy = _energy([x.hidden for x in inputs], world) if reach == "residual" else None
-        out_energy = _energy(outputs, world) if reach == "block" and by_block.get(i) else None
-        seen = None if on_weight is None else (lambda n, opt, Q, i=i: on_weight(f"{arch.blocks}.{i}.{n}", opt, Q))
-        for k in by_block.get(i, ()):
-            names = [n[len(arch.blocks) + 1 + len(str(i)) + 1:] for n in shapes[k].names]
-            experts = arch.experts is not None and names[0].startswith(arch.experts.path + ".")
-            H = None if experts else accs[names[0]].hessian()
+        with block_on_device(i, blocks[i], dev, before_block, after_block) as block:
+            groups = [{n: get_module(block, n) for n in g} for g in arch.sequential if not arch.routed(g)]
+            routing = None if arch.experts is None else store.new()
+            outputs = store.new()
+            with ExitStack() as stack:
+                if routing is not None:  # what the routed experts receive, and from whom they are chosen
+                    stack.enter_context(record_routing(get_module(block, arch.experts.path), routing, stop=False,
+                                                       weights=True))
+                accs = stack.enter_context(hessians(groups, stop=False, staged=not world.single))
+                run_in_rounds(block, inputs, outputs, [accs[next(iter(g))] for g in groups], world, n_rounds)
+            if routing is not None and not world.single:  # every batch's routing on every rank, in batch order
+                routing = gather_batches(routing, n_rounds, world, store)
+            energy = _energy([x.hidden for x in inputs], world) if reach == "residual" else None
+            out_energy = _energy(outputs, world) if reach == "block" and by_block.get(i) else None
+            seen = None if on_weight is None else (lambda n, opt, Q, i=i: on_weight(f"{arch.blocks}.{i}.{n}", opt, Q))
+            for k in by_block.get(i, ()):
+                names = [n[len(arch.blocks) + 1 + len(str(i)) + 1:] for n in shapes[k].names]
+                experts = arch.experts is not None and names[0].startswith(arch.experts.path + ".")
+                H = None if experts else accs[names[0]].hessian()
 
-            def unit(opts, keep, seen=None):  # [(error, {linear: Ŵ} if keep)] per option of ``opts``
-                if experts:
-                    return _expert_errors(block, arch, routing, opts, grids, config, kind, keep, seen)
-                return _errors([(n, weight_matrix(get_module(block, n)).float(), H, H) for n in names], opts, grids,
-                               config, kind, keep, seen)
+                def unit(opts, keep, seen=None):  # [(error, {linear: Ŵ} if keep)] per option of ``opts``
+                    if experts:
+                        return _expert_errors(block, arch, routing, opts, grids, config, kind, keep, seen)
+                    return _errors([(n, weight_matrix(get_module(block, n)).float(), H, H) for n in names], opts, grids,
+                                   config, kind, keep, seen)
 
-            errors[k] = [err for err, _ in unit(unit_options[k], False, seen)]
-            if reach == "residual":
-                errors[k] = [e / energy for e in errors[k]]
-            elif reach == "block":  # what the coarsest option does to the block's output, per unit of its error
-                # its weights made again rather than every option's kept: a block's experts on every
-                # candidate would not fit in memory
-                j = max(range(len(errors[k])), key=lambda o: errors[k][o])  # the first of the largest error
-                (err, weights), = unit((unit_options[k][j],), True)
-                factor = _block_error(block, inputs, outputs, weights, world) / max(err, 1e-30)
-                errors[k] = [e * factor / out_energy for e in errors[k]]
-                del weights
-            del H
-        del routing
-        del accs
-        if i + 1 < len(blocks):
-            inputs = store.inputs(outputs, block_args(inputs))
-        block.to(home)
-        if after_block is not None:
-            after_block(i, block)
+                errors[k] = [err for err, _ in unit(unit_options[k], False, seen)]
+                if reach == "residual":
+                    errors[k] = [e / energy for e in errors[k]]
+                elif reach == "block":  # what the coarsest option does to the block's output, per unit of its error
+                    # its weights made again rather than every option's kept: a block's experts on every
+                    # candidate would not fit in memory
+                    j = max(range(len(errors[k])), key=lambda o: errors[k][o])  # the first of the largest error
+                    (err, weights), = unit((unit_options[k][j],), True)
+                    factor = _block_error(block, inputs, outputs, weights, world) / max(err, 1e-30)
+                    errors[k] = [e * factor / out_energy for e in errors[k]]
+                    del weights
+                del H
+            del routing
+            del accs
+            if i + 1 < len(blocks):
+                inputs = store.inputs(outputs, block_args(inputs))
     return broadcast(errors, 0, world)  # rank 0's: one plan on every rank, whatever each computed
 
 

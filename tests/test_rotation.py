@@ -290,7 +290,7 @@ def test_every_format_stores_a_rotated_model_that_loads_back(tmp_path, bpe_dir, 
     for rotate in ("hadamard", "learned"):
         assert kl[rotate] < 3 * kl["none"] + 1e-4, kl
         assert kl[rotate] < (1e-2 if bits == 8 else 0.1), kl
-    assert "rotated before solving (--rotate hadamard, seed 0)" in format_description(describe(path))
+    assert "rotated before solving (--rotate learned, seed 0)" in format_description(describe(path))
 
 
 def test_resume_refuses_another_rotation(tmp_path, tiny_tokenizer_dir):

@@ -429,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise ConfigError(f"--max-memory: {e}, or auto") from None
         config = check_model_dir(args.model)
+        if args.rotate_steps != QuantConfig().rotate_steps and args.rotate != "learned":
+            print(f"note: --rotate-steps is for --rotate learned; with --rotate {args.rotate} it changes nothing",
+                  file=sys.stderr)
         if args.rotate == "auto":  # per model: where it costs no bytes
             chosen, note = auto_rotation(config)
             qcfg = replace(qcfg, rotate=chosen)

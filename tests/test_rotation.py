@@ -539,3 +539,15 @@ def test_cli_learned_rotation_is_recorded_and_inspected(tmp_path, tiny_tokenizer
         text_out = format_description(describe(out))
         assert "rotated before solving (--rotate learned, seed 0)" in text_out
         assert "learned from hadamard 64 in 5 steps" in text_out
+
+
+def test_rotate_steps_without_a_learned_rotation_is_noted(tmp_path, tiny_tokenizer_dir, capsys):
+    from gptq.quantize import main
+    from tests.conftest import SAMPLE_TEXT
+
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT)
+    d = saved_model(tmp_path, tiny_tokenizer_dir, family_config("llama"))
+    assert main([str(d), "--dataset", str(text), "--nsamples", "2", "--seqlen", "32", "--group-size", "32",
+                 "--rotate", "none", "--rotate-steps", "5", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert "--rotate-steps is for --rotate learned" in capsys.readouterr().err

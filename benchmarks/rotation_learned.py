@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from benchmarks.common import smollm2_eval, wiki, write
 from calib import load_documents, sample_windows
-from gptq.core.learned_rotation import damped_inverse, learn_rotation, reader_error, straight_round
+from gptq.core.learned_rotation import damped_inverse, learn_rotation, reader_error
 from gptq.models.rotation import ATTN_NORM, MLP_NORM, Rotator
 from gptq.runtime.cpu import cpu_info
 
@@ -82,9 +82,7 @@ def gptq_error(W: torch.Tensor, Hinv: torch.Tensor, Q: torch.Tensor, bits: int, 
     estimate for a writer Qᵀ W on its own inverse Hessian (its input is not rotated by Q)."""
     if reads:
         return reader_error(W, Hinv, Q, bits, group, sym=False)
-    Wr = Q.T @ W
-    U = torch.linalg.cholesky(Hinv, upper=True)
-    return ((Wr - straight_round(Wr, bits, group, sym=False)).pow(2) / U.diagonal().pow(2)[None]).sum()
+    return reader_error(Q.T @ W, Hinv, torch.eye(W.shape[1], dtype=W.dtype), bits, group, sym=False)
 
 
 def learn(model, windows, bits: int = 3, group: int = 64, steps: int = 400, lr: float = 5e-3,

@@ -235,8 +235,7 @@ class Rotator:
             for name, lin in _expand(block, READERS[norm_name]):
                 w = lin.weight.double() * scale[None]
                 if self.R is not None and name in {v for v, _ in VALUES}:
-                    rows = self._value_rows(name)
-                    w[rows] = (self.R.T @ w[rows].view(self.n_kv, self.head_dim, -1)).reshape(w[rows].shape)
+                    self._rotate_value_rows(w, name)
                 parts.append(w.float())
             out[norm_name] = torch.cat(parts)
         return out
@@ -284,6 +283,11 @@ class Rotator:
         start = (self.n_heads + self.n_kv) * self.head_dim if v_name.endswith("qkv_proj") else 0
         return slice(start, start + self.n_kv * self.head_dim)
 
+    def _rotate_value_rows(self, w: torch.Tensor, v_name: str) -> None:
+        """Each key/value head's rows of ``v_name``'s weight ``w`` (float64) → Rᵀ W_h, in place."""
+        rows = self._value_rows(v_name)
+        w[rows] = (self.R.T @ w[rows].view(self.n_kv, self.head_dim, -1)).reshape(w[rows].shape)
+
     def _rotate_values(self, block: nn.Module) -> None:
         hd, R = self.head_dim, self.R
         for v_name, o_name in VALUES:
@@ -293,7 +297,7 @@ class Rotator:
             v, o = found[0][1], get_module(block, o_name)
             rows = self._value_rows(v_name)
             w = v.weight.double()
-            w[rows] = (R.T @ w[rows].view(self.n_kv, hd, -1)).reshape(self.n_kv * hd, -1)
+            self._rotate_value_rows(w, v_name)
             _set(v.weight, w)
             if getattr(v, "bias", None) is not None:
                 b = v.bias.double()

@@ -340,9 +340,9 @@ def _learned_rotation(model, rot, qcfg: QuantConfig, partial: Path, resuming: bo
     handed to the others (the same Q)."""
     saved = None
     if resuming:
-        if world.main and not (partial / ROTATION).is_file():
-            raise ResumeError(f"{partial}: the learned rotation ({ROTATION}) is missing; pass --overwrite")
         if world.main:
+            if not (partial / ROTATION).is_file():
+                raise ResumeError(f"{partial}: the learned rotation ({ROTATION}) is missing; pass --overwrite")
             with safe_open(partial / ROTATION, "pt") as f:
                 saved = (f.get_tensor("Q"), f.get_tensor("objective").item())
         saved = broadcast(saved, 0, world)
@@ -414,13 +414,14 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     store = Activations(spill_dir if spill else None, dev)
     batches = windows.split(batch_size)
     mine = my_batches(len(batches), world)  # this rank's batches, by global index
+    my_windows = torch.cat([batches[k] for k in mine])
     mat.load("", exclude=blocks_prefix)  # embeddings (and whatever else precedes block 0)
     if rot is not None and rot.pending:
-        _learned_rotation(model, rot, qcfg, partial, state is not None, torch.cat([batches[k] for k in mine]),
-                          batch_size, dev, store, mat, progress, world, extra_report)
+        _learned_rotation(model, rot, qcfg, partial, state is not None, my_windows, batch_size, dev, store, mat,
+                          progress, world, extra_report)
     if rot is not None:
         rot.rotate_embedding(model)
-    inputs = capture_block_inputs(model, torch.cat([batches[k] for k in mine]), batch_size, dev, store)
+    inputs = capture_block_inputs(model, my_windows, batch_size, dev, store)
     mat.release("", exclude=blocks_prefix)
     if qcfg.mixed:
         _mix_plan(model, fmt, qcfg, model_dir, rot, partial, state is not None, inputs, dev, store, mat, progress,

@@ -131,8 +131,9 @@ def mix_curve(out: Path, uniform=CURVE_UNIFORM, bpw=CURVE_BPW, candidates=CURVE_
         rows.append({"kind": "mixed", "setting": f"{b} bpw", **_size(ckpt, report), "choices": _counts(report["mix"]),
                      **evaluate(ckpt, model_dir, cache)})
         print(json.dumps(rows[-1]), flush=True)
-    result = {"setup": "SmolLM2-135M-Instruct, 32 x 512 WikiText-2 valid calibration, sym, --rotate auto (none: tied "
-                       f"head); mixed: --candidates {candidates}; eval wiki.test.raw 8 x 2048, fp32, KL against the "
+    result = {"setup": "SmolLM2-135M-Instruct, 32 x 512 WikiText-2 valid calibration, the default grids (asymmetric "
+                       "at 2-3 bits, symmetric at 4 and 8) and --sensitivity, --rotate auto (none: tied head); "
+                       f"mixed: --candidates {candidates}; eval wiki.test.raw 8 x 2048, fp32, KL against the "
                        "bf16 source", "cpu": cpu_info(), "rows": rows}
     write(out, "mix_curve", result, show=True)
     (out / "mix_curve.svg").write_text(svg_plot(rows))

@@ -36,7 +36,6 @@ from gptq.io.modules import (
     record_io,
     record_outputs,
     replay_outputs,
-    run_block,
     set_weight_matrix,
     stop_after,
     weight_matrix,
@@ -45,7 +44,7 @@ from gptq.models.architectures import for_config
 from gptq.models.moe import record_routing
 from gptq.pipeline.activations import Activations, block_args, return_free_memory
 from gptq.pipeline.capture import hessians
-from gptq.pipeline.distributed import SINGLE, World, broadcast, exchange, owners, solve_cost
+from gptq.pipeline.distributed import SINGLE, World, broadcast, owners, run_in_rounds, solve_cost
 from gptq.pipeline.experts import gather_batches, solve_experts
 from gptq.pipeline.fp_stream import FullPrecisionStream
 from gptq.pipeline.replay import closing_linear, rebuild_child_outputs, replayable_children
@@ -116,21 +115,9 @@ def _run_pass(block, inputs, arch, solved, recorded, store, groups=(), closing=N
                                              reference=reference))
                 if groups else {})
         outputs = store.new()
-
-        def run(j):
-            outputs.append(run_block(block, inputs[j]))
-
-        if world.single:
-            for j in range(len(inputs)):
-                run(j)
-        else:
-            firsts = [accs[next(iter(g))] for g in groups]
-            firsts += [a.cross for a in firsts if a.cross is not None]
-            for j in range(n_rounds):
-                if j < len(inputs):
-                    run(j)
-                if groups:
-                    exchange(firsts, world)
+        firsts = [accs[next(iter(g))] for g in groups]  # none without groups: the rounds exchange nothing
+        firsts += [a.cross for a in firsts if a.cross is not None]
+        run_in_rounds(block, inputs, outputs, firsts, world, n_rounds)
     recorded.update({c: outs for c, outs in new.items() if len(outs) == len(inputs)})
     return accs, outputs, closing_records
 

@@ -31,6 +31,8 @@ distributed the streaming CLI as one process and under torchrun with 2 ranks (1 
 rotation the quality benchmark rotated (--rotate hadamard) against not, at 3, 2 and 4 bits.
 rotation-learned the error the solver would leave in each group of linears under no rotation, Hadamard
          and --rotate learned (3 bits): the diagnostic behind the learned rotation's objective.
+rotation-split which linears carry the low-bit loss (3 bits): every linear quantized, then the readers of
+         the residual stream (q/k/v, gate/up) or its writers (o, down) taken from an 8-bit checkpoint.
 mix      mixed precision: uniform 3g64 and 4g64, then --max-size at the 3-bit size plus half the
          difference for several candidate sets / estimates; share of the 3→4-bit gap recovered,
          and the greedy allocation against the exact knapsack on the run's own estimates.

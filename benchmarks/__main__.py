@@ -26,6 +26,7 @@ from benchmarks.notebook import notebook
 from benchmarks.quality import quality
 from benchmarks.rotation import ROTATION_BITS, ROTATION_KINDS, rotation
 from benchmarks.rotation_learned import rotation_learned
+from benchmarks.rotation_split import rotation_split
 from benchmarks.scale import bar_1b3, scale
 from benchmarks.spill import spill
 
@@ -50,6 +51,8 @@ RUNS = {  # NAME: run it with (--out as a Path, the parsed options)
     "rotation": lambda out, a: rotation(out, tuple(int(b) for b in a.bits.split(",")), tuple(a.rotate.split(",")),
                                         tuple(a.flags.split())),
     "rotation-learned": lambda out, a: rotation_learned(out, int(a.bits.split(",")[0]), a.steps),
+    "rotation-split": lambda out, a: rotation_split(out, int(a.bits.split(",")[0]), tuple(a.rotate.split(",")),
+                                                    tuple(a.flags.split())),
     "mix": lambda out, a: mix(out, which=a.model),
     "mix-estimates": lambda out, a: mix_estimates(out, a.model),
     "mix-curve": lambda out, a: mix_curve(out),
@@ -72,11 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", default=f"{DIST_WINDOWS[0]},{DIST_WINDOWS[1]}",
                    help="distributed: calibration windows,tokens (default: %(default)s)")
     p.add_argument("--bits", default=",".join(map(str, ROTATION_BITS)),
-                   help="rotation: bit widths (default: %(default)s); rotation-learned: the first of them")
+                   help="rotation: bit widths (default: %(default)s); rotation-learned, rotation-split: the first")
     p.add_argument("--rotate", default=",".join(ROTATION_KINDS),
-                   help="rotation: --rotate values compared at each bit width (default: %(default)s)")
+                   help="rotation, rotation-split: --rotate values compared (default: %(default)s)")
     p.add_argument("--steps", type=int, default=400, help="rotation-learned: optimiser steps (default: %(default)s)")
-    p.add_argument("--flags", default="", help="rotation: more gptq.quantize flags for every row, e.g. --flags=--sym")
+    p.add_argument("--flags", default="",
+                   help="rotation, rotation-split: more gptq.quantize flags for every row, e.g. --flags=--sym")
     p.add_argument("--model", choices=MODELS, default=MODELS[0],
                    help="mix, mix-estimates: the model studied (synthetic: a random Llama wider than SmolLM2)")
     p.add_argument("--policies", default=",".join(POLICIES),

@@ -34,6 +34,22 @@ def rotation_seconds(model_dir: Path, kind: str) -> float:
     return round(time.perf_counter() - t0, 2)
 
 
+def quantize_rotated(model_dir: Path, bits: int, kind: str, extra: tuple[str, ...], ckpt: Path) -> dict:
+    """The quality benchmark's quantize command at ``bits`` with ``--rotate kind`` and ``extra``, into
+    ``ckpt`` (printed, then run); returns its quantize report."""
+    cmd = quantize_cmd(model_dir, "--bits", str(bits), "--rotate", kind, *extra, "--out", str(ckpt),
+                       "--overwrite", "--quiet")
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((ckpt / "quantize_report.json").read_text())
+
+
+def summary(model_dir: Path, setup: str, extra: tuple[str, ...], rows: list[dict], **more) -> dict:
+    """A rotation benchmark's result: its setup, the command of its rows, ``more``, the CPU, the rows."""
+    command = " ".join(quantize_cmd(model_dir, "--bits", "B", "--rotate", "KIND", *extra)[1:])
+    return {"setup": setup, "command": command, **more, "cpu": cpu_info(), "rows": rows}
+
+
 def rotation(out: Path, bits=ROTATION_BITS, kinds=ROTATION_KINDS, extra: tuple[str, ...] = ()) -> dict:
     model_dir, _, _ = smollm2_eval()
     cache = out / "reference-cache"
@@ -41,24 +57,16 @@ def rotation(out: Path, bits=ROTATION_BITS, kinds=ROTATION_KINDS, extra: tuple[s
     for b in bits:
         for kind in kinds:
             ckpt = out / "rotation-ckpt"
-            cmd = quantize_cmd(model_dir, "--bits", str(b), "--rotate", kind, *extra, "--out", str(ckpt),
-                               "--overwrite", "--quiet")
-            print("$", " ".join(cmd[1:]), flush=True)
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-            report = json.loads((ckpt / "quantize_report.json").read_text())
+            report = quantize_rotated(model_dir, b, kind, extra, ckpt)
             row = {"bits": b, "rotate": kind, "bytes": _bytes(ckpt), "quantize_seconds": report["seconds"],
                    **evaluate(ckpt, model_dir, cache)}
             if "rotation_learning" in report:  # --rotate learned: its objective, steps and seconds
                 row["rotation_learning"] = report["rotation_learning"]
             print(json.dumps(row), flush=True)
             rows.append(row)
-    result = {
-        "setup": "SmolLM2-135M-Instruct, group 64, 32 x 512 WikiText-2 valid calibration; eval wiki.test.raw "
-                 "8 x 2048, fp32, KL against the bf16 source in fp32",
-        "command": " ".join(quantize_cmd(model_dir, "--bits", "B", "--rotate", "KIND", *extra)[1:]),
-        "rotation_seconds_fp32_in_memory": {k: rotation_seconds(model_dir, k) for k in kinds
-                                            if k not in ("none", "learned")},
-        "cpu": cpu_info(), "rows": rows,
-    }
+    seconds = {k: rotation_seconds(model_dir, k) for k in kinds if k not in ("none", "learned")}
+    result = summary(model_dir, "SmolLM2-135M-Instruct, group 64, 32 x 512 WikiText-2 valid calibration; eval "
+                     "wiki.test.raw 8 x 2048, fp32, KL against the bf16 source in fp32", extra, rows,
+                     rotation_seconds_fp32_in_memory=seconds)
     write(out, "rotation", result, show=True)
     return result

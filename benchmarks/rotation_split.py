@@ -17,14 +17,13 @@ a permutation) before they are combined.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.common import evaluate, quantize_cmd, smollm2_eval, write
-from gptq.runtime.cpu import cpu_info
+from benchmarks.common import evaluate, smollm2_eval, write
+from benchmarks.rotation import quantize_rotated, summary
 from gptq.runtime.load import load
 
 READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -92,10 +91,7 @@ def rotation_split(out: Path, bits: int = 3, kinds=("none", "hadamard"), extra: 
         ckpts = {}
         for b in (bits, HIGH):
             ckpts[b] = out / f"split-{kind}-{b}bit"
-            cmd = quantize_cmd(model_dir, "--bits", str(b), "--rotate", kind, *extra, "--out", str(ckpts[b]),
-                               "--overwrite", "--quiet")
-            print("$", " ".join(cmd[1:]), flush=True)
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            quantize_rotated(model_dir, b, kind, extra, ckpts[b])
         _, low = _dense(ckpts[bits])
         _, high = _dense(ckpts[HIGH])
         cos = _match_channels(low, high)
@@ -107,11 +103,8 @@ def rotation_split(out: Path, bits: int = 3, kinds=("none", "hadamard"), extra: 
                 row["channel_match_min_cos"] = round(cos, 4)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    result = {
-        "setup": "SmolLM2-135M-Instruct, group 64, 32 x 512 WikiText-2 valid calibration; readers = q/k/v, "
-                 "gate/up; writers = o, down; eval wiki.test.raw 8 x 2048, fp32, KL against the bf16 source",
-        "command": " ".join(quantize_cmd(model_dir, "--bits", "B", "--rotate", "KIND", *extra)[1:]),
-        "cpu": cpu_info(), "rows": rows,
-    }
+    result = summary(model_dir, "SmolLM2-135M-Instruct, group 64, 32 x 512 WikiText-2 valid calibration; readers "
+                     "= q/k/v, gate/up; writers = o, down; eval wiki.test.raw 8 x 2048, fp32, KL against the bf16 "
+                     "source", extra, rows)
     write(out, "rotation_split", result, show=True)
     return result

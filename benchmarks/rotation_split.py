@@ -31,17 +31,28 @@ WRITERS = ("o_proj", "down_proj")
 HIGH = 8
 
 
-def _dense(ckpt: Path) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The checkpoint loaded in float32 and every quantized linear's weight as stored, dequantized."""
+def _dense(ckpt: Path) -> nn.Module:
+    """The checkpoint loaded in float32 with every quantized linear replaced by an ``nn.Linear`` holding
+    its weight as stored, dequantized: a plain float model (no quantization config left)."""
     model, _ = load(ckpt, device="cpu", backend="torch", dtype=torch.float32)
-    weights = {}
+    quantized = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"]
     with torch.no_grad():
-        for name, mod in model.named_modules():
-            if type(mod).__name__ == "QuantLinear":
-                eye = torch.eye(mod.in_features)
-                out = mod(eye) - (0 if mod.bias is None else mod.bias.float())
-                weights[name] = out.T.contiguous()  # [out, in]
-    return model, weights
+        for name, q in quantized:
+            lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+            bias = 0 if q.bias is None else q.bias.float()
+            lin.weight.data = (q(torch.eye(q.in_features)) - bias).T.contiguous()  # [out, in]
+            if q.bias is not None:
+                lin.bias.data = bias
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+    del model.config.quantization_config
+    return model
+
+
+def _linears(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of ``model``'s linears of the decoder blocks, by module name."""
+    return {n: m.weight.data for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in READERS + WRITERS}
 
 
 def _match_channels(low: dict[str, torch.Tensor], high: dict[str, torch.Tensor]) -> float:
@@ -62,25 +73,22 @@ def _match_channels(low: dict[str, torch.Tensor], high: dict[str, torch.Tensor])
     return worst
 
 
-def _hybrid(low_ckpt: Path, low: dict, high: dict, from_high: tuple[str, ...], dest: Path) -> Path:
-    """A float32 model: ``low_ckpt``'s other tensors, the linears named in ``from_high`` from ``high``."""
-    model, _ = load(low_ckpt, device="cpu", backend="torch", dtype=torch.float32)
+def _hybrid(model: nn.Module, low: dict, high: dict, from_high: tuple[str, ...], tokenizer_from: Path,
+            dest: Path) -> Path:
+    """``model`` (the low-bit one, float) saved to ``dest`` with the linears named in ``from_high`` taken
+    from ``high``, the others from ``low``."""
     for name, w in low.items():
-        q = model.get_submodule(name)
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=q.bias is not None)
-        lin.weight.data = (high if name.rsplit(".", 1)[-1] in from_high else low)[name]
-        if q.bias is not None:
-            lin.bias.data = q.bias.float()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, lin)
-    del model.config.quantization_config
+        model.get_submodule(name).weight.data = high[name] if name.rsplit(".", 1)[-1] in from_high else w
     model.save_pretrained(dest)
-    for f in low_ckpt.glob("*token*"):
+    for f in tokenizer_from.glob("*token*"):
         (dest / f.name).write_bytes(f.read_bytes())
     return dest
 
 
 def rotation_split(out: Path, bits: int = 3, kinds=("none", "hadamard"), extra: tuple[str, ...] = ()) -> dict:
+    if bits >= HIGH:
+        raise SystemExit(f"rotation-split: --bits {bits} leaves nothing to compare with the {HIGH}-bit "
+                         "checkpoint; give a lower width (2, 3 or 4)")
     if "learned" in kinds:
         raise SystemExit("rotation-split: --rotate learned learns a different matrix at each bit width, so its "
                          "8-bit and low-bit checkpoints cannot be combined; compare none, hadamard, random, heads")
@@ -92,11 +100,11 @@ def rotation_split(out: Path, bits: int = 3, kinds=("none", "hadamard"), extra: 
         for b in (bits, HIGH):
             ckpts[b] = out / f"split-{kind}-{b}bit"
             quantize_rotated(model_dir, b, kind, extra, ckpts[b])
-        _, low = _dense(ckpts[bits])
-        _, high = _dense(ckpts[HIGH])
+        model = _dense(ckpts[bits])
+        low, high = _linears(model), _linears(_dense(ckpts[HIGH]))
         cos = _match_channels(low, high)
         for label, from_high in (("all", ()), ("readers 8-bit", READERS), ("writers 8-bit", WRITERS)):
-            ckpt = ckpts[bits] if not from_high else _hybrid(ckpts[bits], low, high, from_high,
+            ckpt = ckpts[bits] if not from_high else _hybrid(model, low, high, from_high, ckpts[bits],
                                                               out / f"split-{kind}-{label.split()[0]}")
             row = {"bits": bits, "rotate": kind, "linears": label, **evaluate(ckpt, model_dir, cache)}
             if from_high:

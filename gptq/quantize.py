@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:  # one declaration per option: cl
                         "4g128,4g64,4g32,8g128, what vLLM's Marlin kernels serve (2- and 3-bit layers run on slower "
                         "kernels); gguf: GGML types such as q4_0,q5_0,q4_k,q6_k; auto = every type this project writes "
                         "(default: %(default)s)")
+    q.add_argument("--min-bits", type=_min_bits, default="auto", metavar="auto|N",
+                   help="a budget stores no linear on a candidate of fewer than N bits; auto = the widest width at "
+                        "which a uniform file (each group on its cheapest candidate of that width) fits the budget, "
+                        "so a 5-bit budget keeps every linear at 4 bits or more (lower KL divergence than letting "
+                        "the estimates keep some at 3: docs/results.md); 0 = no floor (default: %(default)s)")
     q.add_argument("--sensitivity", choices=SENSITIVITIES, default=d.sensitivity,
                    help="how a budget estimates each candidate's error: the output error on the full-precision "
                         "inputs after round-to-nearest (hessian) or the GPTQ solve (gptq); /residual = divided by "
@@ -354,7 +359,17 @@ def quant_config(args) -> QuantConfig:
                        rotate="none" if args.rotate == "auto" else args.rotate, rotate_seed=args.rotate_seed,
                        rotate_steps=args.rotate_steps,
                        max_size=_size_arg(args.max_size), bits_per_weight=args.bits_per_weight or 0.0,
-                       candidates=args.candidates, sensitivity=args.sensitivity)
+                       candidates=args.candidates, sensitivity=args.sensitivity, min_bits=args.min_bits)
+
+
+def _min_bits(text: str) -> int | None:
+    """--min-bits: "auto" (None) or a bit width."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give auto or a bit width such as 4 (0 = no floor)") from None
 
 
 def _size_arg(text: str | None) -> int:
@@ -443,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
         if rot is not None:
             rot.check_model(skel)
         if qcfg.mixed:  # an impossible budget is refused now, with the feasible range
-            mix.setup(skel, fmt, qcfg, args.model, None if rot is None else rot.record)
+            note = mix.setup(skel, fmt, qcfg, args.model, None if rot is None else rot.record).note()
+            if note:
+                print(f"note: {note}", file=sys.stderr)
         for w in fmt.warnings:
             print(f"warning: {w}", file=sys.stderr)
         final_out = args.out or fmt.default_out(args.model)

@@ -16,7 +16,7 @@ from conftest import BPE_VOCAB, SAMPLE_TEXT, tiny_config
 from safetensors import safe_open
 
 from gptq.core.config import ConfigError, QuantConfig
-from gptq.core.mix import BudgetError, Unit, allocate, allocate_exact, bounds, greedy, total
+from gptq.core.mix import BudgetError, Unit, allocate, allocate_exact, bounds, floor_bits, greedy, total
 from gptq.formats.compat import marlin_setting, module_setting, module_settings, settings_used, verdicts
 from gptq.formats.gptq import GPTQ
 from gptq.quantize import main as quantize_main
@@ -85,6 +85,37 @@ def test_allocation_leaves_no_affordable_improvement():
         for k in range(len(u.options)):
             if u.errors[k] < u.errors[choice[i]]:
                 assert used - u.bytes[choice[i]] + u.bytes[k] > budget
+
+
+def test_floor_is_the_widest_uniform_width_that_fits():
+    # the docstring's worked example
+    units = [(3, 4, 8), (3, 4, 8)]
+    bits = [(3, 4, 8), (3, 4, 8)]
+    assert floor_bits(units, bits, 9) == 4
+    assert floor_bits(units, bits, 7) == 3
+    assert floor_bits(units, bits, 16) == 8
+    assert floor_bits(units, bits, 5) == 0  # below every uniform file
+    # a unit that cannot take a width rules that width out; its cheapest option of at least b counts
+    assert floor_bits([(3, 4, 8), (5, 9)], [(3, 4, 8), (4, 8)], 9) == 4
+    assert floor_bits([(3, 4, 8), (5, 9)], [(3, 4, 8), (4, 8)], 8) == 3
+    assert floor_bits([(3, 8), (5,)], [(3, 8), (4,)], 100) == 4  # no 8-bit option for the second unit
+    # against brute force: the widest b whose uniform file fits; the next wider one does not
+    rng = random.Random(3)
+    for _ in range(200):
+        n = rng.randint(1, 5)
+        ub, uw = [], []
+        for _ in range(n):
+            ws = sorted(rng.sample([2, 3, 4, 5, 6, 8], rng.randint(1, 4)))
+            ub.append(tuple(w * rng.randint(8, 12) for w in ws))
+            uw.append(tuple(ws))
+        budget = rng.randint(10, 400)
+
+        def uniform(b):
+            opts = [[x for x, w in zip(bb, ww) if w >= b] for bb, ww in zip(ub, uw)]
+            return sum(min(o) for o in opts) if all(opts) else math.inf
+
+        fits = [b for b in {w for ww in uw for w in ww} if uniform(b) <= budget]
+        assert floor_bits(ub, uw, budget) == max(fits, default=0)
 
 
 def test_budget_below_the_smallest_is_refused():
@@ -276,6 +307,50 @@ def test_bad_budgets_are_refused_before_any_work(tmp_path, tiny_model_dir, calib
     err = capsys.readouterr().err
     assert msg in err, err
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.partial*"))
+
+
+def test_a_budget_above_a_uniform_width_stores_nothing_below_it(tmp_path, tiny_model_dir, calib, capsys):
+    model = tiny_model_dir("llama")
+    # --bits-per-weight 5.5 on these candidates (2g32 ... 8g32 at 3.0, 4.0, 5.0, 9.2 here): a uniform 4g32 file fits
+    assert _run(model, calib, tmp_path / "o", "--bits-per-weight", "5.5") == 0
+    err = capsys.readouterr().err
+    assert "no linear below 4 bits" in err and "2g32, 3g32 will not be used" in err, err
+    rec = json.loads((tmp_path / "o" / "quantize_report.json").read_text())["mix"]
+    assert rec["min_bits"] == 4
+    assert all(int(o["grid"].split("g")[0]) >= 4 for u in rec["units"] for o in u["options"])
+    assert {u["choice"] for u in rec["units"]} == {"4g32", "8g32"}  # a mix, every unit at 4 bits or more
+    # --min-bits 0: every candidate is measured and may be chosen
+    assert _run(model, calib, tmp_path / "z", "--bits-per-weight", "5.5", "--min-bits", "0") == 0
+    assert "will not be used" not in capsys.readouterr().err
+    rec0 = json.loads((tmp_path / "z" / "quantize_report.json").read_text())["mix"]
+    assert rec0["min_bits"] == 0
+    assert {o["grid"] for o in rec0["units"][0]["options"]} == {"2g32", "3g32", "4g32", "8g32"}
+    # the floor only removes options: each unit's kept estimates stand in the same ratios (the /block
+    # estimate's per-unit scale comes from the coarsest candidate measured, so it differs)
+    for u, u0 in zip(rec["units"], rec0["units"]):
+        kept = {o["grid"]: o["error"] for o in u["options"]}
+        before = {o["grid"]: o["error"] for o in u0["options"] if o["grid"] in kept}
+        assert before.keys() == kept.keys()
+        assert kept["8g32"] / kept["4g32"] == pytest.approx(before["8g32"] / before["4g32"], rel=1e-6)
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--bits-per-weight", "5.5", "--min-bits", "9"], "--min-bits 9: give a bit width from 0"),
+    (["--bits-per-weight", "5.5", "--min-bits", "four"], "give auto or a bit width"),
+    # a floor the budget cannot meet: the range named is the one above the floor
+    (["--bits-per-weight", "5.5", "--min-bits", "8"], "the feasible range is 9.194 to 9.194 bits per weight; lower "
+                                                      "--min-bits"),
+    (["--bits-per-weight", "4.5", "--min-bits", "5", "--candidates", "3g32,4g32"], "--min-bits 5: no candidate of "
+                                                                                  "3g32,4g32 with at least 5 bits"),
+])
+def test_bad_floors_are_refused_before_any_work(tmp_path, tiny_model_dir, calib, capsys, flags, msg):
+    model = tiny_model_dir("llama")
+    with pytest.raises(SystemExit) as e:
+        _run(model, calib, tmp_path / "o", *flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert msg in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_moe_budget_is_refused_where_the_format_cannot_mix_expert_layers(tmp_path, tiny_model_dir, calib, capsys):

@@ -85,6 +85,8 @@ class QuantConfig:
                      included as stored (0 = none; at most one of the two).
     candidates:      the grids a budget chooses between, as the format spells them ("auto": its default set).
     sensitivity:     how the error of each candidate is estimated (SENSITIVITIES, above).
+    min_bits:        mixed precision: no linear is stored on a candidate of fewer bits. None ("auto"): the
+                     widest width at which a uniform file fits the budget (``core.mix.floor_bits``); 0: none.
     batch_experts:   solve same-shape experts together (one column loop for many experts; speed only,
                      the results agree with one-by-one solves up to float rounding).
     """
@@ -110,6 +112,7 @@ class QuantConfig:
     bits_per_weight: float = 0.0
     candidates: str = "auto"
     sensitivity: str = "gptq/block"
+    min_bits: int | None = None
     group_rank: str = "max"
 
     def __post_init__(self) -> None:
@@ -127,6 +130,8 @@ class QuantConfig:
             raise ConfigError(f"sensitivity={self.sensitivity!r}; choose one of {SENSITIVITIES}")
         if self.max_size < 0 or self.bits_per_weight < 0:
             raise ConfigError("a size budget must be positive (--max-size SIZE or --bits-per-weight B)")
+        if self.min_bits is not None and not 0 <= self.min_bits <= 8:
+            raise ConfigError(f"--min-bits {self.min_bits}: give a bit width from 0 (no floor) to 8, or auto")
         if self.max_size and self.bits_per_weight:
             raise ConfigError("give one budget: --max-size (bytes of the weight files) or --bits-per-weight "
                               "(average over the quantized linears), not both")

@@ -166,6 +166,29 @@ def allocate_exact(units: list[Unit], budget: int, resolution: int = 20000) -> l
     return choice
 
 
+def floor_bits(unit_bytes: list[tuple[int, ...]], unit_bits: list[tuple[int, ...]], budget: int) -> int:
+    """The widest bit width b at which a uniform file fits the budget: every unit on its cheapest
+    option of at least b bits, summed, within ``budget`` (per unit, the options' bytes and bits, in the
+    same order); 0 if no width fits. A budget run stores no unit below it (``pipeline.mix.setup``):
+    the estimates rank one unit's damage against another's only roughly, and where a uniform file of
+    that width fits, the bytes are better spent above it than on keeping a few units below it
+    (docs/results.md, "Size against quality").
+
+    Worked example: two units, options (bytes, bits) (3, 3) (4, 4) (8, 8) each. Budget 9: at 8 bits
+    16 bytes, at 4 bits 8 → 4. Budget 7: at 4 bits 8 > 7, at 3 bits 6 → 3."""
+    for b in sorted({w for bits in unit_bits for w in bits}, reverse=True):
+        need = 0
+        for sizes, bits in zip(unit_bytes, unit_bits):
+            ok = [n for n, w in zip(sizes, bits) if w >= b]
+            if not ok:
+                break
+            need += min(ok)
+        else:
+            if need <= budget:
+                return b
+    return 0
+
+
 def total(units: list[Unit], choice: list[int]) -> tuple[int, float]:
     """(bytes, estimated error) of an allocation."""
     return (sum(u.bytes[c] for u, c in zip(units, choice)), sum(u.errors[c] for u, c in zip(units, choice)))

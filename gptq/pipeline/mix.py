@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from gptq.core.config import ConfigError, QuantConfig
 from gptq.core.grids import GridSpec
-from gptq.core.mix import BudgetError, Unit, allocate, bounds, total
+from gptq.core.mix import BudgetError, Unit, allocate, bounds, floor_bits, total
 from gptq.core.solver import round_to_nearest, solve
 from gptq.core.hessian import HessianAccumulator
 from gptq.io.modules import (
@@ -125,6 +125,7 @@ class Plan:
     choice: tuple[int, ...]  # position into each unit's options
     budget: int  # bytes for the quantized linears
     fixed: int  # bytes outside them (0 for a bits-per-weight budget)
+    min_bits: int = 0  # no unit below this width (``Setup.min_bits``)
 
     def by_linear(self) -> dict[str, GridSpec]:
         return {n: self.grids[u.options[c]] for u, c in zip(self.units, self.choice) for n in u.names}
@@ -132,7 +133,7 @@ class Plan:
     def record(self) -> dict:
         used, err = total(list(self.units), list(self.choice))
         return {"budget_bytes": self.budget, "fixed_bytes": self.fixed, "linear_bytes": used,
-                "estimated_error": err, "candidates": labels(self.grids),
+                "estimated_error": err, "candidates": labels(self.grids), "min_bits": self.min_bits,
                 "units": [{"linears": list(u.names), "choice": label(self.grids[u.options[c]]),
                            "bytes": u.bytes[c], "error": u.errors[c],
                            "options": [{"grid": label(self.grids[k]), "bytes": b, "error": e}
@@ -152,7 +153,7 @@ class Plan:
             counts[label(self.grids[u.options[c]])] = counts.get(label(self.grids[u.options[c]]), 0) + len(u.names)
         used, _ = total(list(self.units), list(self.choice))
         rows.append(f"linears: {', '.join(f'{k} x{v}' for k, v in sorted(counts.items()))}; "
-                    f"{used:,} of {self.budget:,} bytes")
+                    f"{used:,} of {self.budget:,} bytes" + (f"; none below {self.min_bits} bits" if self.min_bits else ""))
         return "\n".join(rows)
 
 
@@ -183,6 +184,8 @@ def check_feasible(config: QuantConfig, units_bytes: list[tuple[int, ...]], weig
            else "is at or above what the largest candidate everywhere takes (nothing to choose)")
     hint = ("; add smaller candidates (e.g. --candidates 2g64,3g64,4g64,8g128) or raise the budget" if have < lo
             else "; quantize uniformly at the largest candidate instead, or add larger candidates")
+    if config.min_bits and have < lo:
+        hint = f"; lower --min-bits (now {config.min_bits}) or raise the budget"
     raise BudgetError(f"{asked} {why}: with candidates {labels(grids)} the feasible range is {rng}{hint}")
 
 
@@ -361,13 +364,13 @@ def _block_error(block: nn.Module, inputs, outputs, weights: dict, world: World 
     return sum(per_batch) / len(per_batch)
 
 
-def spend(grids: list[GridSpec], units: list[Unit], budget_bytes: int, fixed: int) -> Plan:
+def spend(grids: list[GridSpec], units: list[Unit], budget_bytes: int, fixed: int, min_bits: int = 0) -> Plan:
     try:
         choice = allocate(units, budget_bytes)
     except BudgetError as e:
         lo, hi = bounds(units)
         raise BudgetError(f"{e}; the candidates span {lo} to {hi} bytes") from None
-    return Plan(tuple(grids), tuple(units), tuple(choice), budget_bytes, fixed)
+    return Plan(tuple(grids), tuple(units), tuple(choice), budget_bytes, fixed, min_bits)
 
 
 @dataclass(frozen=True)
@@ -382,6 +385,16 @@ class Setup:
     budget: int
     fixed: int
     fixed_of: object = None  # --max-size: {linear: GridSpec} → the fixed bytes exactly, headers on those grids
+    min_bits: int = 0  # the floor applied (--min-bits, or auto: ``core.mix.floor_bits``); 0 = none
+    dropped: tuple[str, ...] = ()  # candidates no unit may take under it
+
+    def note(self) -> str | None:
+        """What the floor left out, for the command to print (None if nothing)."""
+        if not self.dropped:
+            return None
+        return (f"a size budget stores no linear below {self.min_bits} bits here, so {', '.join(self.dropped)} "
+                "will not be used: a uniform file at that width fits the budget, and the bytes above it buy more "
+                "than keeping a few linears lower (docs/results.md); --min-bits 0 allows them")
 
 
 def setup(model: nn.Module, fmt, config: QuantConfig, source_dir=None, rotation=None) -> Setup:
@@ -410,9 +423,30 @@ def setup(model: nn.Module, fmt, config: QuantConfig, source_dir=None, rotation=
         def fixed_of(by_linear):
             return fmt.fixed_bytes(model, source_dir, quantized, untie, extra, by_linear)
     weights = sum(o * i for s in shapes for o, i in s.shapes)
+    if config.min_bits:  # given: applied first, so a refused budget names the range above the floor
+        opts = _at_least(opts, grids, config.min_bits, shapes)
     check_feasible(config, [b for _, b in opts], weights, fixed, grids)
+    have = budget(config, shapes, fixed)
+    floor = config.min_bits
+    if floor is None:
+        floor = floor_bits([b for _, b in opts], [tuple(grids[k].bits for k in o) for o, _ in opts], have)
+        opts = _at_least(opts, grids, floor, shapes)
+    used = {k for o, _ in opts for k in o}
+    dropped = tuple(label(g) for k, g in enumerate(grids) if k not in used and g.bits < floor)
     return Setup(tuple(grids), tuple(shapes), tuple(o for o, _ in opts), tuple(b for _, b in opts),
-                 budget(config, shapes, fixed), fixed, fixed_of)
+                 have, fixed, fixed_of, floor, dropped)
+
+
+def _at_least(opts, grids: list[GridSpec], bits: int, shapes: list[Shape]):
+    """Each unit's (options, bytes) restricted to candidates of at least ``bits`` bits."""
+    out = []
+    for (o, b), shape in zip(opts, shapes):
+        keep = [(k, n) for k, n in zip(o, b) if grids[k].bits >= bits]
+        if not keep:
+            raise ConfigError(f"--min-bits {bits}: no candidate of {labels(grids)} with at least {bits} bits can store "
+                              f"{', '.join(shape.names)}; lower --min-bits or add a wider candidate (--candidates)")
+        out.append((tuple(k for k, _ in keep), tuple(n for _, n in keep)))
+    return out
 
 
 def plan(st: Setup, model: nn.Module, inputs, config: QuantConfig, dev, store=None, before_block=None,
@@ -422,7 +456,7 @@ def plan(st: Setup, model: nn.Module, inputs, config: QuantConfig, dev, store=No
     errors = measure(model, inputs, config, list(st.shapes), list(st.options), list(st.grids), dev, store,
                      before_block, after_block, progress, world=world)
     units = [Unit(s.names, o, b, tuple(e)) for s, o, b, e in zip(st.shapes, st.options, st.bytes, errors)]
-    return settle(st, spend(list(st.grids), units, st.budget, st.fixed), config.max_size)
+    return settle(st, spend(list(st.grids), units, st.budget, st.fixed, st.min_bits), config.max_size)
 
 
 def settle(st: Setup, chosen: Plan, max_size: int) -> Plan:
@@ -435,8 +469,8 @@ def settle(st: Setup, chosen: Plan, max_size: int) -> Plan:
         fixed = st.fixed_of(chosen.by_linear())
         over = fixed + total(list(chosen.units), list(chosen.choice))[0] - max_size
         if over <= 0:
-            return Plan(chosen.grids, chosen.units, chosen.choice, max_size - fixed, fixed)
-        chosen = spend(list(st.grids), list(chosen.units), chosen.budget - over, chosen.fixed)
+            return Plan(chosen.grids, chosen.units, chosen.choice, max_size - fixed, fixed, st.min_bits)
+        chosen = spend(list(st.grids), list(chosen.units), chosen.budget - over, chosen.fixed, st.min_bits)
     raise BudgetError(f"--max-size {max_size}: no plan found whose file fits it to the byte; raise it a little")
 
 
@@ -452,4 +486,4 @@ def plan_from_record(st: Setup, record: dict) -> Plan:
         units.append(Unit(s.names, o, b, errs))
         choice.append(o.index(by_label[r["choice"]]))
     return Plan(st.grids, tuple(units), tuple(choice), record.get("budget_bytes", st.budget),
-                record.get("fixed_bytes", st.fixed))
+                record.get("fixed_bytes", st.fixed), st.min_bits)

@@ -334,6 +334,27 @@ def test_a_budget_above_a_uniform_width_stores_nothing_below_it(tmp_path, tiny_m
         assert kept["8g32"] / kept["4g32"] == pytest.approx(before["8g32"] / before["4g32"], rel=1e-6)
 
 
+def test_a_max_size_floor_keeps_room_for_the_headers(tiny_model_dir):
+    """--max-size: a uniform width counts as fitting only with 0.1 % to spare, since the headers are
+    counted exactly only once the grids are chosen."""
+    from gptq.formats.registry import get
+    from gptq.pipeline import mix
+    from gptq.pipeline.streaming import skeleton
+
+    d = tiny_model_dir("llama")
+    skel = skeleton(d, torch.float32)
+
+    def setup(size, floor=None):
+        q = QuantConfig(bits=4, group_size=32, candidates="2g32,3g32,4g32,8g32", max_size=size, min_bits=floor)
+        return mix.setup(skel, get(q).bind(skel, d), q, d, None)
+
+    probe = setup(200_000, 0)  # no floor: every unit's bytes on every candidate, and the fixed bytes
+    four = probe.fixed + sum(b[o.index(2)] for o, b in zip(probe.options, probe.bytes))  # uniform 4g32
+    assert setup(four).min_bits == 3
+    assert setup(four + four // 500).min_bits == 4
+    assert setup(four + four // 500).dropped == ("2g32", "3g32")
+
+
 @pytest.mark.parametrize("flags, msg", [
     (["--bits-per-weight", "5.5", "--min-bits", "9"], "--min-bits 9: give a bit width from 0"),
     (["--bits-per-weight", "5.5", "--min-bits", "four"], "give auto or a bit width"),

@@ -429,7 +429,10 @@ def setup(model: nn.Module, fmt, config: QuantConfig, source_dir=None, rotation=
     have = budget(config, shapes, fixed)
     floor = config.min_bits
     if floor is None:
-        floor = floor_bits([b for _, b in opts], [tuple(grids[k].bits for k in o) for o, _ in opts], have)
+        # --max-size: 0.1 % kept in hand, since the headers are counted exactly only once the grids are chosen
+        # (``settle``), and a uniform file that fits only within them would leave no plan at all
+        room = have - have // 1000 if config.max_size else have
+        floor = floor_bits([b for _, b in opts], [tuple(grids[k].bits for k in o) for o, _ in opts], room)
         opts = _at_least(opts, grids, floor, shapes)
     used = {k for o, _ in opts for k in o}
     dropped = tuple(label(g) for k, g in enumerate(grids) if k not in used and g.bits < floor)

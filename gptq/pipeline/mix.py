@@ -3,7 +3,9 @@ over the blocks estimates the error every candidate grid would cause in every gr
 ``core.mix.allocate`` spends the budget, and the format solves and stores each linear on its choice.
 
     skeleton ──setup()──► units (names, options, bytes of each), the budget for the linears, the
-                          fixed bytes; an impossible budget refused here, before any long work
+                          fixed bytes; an impossible budget refused here, before any long work; the
+                          options below the floor dropped (``--min-bits``: by default the widest
+                          width a uniform file fits the budget at, ``core.mix.floor_bits``)
     block inputs ──measure()──► errors per unit and option (the full-precision model, one pass,
                                streaming like the main one: a block's weights at a time)
     core.mix.allocate ──► Plan {linear: GridSpec} ──fmt.set_plan──► the usual solve

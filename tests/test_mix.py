@@ -326,6 +326,10 @@ def test_a_budget_above_a_uniform_width_stores_nothing_below_it(tmp_path, tiny_m
     assert rec["min_bits"] == 4
     assert all(int(o["grid"].split("g")[0]) >= 4 for u in rec["units"] for o in u["options"])
     assert {u["choice"] for u in rec["units"]} == {"4g32", "8g32"}  # a mix, every unit at 4 bits or more
+    # a floor given by hand: applied, with no note claiming a uniform file fits
+    assert _run(model, calib, tmp_path / "g", "--bits-per-weight", "5.5", "--min-bits", "4") == 0
+    assert "fits the budget" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "g" / "quantize_report.json").read_text())["mix"]["min_bits"] == 4
     # --min-bits 0: every candidate is measured and may be chosen
     assert _run(model, calib, tmp_path / "z", "--bits-per-weight", "5.5", "--min-bits", "0") == 0
     assert "will not be used" not in capsys.readouterr().err

@@ -388,7 +388,7 @@ class Setup:
     fixed: int
     fixed_of: object = None  # --max-size: {linear: GridSpec} → the fixed bytes exactly, headers on those grids
     min_bits: int = 0  # the floor applied (--min-bits, or auto: ``core.mix.floor_bits``); 0 = none
-    dropped: tuple[str, ...] = ()  # candidates no unit may take under it
+    dropped: tuple[str, ...] = ()  # candidates the automatic floor left out
 
     def note(self) -> str | None:
         """What the floor left out, for the command to print (None if nothing)."""
@@ -429,15 +429,14 @@ def setup(model: nn.Module, fmt, config: QuantConfig, source_dir=None, rotation=
         opts = _at_least(opts, grids, config.min_bits, shapes)
     check_feasible(config, [b for _, b in opts], weights, fixed, grids)
     have = budget(config, shapes, fixed)
-    floor = config.min_bits
+    floor, dropped = config.min_bits, ()
     if floor is None:
         # --max-size: 0.1 % kept in hand, since the headers are counted exactly only once the grids are chosen
         # (``settle``), and a uniform file that fits only within them would leave no plan at all
         room = have - have // 1000 if config.max_size else have
         floor = floor_bits([b for _, b in opts], [tuple(grids[k].bits for k in o) for o, _ in opts], room)
         opts = _at_least(opts, grids, floor, shapes)
-    used = {k for o, _ in opts for k in o}
-    dropped = tuple(label(g) for k, g in enumerate(grids) if k not in used and g.bits < floor)
+        dropped = tuple(label(g) for g in grids if g.bits < floor)  # the note says why; a given floor needs none
     return Setup(tuple(grids), tuple(shapes), tuple(o for o, _ in opts), tuple(b for _, b in opts),
                  have, fixed, fixed_of, floor, dropped)
 

@@ -432,6 +432,102 @@ def test_learned_rotation_lowers_its_objective_and_stays_orthogonal_and_reproduc
     assert torch.equal(Q, Q2) and info2["objective"] == info["objective"]
 
 
+def test_learning_shared_out_over_processes_is_one_process_learning_bit_for_bit():
+    """Three workers (threads standing for ranks), each holding some of the terms and summing through a
+    ``combine`` as all_reduce does: the Q and the objective one process learns from all the terms."""
+    import threading
+
+    from gptq.core.hadamard import orthogonal
+    from gptq.core.learned_rotation import learn_rotation
+
+    terms = _learning_problem(terms=5)
+    Q0 = orthogonal(64, "hadamard", 0)[0]
+    kw = dict(bits=3, group=32, sym=False, steps=25, per_step=3, seed=2)
+    Q, info = learn_rotation(lambda j: terms[j][0], [h for _, h in terms], Q0, **kw)
+
+    size, owner = 3, [0, 1, 2, 1, 0]
+    slots: list = [None] * size
+    gate = threading.Barrier(size)
+
+    def summer(rank):
+        def combine(t):
+            slots[rank] = t
+            gate.wait()
+            total = slots[0].clone()
+            for other in slots[1:]:
+                total += other
+            gate.wait()  # every worker has read the slots before any overwrites its own
+            return total
+        return combine
+
+    out: list = [None] * size
+    called = [0] * size
+
+    def work(rank):
+        def weights(j):
+            assert owner[j] == rank, "a worker asked for a term it does not hold"
+            called[rank] += 1
+            return terms[j][0]
+
+        mine = {j: terms[j][1] for j in range(5) if owner[j] == rank}
+        out[rank] = learn_rotation(weights, mine, Q0, n_terms=5, combine=summer(rank), device="cpu", **kw)
+
+    workers = [threading.Thread(target=work, args=(r,)) for r in range(size)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for Qr, inf in out:
+        assert torch.equal(Qr, Q) and inf["objective"] == info["objective"]
+    assert all(called)
+
+
+def test_learning_spills_its_inverse_hessians_under_a_memory_budget(tmp_path):
+    """--max-memory 0: every inverse Hessian written to the spill folder and read back when drawn; the
+    same Q as in memory, and the folder left empty."""
+    from gptq import QuantConfig
+    from gptq.pipeline.activations import Activations
+    from gptq.pipeline.learned import Inverses, learn_residual
+    from gptq.pipeline.loop import capture_block_inputs
+
+    config = family_config("llama")
+    model = random_model(config)
+    ids = torch.randint(0, config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(1))
+    cfg = QuantConfig(bits=3, group_size=32, rotate="learned", rotate_steps=8)
+    seen = []
+    put = Inverses.put
+
+    def spy(self, j, hinv):
+        put(self, j, hinv)
+        seen.append((self.dir, sorted(p.name for p in tmp_path.glob("*"))))
+
+    Qs = []
+    for budget in (None, 0):
+        rot = Rotator(model.config, "learned", 0, steps=8)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Inverses, "put", spy)
+            learn_residual(rot, model, capture_block_inputs(model, ids, 2, "cpu"), cfg, torch.device("cpu"),
+                           Activations(), progress=False, spill_dir=tmp_path, max_memory=budget)
+        Qs.append(rot.Q)
+    assert torch.equal(Qs[0], Qs[1])
+    n = 2 * config.num_hidden_layers
+    assert [d for d, _ in seen] == [None] * n + [tmp_path] * n
+    assert seen[-1][1] == [f"term-{j:05d}.safetensors" for j in range(n)]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_learning_terms_are_dealt_to_the_ranks_by_cost():
+    from gptq.pipeline.distributed import World
+    from gptq.pipeline.learned import term_owners
+
+    config = family_config("llama")  # 2 blocks: 4 terms
+    assert term_owners(config, 2, World()) == [0, 0, 0, 0]
+    two = term_owners(config, 2, World(1, 2, True))
+    assert sorted(two) == [0, 0, 1, 1] and two[0] != two[2]  # each rank one attention, one MLP term
+    many = term_owners(config, 30, World(1, 4, True))
+    assert [many.count(r) for r in range(4)] == [15, 15, 15, 15]
+
+
 @pytest.mark.parametrize("family", ["llama", "llama-tied", "phi3", "gemma", "qwen3_moe"])
 def test_learned_rotation_keeps_the_logits(family):
     """Learned from the model's own statistics (the model untouched meanwhile), then applied as every

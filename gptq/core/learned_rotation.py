@@ -22,7 +22,7 @@ residual rotation", with the objectives tried and dropped).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -65,43 +65,69 @@ def reader_error(W: torch.Tensor, Hinv: torch.Tensor, Q: torch.Tensor, bits: int
     return ((Wr - straight_round(Wr, bits, group, sym)).pow(2) / U.diagonal().pow(2)[None]).sum()
 
 
-def learn_rotation(weights: Callable[[int], torch.Tensor], hinv: list[torch.Tensor], Q0: torch.Tensor, *,
-                   bits: int, group: int, sym: bool, steps: int = 400, lr: float = 5e-3, per_step: int = 8,
-                   seed: int = 0, progress: Callable[[int, float], None] | None = None
+def learn_rotation(weights: Callable[[int], torch.Tensor], hinv: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
+                   Q0: torch.Tensor, *, bits: int, group: int, sym: bool, steps: int = 400, lr: float = 5e-3,
+                   per_step: int = 8, seed: int = 0, n_terms: int | None = None,
+                   combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   device: torch.device | str | None = None, progress: Callable[[int, float], None] | None = None
                    ) -> tuple[torch.Tensor, dict]:
     """The learned Q (float64, orthogonal to its precision) from ``Q0``, and a record of the run.
 
-    ``hinv[j]``: the damped inverse Hessian of term j (float32, on the device to compute on);
-    ``weights(j)``: term j's readers, [out, hidden] (fetched when a step picks the term, so a caller may
-    load them from disk). Each step takes ``per_step`` terms drawn by a generator seeded with ``seed``:
-    the same inputs give the same Q. ``progress(step, objective)`` is called after every step."""
-    dev = hinv[0].device
+    ``hinv[j]``: the damped inverse Hessian of term j (float32; a mapping may read it from disk when a step
+    draws it); ``weights(j)``: term j's readers, [out, hidden] (fetched when a step draws the term, so a
+    caller may load them from disk). Each step takes ``per_step`` of the ``n_terms`` terms (default: all of
+    ``hinv``), drawn by a generator seeded with ``seed``: the same inputs give the same Q.
+
+    Shared out (several processes): each holds only its own terms in ``hinv`` and passes ``combine``,
+    which sums a tensor over the processes. Every term's value and gradient in Q is computed by the one
+    process holding it and written into its slot of a buffer that is zero elsewhere, so the sum hands
+    every process each slot exactly (x + 0 = x); all then add the slots in the order drawn and take the
+    same step. Q is the one one process learns from the same terms, bit for bit (with the same threads
+    per process). ``device``: where to compute (default: where the first term's inverse is; a process
+    holding no term must name it). ``progress(step, objective)`` is called after every step."""
+    terms = dict(enumerate(hinv)) if isinstance(hinv, Sequence) else hinv
+    n = len(terms) if n_terms is None else n_terms
+    combine = combine or (lambda t: t)
+    dev = torch.device(device) if device is not None else next(iter(terms.values())).device
     Q0 = Q0.to(dev, torch.float32)
-    n = len(hinv)
+    h = Q0.shape[0]
 
     def error(j: int, Q: torch.Tensor) -> torch.Tensor:
-        return reader_error(weights(j).to(dev, torch.float32), hinv[j], Q, bits, group, sym)
+        return reader_error(weights(j).to(dev, torch.float32), terms[j].to(dev), Q, bits, group, sym)
+
+    def everyone(values: dict[int, float]) -> list[float]:  # every term's value, each from its holder
+        t = torch.zeros(n, dtype=torch.float64, device=dev)
+        for j, v in values.items():
+            t[j] = v
+        return combine(t).tolist()
 
     with torch.no_grad():
-        base = [error(j, Q0).item() for j in range(n)]
-    base = [max(b, 1e-30) for b in base]
+        base = [max(b, 1e-30) for b in everyone({j: error(j, Q0).item() for j in terms})]
     A = torch.zeros_like(Q0, requires_grad=True)
     opt = torch.optim.Adam([A], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for step in range(steps):
+        pick = torch.randperm(n, generator=gen)[:per_step].tolist()
         with torch.enable_grad():  # callers (the pipeline) may run under no_grad
             Q = Q0 @ torch.matrix_exp(A - A.T)
-            pick = torch.randperm(n, generator=gen)[:per_step].tolist()
-            loss = sum(error(j, Q) / base[j] for j in pick) / len(pick)
+            at = Q.detach().requires_grad_()
+            grads = torch.zeros(len(pick), h, h, device=dev)
+            values = torch.zeros(len(pick), dtype=torch.float64, device=dev)
+            for slot, j in enumerate(pick):
+                if j in terms:
+                    e = error(j, at) / base[j]
+                    grads[slot], = torch.autograd.grad(e, at)
+                    values[slot] = e.detach()
+            grads, values = combine(grads), combine(values)
             opt.zero_grad()
-            loss.backward()
+            Q.backward(grads.sum(0) / len(pick))
         opt.step()
         if progress is not None:
-            progress(step, loss.item())
+            progress(step, values.sum().item() / len(pick))
     with torch.no_grad():
         u, _, vh = torch.linalg.svd((Q0 @ torch.matrix_exp(A - A.T)).double())
         Q = u @ vh  # the nearest orthogonal matrix, to float64 precision
-        final = [error(j, Q.float()).item() / base[j] for j in range(n)]
+        final = everyone({j: error(j, Q.float()).item() / base[j] for j in terms})
     return Q.cpu(), {"steps": steps, "objective": round(sum(final) / n, 4),
                      "seconds": round(time.perf_counter() - t0, 1)}

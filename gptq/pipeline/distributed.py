@@ -24,6 +24,10 @@ run is one process, so the block loop reads the same either way):
 - A size budget's first pass (``mix.measure``) runs the same way: each rank its own batches, the
   Hessian partials exchanged after every round, per-batch sums gathered and added in batch order;
   the errors, and so the plan, are then taken from rank 0 (``broadcast``).
+- ``--rotate learned`` (``pipeline.learned``): its statistics pass runs as the main pass does; its
+  terms are then dealt to the ranks by cost (``owners``), each rank computes its terms' values and
+  gradients into slots that are zero elsewhere, and ``all_sum`` hands every rank every slot exactly,
+  so all take the steps one process takes.
 - Mixture-of-experts blocks: the experts' recorded inputs are gathered to every rank in batch
   order and each rank solves every expert as one process would (``pipeline._gather_batches``).
 - Rank 0 alone writes the checkpoint, progress and report (``stream.py``); each rank saves its
@@ -191,6 +195,13 @@ def all_gather(obj, world: World) -> list:
     out = [None] * world.size
     _collective(dist.all_gather_object, out, obj)
     return out
+
+
+def all_sum(t: torch.Tensor, world: World) -> torch.Tensor:
+    """``t`` summed over the ranks, in place (on ``t``'s device: CUDA under NCCL); ``t`` itself for one process."""
+    if not world.single:
+        _collective(dist.all_reduce, t)
+    return t
 
 
 def broadcast(obj, src: int, world: World):

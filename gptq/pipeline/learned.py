@@ -1,22 +1,30 @@
 """``--rotate learned``: the residual rotation learned from the calibration data before block 0 is solved.
 
     block-0 inputs of the unrotated model
-      └─ for each block: load → accumulate H of each norm's normalized input → run → release
-      └─ learn Q (``core.learned_rotation``) on rank 0, from Q₀ = the Hadamard matrix; Q to every rank
+      └─ for each block: load → accumulate H of each norm's normalized input → run → release;
+         the damped inverse of each H kept by the rank that owns its term (in memory, or on disk)
+      └─ learn Q (``core.learned_rotation``) on every rank, each computing its own terms' gradients,
+         summed so that every rank takes the same steps
       └─ the caller rotates the model with it (``Rotator.set_learned``) and starts over from the embeddings
 
 One more pass of the full-precision blocks than ``--rotate hadamard`` needs, then the learning, which
 fetches a block's readers when a step draws them (``before_block``/``after_block`` load and release
 them on the streaming path). Under torchrun each rank runs its own batches and the Hessian partials are
 exchanged after every round and added in batch order (``distributed.exchange``): H, and so Q, is one
-process's, bit for bit. The caller keeps Q for ``--resume`` (``streaming``).
+process's, bit for bit. The terms (one per block and norm) are then dealt to the ranks by their cost
+(``distributed.owners``): a rank keeps only its terms' inverses and computes only their gradients, so
+the learning's memory and time are shared out as the solves are. The inverses, 2 × blocks × hidden²
+floats in all (4.3 GB for a 32-block model of hidden size 4096), are spilled to disk, one file per
+term read back when a step draws it, when they would not fit the memory budget (``--max-memory``).
+The caller keeps Q for ``--resume`` (``streaming``).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,8 +36,8 @@ from gptq.core.learned_rotation import damped_inverse, learn_rotation
 from gptq.io.modules import BlockInputs, block_on_device, get_module, hooked
 from gptq.models.architectures import for_config
 from gptq.models.rotation import ATTN_NORM, MLP_NORM, Rotator
-from gptq.pipeline.activations import Activations, block_args
-from gptq.pipeline.distributed import SINGLE, World, broadcast, run_in_rounds
+from gptq.pipeline.activations import Activations, block_args, load_item, save_item, should_spill
+from gptq.pipeline.distributed import SINGLE, World, all_sum, broadcast, owners, run_in_rounds
 
 NORMS = (ATTN_NORM, MLP_NORM)
 Hook = Callable[[int, nn.Module], None]
@@ -43,16 +51,67 @@ def _normalized(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+class Inverses(Mapping):
+    """This rank's damped inverse Hessians by term (term j: block j // 2, norm j % 2): on ``device``, or
+    with ``spill_dir`` one safetensors file per term, read back to ``device`` when asked for."""
+
+    def __init__(self, device: torch.device, spill_dir: Path | None = None):
+        self.device, self.dir = device, spill_dir
+        self._held: dict[int, torch.Tensor | Path] = {}
+        if spill_dir is not None:
+            spill_dir.mkdir(parents=True, exist_ok=True)
+
+    def put(self, j: int, hinv: torch.Tensor) -> None:
+        if self.dir is None:
+            self._held[j] = hinv.to(self.device)
+        else:
+            path = self.dir / f"term-{j:05d}.safetensors"
+            save_item(hinv, path)
+            self._held[j] = path
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        x = self._held[j]
+        return load_item(x, self.device) if isinstance(x, Path) else x
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(self._held))
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def files(self) -> list[Path]:
+        return [x for x in self._held.values() if isinstance(x, Path)]
+
+
+def term_owners(config, n_blocks: int, world: World) -> list[int]:
+    """The rank holding each term (2 per block: the attention's readers, then the MLP's), balanced by
+    the cost of one step's work on it: the rotated inverse and its Cholesky factor (~3 hidden³) plus
+    W Q (rows × hidden²), the rows taken from the config (q/k/v; gate/up, of every expert and the
+    shared one in a mixture-of-experts block)."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    inter = getattr(config, "intermediate_size", None) or 4 * hidden
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+    if experts:
+        inter = experts * (getattr(config, "moe_intermediate_size", None) or inter) + (
+            getattr(config, "shared_expert_intermediate_size", None) or 0)
+    cost = [3.0 * hidden**3 + rows * hidden**2 for rows in ((heads + 2 * kv) * head_dim, 2 * inter)]
+    return owners([cost[j % 2] for j in range(2 * n_blocks)], world.size)
+
+
 @torch.no_grad()
-def norm_hessians(model: nn.Module, inputs: Sequence[BlockInputs], dev: torch.device, store: Activations,
+def norm_inverses(model: nn.Module, inputs: Sequence[BlockInputs], dev: torch.device, store: Activations,
+                  damp: float, keep: Inverses, mine: Callable[[int], bool] = lambda j: True,
                   before_block: Hook | None = None, after_block: Hook | None = None, world: World = SINGLE,
-                  progress: bool = True) -> list[dict[str, torch.Tensor]]:
-    """Per block, the Hessian (2·Σxxᵀ/n, float32 on ``dev``) of each norm's input divided by its RMS: what
-    the linears reading the norm see once its scale is folded into them. ``inputs``: block 0's (this
-    rank's batches with several ranks)."""
+                  progress: bool = True) -> None:
+    """Per block, the Hessian (2·Σxxᵀ/n, float32 on ``dev``) of each norm's input divided by its RMS (what
+    the linears reading the norm see once its scale is folded into them), damped and inverted
+    (``damped_inverse``) into ``keep`` for the terms ``mine`` accepts. ``inputs``: block 0's (this rank's
+    batches with several ranks); every rank runs every block (each needs every H, the partials of all)."""
     blocks = get_module(model, for_config(model.config).blocks)
     n_rounds = broadcast(len(inputs), 0, world)  # rank 0 holds the most batches
-    out = []
     for i in tqdm(range(len(blocks)), desc="rotation statistics", unit="block", disable=not progress):
         with block_on_device(i, blocks[i], dev, before_block, after_block) as block, ExitStack() as stack:
             accs = {}
@@ -62,50 +121,62 @@ def norm_hessians(model: nn.Module, inputs: Sequence[BlockInputs], dev: torch.de
                 stack.enter_context(hooked(norm, lambda m, a, acc=acc: acc.add(_normalized(m, a[0])), pre=True))
             outputs = store.new()
             run_in_rounds(block, inputs, outputs, list(accs.values()), world, n_rounds)
-        out.append({name: acc.hessian() for name, acc in accs.items()})
+        for k, name in enumerate(NORMS):
+            if mine(2 * i + k):
+                keep.put(2 * i + k, damped_inverse(accs[name].hessian(), damp))
+        del accs
         inputs = store.inputs(outputs, block_args(inputs))
-    return out
 
 
 def learn_residual(rot: Rotator, model: nn.Module, inputs: Sequence[BlockInputs], config: QuantConfig,
                    dev: torch.device, store: Activations, before_block: Hook | None = None,
-                   after_block: Hook | None = None, world: World = SINGLE, progress: bool = True) -> dict:
+                   after_block: Hook | None = None, world: World = SINGLE, progress: bool = True,
+                   spill_dir: Path | None = None, max_memory: int | None = None) -> dict:
     """Learn ``rot``'s residual rotation (``--rotate learned``) from the unrotated model's block-0
     ``inputs`` and set it (``Rotator.set_learned``) on every rank; the model is left unrotated. Returns
-    the learning's record (the objective relative to Q₀, steps, seconds on rank 0)."""
-    H = norm_hessians(model, inputs, dev, store, before_block, after_block, world, progress)
-    info = None
-    if world.main:
-        hinv = [damped_inverse(h[name], config.damp).to(dev) for h in H for name in NORMS]
-        del H
-        blocks = get_module(model, for_config(model.config).blocks)
-        cache: dict[int, dict[str, torch.Tensor]] = {}
+    the learning's record (the objective relative to Q₀, steps, seconds). The inverse Hessians go to
+    ``spill_dir`` (this rank's own folder) when this rank's share would not fit ``max_memory`` bytes
+    (default: half the memory available on ``dev``); without a ``spill_dir`` they stay in memory."""
+    blocks = get_module(model, for_config(model.config).blocks)
+    owner = term_owners(model.config, len(blocks), world)
+    hidden = model.config.hidden_size
+    need = sum(o == world.rank for o in owner) * hidden * hidden * 4
+    keep = Inverses(dev, spill_dir if spill_dir is not None and should_spill(need, max_memory, dev) else None)
+    norm_inverses(model, inputs, dev, store, config.damp, keep, lambda j: owner[j] == world.rank,
+                  before_block, after_block, world, progress)
+    cache: dict[int, dict[str, torch.Tensor]] = {}
 
-        def weights(j: int) -> torch.Tensor:  # term j: block j // 2's readers of norm j % 2
-            i = j // 2
-            if i not in cache:
-                cache.clear()
-                if before_block is not None:
-                    before_block(i, blocks[i])
-                cache[i] = rot.readers(blocks[i])
-                if after_block is not None:
-                    after_block(i, blocks[i])
-            return cache[i][NORMS[j % 2]]
+    def weights(j: int) -> torch.Tensor:  # term j: block j // 2's readers of norm j % 2
+        i = j // 2
+        if i not in cache:
+            cache.clear()
+            if before_block is not None:
+                before_block(i, blocks[i])
+            cache[i] = rot.readers(blocks[i])
+            if after_block is not None:
+                after_block(i, blocks[i])
+        return cache[i][NORMS[j % 2]]
 
-        bar = tqdm(total=config.rotate_steps, desc="learning the rotation", unit="step", disable=not progress)
+    bar = tqdm(total=config.rotate_steps, desc="learning the rotation", unit="step", disable=not progress)
 
-        def tick(step: int, objective: float) -> None:
-            bar.update(1)
-            bar.set_postfix(objective=f"{objective:.3f}", refresh=False)
+    def tick(step: int, objective: float) -> None:
+        bar.update(1)
+        bar.set_postfix(objective=f"{objective:.3f}", refresh=False)
 
-        bits, group = config.bits, config.group_size
-        Q, info = learn_rotation(weights, hinv, rot.Q, bits=bits, group=group, sym=config.sym_at(bits),
-                                 steps=config.rotate_steps, seed=config.rotate_seed, progress=tick)
+    bits, group = config.bits, config.group_size
+    try:
+        Q, info = learn_rotation(weights, keep, rot.Q, bits=bits, group=group, sym=config.sym_at(bits),
+                                 steps=config.rotate_steps, seed=config.rotate_seed, n_terms=len(owner),
+                                 combine=None if world.single else (lambda t: all_sum(t, world)), device=dev, progress=tick)
+    finally:
         bar.close()
-        if progress:
-            print(f"learned rotation: the readers' estimated error at {info['objective']:.3f} of the Hadamard "
-                  f"rotation's ({info['seconds']:.0f} s)", file=sys.stderr)
-        info["Q"] = Q
-    info = broadcast(info, 0, world)
-    rot.set_learned(info.pop("Q"), info["objective"])
+        for f in keep.files():
+            f.unlink(missing_ok=True)
+    if progress:
+        print(f"learned rotation: the readers' estimated error at {info['objective']:.3f} of the Hadamard "
+              f"rotation's ({info['seconds']:.0f} s)", file=sys.stderr)
+    # every rank learned the same Q; rank 0's is handed out all the same, so that a rank whose
+    # arithmetic differed (another BLAS, another GPU) cannot write a checkpoint of another rotation
+    Q = broadcast(Q, 0, world)
+    rot.set_learned(Q, info["objective"])
     return info

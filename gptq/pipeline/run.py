@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -65,8 +66,9 @@ def quantize_model(
         store = Activations(tmp, dev)
         if rot is not None and rot.pending:  # --rotate learned: from the unrotated model's statistics
             rot.check_model(model)
-            learn_residual(rot, model, capture_block_inputs(model, windows, batch_size, dev, store), config, dev,
-                           store, progress=progress)
+            with tempfile.TemporaryDirectory(prefix="gptq-rotation-") as rtmp:  # used above max_memory
+                learn_residual(rot, model, capture_block_inputs(model, windows, batch_size, dev, store), config,
+                               dev, store, progress=progress, spill_dir=Path(rtmp), max_memory=max_memory)
         if rot is not None:
             rot.rotate_model(model)
         fmt = fmt or get(config).bind(model)

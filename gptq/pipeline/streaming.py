@@ -334,10 +334,10 @@ ROTATION = "rotation.safetensors"  # --rotate learned: the learned Q, kept for -
 
 def _learned_rotation(model, rot, qcfg: QuantConfig, partial: Path, resuming: bool, windows: torch.Tensor,
                       batch_size: int, dev, store, mat: Materializer, progress: bool, world: World,
-                      extra_report: dict | None) -> None:
+                      extra_report: dict | None, max_memory: int | None) -> None:
     """``--rotate learned``: Q learned from a first pass over the unrotated blocks (``pipeline.learned``),
     loaded and released one at a time, and kept in ``partial``; or, on --resume, read back by rank 0 and
-    handed to the others (the same Q)."""
+    handed to the others (the same Q). Inverse Hessians over ``max_memory`` go to this rank's spill folder."""
     saved = None
     if resuming:
         if world.main:
@@ -351,8 +351,10 @@ def _learned_rotation(model, rot, qcfg: QuantConfig, partial: Path, resuming: bo
     else:
         prefix = for_config(model.config).blocks
         inputs = capture_block_inputs(model, windows, batch_size, dev, store)
+        spill_dir = partial / SPILL / ("rotation" if world.single else f"rotation-{world.rank}")
         info = learn_residual(rot, model, inputs, qcfg, dev, store, lambda i, _b: mat.load(f"{prefix}.{i}"),
-                              lambda i, _b: mat.release(f"{prefix}.{i}"), world, progress and world.main)
+                              lambda i, _b: mat.release(f"{prefix}.{i}"), world, progress and world.main,
+                              spill_dir, max_memory)
         del inputs
         if world.main:
             atomic_save({"Q": rot.Q, "objective": torch.tensor(rot.record.objective, dtype=torch.float64)},
@@ -418,7 +420,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     mat.load("", exclude=blocks_prefix)  # embeddings (and whatever else precedes block 0)
     if rot is not None and rot.pending:
         _learned_rotation(model, rot, qcfg, partial, state is not None, my_windows, batch_size, dev, store, mat,
-                          progress, world, extra_report)
+                          progress, world, extra_report, max_memory)
     if rot is not None:
         rot.rotate_embedding(model)
     inputs = capture_block_inputs(model, my_windows, batch_size, dev, store)

@@ -47,7 +47,7 @@ RUNS = {  # NAME: run it with (--out as a Path, the parsed options)
     "malloc": lambda out, a: malloc(out),
     "moe": lambda out, a: moe(out, a.device),
     "distributed": lambda out, a: distributed(out, tuple(int(r) for r in a.ranks.split(",")), a.threads,
-                                              tuple(int(v) for v in a.windows.split(","))),
+                                              tuple(int(v) for v in a.windows.split(",")), tuple(a.flags.split())),
     "rotation": lambda out, a: rotation(out, tuple(int(b) for b in a.bits.split(",")), tuple(a.rotate.split(",")),
                                         tuple(a.flags.split())),
     "rotation-learned": lambda out, a: rotation_learned(out, int(a.bits.split(",")[0]), a.steps),
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rotation, rotation-split: --rotate values compared (default: %(default)s)")
     p.add_argument("--steps", type=int, default=400, help="rotation-learned: optimiser steps (default: %(default)s)")
     p.add_argument("--flags", default="",
-                   help="rotation, rotation-split: more gptq.quantize flags for every row, e.g. --flags=--sym")
+                   help="rotation, rotation-split, distributed: more gptq.quantize flags for every row, "
+                        "e.g. --flags=--sym")
     p.add_argument("--model", choices=MODELS, default=MODELS[0],
                    help="mix, mix-estimates: the model studied (synthetic: a random Llama wider than SmolLM2)")
     p.add_argument("--policies", default=",".join(POLICIES),

@@ -1,7 +1,9 @@
 """The streaming CLI on one synthetic model as one process and under ``torchrun`` with N ranks,
 ``threads`` per process (the same in every run, so the bytes must match): seconds per block, and
-whether every rank count wrote the same bytes. On a 2-core CPU this shows the overhead, not a
-speed-up."""
+whether every rank count wrote the same bytes. On a 2-core CPU with 1 thread per process, 2 ranks
+use both cores where one process uses one. ``flags`` go to every run (``--flags="--rotate learned
+--rotate-steps 20"`` adds the learned rotation's own seconds: its statistics pass and learning are
+shared out too)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ DIST_WINDOWS = (32, 256)
 
 
 def distributed(out: Path, ranks: tuple[int, ...] = (1, 2), threads: int = 1,
-                windows: tuple[int, int] = DIST_WINDOWS) -> dict:
+                windows: tuple[int, int] = DIST_WINDOWS, flags: tuple[str, ...] = ()) -> dict:
     h, f, nh, kv, L = DIST_SHAPE
     d = synthetic_llama(out / "synthetic" / "dist", h, f, nh, kv, L)
     (out / "synthetic" / "calib.txt").write_text(" ".join(f"w{i % 997}" for i in range(200000)))
@@ -33,7 +35,7 @@ def distributed(out: Path, ranks: tuple[int, ...] = (1, 2), threads: int = 1,
     _tiny_tokenizer(tok)
     n, seq = windows
     args = ["-m", "gptq.quantize", str(d), "--dataset", str(out / "synthetic" / "calib.txt"), "--nsamples", str(n),
-            "--seqlen", str(seq), "--quiet", "--overwrite", "--device", "cpu"]
+            "--seqlen", str(seq), "--quiet", "--overwrite", "--device", "cpu", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     rows, outs = {}, {}
     for r in ranks:
@@ -44,16 +46,20 @@ def distributed(out: Path, ranks: tuple[int, ...] = (1, 2), threads: int = 1,
         subprocess.run(launcher + args + ["--out", str(outs[r])], check=True, env=env, capture_output=True)
         secs = time.perf_counter() - t0
         label = f"{r} rank{'s' if r > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
-        inside = json.loads((outs[r] / "quantize_report.json").read_text())["seconds"]  # start-up excluded
+        report = json.loads((outs[r] / "quantize_report.json").read_text())
+        inside = report["seconds"]  # start-up excluded
         rows[label] = {"command_seconds": round(secs, 1), "quantize_seconds": inside,
                        "seconds_per_block": round(inside / L, 2)}
+        if "rotation_learning" in report:
+            rows[label]["learning_seconds"] = report["rotation_learning"]["seconds"]
         print(label, rows[label])
     base = outs[ranks[0]]
     identical = all(checkpoint_sha(outs[r]) == checkpoint_sha(base) for r in ranks[1:])
     shutil.rmtree(out / "synthetic", ignore_errors=True)
     result = {"setup": f"random Llama-shaped bf16 model, hidden {h}, {L} layers; {n} x {seq}-token windows "
                        "(batch 8); 4-bit g128; streaming CLI; command_seconds: the whole command (imports, "
-                       "torchrun start-up); quantize_seconds: the report's (loading, solving, writing)",
+                       "torchrun start-up); quantize_seconds: the report's (loading, solving, writing)"
+                       + (f"; flags: {' '.join(flags)}" if flags else ""),
               "cpu": cpu_info(), "rows": rows, "checkpoints_identical": identical}
     write(out, "distributed", result, show=True)
     return result

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from benchmarks.common import smollm2_eval, wiki, write
 from calib import load_documents, sample_windows
-from gptq.core.learned_rotation import damped_inverse, learn_rotation, reader_error
+from gptq.core.learned_rotation import Rounding, damped_inverse, learn_rotation, reader_error
 from gptq.models.rotation import ATTN_NORM, MLP_NORM, Rotator
 from gptq.runtime.cpu import cpu_info
 
@@ -81,8 +81,8 @@ def gptq_error(W: torch.Tensor, Hinv: torch.Tensor, Q: torch.Tensor, bits: int, 
     """The library's objective term (``reader_error``) for a reader W Q, or (``reads=False``) the same
     estimate for a writer Qᵀ W on its own inverse Hessian (its input is not rotated by Q)."""
     if reads:
-        return reader_error(W, Hinv, Q, bits, group, sym=False)
-    return reader_error(Q.T @ W, Hinv, torch.eye(W.shape[1], dtype=W.dtype), bits, group, sym=False)
+        return reader_error(W, Hinv, Q, Rounding(bits, group))
+    return reader_error(Q.T @ W, Hinv, torch.eye(W.shape[1], dtype=W.dtype), Rounding(bits, group))
 
 
 def learn(model, windows, bits: int = 3, group: int = 64, steps: int = 400, lr: float = 5e-3,
@@ -110,8 +110,8 @@ def learn(model, windows, bits: int = 3, group: int = 64, steps: int = 400, lr: 
         if step % 50 == 0 or step == steps - 1:
             print(f"step {step}: objective {objective:.4f}", flush=True)
 
-    Q, info = learn_rotation(lambda j: readers[j][0], [Hi for _, Hi in readers], rot.Q, bits=bits, group=group,
-                             sym=False, steps=steps, lr=lr, seed=seed, progress=progress)
+    Q, info = learn_rotation(lambda j: readers[j][0], [Hi for _, Hi in readers], rot.Q, Rounding(bits, group),
+                             steps=steps, lr=lr, seed=seed, progress=progress)
     Q0 = rot.Q.float()
     return {"objective_relative_to_hadamard": info["objective"], "seconds_hessians": round(seconds_hessians, 1),
             "seconds_learning": info["seconds"],

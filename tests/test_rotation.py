@@ -399,6 +399,86 @@ def test_straight_rounding_lands_on_the_grid():
     assert torch.equal(straight_round(torch.zeros(2, 8), 3, 4, False), torch.zeros(2, 8))
 
 
+def test_table_rounding_lands_on_the_nearest_table_value_times_the_absmax():
+    from gptq.core.grids.codebook import TABLES
+    from gptq.core.learned_rotation import table_round
+
+    table = torch.tensor(sorted(set(TABLES["nf4"])))
+    w = torch.randn(5, 40, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    q = table_round(w, TABLES["nf4"], 32)
+    for cols in (slice(0, 32), slice(32, 40)):
+        amax = w[:, cols].detach().abs().amax(1, keepdim=True)
+        x = w[:, cols].detach() / amax
+        nearest = table[(x[..., None] - table).abs().argmin(-1)]
+        assert torch.allclose(q[:, cols].detach(), nearest * amax, atol=1e-6)
+    q.sum().backward()  # the gradient passes: through the absmax (each group's largest entry) and straight
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_the_objective_rounds_onto_each_format_grid():
+    """``Rounding.of``: the grid itself for integers; NF4/FP4 and iq4_nl as tables; the other GGML types as
+    the uniform grid of their bits and group, with or without a minimum as stored."""
+    from gptq.core.grids import GridSpec
+    from gptq.core.grids.codebook import TABLES
+    from gptq.core.learned_rotation import Rounding, straight_round
+
+    assert Rounding.of(GridSpec("int", 3, 64, False)) == Rounding(3, 64, False)
+    assert Rounding.of(GridSpec("int", 4, 128, True)) == Rounding(4, 128, True)
+    assert Rounding.of(GridSpec("nf4", 4, 64, True)) == Rounding(4, 64, True, TABLES["nf4"])
+    assert Rounding.of(GridSpec("fp4", 4, 32, True)).table == TABLES["fp4"]
+    want = {"q4_0": (4, 32, True), "q8_0": (8, 32, True), "q4_1": (4, 32, False), "q5_1": (5, 32, False),
+            "q2_k": (2, 16, False), "q3_k": (3, 16, True), "q4_k": (4, 32, False), "q5_k": (5, 32, False),
+            "q6_k": (6, 16, True)}
+    for name, (bits, group, sym) in want.items():
+        assert Rounding.of(GridSpec.ggml(name)) == Rounding(bits, group, sym), name
+    iq = Rounding.of(GridSpec.ggml("iq4_nl"))
+    assert iq.group == 32 and min(iq.table) == -1.0 and max(iq.table) == pytest.approx(113 / 127)
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(Rounding(3, 32, False)(w), straight_round(w, 3, 32, False))
+
+
+def test_stacked_readers_round_each_on_its_own_grid():
+    """``by_rows``: each linear's rows on its own rounding, a linear left unquantized (None) exact; runs
+    that agree merged into one ``Rounding``."""
+    from gptq.core.learned_rotation import Rounding, by_rows
+
+    a, b = Rounding(3, 16), Rounding(8, 16)
+    assert by_rows([(4, a), (6, a)]) == a
+    w = torch.randn(12, 32, generator=torch.Generator().manual_seed(0))
+    r = by_rows([(4, a), (3, None), (5, b)])
+    out = r(w)
+    assert torch.equal(out[:4], a(w[:4])) and torch.equal(out[4:7], w[4:7]) and torch.equal(out[7:], b(w[7:]))
+
+
+def test_the_learning_rounds_each_reader_on_the_grid_its_format_gives_it():
+    """``pipeline.learned.roundings``: per term, the readers' rows on the grids the bound format gives
+    them (here q6_k for v_proj as llama-quantize's mixes do, q4_k elsewhere); a MoE router exact."""
+    from gptq.core.grids import GridSpec
+    from gptq.core.learned_rotation import Rounding
+    from gptq.pipeline.learned import roundings
+
+    model = random_model(family_config("llama"))
+    grid = lambda name: GridSpec.ggml("q6_k" if name.endswith("v_proj") else "q4_k")  # noqa: E731
+    r = roundings(model, grid)
+    assert len(r) == 2 * model.config.num_hidden_layers
+    attn = model.model.layers[0].self_attn
+    w = torch.randn(attn.q_proj.weight.shape[0] + attn.k_proj.weight.shape[0] + attn.v_proj.weight.shape[0], 64)
+    qk = attn.q_proj.weight.shape[0] + attn.k_proj.weight.shape[0]
+    out = r[0](w)
+    assert torch.equal(out[:qk], Rounding(4, 32, False)(w[:qk])) and torch.equal(out[qk:], Rounding(6, 16, True)(w[qk:]))
+    assert r[1] == Rounding(4, 32, False)
+
+    moe = random_model(family_config("qwen3_moe"))
+    r = roundings(moe, lambda name: GridSpec("int", 3, 32, False))
+    mlp = moe.model.layers[0].mlp
+    rows = [m.weight.shape[0] for m in (mlp.gate, *[p for e in mlp.experts for p in (e.gate_proj, e.up_proj)])]
+    w = torch.randn(sum(rows), 64)
+    out = r[1](w)
+    router = rows[0]
+    assert torch.equal(out[:router], w[:router])  # the router is not quantized: no error counted
+    assert torch.equal(out[router:], Rounding(3, 32, False)(w[router:]))
+
+
 def _learning_problem(n=64, terms=4):
     from gptq.core.learned_rotation import damped_inverse
 
@@ -415,20 +495,20 @@ def _learning_problem(n=64, terms=4):
 
 def test_learned_rotation_lowers_its_objective_and_stays_orthogonal_and_reproducible():
     from gptq.core.hadamard import orthogonal
-    from gptq.core.learned_rotation import learn_rotation, reader_error
+    from gptq.core.learned_rotation import Rounding, learn_rotation, reader_error
 
     terms = _learning_problem()
     Q0 = orthogonal(64, "hadamard", 0)[0]
-    kw = dict(bits=3, group=32, sym=False, steps=60, per_step=2, seed=1)
-    Q, info = learn_rotation(lambda j: terms[j][0], [h for _, h in terms], Q0, **kw)
+    kw = dict(steps=60, per_step=2, seed=1)
+    Q, info = learn_rotation(lambda j: terms[j][0], [h for _, h in terms], Q0, Rounding(3, 32), **kw)
     assert Q.dtype == torch.float64
     assert (Q.T @ Q - torch.eye(64, dtype=torch.float64)).abs().max().item() < 1e-12
     assert (Q - Q0).abs().max().item() > 0.05  # it moved
-    ratios = [(reader_error(W, Hi, Q.float(), 3, 32, False) / reader_error(W, Hi, Q0.float(), 3, 32, False)).item()
+    ratios = [(reader_error(W, Hi, Q.float(), Rounding(3, 32)) / reader_error(W, Hi, Q0.float(), Rounding(3, 32))).item()
               for W, Hi in terms]
     assert info["objective"] == pytest.approx(sum(ratios) / len(ratios), abs=1e-4)
     assert info["objective"] < 0.9, info  # Hadamard = 1
-    Q2, info2 = learn_rotation(lambda j: terms[j][0], [h for _, h in terms], Q0, **kw)
+    Q2, info2 = learn_rotation(lambda j: terms[j][0], [h for _, h in terms], Q0, Rounding(3, 32), **kw)
     assert torch.equal(Q, Q2) and info2["objective"] == info["objective"]
 
 
@@ -438,12 +518,12 @@ def test_learning_shared_out_over_processes_is_one_process_learning_bit_for_bit(
     import threading
 
     from gptq.core.hadamard import orthogonal
-    from gptq.core.learned_rotation import learn_rotation
+    from gptq.core.learned_rotation import Rounding, learn_rotation
 
     terms = _learning_problem(terms=5)
     Q0 = orthogonal(64, "hadamard", 0)[0]
-    kw = dict(bits=3, group=32, sym=False, steps=25, per_step=3, seed=2)
-    Q, info = learn_rotation(lambda j: terms[j][0], [h for _, h in terms], Q0, **kw)
+    kw = dict(steps=25, per_step=3, seed=2)
+    Q, info = learn_rotation(lambda j: terms[j][0], [h for _, h in terms], Q0, Rounding(3, 32), **kw)
 
     size, owner = 3, [0, 1, 2, 1, 0]
     slots: list = [None] * size
@@ -470,7 +550,8 @@ def test_learning_shared_out_over_processes_is_one_process_learning_bit_for_bit(
             return terms[j][0]
 
         mine = {j: terms[j][1] for j in range(5) if owner[j] == rank}
-        out[rank] = learn_rotation(weights, mine, Q0, n_terms=5, combine=summer(rank), device="cpu", **kw)
+        out[rank] = learn_rotation(weights, mine, Q0, Rounding(3, 32), n_terms=5, combine=summer(rank), device="cpu",
+                                   **kw)
 
     workers = [threading.Thread(target=work, args=(r,)) for r in range(size)]
     for w in workers:
@@ -555,6 +636,35 @@ def test_learned_rotation_keeps_the_logits(family):
     assert record.kind == "learned" and record.residual.startswith("learned from hadamard 64 in 20 steps")
     assert record.objective == info["objective"] < 1.0
     assert model.config.gptq_rotation == record.as_dict()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_both_paths_learn_on_the_output_format_grid(stream, tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """--format bnb-nf4 --rotate learned, streaming and in memory: the objective rounds every reader onto
+    the NF4 table at group 64, the grid the solver then uses."""
+    from gptq import QuantConfig
+    from gptq.core.grids import GridSpec
+    from gptq.core.learned_rotation import Rounding
+    from gptq.pipeline import learned, run, streaming
+
+    seen = []
+    real = learned.learn_rotation
+
+    def spy(weights, hinv, Q0, rounding, **kw):
+        seen.extend(rounding(j) for j in range(kw["n_terms"]))
+        return real(weights, hinv, Q0, rounding, **kw)
+
+    monkeypatch.setattr(learned, "learn_rotation", spy)
+    cfg = QuantConfig(bits=4, group_size=64, rotate="learned", rotate_steps=2, format="bnb-nf4")
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    config = family_config("llama")
+    if stream:
+        d = saved_model(tmp_path, tiny_tokenizer_dir, config)
+        streaming.quantize_streaming(d, tmp_path / "out", cfg, windows, torch.float32, device="cpu", progress=False)
+    else:
+        run.quantize_model(random_model(config), windows, cfg, device="cpu", progress=False)
+    nf4 = Rounding.of(GridSpec("nf4", 4, 64, True))
+    assert nf4.table is not None and seen == [nf4] * (2 * config.num_hidden_layers)
 
 
 def test_a_learned_rotation_is_not_applied_before_it_is_learned():

@@ -10,8 +10,10 @@ error GPTQ leaves when it quantizes W Q column by column on the rotated Hessian 
     Σ_ij E_ij² / U_jj²,   E = WQ − round(WQ),   U = chol(Qᵀ (H + λI)⁻¹ Q) (upper)
 
 (GPTQ's error for column j is its rounding error over U_jj²; Frantar et al. 2023, eq. 3 in the Cholesky
-form of its §4), round-to-nearest onto the run's uniform grid (bits, group, symmetric or not) with the
-rounding passed straight through to the gradient. Each group's error counts relative to its value at Q₀.
+form of its §4), round-to-nearest with the rounding passed straight through to the gradient, onto a
+``Rounding``: the grid the readers will be solved on (uniform, a codebook times an absmax, a GGML
+type), its scales taken from each group's range as stored scales are not (the K-quants' quantized
+group scales are left out). Each group's error counts relative to its value at Q₀.
 
 The linears writing the stream (attention output, down projections) are left out: their error grows
 under a rotation (a few large residual channels mixed into every row) while the quantized model gets
@@ -23,8 +25,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
+
+from gptq.core.grids import GridSpec
+from gptq.core.grids.codebook import TABLES
+from gptq.core.grids.ggml import KVALUES_IQ4NL, TYPES
 
 
 def straight_round(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Tensor:
@@ -49,6 +56,72 @@ def straight_round(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.T
     return ((q - z) * s).reshape(rows, -1)[:, :cols]
 
 
+def table_round(w: torch.Tensor, table: tuple[float, ...], group: int) -> torch.Tensor:
+    """``w`` rounded to the nearest value of ``table`` (within [−1, 1]) times its group's absmax, the
+    rounding's gradient passed straight through (the codebook grids: NF4, FP4, iq4_nl); padded as
+    ``straight_round``."""
+    rows, cols = w.shape
+    group = cols if group <= 0 else group
+    pad = -cols % group
+    g = torch.nn.functional.pad(w, (0, pad)).reshape(rows, -1, group)
+    s = g.abs().amax(-1, keepdim=True).clamp(min=1e-8)
+    x = g / s
+    levels = torch.tensor(sorted(set(table)), dtype=w.dtype, device=w.device)
+    idx = torch.bucketize(x.detach(), (levels[1:] + levels[:-1]) / 2).clamp(max=len(levels) - 1)
+    q = x + (levels[idx] - x).detach()
+    return (q * s).reshape(rows, -1)[:, :cols]
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """What the objective rounds onto: ``bits``/``group``/``sym`` a uniform min/max grid
+    (``straight_round``), or with ``table`` a codebook times the absmax (``table_round``)."""
+
+    bits: int
+    group: int
+    sym: bool = False
+    table: tuple[float, ...] | None = None
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        if self.table is not None:
+            return table_round(w, self.table, self.group)
+        return straight_round(w, self.bits, self.group, self.sym)
+
+    @staticmethod
+    def of(spec: GridSpec) -> "Rounding":
+        """The rounding standing for the grid ``spec``: itself for uniform grids; the table for NF4/FP4
+        and iq4_nl; for the other GGML types the uniform grid of their bits and group, symmetric where
+        the type has no minimum (q4_0, q5_0, q8_0, q3_k, q6_k), asymmetric where it has one."""
+        if spec.kind == "int":
+            return Rounding(spec.bits, spec.group_size, spec.sym)
+        if spec.kind in TABLES:
+            return Rounding(4, spec.group_size, True, TABLES[spec.kind])
+        t = TYPES[spec.kind]
+        if t.kind == "table":
+            top = max(abs(v) for v in KVALUES_IQ4NL)
+            return Rounding(t.bits, t.group, True, tuple(v / top for v in KVALUES_IQ4NL))
+        return Rounding(t.bits, t.group, t.kind in ("sym", "kquant3", "kquant6"))
+
+
+def by_rows(segments: Sequence[tuple[int, Rounding | None]]) -> Rounding | Callable[[torch.Tensor], torch.Tensor]:
+    """A rounding of stacked readers, each run of ``rows`` rows by its own ``Rounding`` (None: a linear
+    the solver leaves unquantized, such as a router, rounded to itself); one ``Rounding`` if all agree."""
+    merged: list[list] = []
+    for rows, r in segments:
+        if merged and merged[-1][1] == r:
+            merged[-1][0] += rows
+        else:
+            merged.append([rows, r])
+    if len(merged) == 1 and merged[0][1] is not None:
+        return merged[0][1]
+
+    def rounding(w: torch.Tensor) -> torch.Tensor:
+        parts = w.split([rows for rows, _ in merged])
+        return torch.cat([p if r is None else r(p) for p, (_, r) in zip(parts, merged, strict=True)])
+
+    return rounding
+
+
 def damped_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
     """(H + λI)⁻¹ with λ = ``damp`` · mean(diag H), as the solver damps (float64 inside, float32 out)."""
     H = H.double()
@@ -56,17 +129,18 @@ def damped_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.inv(H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)).float()
 
 
-def reader_error(W: torch.Tensor, Hinv: torch.Tensor, Q: torch.Tensor, bits: int, group: int,
-                 sym: bool) -> torch.Tensor:
+def reader_error(W: torch.Tensor, Hinv: torch.Tensor, Q: torch.Tensor,
+                 rounding: Rounding | Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Σ E² / U_jj² (module docstring) for the readers ``W`` ([out, hidden]) of an input whose damped
-    inverse Hessian is ``Hinv``, rotated by ``Q``."""
+    inverse Hessian is ``Hinv``, rotated by ``Q``, rounded by ``rounding``."""
     Wr = W @ Q
     U = torch.linalg.cholesky(Q.T @ Hinv @ Q, upper=True)
-    return ((Wr - straight_round(Wr, bits, group, sym)).pow(2) / U.diagonal().pow(2)[None]).sum()
+    return ((Wr - rounding(Wr)).pow(2) / U.diagonal().pow(2)[None]).sum()
 
 
 def learn_rotation(weights: Callable[[int], torch.Tensor], hinv: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
-                   Q0: torch.Tensor, *, bits: int, group: int, sym: bool, steps: int = 400, lr: float = 5e-3,
+                   Q0: torch.Tensor, rounding: Rounding | Callable[[int], Callable], *, steps: int = 400,
+                   lr: float = 5e-3,
                    per_step: int = 8, seed: int = 0, n_terms: int | None = None,
                    combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    device: torch.device | str | None = None, progress: Callable[[int, float], None] | None = None
@@ -75,7 +149,8 @@ def learn_rotation(weights: Callable[[int], torch.Tensor], hinv: Mapping[int, to
 
     ``hinv[j]``: the damped inverse Hessian of term j (float32; a mapping may read it from disk when a step
     draws it); ``weights(j)``: term j's readers, [out, hidden] (fetched when a step draws the term, so a
-    caller may load them from disk). Each step takes ``per_step`` of the ``n_terms`` terms (default: all of
+    caller may load them from disk); ``rounding``: what the readers round onto (one ``Rounding`` for all, or
+    term j → its readers' rounding, e.g. ``by_rows``). Each step takes ``per_step`` of the ``n_terms`` terms (default: all of
     ``hinv``), drawn by a generator seeded with ``seed``: the same inputs give the same Q.
 
     Shared out (several processes): each holds only its own terms in ``hinv`` and passes ``combine``,
@@ -92,8 +167,10 @@ def learn_rotation(weights: Callable[[int], torch.Tensor], hinv: Mapping[int, to
     Q0 = Q0.to(dev, torch.float32)
     h = Q0.shape[0]
 
+    rounding_of = rounding if not isinstance(rounding, Rounding) else (lambda j: rounding)
+
     def error(j: int, Q: torch.Tensor) -> torch.Tensor:
-        return reader_error(weights(j).to(dev, torch.float32), terms[j].to(dev), Q, bits, group, sym)
+        return reader_error(weights(j).to(dev, torch.float32), terms[j].to(dev), Q, rounding_of(j))
 
     def everyone(values: dict[int, float]) -> list[float]:  # every term's value, each from its holder
         t = torch.zeros(n, dtype=torch.float64, device=dev)

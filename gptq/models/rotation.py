@@ -240,6 +240,13 @@ class Rotator:
             out[norm_name] = torch.cat(parts)
         return out
 
+    @staticmethod
+    def reader_rows(block: nn.Module) -> dict[str, list[tuple[str, int]]]:
+        """Per norm, (name, rows) of each linear ``readers`` stacks, in its order (from the modules'
+        shapes: a skeleton on the meta device will do)."""
+        return {norm: [(name, lin.weight.shape[0]) for name, lin in _expand(block, READERS[norm])]
+                for norm in (ATTN_NORM, MLP_NORM)}
+
     # -- checks -----------------------------------------------------------------------------
     def check_block(self, block: nn.Module, where: str = "block") -> None:
         """Every module of ``block`` with a parameter of the hidden size is one we rotate (or one

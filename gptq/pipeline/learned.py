@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from gptq.core.config import QuantConfig
 from gptq.core.hessian import HessianAccumulator
-from gptq.core.learned_rotation import damped_inverse, learn_rotation
+from gptq.core.grids import GridSpec
+from gptq.core.learned_rotation import Rounding, by_rows, damped_inverse, learn_rotation
 from gptq.io.modules import BlockInputs, block_on_device, get_module, hooked
 from gptq.models.architectures import for_config
 from gptq.models.rotation import ATTN_NORM, MLP_NORM, Rotator
@@ -101,6 +102,19 @@ def term_owners(config, n_blocks: int, world: World) -> list[int]:
     return owners([cost[j % 2] for j in range(2 * n_blocks)], world.size)
 
 
+def roundings(model: nn.Module, grid: Callable[[str], GridSpec]) -> list:
+    """Per term (block j // 2, norm j % 2), what its stacked readers round onto in the objective: each
+    linear's rows by ``Rounding.of`` its grid, a linear the solver leaves alone (a router) exactly."""
+    arch = for_config(model.config)
+    out = []
+    for i, block in enumerate(get_module(model, arch.blocks)):
+        solved = set(arch.block_linears(block))
+        for layout in Rotator.reader_rows(block).values():
+            out.append(by_rows([(rows, Rounding.of(grid(f"{arch.blocks}.{i}.{name}")) if name in solved else None)
+                                for name, rows in layout]))
+    return out
+
+
 @torch.no_grad()
 def norm_inverses(model: nn.Module, inputs: Sequence[BlockInputs], dev: torch.device, store: Activations,
                   damp: float, keep: Inverses, mine: Callable[[int], bool] = lambda j: True,
@@ -131,12 +145,15 @@ def norm_inverses(model: nn.Module, inputs: Sequence[BlockInputs], dev: torch.de
 def learn_residual(rot: Rotator, model: nn.Module, inputs: Sequence[BlockInputs], config: QuantConfig,
                    dev: torch.device, store: Activations, before_block: Hook | None = None,
                    after_block: Hook | None = None, world: World = SINGLE, progress: bool = True,
-                   spill_dir: Path | None = None, max_memory: int | None = None) -> dict:
+                   spill_dir: Path | None = None, max_memory: int | None = None,
+                   grid: Callable[[str], GridSpec] | None = None) -> dict:
     """Learn ``rot``'s residual rotation (``--rotate learned``) from the unrotated model's block-0
     ``inputs`` and set it (``Rotator.set_learned``) on every rank; the model is left unrotated. Returns
     the learning's record (the objective relative to Q₀, steps, seconds). The inverse Hessians go to
     ``spill_dir`` (this rank's own folder) when this rank's share would not fit ``max_memory`` bytes
-    (default: half the memory available on ``dev``); without a ``spill_dir`` they stay in memory."""
+    (default: half the memory available on ``dev``); without a ``spill_dir`` they stay in memory.
+    ``grid(full linear name)``: the grid each reader will be solved on (the bound format's ``grid``;
+    default: the config's), which the objective rounds onto (``roundings``)."""
     blocks = get_module(model, for_config(model.config).blocks)
     owner = term_owners(model.config, len(blocks), world)
     hidden = model.config.hidden_size
@@ -163,10 +180,9 @@ def learn_residual(rot: Rotator, model: nn.Module, inputs: Sequence[BlockInputs]
         bar.update(1)
         bar.set_postfix(objective=f"{objective:.3f}", refresh=False)
 
-    bits, group = config.bits, config.group_size
+    rounding = roundings(model, grid or (lambda name: config.grid()))
     try:
-        Q, info = learn_rotation(weights, keep, rot.Q, bits=bits, group=group, sym=config.sym_at(bits),
-                                 steps=config.rotate_steps, seed=config.rotate_seed, n_terms=len(owner),
+        Q, info = learn_rotation(weights, keep, rot.Q, rounding.__getitem__, steps=config.rotate_steps, seed=config.rotate_seed, n_terms=len(owner),
                                  combine=None if world.single else (lambda t: all_sum(t, world)), device=dev, progress=tick)
     finally:
         bar.close()

@@ -68,7 +68,8 @@ def quantize_model(
             rot.check_model(model)
             with tempfile.TemporaryDirectory(prefix="gptq-rotation-") as rtmp:  # used above max_memory
                 learn_residual(rot, model, capture_block_inputs(model, windows, batch_size, dev, store), config,
-                               dev, store, progress=progress, spill_dir=Path(rtmp), max_memory=max_memory)
+                               dev, store, progress=progress, spill_dir=Path(rtmp), max_memory=max_memory,
+                               grid=(fmt or get(config).bind(model)).grid)
         if rot is not None:
             rot.rotate_model(model)
         fmt = fmt or get(config).bind(model)

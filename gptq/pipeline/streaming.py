@@ -334,10 +334,11 @@ ROTATION = "rotation.safetensors"  # --rotate learned: the learned Q, kept for -
 
 def _learned_rotation(model, rot, qcfg: QuantConfig, partial: Path, resuming: bool, windows: torch.Tensor,
                       batch_size: int, dev, store, mat: Materializer, progress: bool, world: World,
-                      extra_report: dict | None, max_memory: int | None) -> None:
+                      extra_report: dict | None, max_memory: int | None, fmt: Format) -> None:
     """``--rotate learned``: Q learned from a first pass over the unrotated blocks (``pipeline.learned``),
     loaded and released one at a time, and kept in ``partial``; or, on --resume, read back by rank 0 and
-    handed to the others (the same Q). Inverse Hessians over ``max_memory`` go to this rank's spill folder."""
+    handed to the others (the same Q). Inverse Hessians over ``max_memory`` go to this rank's spill folder;
+    the objective rounds onto ``fmt``'s grids."""
     saved = None
     if resuming:
         if world.main:
@@ -354,7 +355,7 @@ def _learned_rotation(model, rot, qcfg: QuantConfig, partial: Path, resuming: bo
         spill_dir = partial / SPILL / ("rotation" if world.single else f"rotation-{world.rank}")
         info = learn_residual(rot, model, inputs, qcfg, dev, store, lambda i, _b: mat.load(f"{prefix}.{i}"),
                               lambda i, _b: mat.release(f"{prefix}.{i}"), world, progress and world.main,
-                              spill_dir, max_memory)
+                              spill_dir, max_memory, fmt.grid)
         del inputs
         if world.main:
             atomic_save({"Q": rot.Q, "objective": torch.tensor(rot.record.objective, dtype=torch.float64)},
@@ -420,7 +421,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     mat.load("", exclude=blocks_prefix)  # embeddings (and whatever else precedes block 0)
     if rot is not None and rot.pending:
         _learned_rotation(model, rot, qcfg, partial, state is not None, my_windows, batch_size, dev, store, mat,
-                          progress, world, extra_report, max_memory)
+                          progress, world, extra_report, max_memory, fmt)
     if rot is not None:
         rot.rotate_embedding(model)
     inputs = capture_block_inputs(model, my_windows, batch_size, dev, store)

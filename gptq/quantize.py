@@ -189,9 +189,9 @@ def build_parser() -> argparse.ArgumentParser:  # one declaration per option: cl
     r.add_argument("--max-memory", default="auto", metavar="SIZE",
                    help="memory budget for the calibration activations (e.g. 4GB, 500MB; 0 = always spill): "
                         "above it they are spilled to disk batch by batch, next to the output (or in TMPDIR with "
-                        "--no-stream); the result is the same (so are --rotate learned's inverse Hessians, one file per "
-                        "term). auto = half the memory available at the start, on the GPU with --device cuda "
-                        "(default: %(default)s)")
+                        "--no-stream); the result is the same (so are --rotate learned's terms: readers and "
+                        "inverse Hessians, one file each). auto = half the memory available at the start, on the "
+                        "GPU with --device cuda (default: %(default)s)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -563,49 +563,68 @@ def test_learning_shared_out_over_processes_is_one_process_learning_bit_for_bit(
     assert all(called)
 
 
-def test_learning_spills_its_inverse_hessians_under_a_memory_budget(tmp_path):
-    """--max-memory 0: every inverse Hessian written to the spill folder and read back when drawn; the
-    same Q as in memory, and the folder left empty."""
+def test_learning_spills_its_terms_under_a_memory_budget(tmp_path):
+    """--max-memory 0: every term (readers and inverse Hessian) written to the spill folder and read back
+    when drawn, once for both; the same Q as in memory, and the folder left empty. The learning loads no
+    block: the readers were taken during the statistics pass."""
     from gptq import QuantConfig
     from gptq.pipeline.activations import Activations
-    from gptq.pipeline.learned import Inverses, learn_residual
+    from gptq.pipeline.learned import Terms, learn_residual
     from gptq.pipeline.loop import capture_block_inputs
 
     config = family_config("llama")
     model = random_model(config)
     ids = torch.randint(0, config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(1))
     cfg = QuantConfig(bits=3, group_size=32, rotate="learned", rotate_steps=8)
-    seen = []
-    put = Inverses.put
+    seen, loads = [], []
+    put = Terms.put
 
-    def spy(self, j, hinv):
-        put(self, j, hinv)
+    def spy(self, j, readers, hinv):
+        put(self, j, readers, hinv)
         seen.append((self.dir, sorted(p.name for p in tmp_path.glob("*"))))
 
-    Qs = []
+    from gptq.pipeline import learned
+
+    load_item = learned.load_item
+
+    def counted(path, device):
+        loads.append(path.name)
+        return load_item(path, device)
+
+    Qs, blocks_loaded = [], []
     for budget in (None, 0):
         rot = Rotator(model.config, "learned", 0, steps=8)
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(Inverses, "put", spy)
+            mp.setattr(Terms, "put", spy)
+            mp.setattr(learned, "load_item", counted)
             learn_residual(rot, model, capture_block_inputs(model, ids, 2, "cpu"), cfg, torch.device("cpu"),
-                           Activations(), progress=False, spill_dir=tmp_path, max_memory=budget)
+                           Activations(), progress=False, spill_dir=tmp_path, max_memory=budget,
+                           before_block=lambda i, b: blocks_loaded.append(i))
         Qs.append(rot.Q)
     assert torch.equal(Qs[0], Qs[1])
     n = 2 * config.num_hidden_layers
     assert [d for d, _ in seen] == [None] * n + [tmp_path] * n
     assert seen[-1][1] == [f"term-{j:05d}.safetensors" for j in range(n)]
     assert list(tmp_path.iterdir()) == []
+    assert blocks_loaded == list(range(config.num_hidden_layers)) * 2  # the statistics pass only
+    assert 0 < len(loads) <= n + 8 * min(8, n) + n  # base, ≤ one read per draw, final
 
 
 def test_the_learning_terms_are_dealt_to_the_ranks_by_cost():
     from gptq.pipeline.distributed import World
-    from gptq.pipeline.learned import term_owners
+    from gptq.pipeline.learned import term_owners, term_rows
 
-    config = family_config("llama")  # 2 blocks: 4 terms
-    assert term_owners(config, 2, World()) == [0, 0, 0, 0]
-    two = term_owners(config, 2, World(1, 2, True))
+    model = random_model(family_config("llama"))  # 2 blocks: 4 terms
+    rows = term_rows(model)
+    attn = model.model.layers[0].self_attn
+    mlp = model.model.layers[0].mlp
+    assert rows == [sum(m.weight.shape[0] for m in (attn.q_proj, attn.k_proj, attn.v_proj)),
+                    mlp.gate_proj.weight.shape[0] + mlp.up_proj.weight.shape[0]] * 2
+    hidden = model.config.hidden_size
+    assert term_owners(rows, hidden, World()) == [0, 0, 0, 0]
+    two = term_owners(rows, hidden, World(1, 2, True))
     assert sorted(two) == [0, 0, 1, 1] and two[0] != two[2]  # each rank one attention, one MLP term
-    many = term_owners(config, 30, World(1, 4, True))
+    many = term_owners(rows * 15, hidden, World(1, 4, True))
     assert [many.count(r) for r in range(4)] == [15, 15, 15, 15]
 
 

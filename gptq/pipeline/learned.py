@@ -2,21 +2,22 @@
 
     block-0 inputs of the unrotated model
       └─ for each block: load → accumulate H of each norm's normalized input → run → release;
-         the damped inverse of each H kept by the rank that owns its term (in memory, or on disk)
+         each term (a block's readers of one norm, and the damped inverse of that norm's H) kept by
+         the rank that owns it (in memory, or on disk)
       └─ learn Q (``core.learned_rotation``) on every rank, each computing its own terms' gradients,
          summed so that every rank takes the same steps
       └─ the caller rotates the model with it (``Rotator.set_learned``) and starts over from the embeddings
 
 One more pass of the full-precision blocks than ``--rotate hadamard`` needs, then the learning, which
-fetches a block's readers when a step draws them (``before_block``/``after_block`` load and release
-them on the streaming path). Under torchrun each rank runs its own batches and the Hessian partials are
+loads no block: each term's readers are taken (float32, norm scales folded in) while the statistics
+pass has the block loaded. Under torchrun each rank runs its own batches and the Hessian partials are
 exchanged after every round and added in batch order (``distributed.exchange``): H, and so Q, is one
-process's, bit for bit. The terms (one per block and norm) are then dealt to the ranks by their cost
-(``distributed.owners``): a rank keeps only its terms' inverses and computes only their gradients, so
-the learning's memory and time are shared out as the solves are. The inverses, 2 × blocks × hidden²
-floats in all (4.3 GB for a 32-block model of hidden size 4096), are spilled to disk, one file per
-term read back when a step draws it, when they would not fit the memory budget (``--max-memory``).
-The caller keeps Q for ``--resume`` (``streaming``).
+process's, bit for bit. The terms are dealt to the ranks by their cost (``distributed.owners``): a rank
+keeps only its terms and computes only their gradients, so the learning's memory and time are shared
+out as the solves are. The terms take (hidden + readers' rows) × hidden floats each: 23 GB for
+Llama-3-8B's shape (32 blocks, hidden size 4096, MLP width 14336), 0.36 GB for SmolLM2. Where this
+rank's share would not fit the memory budget (``--max-memory``) they are spilled to disk, one file per
+term, read back when a step draws it. The caller keeps Q for ``--resume`` (``streaming``).
 """
 
 from __future__ import annotations
@@ -52,27 +53,41 @@ def _normalized(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-class Inverses(Mapping):
-    """This rank's damped inverse Hessians by term (term j: block j // 2, norm j % 2): on ``device``, or
-    with ``spill_dir`` one safetensors file per term, read back to ``device`` when asked for."""
+class Terms(Mapping):
+    """This rank's terms (term j: block j // 2, norm j % 2): each its readers ([out, hidden], float32, as
+    ``Rotator.readers`` stacks them) and its damped inverse Hessian, by j the inverse (what
+    ``learn_rotation`` takes as ``hinv``) and by ``readers(j)`` the readers. Held on ``device``, or
+    with ``spill_dir`` one safetensors file per term, read back (once for both) when a step draws it."""
 
     def __init__(self, device: torch.device, spill_dir: Path | None = None):
         self.device, self.dir = device, spill_dir
-        self._held: dict[int, torch.Tensor | Path] = {}
+        self._held: dict[int, tuple[torch.Tensor, torch.Tensor] | Path] = {}
+        self._last: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         if spill_dir is not None:
             spill_dir.mkdir(parents=True, exist_ok=True)
 
-    def put(self, j: int, hinv: torch.Tensor) -> None:
+    def put(self, j: int, readers: torch.Tensor, hinv: torch.Tensor) -> None:
         if self.dir is None:
-            self._held[j] = hinv.to(self.device)
+            self._held[j] = (readers.to(self.device), hinv.to(self.device))
         else:
             path = self.dir / f"term-{j:05d}.safetensors"
-            save_item(hinv, path)
+            save_item((readers, hinv), path)
             self._held[j] = path
 
-    def __getitem__(self, j: int) -> torch.Tensor:
+    def _get(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self._held[j]
-        return load_item(x, self.device) if isinstance(x, Path) else x
+        if not isinstance(x, Path):
+            return x
+        if self._last is None or self._last[0] != j:
+            self._last = None  # the previous term's tensors go before the next are read
+            self._last = (j, load_item(x, self.device))
+        return self._last[1]
+
+    def readers(self, j: int) -> torch.Tensor:
+        return self._get(j)[0]
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        return self._get(j)[1]
 
     def __iter__(self) -> Iterator[int]:
         return iter(sorted(self._held))
@@ -84,22 +99,16 @@ class Inverses(Mapping):
         return [x for x in self._held.values() if isinstance(x, Path)]
 
 
-def term_owners(config, n_blocks: int, world: World) -> list[int]:
-    """The rank holding each term (2 per block: the attention's readers, then the MLP's), balanced by
-    the cost of one step's work on it: the rotated inverse and its Cholesky factor (~3 hidden³) plus
-    W Q (rows × hidden²), the rows taken from the config (q/k/v; gate/up, of every expert and the
-    shared one in a mixture-of-experts block)."""
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    inter = getattr(config, "intermediate_size", None) or 4 * hidden
-    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
-    if experts:
-        inter = experts * (getattr(config, "moe_intermediate_size", None) or inter) + (
-            getattr(config, "shared_expert_intermediate_size", None) or 0)
-    cost = [3.0 * hidden**3 + rows * hidden**2 for rows in ((heads + 2 * kv) * head_dim, 2 * inter)]
-    return owners([cost[j % 2] for j in range(2 * n_blocks)], world.size)
+def term_rows(model: nn.Module) -> list[int]:
+    """The rows each term stacks (its readers'), from the modules' shapes (a skeleton will do)."""
+    blocks = get_module(model, for_config(model.config).blocks)
+    return [sum(rows for _, rows in layout) for b in blocks for layout in Rotator.reader_rows(b).values()]
+
+
+def term_owners(rows: Sequence[int], hidden: int, world: World) -> list[int]:
+    """The rank holding each term, balanced by the cost of one step's work on it: the rotated inverse and
+    its Cholesky factor (~3 hidden³) plus W Q (rows × hidden²)."""
+    return owners([3.0 * hidden**3 + r * hidden**2 for r in rows], world.size)
 
 
 def roundings(model: nn.Module, grid: Callable[[str], GridSpec]) -> list:
@@ -116,13 +125,14 @@ def roundings(model: nn.Module, grid: Callable[[str], GridSpec]) -> list:
 
 
 @torch.no_grad()
-def norm_inverses(model: nn.Module, inputs: Sequence[BlockInputs], dev: torch.device, store: Activations,
-                  damp: float, keep: Inverses, mine: Callable[[int], bool] = lambda j: True,
+def collect_terms(model: nn.Module, rot: Rotator, inputs: Sequence[BlockInputs], dev: torch.device,
+                  store: Activations, damp: float, keep: Terms, mine: Callable[[int], bool] = lambda j: True,
                   before_block: Hook | None = None, after_block: Hook | None = None, world: World = SINGLE,
                   progress: bool = True) -> None:
     """Per block, the Hessian (2·Σxxᵀ/n, float32 on ``dev``) of each norm's input divided by its RMS (what
     the linears reading the norm see once its scale is folded into them), damped and inverted
-    (``damped_inverse``) into ``keep`` for the terms ``mine`` accepts. ``inputs``: block 0's (this rank's
+    (``damped_inverse``), into ``keep`` with the readers (``rot.readers``, taken while the block is
+    loaded) for the terms ``mine`` accepts. ``inputs``: block 0's (this rank's
     batches with several ranks); every rank runs every block (each needs every H, the partials of all)."""
     blocks = get_module(model, for_config(model.config).blocks)
     n_rounds = broadcast(len(inputs), 0, world)  # rank 0 holds the most batches
@@ -135,10 +145,11 @@ def norm_inverses(model: nn.Module, inputs: Sequence[BlockInputs], dev: torch.de
                 stack.enter_context(hooked(norm, lambda m, a, acc=acc: acc.add(_normalized(m, a[0])), pre=True))
             outputs = store.new()
             run_in_rounds(block, inputs, outputs, list(accs.values()), world, n_rounds)
-        for k, name in enumerate(NORMS):
-            if mine(2 * i + k):
-                keep.put(2 * i + k, damped_inverse(accs[name].hessian(), damp))
-        del accs
+            readers = rot.readers(block) if mine(2 * i) or mine(2 * i + 1) else {}
+            for k, name in enumerate(NORMS):
+                if mine(2 * i + k):
+                    keep.put(2 * i + k, readers[name], damped_inverse(accs[name].hessian(), damp))
+        del accs, readers
         inputs = store.inputs(outputs, block_args(inputs))
 
 
@@ -154,25 +165,13 @@ def learn_residual(rot: Rotator, model: nn.Module, inputs: Sequence[BlockInputs]
     (default: half the memory available on ``dev``); without a ``spill_dir`` they stay in memory.
     ``grid(full linear name)``: the grid each reader will be solved on (the bound format's ``grid``;
     default: the config's), which the objective rounds onto (``roundings``)."""
-    blocks = get_module(model, for_config(model.config).blocks)
-    owner = term_owners(model.config, len(blocks), world)
+    rows = term_rows(model)
     hidden = model.config.hidden_size
-    need = sum(o == world.rank for o in owner) * hidden * hidden * 4
-    keep = Inverses(dev, spill_dir if spill_dir is not None and should_spill(need, max_memory, dev) else None)
-    norm_inverses(model, inputs, dev, store, config.damp, keep, lambda j: owner[j] == world.rank,
+    owner = term_owners(rows, hidden, world)
+    need = sum((hidden + r) * hidden * 4 for r, o in zip(rows, owner) if o == world.rank)
+    keep = Terms(dev, spill_dir if spill_dir is not None and should_spill(need, max_memory, dev) else None)
+    collect_terms(model, rot, inputs, dev, store, config.damp, keep, lambda j: owner[j] == world.rank,
                   before_block, after_block, world, progress)
-    cache: dict[int, dict[str, torch.Tensor]] = {}
-
-    def weights(j: int) -> torch.Tensor:  # term j: block j // 2's readers of norm j % 2
-        i = j // 2
-        if i not in cache:
-            cache.clear()
-            if before_block is not None:
-                before_block(i, blocks[i])
-            cache[i] = rot.readers(blocks[i])
-            if after_block is not None:
-                after_block(i, blocks[i])
-        return cache[i][NORMS[j % 2]]
 
     bar = tqdm(total=config.rotate_steps, desc="learning the rotation", unit="step", disable=not progress)
 
@@ -182,8 +181,9 @@ def learn_residual(rot: Rotator, model: nn.Module, inputs: Sequence[BlockInputs]
 
     rounding = roundings(model, grid or (lambda name: config.grid()))
     try:
-        Q, info = learn_rotation(weights, keep, rot.Q, rounding.__getitem__, steps=config.rotate_steps, seed=config.rotate_seed, n_terms=len(owner),
-                                 combine=None if world.single else (lambda t: all_sum(t, world)), device=dev, progress=tick)
+        Q, info = learn_rotation(keep.readers, keep, rot.Q, rounding.__getitem__, steps=config.rotate_steps,
+                                 seed=config.rotate_seed, n_terms=len(owner), device=dev, progress=tick,
+                                 combine=None if world.single else (lambda t: all_sum(t, world)))
     finally:
         bar.close()
         for f in keep.files():

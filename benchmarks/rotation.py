@@ -22,7 +22,8 @@ ROTATION_KINDS = ("none", "hadamard")
 
 
 def _bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    """The checkpoint's weight files: its safetensors shards, or its .gguf file."""
+    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".gguf"))
 
 
 def rotation_seconds(model_dir: Path, kind: str) -> float:

@@ -416,8 +416,9 @@ def test_table_rounding_lands_on_the_nearest_table_value_times_the_absmax():
 
 
 def test_the_objective_rounds_onto_each_format_grid():
-    """``Rounding.of``: the grid itself for integers; NF4/FP4 and iq4_nl as tables; the other GGML types as
-    the uniform grid of their bits and group, with or without a minimum as stored."""
+    """``Rounding.of``: the grid itself for integers; NF4/FP4 as tables times the absmax; iq4_nl and the GGML
+    types without a minimum as their levels times a scale of either sign; those with a minimum as the
+    asymmetric uniform grid of their bits and group."""
     from gptq.core.grids import GridSpec
     from gptq.core.grids.codebook import TABLES
     from gptq.core.learned_rotation import Rounding, straight_round
@@ -426,15 +427,45 @@ def test_the_objective_rounds_onto_each_format_grid():
     assert Rounding.of(GridSpec("int", 4, 128, True)) == Rounding(4, 128, True)
     assert Rounding.of(GridSpec("nf4", 4, 64, True)) == Rounding(4, 64, True, TABLES["nf4"])
     assert Rounding.of(GridSpec("fp4", 4, 32, True)).table == TABLES["fp4"]
-    want = {"q4_0": (4, 32, True), "q8_0": (8, 32, True), "q4_1": (4, 32, False), "q5_1": (5, 32, False),
-            "q2_k": (2, 16, False), "q3_k": (3, 16, True), "q4_k": (4, 32, False), "q5_k": (5, 32, False),
-            "q6_k": (6, 16, True)}
-    for name, (bits, group, sym) in want.items():
-        assert Rounding.of(GridSpec.ggml(name)) == Rounding(bits, group, sym), name
+    for name, (bits, group) in {"q4_0": (4, 32), "q5_0": (5, 32), "q8_0": (8, 32), "q3_k": (3, 16),
+                                "q6_k": (6, 16)}.items():
+        r = Rounding.of(GridSpec.ggml(name))
+        half = 2 ** (bits - 1)
+        assert (r.group, r.signed, len(r.table)) == (group, True, 2**bits), name
+        assert min(r.table) == -1.0 and max(r.table) == (half - 1) / half, name
+    for name, (bits, group) in {"q4_1": (4, 32), "q5_1": (5, 32), "q2_k": (2, 16), "q4_k": (4, 32),
+                                "q5_k": (5, 32)}.items():
+        assert Rounding.of(GridSpec.ggml(name)) == Rounding(bits, group, False), name
     iq = Rounding.of(GridSpec.ggml("iq4_nl"))
-    assert iq.group == 32 and min(iq.table) == -1.0 and max(iq.table) == pytest.approx(113 / 127)
+    assert iq.group == 32 and iq.signed and min(iq.table) == -1.0 and max(iq.table) == pytest.approx(113 / 127)
     w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
     assert torch.equal(Rounding(3, 32, False)(w), straight_round(w, 3, 32, False))
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5_0", "q8_0", "iq4_nl"])
+def test_the_objective_rounds_as_the_ggml_grid_does(name):
+    """Against the solver's own GGML family (no clipping search): the same values but where its float16
+    scale moves a weight across a rounding boundary; the sign of the scale chosen alike (a group whose
+    largest weight is positive reaches it: iq4_nl's table runs from −127 to 113 only)."""
+    from gptq.core.grids import GridSpec
+    from gptq.core.learned_rotation import Rounding
+
+    spec = GridSpec.ggml(name)
+    w = torch.randn(400, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    w[::2] *= -1  # half the rows' extremes on each side
+    fam = spec.family(False)
+    grid = fam.fit(w)
+    scale, zero = grid.scale[:, None], grid.zero[:, None]
+    theirs = fam.dequantize(fam.quantize(w, scale, zero), scale, zero)
+    rounding = Rounding.of(spec)
+    ours = rounding(w)
+    amax = w.abs().amax(1, keepdim=True)
+    levels = sorted(rounding.table)
+    gap = min(b - a for a, b in zip(levels, levels[1:]))
+    off = (ours - theirs).abs() > 0.4 * gap * amax  # another level, not the float16 scale's last digits
+    assert off.float().mean().item() < 0.02, off.float().mean().item()
+    err_ours, err_theirs = (ours - w).pow(2).sum().item(), (theirs - w).pow(2).sum().item()
+    assert err_ours == pytest.approx(err_theirs, rel=0.02)
 
 
 def test_stacked_readers_round_each_on_its_own_grid():
@@ -465,18 +496,22 @@ def test_the_learning_rounds_each_reader_on_the_grid_its_format_gives_it():
     w = torch.randn(attn.q_proj.weight.shape[0] + attn.k_proj.weight.shape[0] + attn.v_proj.weight.shape[0], 64)
     qk = attn.q_proj.weight.shape[0] + attn.k_proj.weight.shape[0]
     out = r[0](w)
-    assert torch.equal(out[:qk], Rounding(4, 32, False)(w[:qk])) and torch.equal(out[qk:], Rounding(6, 16, True)(w[qk:]))
-    assert r[1] == Rounding(4, 32, False)
+    q4k, q6k = Rounding.of(GridSpec.ggml("q4_k")), Rounding.of(GridSpec.ggml("q6_k"))
+    assert q4k != q6k and torch.equal(out[:qk], q4k(w[:qk])) and torch.equal(out[qk:], q6k(w[qk:]))
+    assert r[1] == q4k
 
     moe = random_model(family_config("qwen3_moe"))
-    r = roundings(moe, lambda name: GridSpec("int", 3, 32, False))
+    r = roundings(moe, lambda name: GridSpec("int", 8 if name.endswith("up_proj") else 3, 32, False))
     mlp = moe.model.layers[0].mlp
-    rows = [m.weight.shape[0] for m in (mlp.gate, *[p for e in mlp.experts for p in (e.gate_proj, e.up_proj)])]
-    w = torch.randn(sum(rows), 64)
+    # stacked as Rotator.readers stacks them: the router, every expert's gate, then every expert's up
+    router = mlp.gate.weight.shape[0]
+    gates = sum(e.gate_proj.weight.shape[0] for e in mlp.experts)
+    ups = sum(e.up_proj.weight.shape[0] for e in mlp.experts)
+    w = torch.randn(router + gates + ups, 64)
     out = r[1](w)
-    router = rows[0]
     assert torch.equal(out[:router], w[:router])  # the router is not quantized: no error counted
-    assert torch.equal(out[router:], Rounding(3, 32, False)(w[router:]))
+    assert torch.equal(out[router:router + gates], Rounding(3, 32, False)(w[router:router + gates]))
+    assert torch.equal(out[router + gates:], Rounding(8, 32, False)(w[router + gates:]))
 
 
 def _learning_problem(n=64, terms=4):
@@ -513,7 +548,7 @@ def test_learned_rotation_lowers_its_objective_and_stays_orthogonal_and_reproduc
 
 
 def test_learning_shared_out_over_processes_is_one_process_learning_bit_for_bit():
-    """Three workers (threads standing for ranks), each holding some of the terms and summing through a
+    """Four workers (threads standing for ranks), three holding some of the terms, one none, summing through a
     ``combine`` as all_reduce does: the Q and the objective one process learns from all the terms."""
     import threading
 
@@ -525,7 +560,7 @@ def test_learning_shared_out_over_processes_is_one_process_learning_bit_for_bit(
     kw = dict(steps=25, per_step=3, seed=2)
     Q, info = learn_rotation(lambda j: terms[j][0], [h for _, h in terms], Q0, Rounding(3, 32), **kw)
 
-    size, owner = 3, [0, 1, 2, 1, 0]
+    size, owner = 4, [0, 1, 2, 1, 0]  # rank 3 holds no term and still takes every step
     slots: list = [None] * size
     gate = threading.Barrier(size)
 
@@ -560,12 +595,12 @@ def test_learning_shared_out_over_processes_is_one_process_learning_bit_for_bit(
         w.join()
     for Qr, inf in out:
         assert torch.equal(Qr, Q) and inf["objective"] == info["objective"]
-    assert all(called)
+    assert called[:3] == [c for c in called[:3] if c] and called[3] == 0
 
 
 def test_learning_spills_its_terms_under_a_memory_budget(tmp_path):
     """--max-memory 0: every term (readers and inverse Hessian) written to the spill folder and read back
-    when drawn, once for both; the same Q as in memory, and the folder left empty. The learning loads no
+    when drawn, once for both; the same Q as in memory, and the files and folder removed. The learning loads no
     block: the readers were taken during the statistics pass."""
     from gptq import QuantConfig
     from gptq.pipeline.activations import Activations
@@ -579,9 +614,11 @@ def test_learning_spills_its_terms_under_a_memory_budget(tmp_path):
     seen, loads = [], []
     put = Terms.put
 
+    spill = tmp_path / "terms"
+
     def spy(self, j, readers, hinv):
         put(self, j, readers, hinv)
-        seen.append((self.dir, sorted(p.name for p in tmp_path.glob("*"))))
+        seen.append((self.dir, sorted(p.name for p in spill.glob("*"))))
 
     from gptq.pipeline import learned
 
@@ -598,16 +635,28 @@ def test_learning_spills_its_terms_under_a_memory_budget(tmp_path):
             mp.setattr(Terms, "put", spy)
             mp.setattr(learned, "load_item", counted)
             learn_residual(rot, model, capture_block_inputs(model, ids, 2, "cpu"), cfg, torch.device("cpu"),
-                           Activations(), progress=False, spill_dir=tmp_path, max_memory=budget,
+                           Activations(), progress=False, spill_dir=spill, max_memory=budget,
                            before_block=lambda i, b: blocks_loaded.append(i))
         Qs.append(rot.Q)
     assert torch.equal(Qs[0], Qs[1])
     n = 2 * config.num_hidden_layers
-    assert [d for d, _ in seen] == [None] * n + [tmp_path] * n
+    assert [d for d, _ in seen] == [None] * n + [spill] * n
     assert seen[-1][1] == [f"term-{j:05d}.safetensors" for j in range(n)]
-    assert list(tmp_path.iterdir()) == []
+    assert not spill.exists()  # the files and their folder removed
     assert blocks_loaded == list(range(config.num_hidden_layers)) * 2  # the statistics pass only
     assert 0 < len(loads) <= n + 8 * min(8, n) + n  # base, ≤ one read per draw, final
+
+
+def test_an_explicit_memory_budget_is_shared_between_activations_and_terms():
+    from gptq.pipeline.learned import left_for_terms, term_rows, terms_bytes
+
+    assert left_for_terms(None, 10, False) is None  # auto: measured when the terms are stored
+    assert left_for_terms(100, 30, False) == 70  # the activations in memory have their share first
+    assert left_for_terms(100, 30, True) == 100  # spilled: the whole budget
+    assert left_for_terms(20, 30, False) == 0
+    model = random_model(family_config("llama"))
+    h = model.config.hidden_size
+    assert terms_bytes(model) == sum((h + r) * h * 4 for r in term_rows(model))
 
 
 def test_the_learning_terms_are_dealt_to_the_ranks_by_cost():

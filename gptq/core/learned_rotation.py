@@ -12,8 +12,8 @@ error GPTQ leaves when it quantizes W Q column by column on the rotated Hessian 
 (GPTQ's error for column j is its rounding error over U_jj²; Frantar et al. 2023, eq. 3 in the Cholesky
 form of its §4), round-to-nearest with the rounding passed straight through to the gradient, onto a
 ``Rounding``: the grid the readers will be solved on (uniform, a codebook times an absmax, a GGML
-type), its scales taken from each group's range as stored scales are not (the K-quants' quantized
-group scales are left out). Each group's error counts relative to its value at Q₀.
+type), its scales taken from each group's range, not rounded as stored scales are (the K-quants'
+quantized group scales are left out). Each group's error counts relative to its value at Q₀.
 
 The linears writing the stream (attention output, down projections) are left out: their error grows
 under a rotation (a few large residual channels mixed into every row) while the quantized model gets
@@ -56,42 +56,58 @@ def straight_round(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.T
     return ((q - z) * s).reshape(rows, -1)[:, :cols]
 
 
-def table_round(w: torch.Tensor, table: tuple[float, ...], group: int) -> torch.Tensor:
+def table_round(w: torch.Tensor, table: tuple[float, ...], group: int, signed: bool = False) -> torch.Tensor:
     """``w`` rounded to the nearest value of ``table`` (within [−1, 1]) times its group's absmax, the
-    rounding's gradient passed straight through (the codebook grids: NF4, FP4, iq4_nl); padded as
-    ``straight_round``."""
+    rounding's gradient passed straight through (the codebook grids: NF4, FP4, iq4_nl, and the GGML types
+    whose levels are a signed scale times whole numbers); padded as ``straight_round``. ``signed``: the
+    scale may be negative, as GGML's d is, so each group also tries the table reversed (−table) and keeps
+    whichever leaves the smaller squared error (a choice outside the gradient)."""
     rows, cols = w.shape
     group = cols if group <= 0 else group
     pad = -cols % group
     g = torch.nn.functional.pad(w, (0, pad)).reshape(rows, -1, group)
     s = g.abs().amax(-1, keepdim=True).clamp(min=1e-8)
     x = g / s
-    levels = torch.tensor(sorted(set(table)), dtype=w.dtype, device=w.device)
-    idx = torch.bucketize(x.detach(), (levels[1:] + levels[:-1]) / 2).clamp(max=len(levels) - 1)
-    q = x + (levels[idx] - x).detach()
+    xd = x.detach()
+    best = None
+    for sign in (1.0, -1.0) if signed else (1.0,):
+        levels = torch.tensor(sorted({sign * v for v in table}), dtype=w.dtype, device=w.device)
+        idx = torch.bucketize(xd, (levels[1:] + levels[:-1]) / 2)
+        v = levels[idx]
+        if best is None:
+            best = v
+        else:
+            better = (v - xd).pow(2).sum(-1, keepdim=True) < (best - xd).pow(2).sum(-1, keepdim=True)
+            best = torch.where(better, v, best)
+    q = x + (best - x).detach()
     return (q * s).reshape(rows, -1)[:, :cols]
 
 
 @dataclass(frozen=True)
 class Rounding:
     """What the objective rounds onto: ``bits``/``group``/``sym`` a uniform min/max grid
-    (``straight_round``), or with ``table`` a codebook times the absmax (``table_round``)."""
+    (``straight_round``), or with ``table`` a codebook times the absmax, of either sign where ``signed``
+    (``table_round``)."""
 
     bits: int
     group: int
     sym: bool = False
     table: tuple[float, ...] | None = None
+    signed: bool = False
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
         if self.table is not None:
-            return table_round(w, self.table, self.group)
+            return table_round(w, self.table, self.group, self.signed)
         return straight_round(w, self.bits, self.group, self.sym)
 
     @staticmethod
     def of(spec: GridSpec) -> "Rounding":
-        """The rounding standing for the grid ``spec``: itself for uniform grids; the table for NF4/FP4
-        and iq4_nl; for the other GGML types the uniform grid of their bits and group, symmetric where
-        the type has no minimum (q4_0, q5_0, q8_0, q3_k, q6_k), asymmetric where it has one."""
+        """The rounding standing for the grid ``spec``: itself for uniform grids; NF4/FP4 as their tables
+        times the absmax; the GGML types without a minimum as their levels times a signed scale (iq4_nl's
+        table; q4_0, q5_0, q8_0, q3_k, q6_k: the whole numbers −2^(bits−1) … 2^(bits−1) − 1 over
+        2^(bits−1)); those with a minimum (q4_1, q5_1, q2_k, q4_k, q5_k) as the asymmetric uniform grid of
+        their bits and group. Scales are not rounded to their stored precision, nor the K-quants' group
+        scales quantized."""
         if spec.kind == "int":
             return Rounding(spec.bits, spec.group_size, spec.sym)
         if spec.kind in TABLES:
@@ -99,8 +115,11 @@ class Rounding:
         t = TYPES[spec.kind]
         if t.kind == "table":
             top = max(abs(v) for v in KVALUES_IQ4NL)
-            return Rounding(t.bits, t.group, True, tuple(v / top for v in KVALUES_IQ4NL))
-        return Rounding(t.bits, t.group, t.kind in ("sym", "kquant3", "kquant6"))
+            return Rounding(t.bits, t.group, True, tuple(v / top for v in KVALUES_IQ4NL), signed=True)
+        if t.kind in ("sym", "kquant3", "kquant6"):
+            half = 2 ** (t.bits - 1)
+            return Rounding(t.bits, t.group, True, tuple(k / half for k in range(-half, half)), signed=True)
+        return Rounding(t.bits, t.group, False)
 
 
 def by_rows(segments: Sequence[tuple[int, Rounding | None]]) -> Rounding | Callable[[torch.Tensor], torch.Tensor]:
@@ -149,8 +168,8 @@ def learn_rotation(weights: Callable[[int], torch.Tensor], hinv: Mapping[int, to
 
     ``hinv[j]``: the damped inverse Hessian of term j (float32; a mapping may read it from disk when a step
     draws it); ``weights(j)``: term j's readers, [out, hidden] (fetched when a step draws the term, so a
-    caller may load them from disk); ``rounding``: what the readers round onto (one ``Rounding`` for all, or
-    term j → its readers' rounding, e.g. ``by_rows``). Each step takes ``per_step`` of the ``n_terms`` terms (default: all of
+    caller may load them from disk); ``rounding``: what the readers round onto (one ``Rounding`` for all, or a
+    function of the term j giving its readers' rounding, a ``Rounding`` or what ``by_rows`` returns). Each step takes ``per_step`` of the ``n_terms`` terms (default: all of
     ``hinv``), drawn by a generator seeded with ``seed``: the same inputs give the same Q.
 
     Shared out (several processes): each holds only its own terms in ``hinv`` and passes ``combine``,

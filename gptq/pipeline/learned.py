@@ -89,6 +89,9 @@ class Terms(Mapping):
     def __getitem__(self, j: int) -> torch.Tensor:
         return self._get(j)[1]
 
+    def __contains__(self, j) -> bool:  # without reading a spilled term
+        return j in self._held
+
     def __iter__(self) -> Iterator[int]:
         return iter(sorted(self._held))
 
@@ -98,11 +101,34 @@ class Terms(Mapping):
     def files(self) -> list[Path]:
         return [x for x in self._held.values() if isinstance(x, Path)]
 
+    def remove(self) -> None:
+        """Delete the spilled files (and their folder, once empty)."""
+        self._last = None
+        for f in self.files():
+            f.unlink(missing_ok=True)
+        if self.dir is not None and self.dir.is_dir() and not any(self.dir.iterdir()):
+            self.dir.rmdir()
+
 
 def term_rows(model: nn.Module) -> list[int]:
     """The rows each term stacks (its readers'), from the modules' shapes (a skeleton will do)."""
     blocks = get_module(model, for_config(model.config).blocks)
     return [sum(rows for _, rows in layout) for b in blocks for layout in Rotator.reader_rows(b).values()]
+
+
+def terms_bytes(model: nn.Module) -> int:
+    """The bytes of every term (readers and inverse Hessian, float32), all ranks together."""
+    hidden = model.config.hidden_size
+    return sum((hidden + r) * hidden * 4 for r in term_rows(model))
+
+
+def left_for_terms(max_memory: int | None, act_bytes: int, spilled: bool) -> int | None:
+    """What an explicit ``--max-memory`` leaves for the terms once the activations kept in memory (none
+    when they are spilled) have their share; None (auto: half the memory available when the terms are
+    stored, the activations' already taken) stays None."""
+    if max_memory is None:
+        return None
+    return max(0, max_memory - (0 if spilled else act_bytes))
 
 
 def term_owners(rows: Sequence[int], hidden: int, world: World) -> list[int]:
@@ -170,10 +196,7 @@ def learn_residual(rot: Rotator, model: nn.Module, inputs: Sequence[BlockInputs]
     owner = term_owners(rows, hidden, world)
     need = sum((hidden + r) * hidden * 4 for r, o in zip(rows, owner) if o == world.rank)
     keep = Terms(dev, spill_dir if spill_dir is not None and should_spill(need, max_memory, dev) else None)
-    collect_terms(model, rot, inputs, dev, store, config.damp, keep, lambda j: owner[j] == world.rank,
-                  before_block, after_block, world, progress)
-
-    bar = tqdm(total=config.rotate_steps, desc="learning the rotation", unit="step", disable=not progress)
+    bar = tqdm(total=config.rotate_steps, desc="learning the rotation", unit="step", disable=True)
 
     def tick(step: int, objective: float) -> None:
         bar.update(1)
@@ -181,13 +204,15 @@ def learn_residual(rot: Rotator, model: nn.Module, inputs: Sequence[BlockInputs]
 
     rounding = roundings(model, grid or (lambda name: config.grid()))
     try:
+        collect_terms(model, rot, inputs, dev, store, config.damp, keep, lambda j: owner[j] == world.rank,
+                      before_block, after_block, world, progress)
+        bar = tqdm(total=config.rotate_steps, desc="learning the rotation", unit="step", disable=not progress)
         Q, info = learn_rotation(keep.readers, keep, rot.Q, rounding.__getitem__, steps=config.rotate_steps,
                                  seed=config.rotate_seed, n_terms=len(owner), device=dev, progress=tick,
                                  combine=None if world.single else (lambda t: all_sum(t, world)))
-    finally:
+    finally:  # also after an error: what was spilled is removed
         bar.close()
-        for f in keep.files():
-            f.unlink(missing_ok=True)
+        keep.remove()
     if progress:
         print(f"learned rotation: the readers' estimated error at {info['objective']:.3f} of the Hadamard "
               f"rotation's ({info['seconds']:.0f} s)", file=sys.stderr)

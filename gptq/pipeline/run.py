@@ -21,7 +21,7 @@ from gptq.models.architectures import for_config
 from gptq.models.rotation import rotator
 from gptq.pipeline import mix
 from gptq.pipeline.activations import Activations, activation_bytes, should_spill
-from gptq.pipeline.learned import learn_residual
+from gptq.pipeline.learned import learn_residual, left_for_terms
 from gptq.pipeline.loop import LayerReport, capture_block_inputs, quantize_blocks
 
 
@@ -52,8 +52,8 @@ def quantize_model(
     model.eval()
     rot = rotator(model.config, config)
     dtype = next(model.parameters()).dtype
-    spill = should_spill(activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype,
-                                          bool(config.fp_target)), max_memory, dev)
+    act_bytes = activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype, bool(config.fp_target))
+    spill = should_spill(act_bytes, max_memory, dev)
     packed: dict[str, Stored] = {}
     report: list[LayerReport] = []
     blocks = for_config(model.config).blocks
@@ -68,7 +68,8 @@ def quantize_model(
             rot.check_model(model)
             with tempfile.TemporaryDirectory(prefix="gptq-rotation-") as rtmp:  # used above max_memory
                 learn_residual(rot, model, capture_block_inputs(model, windows, batch_size, dev, store), config,
-                               dev, store, progress=progress, spill_dir=Path(rtmp), max_memory=max_memory,
+                               dev, store, progress=progress, spill_dir=Path(rtmp),
+                               max_memory=left_for_terms(max_memory, act_bytes, spill),
                                grid=(fmt or get(config).bind(model)).grid)
         if rot is not None:
             rot.rotate_model(model)

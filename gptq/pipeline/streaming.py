@@ -63,7 +63,7 @@ from gptq.pipeline.activations import (
     should_spill,
 )
 from gptq.pipeline.distributed import SINGLE, World, barrier, broadcast, check_batches, my_batches
-from gptq.pipeline.learned import learn_residual
+from gptq.pipeline.learned import learn_residual, left_for_terms, terms_bytes
 from gptq.pipeline.loop import capture_block_inputs, quantize_blocks
 
 STATE = "progress.json"
@@ -397,13 +397,16 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     act_bytes = activation_bytes(model.config, windows.shape[0], windows.shape[1], dtype,
                                  bool(qcfg.fp_target)) // world.size
     spill = should_spill(act_bytes, max_memory, dev)
+    terms_budget = left_for_terms(max_memory, act_bytes, spill)
+    terms = terms_bytes(model) if rot is not None and rot.pending else 0
     barrier(world)
     if state is None and world.main:
         # the block shards plus their regrouped copy at the end, the saved block inputs (one or two
-        # streams), the spilled activations
+        # streams), the spilled activations, --rotate learned's spilled terms
         streams = 2 if qcfg.fp_target else 1
         _new_partial(partial, 2 * _estimate_output_bytes(source, arch, qcfg)
-                     + streams * windows.numel() * model.config.hidden_size * 2 + (act_bytes if spill else 0))
+                     + streams * windows.numel() * model.config.hidden_size * 2 + (act_bytes if spill else 0)
+                     + (terms if terms and should_spill(terms // world.size, terms_budget, dev) else 0))
 
     mat = Materializer(model, source, dtype)
     blocks_prefix = arch.blocks
@@ -421,7 +424,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
     mat.load("", exclude=blocks_prefix)  # embeddings (and whatever else precedes block 0)
     if rot is not None and rot.pending:
         _learned_rotation(model, rot, qcfg, partial, state is not None, my_windows, batch_size, dev, store, mat,
-                          progress, world, extra_report, max_memory, fmt)
+                          progress, world, extra_report, terms_budget, fmt)
     if rot is not None:
         rot.rotate_embedding(model)
     inputs = capture_block_inputs(model, my_windows, batch_size, dev, store)

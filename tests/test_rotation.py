@@ -735,6 +735,41 @@ def test_both_paths_learn_on_the_output_format_grid(stream, tmp_path, tiny_token
     assert nf4.table is not None and seen == [nf4] * (2 * config.num_hidden_layers)
 
 
+def test_in_memory_learning_spilled_to_tmpdir_writes_what_it_writes_in_memory(tmp_path, monkeypatch):
+    """--no-stream --rotate learned --max-memory 0: activations and terms spilled under TMPDIR, the same
+    stored tensors as in memory, and nothing left behind."""
+    from gptq import QuantConfig
+    from gptq.pipeline import run
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    cfg = QuantConfig(bits=3, group_size=32, rotate="learned", rotate_steps=6)
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    from gptq.pipeline.learned import Terms
+
+    put, dirs = Terms.put, []
+
+    def spy(self, j, readers, hinv):
+        dirs.append(self.dir)
+        put(self, j, readers, hinv)
+
+    monkeypatch.setattr(Terms, "put", spy)
+    outs = []
+    for budget in (None, 0):
+        packed, _ = run.quantize_model(random_model(family_config("llama")), windows, cfg, device="cpu",
+                                       progress=False, max_memory=budget)
+        outs.append({k: v.tensors(k) for k, v in packed.items()})
+    n = len(dirs) // 2
+    assert dirs[:n] == [None] * n and all(d is not None and d.is_relative_to(tmp_path) for d in dirs[n:])
+    assert outs[0].keys() == outs[1].keys()
+    for k in outs[0]:
+        for name, t in outs[0][k].items():
+            assert torch.equal(t, outs[1][k][name]), (k, name)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("gptq-")]  # (torch's own caches aside)
+
+
 def test_a_learned_rotation_is_not_applied_before_it_is_learned():
     config = family_config("llama")
     model = random_model(config)

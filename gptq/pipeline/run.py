@@ -68,7 +68,7 @@ def quantize_model(
             rot.check_model(model)
             with tempfile.TemporaryDirectory(prefix="gptq-rotation-") as rtmp:  # used above max_memory
                 learn_residual(rot, model, capture_block_inputs(model, windows, batch_size, dev, store), config,
-                               dev, store, progress=progress, spill_dir=Path(rtmp),
+                               dev, store, progress=progress, spill_dir=Path(rtmp) / "terms",
                                max_memory=left_for_terms(max_memory, act_bytes, spill),
                                grid=(fmt or get(config).bind(model)).grid)
         if rot is not None:

@@ -34,14 +34,20 @@ from gptq.core.grids.codebook import TABLES
 from gptq.core.grids.ggml import KVALUES_IQ4NL, TYPES
 
 
+def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
+    """``w`` ([rows, cols]) as [rows, groups, group], a last short group padded with zeros (group ≤ 0: one
+    group per row)."""
+    rows, cols = w.shape
+    group = cols if group <= 0 else group
+    return torch.nn.functional.pad(w, (0, -cols % group)).reshape(rows, -1, group)
+
+
 def straight_round(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Tensor:
     """``w`` rounded to the nearest level of its group's min/max grid (asymmetric, or symmetric about 0
     with the zero at 2^(bits−1)), the rounding's gradient passed straight through; a last group shorter
     than ``group`` is padded with zeros (which no grid's range excludes)."""
     rows, cols = w.shape
-    group = cols if group <= 0 else group
-    pad = -cols % group
-    g = torch.nn.functional.pad(w, (0, pad)).reshape(rows, -1, group)
+    g = _groups(w, group)
     maxq = 2**bits - 1
     lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
     if sym:
@@ -63,9 +69,7 @@ def table_round(w: torch.Tensor, table: tuple[float, ...], group: int, signed: b
     scale may be negative, as GGML's d is, so each group also tries the table reversed (−table) and keeps
     whichever leaves the smaller squared error (a choice outside the gradient)."""
     rows, cols = w.shape
-    group = cols if group <= 0 else group
-    pad = -cols % group
-    g = torch.nn.functional.pad(w, (0, pad)).reshape(rows, -1, group)
+    g = _groups(w, group)
     s = g.abs().amax(-1, keepdim=True).clamp(min=1e-8)
     x = g / s
     xd = x.detach()
@@ -159,8 +163,7 @@ def reader_error(W: torch.Tensor, Hinv: torch.Tensor, Q: torch.Tensor,
 
 def learn_rotation(weights: Callable[[int], torch.Tensor], hinv: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
                    Q0: torch.Tensor, rounding: Rounding | Callable[[int], Callable], *, steps: int = 400,
-                   lr: float = 5e-3,
-                   per_step: int = 8, seed: int = 0, n_terms: int | None = None,
+                   lr: float = 5e-3, per_step: int = 8, seed: int = 0, n_terms: int | None = None,
                    combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    device: torch.device | str | None = None, progress: Callable[[int, float], None] | None = None
                    ) -> tuple[torch.Tensor, dict]:
@@ -168,9 +171,10 @@ def learn_rotation(weights: Callable[[int], torch.Tensor], hinv: Mapping[int, to
 
     ``hinv[j]``: the damped inverse Hessian of term j (float32; a mapping may read it from disk when a step
     draws it); ``weights(j)``: term j's readers, [out, hidden] (fetched when a step draws the term, so a
-    caller may load them from disk); ``rounding``: what the readers round onto (one ``Rounding`` for all, or a
-    function of the term j giving its readers' rounding, a ``Rounding`` or what ``by_rows`` returns). Each step takes ``per_step`` of the ``n_terms`` terms (default: all of
-    ``hinv``), drawn by a generator seeded with ``seed``: the same inputs give the same Q.
+    caller may load them from disk); ``rounding``: what the readers round onto (one ``Rounding`` for all,
+    or a function of the term j giving its readers' rounding, a ``Rounding`` or what ``by_rows``
+    returns). Each step takes ``per_step`` of the ``n_terms`` terms (default: all of ``hinv``), drawn by
+    a generator seeded with ``seed``: the same inputs give the same Q.
 
     Shared out (several processes): each holds only its own terms in ``hinv`` and passes ``combine``,
     which sums a tensor over the processes. Every term's value and gradient in Q is computed by the one

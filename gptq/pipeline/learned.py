@@ -116,10 +116,14 @@ def term_rows(model: nn.Module) -> list[int]:
     return [sum(rows for _, rows in layout) for b in blocks for layout in Rotator.reader_rows(b).values()]
 
 
+def term_bytes(rows: int, hidden: int) -> int:
+    """One term's bytes: its readers ([rows, hidden]) and inverse Hessian ([hidden, hidden]), float32."""
+    return (hidden + rows) * hidden * 4
+
+
 def terms_bytes(model: nn.Module) -> int:
-    """The bytes of every term (readers and inverse Hessian, float32), all ranks together."""
-    hidden = model.config.hidden_size
-    return sum((hidden + r) * hidden * 4 for r in term_rows(model))
+    """The bytes of every term, all ranks together."""
+    return sum(term_bytes(r, model.config.hidden_size) for r in term_rows(model))
 
 
 def left_for_terms(max_memory: int | None, act_bytes: int, spilled: bool) -> int | None:
@@ -158,8 +162,8 @@ def collect_terms(model: nn.Module, rot: Rotator, inputs: Sequence[BlockInputs],
     """Per block, the Hessian (2·Σxxᵀ/n, float32 on ``dev``) of each norm's input divided by its RMS (what
     the linears reading the norm see once its scale is folded into them), damped and inverted
     (``damped_inverse``), into ``keep`` with the readers (``rot.readers``, taken while the block is
-    loaded) for the terms ``mine`` accepts. ``inputs``: block 0's (this rank's
-    batches with several ranks); every rank runs every block (each needs every H, the partials of all)."""
+    loaded) for the terms ``mine`` accepts. ``inputs``: block 0's (this rank's batches with several
+    ranks); every rank runs every block (each needs every H, the partials of all)."""
     blocks = get_module(model, for_config(model.config).blocks)
     n_rounds = broadcast(len(inputs), 0, world)  # rank 0 holds the most batches
     for i in tqdm(range(len(blocks)), desc="rotation statistics", unit="block", disable=not progress):
@@ -186,15 +190,15 @@ def learn_residual(rot: Rotator, model: nn.Module, inputs: Sequence[BlockInputs]
                    grid: Callable[[str], GridSpec] | None = None) -> dict:
     """Learn ``rot``'s residual rotation (``--rotate learned``) from the unrotated model's block-0
     ``inputs`` and set it (``Rotator.set_learned``) on every rank; the model is left unrotated. Returns
-    the learning's record (the objective relative to Q₀, steps, seconds). The inverse Hessians go to
-    ``spill_dir`` (this rank's own folder) when this rank's share would not fit ``max_memory`` bytes
-    (default: half the memory available on ``dev``); without a ``spill_dir`` they stay in memory.
+    the learning's record (the objective relative to Q₀, steps, seconds). This rank's terms go to
+    ``spill_dir`` (its own folder) when they would not fit ``max_memory`` bytes (default: half the memory
+    available on ``dev``); without a ``spill_dir`` they stay in memory.
     ``grid(full linear name)``: the grid each reader will be solved on (the bound format's ``grid``;
     default: the config's), which the objective rounds onto (``roundings``)."""
     rows = term_rows(model)
     hidden = model.config.hidden_size
     owner = term_owners(rows, hidden, world)
-    need = sum((hidden + r) * hidden * 4 for r, o in zip(rows, owner) if o == world.rank)
+    need = sum(term_bytes(r, hidden) for r, o in zip(rows, owner) if o == world.rank)
     keep = Terms(dev, spill_dir if spill_dir is not None and should_spill(need, max_memory, dev) else None)
     bar = tqdm(total=config.rotate_steps, desc="learning the rotation", unit="step", disable=True)
 

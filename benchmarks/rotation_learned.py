@@ -7,8 +7,10 @@ The statistics are this benchmark's own, in float64: per block, what the linears
 stream receive (each norm's input over its RMS; norms folded into the readers, the heads' rotation R2 on
 v) and what the writers (o, down) receive. Readers are scored as the objective scores them (Σ E²/U_jj² on
 the rotated Hessian); writers by the same estimate on Qᵀ W, whose input the residual rotation does not
-touch. The finding it records: the Hadamard rotation lowers the readers' error and raises the down
-projections' by half while the quantized model gets better, so the objective leaves the writers out.
+touch. Beside each estimate, the solver's own error: ``gptq.core.solver.solve`` run on each group at the
+benchmark's grid, tr((W − Ŵ) H (W − Ŵ)ᵀ). The findings it records: the Hadamard rotation lowers the
+readers' error and raises the down projections' by half while the quantized model gets better, so the
+objective leaves the writers out; and the readers' estimate moves as the solver's error does.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from transformers import AutoModelForCausalLM
 
 from benchmarks.common import smollm2_eval, wiki, write
 from calib import load_documents, sample_windows
+from gptq.core.config import QuantConfig
 from gptq.core.learned_rotation import Rounding, damped_inverse, learn_rotation, reader_error
+from gptq.core.solver import solve
 from gptq.models.rotation import ATTN_NORM, MLP_NORM, Rotator
 from gptq.runtime.cpu import cpu_info
 
@@ -85,6 +89,15 @@ def gptq_error(W: torch.Tensor, Hinv: torch.Tensor, Q: torch.Tensor, bits: int, 
     return reader_error(Q.T @ W, Hinv, torch.eye(W.shape[1], dtype=W.dtype), Rounding(bits, group))
 
 
+def solver_error(W: torch.Tensor, H: torch.Tensor, Q: torch.Tensor, config: QuantConfig,
+                 reads: bool = True) -> float:
+    """What the solver leaves, tr((W′ − Ŵ) H′ (W′ − Ŵ)ᵀ), for a reader W′ = W Q on H′ = Qᵀ H Q, or
+    (``reads=False``) a writer W′ = Qᵀ W on its own H."""
+    Wr, Hr = (W @ Q, Q.T @ H @ Q) if reads else (Q.T @ W, H)
+    D = Wr - solve(Wr, Hr, config).weight.float()
+    return (D @ Hr * D).sum().item()
+
+
 def learn(model, windows, bits: int = 3, group: int = 64, steps: int = 400, lr: float = 5e-3,
           seed: int = 0, damp: float = 0.01) -> dict:
     """The library's learning (``core.learned_rotation.learn_rotation``) on this benchmark's float64
@@ -101,10 +114,18 @@ def learn(model, windows, bits: int = 3, group: int = 64, steps: int = 400, lr: 
              for key in READERS + WRITERS]
     readers = [(W, Hi) for key, W, Hi in terms if key in READERS]
 
+    hs = [h[key].float() for h in hess for key in READERS + WRITERS]  # in the order of terms
+    config = QuantConfig(bits=bits, group_size=group, sym=False, damp=damp)  # Rounding(bits, group)
+
     def totals(Q) -> dict:  # the error summed over every block, by group of linears
         with torch.no_grad():
             return {key: round(sum(gptq_error(W, Hi, Q, bits, group, key in READERS).item()
                                    for k, W, Hi in terms if k == key), 1) for key in READERS + WRITERS}
+
+    def solver_totals(Q) -> dict:  # the same, from the solver's own result
+        with torch.no_grad():
+            return {key: round(sum(solver_error(W, H, Q, config, key in READERS)
+                                   for (k, W, _), H in zip(terms, hs) if k == key), 1) for key in READERS + WRITERS}
 
     def progress(step, objective):
         if step % 50 == 0 or step == steps - 1:
@@ -112,11 +133,11 @@ def learn(model, windows, bits: int = 3, group: int = 64, steps: int = 400, lr: 
 
     Q, info = learn_rotation(lambda j: readers[j][0], [Hi for _, Hi in readers], rot.Q, Rounding(bits, group),
                              steps=steps, lr=lr, seed=seed, progress=progress)
-    Q0 = rot.Q.float()
+    rotations = {"none": torch.eye(rot.Q.shape[0]), "hadamard": rot.Q.float(), "learned": Q.float()}
     return {"objective_relative_to_hadamard": info["objective"], "seconds_hessians": round(seconds_hessians, 1),
             "seconds_learning": info["seconds"],
-            "error_by_group": {"none": totals(torch.eye(Q0.shape[0])), "hadamard": totals(Q0),
-                               "learned": totals(Q.float())}}
+            "error_by_group": {name: totals(R) for name, R in rotations.items()},
+            "solver_error_by_group": {name: solver_totals(R) for name, R in rotations.items()}}
 
 
 def rotation_learned(out: Path, bits: int = 3, steps: int = 400, lr: float = 5e-3) -> dict:

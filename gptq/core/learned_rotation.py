@@ -15,10 +15,11 @@ form of its §4), round-to-nearest with the rounding passed straight through to 
 type), its scales taken from each group's range, not rounded as stored scales are (the K-quants'
 quantized group scales are left out). Each group's error counts relative to its value at Q₀.
 
-The linears writing the stream (attention output, down projections) are left out: their error grows
-under a rotation (a few large residual channels mixed into every row) while the quantized model gets
-better, so it does not predict quality, where the readers' error does (docs/results.md, "A learned
-residual rotation", with the objectives tried and dropped).
+The linears writing the stream (attention output, down projections) are left out. This estimate does
+not follow the solver for them (it says the Hadamard rotation raises the down projections' error by
+half, where the solver's falls by a tenth; for the readers it follows the solver), and an objective that
+counted them by an estimate that does follow it traded the readers' error for theirs and scored worse
+(docs/results.md, "A learned residual rotation", with the objectives tried and dropped).
 """
 
 from __future__ import annotations

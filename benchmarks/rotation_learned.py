@@ -8,9 +8,9 @@ stream receive (each norm's input over its RMS; norms folded into the readers, t
 v) and what the writers (o, down) receive. Readers are scored as the objective scores them (Σ E²/U_jj² on
 the rotated Hessian); writers by the same estimate on Qᵀ W, whose input the residual rotation does not
 touch. Beside each estimate, the solver's own error: ``gptq.core.solver.solve`` run on each group at the
-benchmark's grid, tr((W − Ŵ) H (W − Ŵ)ᵀ). The findings it records: the Hadamard rotation lowers the
-readers' error and raises the down projections' by half while the quantized model gets better, so the
-objective leaves the writers out; and the readers' estimate moves as the solver's error does.
+benchmark's grid, tr((W − Ŵ) H (W − Ŵ)ᵀ). The findings it records: the readers' estimate moves as the
+solver's error does; the writers' does not (the Hadamard rotation raises the down projections' estimate
+by half, where the solver's error falls), so the objective leaves the writers out.
 """
 
 from __future__ import annotations
@@ -110,22 +110,20 @@ def learn(model, windows, bits: int = 3, group: int = 64, steps: int = 400, lr: 
     B = torch.block_diag(*[rot.R] * rot.n_heads)  # o_proj reads its input under R2
     for h in hess:
         h["o"] = B.T @ h["o"] @ B
-    terms = [(key, w[key].float(), damped_inverse(h[key], damp)) for w, h in zip(weights(model, rot), hess)
-             for key in READERS + WRITERS]
-    readers = [(W, Hi) for key, W, Hi in terms if key in READERS]
-
-    hs = [h[key].float() for h in hess for key in READERS + WRITERS]  # in the order of terms
+    terms = [(key, w[key].float(), damped_inverse(h[key], damp), h[key].float())
+             for w, h in zip(weights(model, rot), hess) for key in READERS + WRITERS]
+    readers = [(W, Hi) for key, W, Hi, _ in terms if key in READERS]
     config = QuantConfig(bits=bits, group_size=group, sym=False, damp=damp)  # Rounding(bits, group)
 
     def totals(Q) -> dict:  # the error summed over every block, by group of linears
         with torch.no_grad():
             return {key: round(sum(gptq_error(W, Hi, Q, bits, group, key in READERS).item()
-                                   for k, W, Hi in terms if k == key), 1) for key in READERS + WRITERS}
+                                   for k, W, Hi, _ in terms if k == key), 1) for key in READERS + WRITERS}
 
     def solver_totals(Q) -> dict:  # the same, from the solver's own result
         with torch.no_grad():
             return {key: round(sum(solver_error(W, H, Q, config, key in READERS)
-                                   for (k, W, _), H in zip(terms, hs) if k == key), 1) for key in READERS + WRITERS}
+                                   for k, W, _, H in terms if k == key), 1) for key in READERS + WRITERS}
 
     def progress(step, objective):
         if step % 50 == 0 or step == steps - 1:

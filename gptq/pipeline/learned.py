@@ -200,7 +200,7 @@ def learn_residual(rot: Rotator, model: nn.Module, inputs: Sequence[BlockInputs]
     owner = term_owners(rows, hidden, world)
     need = sum(term_bytes(r, hidden) for r, o in zip(rows, owner) if o == world.rank)
     keep = Terms(dev, spill_dir if spill_dir is not None and should_spill(need, max_memory, dev) else None)
-    bar = tqdm(total=config.rotate_steps, desc="learning the rotation", unit="step", disable=True)
+    bar = None  # the learning's progress bar, once the statistics are in
 
     def tick(step: int, objective: float) -> None:
         bar.update(1)
@@ -215,7 +215,8 @@ def learn_residual(rot: Rotator, model: nn.Module, inputs: Sequence[BlockInputs]
                                  seed=config.rotate_seed, n_terms=len(owner), device=dev, progress=tick,
                                  combine=None if world.single else (lambda t: all_sum(t, world)))
     finally:  # also after an error: what was spilled is removed
-        bar.close()
+        if bar is not None:
+            bar.close()
         keep.remove()
     if progress:
         print(f"learned rotation: the readers' estimated error at {info['objective']:.3f} of the Hadamard "

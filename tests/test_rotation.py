@@ -656,7 +656,22 @@ def test_an_explicit_memory_budget_is_shared_between_activations_and_terms():
     assert left_for_terms(20, 30, False) == 0
     model = random_model(family_config("llama"))
     h = model.config.hidden_size
-    assert terms_bytes(model) == sum((h + r) * h * 4 for r in term_rows(model))
+    assert terms_bytes(model) == [sum((h + r) * h * 4 for r in term_rows(model))]
+
+
+def test_each_rank_spills_by_the_bytes_of_its_own_terms():
+    from gptq.pipeline.distributed import World
+    from gptq.pipeline.learned import term_owners, term_rows, terms_bytes
+
+    model = random_model(family_config("llama"))  # 2 blocks: 4 terms, two sizes
+    rows, h = term_rows(model), model.config.hidden_size
+    for size in (2, 3):
+        by_rank = terms_bytes(model, World(0, size, True))
+        owner = term_owners(rows, h, World(0, size, True))
+        assert by_rank == [sum((h + r) * h * 4 for r, o in zip(rows, owner) if o == k) for k in range(size)]
+        assert sum(by_rank) == terms_bytes(model)[0]
+    # 4 terms on 3 ranks: one rank holds two, so an even share (the total // 3) understates its bytes
+    assert max(terms_bytes(model, World(0, 3, True))) > terms_bytes(model)[0] // 3
 
 
 def test_the_learning_terms_are_dealt_to_the_ranks_by_cost():

@@ -121,9 +121,14 @@ def term_bytes(rows: int, hidden: int) -> int:
     return (hidden + rows) * hidden * 4
 
 
-def terms_bytes(model: nn.Module) -> int:
-    """The bytes of every term, all ranks together."""
-    return sum(term_bytes(r, model.config.hidden_size) for r in term_rows(model))
+def terms_bytes(model: nn.Module, world: World = SINGLE) -> list[int]:
+    """The bytes of the terms each rank holds (``term_owners``), by rank: what each decides to spill
+    from, and what the disk estimate adds up for the ranks that will."""
+    rows, hidden = term_rows(model), model.config.hidden_size
+    out = [0] * world.size
+    for r, o in zip(rows, term_owners(rows, hidden, world)):
+        out[o] += term_bytes(r, hidden)
+    return out
 
 
 def left_for_terms(max_memory: int | None, act_bytes: int, spilled: bool) -> int | None:
@@ -198,7 +203,7 @@ def learn_residual(rot: Rotator, model: nn.Module, inputs: Sequence[BlockInputs]
     rows = term_rows(model)
     hidden = model.config.hidden_size
     owner = term_owners(rows, hidden, world)
-    need = sum(term_bytes(r, hidden) for r, o in zip(rows, owner) if o == world.rank)
+    need = terms_bytes(model, world)[world.rank]
     keep = Terms(dev, spill_dir if spill_dir is not None and should_spill(need, max_memory, dev) else None)
     bar = None  # the learning's progress bar, once the statistics are in
 

@@ -398,7 +398,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
                                  bool(qcfg.fp_target)) // world.size
     spill = should_spill(act_bytes, max_memory, dev)
     terms_budget = left_for_terms(max_memory, act_bytes, spill)
-    terms = terms_bytes(model) if rot is not None and rot.pending else 0
+    terms = terms_bytes(model, world) if rot is not None and rot.pending else []  # by rank
     barrier(world)
     if state is None and world.main:
         # the block shards plus their regrouped copy at the end, the saved block inputs (one or two
@@ -406,7 +406,7 @@ def quantize_streaming(model_dir, out, qcfg: QuantConfig, windows: torch.Tensor,
         streams = 2 if qcfg.fp_target else 1
         _new_partial(partial, 2 * _estimate_output_bytes(source, arch, qcfg)
                      + streams * windows.numel() * model.config.hidden_size * 2 + (act_bytes if spill else 0)
-                     + (terms if terms and should_spill(terms // world.size, terms_budget, dev) else 0))
+                     + sum(b for b in terms if should_spill(b, terms_budget, dev)))
 
     mat = Materializer(model, source, dtype)
     blocks_prefix = arch.blocks

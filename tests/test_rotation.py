@@ -399,6 +399,33 @@ def test_straight_rounding_lands_on_the_grid():
     assert torch.equal(straight_round(torch.zeros(2, 8), 3, 4, False), torch.zeros(2, 8))
 
 
+def test_a_free_minimum_rounds_on_each_group_own_range():
+    """q4_1/q5_1's levels d·q + m span each group's own min to max: a group far from 0 (here [1, 2])
+    keeps its whole 2^bits levels (an error within half of (max − min)/maxq), where a range stretched to
+    0 spends half of them below it; a last short group (40 = 32 + 8 columns) ignores its padding. The
+    levels match the q4_1 grid the solver fits (``MinFamily`` without the search) to float16's rounding
+    of d and m."""
+    from gptq.core.grids.ggml import MinFamily
+    from gptq.core.learned_rotation import straight_round
+
+    w = 1 + torch.rand(6, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    q = straight_round(w, 4, 32, False, free_min=True)
+    stretched = straight_round(w, 4, 32, False)
+    for cols in (slice(0, 32), slice(32, 40)):
+        wg = w[:, cols]
+        half = (wg.amax(1) - wg.amin(1)) / 15 / 2  # [rows]
+        assert ((q[:, cols] - wg).abs().amax(1) <= half + 1e-12).all()
+        assert ((stretched[:, cols] - wg).abs().amax(1) > half * 1.5).all()  # step 2/15, not ≈1/15
+    fam = MinFamily(4, mse=False)
+    grid = fam.fit(w[:, :32])
+    d, m = grid.scale[:, None].double(), grid.zero[:, None].double()
+    solver = fam.dequantize(fam.quantize(w[:, :32], d, m), d, m)
+    assert (solver - q[:, :32]).abs().max().item() <= 1e-2  # d and m in float16
+    x = w.clone().requires_grad_(True)
+    straight_round(x, 4, 32, False, free_min=True).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_table_rounding_lands_on_the_nearest_table_value_times_the_absmax():
     from gptq.core.grids.codebook import TABLES
     from gptq.core.learned_rotation import table_round
@@ -433,9 +460,10 @@ def test_the_objective_rounds_onto_each_format_grid():
         half = 2 ** (bits - 1)
         assert (r.group, r.signed, len(r.table)) == (group, True, 2**bits), name
         assert min(r.table) == -1.0 and max(r.table) == (half - 1) / half, name
-    for name, (bits, group) in {"q4_1": (4, 32), "q5_1": (5, 32), "q2_k": (2, 16), "q4_k": (4, 32),
-                                "q5_k": (5, 32)}.items():
+    for name, (bits, group) in {"q2_k": (2, 16), "q4_k": (4, 32), "q5_k": (5, 32)}.items():
         assert Rounding.of(GridSpec.ggml(name)) == Rounding(bits, group, False), name
+    for name, bits in {"q4_1": 4, "q5_1": 5}.items():  # a free minimum, as the format stores it
+        assert Rounding.of(GridSpec.ggml(name)) == Rounding(bits, 32, False, free_min=True), name
     iq = Rounding.of(GridSpec.ggml("iq4_nl"))
     assert iq.group == 32 and iq.signed and min(iq.table) == -1.0 and max(iq.table) == pytest.approx(113 / 127)
     w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))

@@ -35,21 +35,29 @@ from gptq.core.grids.codebook import TABLES
 from gptq.core.grids.ggml import KVALUES_IQ4NL, TYPES
 
 
-def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
-    """``w`` ([rows, cols]) as [rows, groups, group], a last short group padded with zeros (group ≤ 0: one
-    group per row)."""
+def _groups(w: torch.Tensor, group: int, pad: float = 0.0) -> torch.Tensor:
+    """``w`` ([rows, cols]) as [rows, groups, group], a last short group padded with ``pad`` (group ≤ 0:
+    one group per row)."""
     rows, cols = w.shape
     group = cols if group <= 0 else group
-    return torch.nn.functional.pad(w, (0, -cols % group)).reshape(rows, -1, group)
+    return torch.nn.functional.pad(w, (0, -cols % group), value=pad).reshape(rows, -1, group)
 
 
-def straight_round(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Tensor:
+def straight_round(w: torch.Tensor, bits: int, group: int, sym: bool, free_min: bool = False) -> torch.Tensor:
     """``w`` rounded to the nearest level of its group's min/max grid (asymmetric, or symmetric about 0
     with the zero at 2^(bits−1)), the rounding's gradient passed straight through; a last group shorter
-    than ``group`` is padded with zeros (which no grid's range excludes)."""
+    than ``group`` is padded with zeros (which no grid's range excludes). ``free_min`` (asymmetric):
+    the levels d·q + m of GGML's q4_1/q5_1, whose range is the group's own min to max, 0 inside it or
+    not (the padding then left out of it)."""
     rows, cols = w.shape
     g = _groups(w, group)
     maxq = 2**bits - 1
+    if free_min and not sym:
+        lo, hi = _groups(w, group, float("inf")).amin(-1, keepdim=True), _groups(w, group, -float("inf")).amax(-1, keepdim=True)
+        s = ((hi - lo) / maxq).clamp(min=1e-8)
+        q = (g - lo) / s
+        q = torch.clamp(q + (torch.round(q) - q).detach(), 0, maxq)
+        return (q * s + lo).reshape(rows, -1)[:, :cols]
     lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
     if sym:
         top = torch.maximum(-lo, hi)
@@ -91,28 +99,30 @@ def table_round(w: torch.Tensor, table: tuple[float, ...], group: int, signed: b
 @dataclass(frozen=True)
 class Rounding:
     """What the objective rounds onto: ``bits``/``group``/``sym`` a uniform min/max grid
-    (``straight_round``), or with ``table`` a codebook times the absmax, of either sign where ``signed``
-    (``table_round``)."""
+    (``straight_round``; ``free_min``: its range not stretched to 0), or with ``table`` a codebook times
+    the absmax, of either sign where ``signed`` (``table_round``)."""
 
     bits: int
     group: int
     sym: bool = False
     table: tuple[float, ...] | None = None
     signed: bool = False
+    free_min: bool = False
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
         if self.table is not None:
             return table_round(w, self.table, self.group, self.signed)
-        return straight_round(w, self.bits, self.group, self.sym)
+        return straight_round(w, self.bits, self.group, self.sym, self.free_min)
 
     @staticmethod
     def of(spec: GridSpec) -> "Rounding":
         """The rounding standing for the grid ``spec``: itself for uniform grids; NF4/FP4 as their tables
         times the absmax; the GGML types without a minimum as their levels times a signed scale (iq4_nl's
         table; q4_0, q5_0, q8_0, q3_k, q6_k: the whole numbers −2^(bits−1) … 2^(bits−1) − 1 over
-        2^(bits−1)); those with a minimum (q4_1, q5_1, q2_k, q4_k, q5_k) as the asymmetric uniform grid of
-        their bits and group. Scales are not rounded to their stored precision, nor the K-quants' group
-        scales quantized."""
+        2^(bits−1)); those with a minimum as the asymmetric uniform grid of their bits and group: q4_1
+        and q5_1 from each group's own minimum (as llama.cpp's q4_1 stores it, 0 inside the range or
+        not), q2_k, q4_k and q5_k with 0 kept inside (their minimum is stored as −dmin·mn, mn ≥ 0).
+        Scales are not rounded to their stored precision, nor the K-quants' group scales quantized."""
         if spec.kind == "int":
             return Rounding(spec.bits, spec.group_size, spec.sym)
         if spec.kind in TABLES:
@@ -124,7 +134,7 @@ class Rounding:
         if t.kind in ("sym", "kquant3", "kquant6"):
             half = 2 ** (t.bits - 1)
             return Rounding(t.bits, t.group, True, tuple(k / half for k in range(-half, half)), signed=True)
-        return Rounding(t.bits, t.group, False)
+        return Rounding(t.bits, t.group, False, free_min=t.kind == "min")
 
 
 def by_rows(segments: Sequence[tuple[int, Rounding | None]]) -> Rounding | Callable[[torch.Tensor], torch.Tensor]:

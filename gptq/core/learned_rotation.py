@@ -53,7 +53,8 @@ def straight_round(w: torch.Tensor, bits: int, group: int, sym: bool, free_min: 
     g = _groups(w, group)
     maxq = 2**bits - 1
     if free_min and not sym:
-        lo, hi = _groups(w, group, float("inf")).amin(-1, keepdim=True), _groups(w, group, -float("inf")).amax(-1, keepdim=True)
+        lo = _groups(w, group, float("inf")).amin(-1, keepdim=True)
+        hi = _groups(w, group, -float("inf")).amax(-1, keepdim=True)
         s = ((hi - lo) / maxq).clamp(min=1e-8)
         q = (g - lo) / s
         q = torch.clamp(q + (torch.round(q) - q).detach(), 0, maxq)

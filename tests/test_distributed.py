@@ -235,6 +235,19 @@ def test_a_learned_rotation_under_torchrun_is_one_process_rotation_and_bytes(tmp
     assert json.loads((tmp_path / "n2" / "config.json").read_text())["gptq_rotation"]["kind"] == "learned"
 
 
+def test_a_rank_failing_while_learning_the_rotation_stops_the_others(tmp_path, calib):
+    """An error on rank 1 in the middle of --rotate learned's steps (its 20th term evaluation): rank 1
+    reports it, rank 0 stops with a message (not a wait for the collective's timeout) and nothing is
+    written."""
+    model, text = calib
+    flags = ("--rotate", "learned", "--rotate-steps", "30", "--bits", "3")
+    r = torchrun(2, *args(model, text, tmp_path / "n2", *flags), env={KILL: "learn:20", RANK: "1"})
+    assert r.returncode != 0
+    assert "error: injected: a learning term failed" in r.stderr
+    assert "lost contact with another rank" in r.stderr or "stopped by torchrun" in r.stderr
+    assert not (tmp_path / "n2").exists()
+
+
 def test_a_size_budget_under_torchrun_is_one_process_plan_and_bytes_also_resumed(tmp_path, calib):
     """--bits-per-weight under torchrun: the measuring pass is shared out like the main one (5 windows:
     3 batches, rank 1 idle in the last round; the "/block" estimate also gathers per-batch sums), and

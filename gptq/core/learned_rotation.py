@@ -35,12 +35,13 @@ from gptq.core.grids.codebook import TABLES
 from gptq.core.grids.ggml import KVALUES_IQ4NL, TYPES
 
 
-def _groups(w: torch.Tensor, group: int, pad: float = 0.0) -> torch.Tensor:
-    """``w`` ([rows, cols]) as [rows, groups, group], a last short group padded with ``pad`` (group ≤ 0:
-    one group per row)."""
+def _groups(w: torch.Tensor, group: int, edge: bool = False) -> torch.Tensor:
+    """``w`` ([rows, cols]) as [rows, groups, group], a last short group padded with zeros, or with
+    ``edge`` with copies of its last value, which leave its range as it is (group ≤ 0: one group per row)."""
     rows, cols = w.shape
     group = cols if group <= 0 else group
-    return torch.nn.functional.pad(w, (0, -cols % group), value=pad).reshape(rows, -1, group)
+    pad = (0, -cols % group)
+    return torch.nn.functional.pad(w, pad, mode="replicate" if edge else "constant").reshape(rows, -1, group)
 
 
 def straight_round(w: torch.Tensor, bits: int, group: int, sym: bool, free_min: bool = False) -> torch.Tensor:
@@ -48,17 +49,17 @@ def straight_round(w: torch.Tensor, bits: int, group: int, sym: bool, free_min: 
     with the zero at 2^(bits−1)), the rounding's gradient passed straight through; a last group shorter
     than ``group`` is padded with zeros (which no grid's range excludes). ``free_min`` (asymmetric):
     the levels d·q + m of GGML's q4_1/q5_1, whose range is the group's own min to max, 0 inside it or
-    not (the padding then left out of it)."""
+    not (padded with its last value instead, which leaves its range as it is)."""
     rows, cols = w.shape
-    g = _groups(w, group)
     maxq = 2**bits - 1
     if free_min and not sym:
-        lo = _groups(w, group, float("inf")).amin(-1, keepdim=True)
-        hi = _groups(w, group, -float("inf")).amax(-1, keepdim=True)
+        g = _groups(w, group, edge=True)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
         s = ((hi - lo) / maxq).clamp(min=1e-8)
         q = (g - lo) / s
         q = torch.clamp(q + (torch.round(q) - q).detach(), 0, maxq)
         return (q * s + lo).reshape(rows, -1)[:, :cols]
+    g = _groups(w, group)
     lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
     if sym:
         top = torch.maximum(-lo, hi)

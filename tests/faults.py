@@ -21,9 +21,14 @@ KILL = "GPTQ_TEST_KILL_AFTER_BLOCK"
 RANK = "GPTQ_TEST_KILL_RANK"
 
 
+def obeys(rank: int | str) -> bool:
+    """Whether the fault applies on ``rank``: the one ``RANK`` names, or every rank without it."""
+    return os.environ.get(RANK, str(rank)) == str(rank)
+
+
 def on_event(event: str, rank: int) -> None:
     spec = os.environ.get(KILL, "")
-    if os.environ.get(RANK, str(rank)) != str(rank):
+    if not obeys(rank):
         return
     if event in (f"saved:{spec}", spec) and spec:  # "saved:k" for k, "regroup" for regroup
         os.kill(os.getpid(), signal.SIGKILL)
@@ -51,7 +56,7 @@ def fail_learning(n: int) -> None:
 
 if __name__ == "__main__":
     quantize.quantize_streaming = functools.partial(quantize.quantize_streaming, on_event=on_event)
-    spec, rank = os.environ.get(KILL, ""), os.environ.get("RANK", "0")
-    if spec.startswith("learn:") and os.environ.get(RANK, rank) == rank:
+    spec = os.environ.get(KILL, "")
+    if spec.startswith("learn:") and obeys(os.environ.get("RANK", "0")):
         fail_learning(int(spec[6:]))
     sys.exit(quantize.main(sys.argv[1:]))
